@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Builds the local control plane's binaries from their Go modules (tools/*/go.mod) into
+# $HOME/.cache/tidal/bin/<name>-<version>-<go>/, skipping every tool already in the cache.
+# Usage: build.sh [kubernetes|etcd|kwok|helm|all]
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
+
+# build_into DIR MODULE_DIR OUT LDFLAGS PKG...: build atomically (a half-built dir never counts);
+# OUT is the binary's name, or "" to name each binary after its package.
+build_into() {
+  local dir=$1 mod=$2 out=$3 ldflags=$4; shift 4
+  if [ -f "$dir/.complete" ]; then return 0; fi
+  log "building $(basename "$dir") (cold builds take minutes; cached afterwards)"
+  local tmp="$dir.tmp.$$"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  (cd "$LOCAL_DIR/tools/$mod" && go build -trimpath -ldflags "-s -w $ldflags" -o "$tmp/$out" "$@")
+  rm -rf "$dir" && mv "$tmp" "$dir" && touch "$dir/.complete"
+}
+
+# mod_info MODULE_DIR MODULE@VERSION FIELD: a field of `go mod download -json`.
+mod_field() {
+  (cd "$LOCAL_DIR/tools/$1" && go mod download -json "$2") | sed -n "s/.*\"$3\": \"\(.*\)\".*/\1/p" | head -n1
+}
+
+build_kubernetes() {
+  local v=${KUBERNETES_VERSION#v} commit date ld=""
+  commit=$(mod_field kubernetes "k8s.io/kubernetes@$KUBERNETES_VERSION" Hash)
+  date=$(mod_field kubernetes "k8s.io/kubernetes@$KUBERNETES_VERSION" Time)
+  # The same variables hack/lib/version.sh sets, so `kubectl version` prints the real version.
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=${v%%.*}"
+    ld+=" -X $p.gitMinor=$(cut -d. -f2 <<<"$v") -X $p.gitCommit=${commit:-unknown}"
+    ld+=" -X $p.gitTreeState=clean -X $p.buildDate=${date:-1970-01-01T00:00:00Z}"
+  done
+  build_into "$K8S_BIN" kubernetes "" "$ld" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+}
+
+build_etcd() {
+  local commit
+  commit=$(mod_field etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" Hash)
+  build_into "$ETCD_BIN" etcd etcd "-X go.etcd.io/etcd/api/v3/version.GitSHA=${commit:0:9}" go.etcd.io/etcd/server/v3
+}
+
+build_kwok() {
+  build_into "$KWOK_BIN" kwok kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+  # kwok's stage definitions (how fake nodes and pods move through their lifecycle) ship in
+  # its module source, not in the binary: copy them next to it for `kwok --config`.
+  if [ ! -f "$KWOK_BIN/stages.yaml" ]; then
+    local src f
+    src=$(mod_field kwok "sigs.k8s.io/kwok@$KWOK_VERSION" Dir)
+    for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+      pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+      echo "---"; cat "$src/kustomize/stage/$f"
+    done >"$KWOK_BIN/stages.yaml.tmp"
+    mv "$KWOK_BIN/stages.yaml.tmp" "$KWOK_BIN/stages.yaml"
+  fi
+}
+
+build_helm() {
+  build_into "$HELM_BIN" helm helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+}
+
+case "${1:-all}" in
+  kubernetes) build_kubernetes ;;
+  etcd) build_etcd ;;
+  kwok) build_kwok ;;
+  helm) build_helm ;;
+  all) build_etcd; build_kwok; build_helm; build_kubernetes ;;
+  *) echo "usage: $0 [kubernetes|etcd|kwok|helm|all]" >&2; exit 2 ;;
+esac

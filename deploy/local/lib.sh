@@ -1,0 +1,20 @@
+# Shared paths for the local control plane scripts (sourced, not run).
+# shellcheck shell=bash
+LOCAL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+. "$LOCAL_DIR/versions.env"
+TIDAL_CACHE=${TIDAL_CACHE:-$HOME/.cache/tidal}
+# State of a running control plane: logs, pids, etcd data, certs, kubeconfig.
+TIDAL_LOCAL_STATE=${TIDAL_LOCAL_STATE:-$TIDAL_CACHE/local}
+KUBECONFIG_PATH=$TIDAL_LOCAL_STATE/kubeconfig
+GO_VERSION_KEY=$(go env GOVERSION 2>/dev/null || echo nogo)
+
+# bin_dir NAME VERSION: where a built tool lives; the key includes the Go toolchain.
+bin_dir() { echo "$TIDAL_CACHE/bin/$1-$2-$GO_VERSION_KEY"; }
+K8S_BIN=$(bin_dir kubernetes "$KUBERNETES_VERSION")
+ETCD_BIN=$(bin_dir etcd "$ETCD_VERSION")
+KWOK_BIN=$(bin_dir kwok "$KWOK_VERSION")
+HELM_BIN=$(bin_dir helm "$HELM_VERSION")
+export PATH="$K8S_BIN:$ETCD_BIN:$KWOK_BIN:$HELM_BIN:$PATH"
+
+log() { printf '[tidal-local] %s\n' "$*" >&2; }

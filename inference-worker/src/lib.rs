@@ -1,0 +1,1 @@
+//! Tidal's worker: a candle-based model server.

@@ -1,0 +1,268 @@
+//! Harness for Tidal's end-to-end tests: a real local control plane (deploy/local), one
+//! namespace per test, and an `eventually` helper for the asynchronous parts of Kubernetes.
+//!
+//! The control plane is started at most once per test run: `tidal-local test` brings it up
+//! before `cargo test`; a bare `cargo test` brings it up here (and leaves it running, so the
+//! next run attaches). When it cannot start, tests fail if `CI` is set and skip otherwise.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+/// Repository root (the workspace), from this crate's manifest dir.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `tidal-local` script that manages the control plane.
+pub fn tidal_local() -> PathBuf {
+    repo_root().join("deploy/local/tidal-local")
+}
+
+/// Output of `tidal-local env`: KUBECONFIG and the PATH holding kubectl, helm, kwok, etcd.
+#[derive(Debug, Clone)]
+pub struct LocalEnv {
+    pub kubeconfig: PathBuf,
+    pub path: String,
+}
+
+impl LocalEnv {
+    /// A `Command` for one of the control plane's tools (kubectl, helm...) wired to this cluster.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("PATH", &self.path);
+        cmd
+    }
+
+    /// Runs a tool and returns its stdout; panics with its stderr when it fails.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+}
+
+fn parse_env(text: &str) -> Option<LocalEnv> {
+    let mut kubeconfig = None;
+    let mut path = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("export KUBECONFIG=") {
+            kubeconfig = Some(PathBuf::from(v));
+        } else if let Some(v) = line.strip_prefix("export PATH=") {
+            let inherited = std::env::var("PATH").unwrap_or_default();
+            path = Some(v.replace("$PATH", &inherited));
+        }
+    }
+    Some(LocalEnv {
+        kubeconfig: kubeconfig?,
+        path: path?,
+    })
+}
+
+/// Why the control plane is not available (the text tests print or fail with).
+#[derive(Debug, Clone)]
+pub struct Unavailable(pub String);
+
+static CONTROL_PLANE: OnceLock<Result<LocalEnv, Unavailable>> = OnceLock::new();
+
+fn bring_up() -> Result<LocalEnv, Unavailable> {
+    let script = tidal_local();
+    let env_out = Command::new(&script)
+        .arg("env")
+        .output()
+        .map_err(|e| Unavailable(format!("cannot run {}: {e}", script.display())))?;
+    let env = parse_env(&String::from_utf8_lossy(&env_out.stdout))
+        .ok_or_else(|| Unavailable("`tidal-local env` printed no KUBECONFIG/PATH".into()))?;
+    // `up` is idempotent and fast when everything already runs; flock keeps parallel test
+    // binaries from starting two control planes at once.
+    let lock = std::env::temp_dir().join("tidal-local-up.lock");
+    let out = Command::new("flock")
+        .arg(&lock)
+        .arg(&script)
+        .arg("up")
+        .output()
+        .map_err(|e| Unavailable(format!("cannot run flock/tidal-local: {e}")))?;
+    if !out.status.success() {
+        return Err(Unavailable(format!(
+            "`tidal-local up` failed ({}); run `deploy/local/tidal-local setup` first?\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(env)
+}
+
+/// The local control plane, started if needed. `None` means "skip this test" (never in CI).
+pub fn control_plane() -> Option<LocalEnv> {
+    match CONTROL_PLANE.get_or_init(bring_up) {
+        Ok(env) => Some(env.clone()),
+        Err(Unavailable(why)) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("the local control plane is required in CI but unavailable: {why}");
+            }
+            eprintln!("SKIPPED: local control plane unavailable: {why}");
+            None
+        }
+    }
+}
+
+/// A kube client for the local control plane's admin user.
+pub async fn client(env: &LocalEnv) -> Client {
+    let kubeconfig = Kubeconfig::read_from(&env.kubeconfig).expect("readable kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("valid kubeconfig");
+    Client::try_from(config).expect("kube client")
+}
+
+/// Everything a test needs: the cluster, a client, and a namespace of its own.
+pub struct TestCtx {
+    pub env: LocalEnv,
+    pub client: Client,
+    pub namespace: String,
+}
+
+impl TestCtx {
+    /// Sets up a test: `None` when the control plane is unavailable outside CI (skip).
+    pub async fn new(test_name: &str) -> Option<TestCtx> {
+        let env = control_plane()?;
+        let client = client(&env).await;
+        let namespace = format!(
+            "e2e-{}-{:06x}",
+            test_name.replace('_', "-"),
+            rand::random::<u32>() & 0xff_ffff
+        );
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.clone()),
+                labels: Some([("tidal.rs/e2e".to_string(), "true".to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create test namespace");
+        Some(TestCtx {
+            env,
+            client,
+            namespace,
+        })
+    }
+
+    /// A namespaced API in this test's namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+}
+
+impl Drop for TestCtx {
+    // Deletes the namespace even when the test panicked. Drop cannot await and the test's
+    // runtime may be shutting down, so this uses a short-lived runtime on its own thread.
+    fn drop(&mut self) {
+        let env = self.env.clone();
+        let ns = self.namespace.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let client = client(&env).await;
+                let _ = Api::<Namespace>::all(client)
+                    .delete(&ns, &DeleteParams::background())
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Retries `check` every 250 ms until it returns `Ok`, or panics after `timeout` with the
+/// last error. This is a deadline for asynchronous convergence, not a performance assertion.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// The default deadline for control-plane convergence in tests.
+pub const CONVERGE: Duration = Duration::from_secs(90);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tidal_local_env_output() {
+        let env = parse_env("export KUBECONFIG=/x/kubeconfig\nexport PATH=/a:/b:$PATH\n")
+            .expect("parsed");
+        assert_eq!(env.kubeconfig, PathBuf::from("/x/kubeconfig"));
+        assert!(env.path.starts_with("/a:/b:"));
+        assert!(!env.path.contains("$PATH"));
+        assert!(parse_env("nothing here").is_none());
+    }
+
+    #[tokio::test]
+    async fn eventually_returns_first_success() {
+        let mut n = 0;
+        let v = eventually("n reaches 3", Duration::from_secs(10), || {
+            n += 1;
+            let cur = n;
+            async move {
+                if cur >= 3 {
+                    Ok(cur)
+                } else {
+                    Err(format!("n={cur}"))
+                }
+            }
+        })
+        .await;
+        assert_eq!(v, 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "timed out")]
+    async fn eventually_panics_with_last_error() {
+        eventually::<(), _, _>("never", Duration::from_millis(300), || async {
+            Err("still no".to_string())
+        })
+        .await;
+    }
+}
