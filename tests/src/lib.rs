@@ -222,6 +222,38 @@ where
     }
 }
 
+/// Installs (server-side applies) Tidal's CRDs and waits until the API server serves them.
+pub async fn install_crds(ctx: &TestCtx) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    let api = Api::<CustomResourceDefinition>::all(ctx.client.clone());
+    for crd in tidal_operator::crd::all_crds() {
+        let name = crd.metadata.name.clone().expect("named");
+        api.patch(
+            &name,
+            &PatchParams::apply("tidal-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+        eventually(&format!("CRD {name} established"), CONVERGE, || async {
+            let c = api.get(&name).await.map_err(|e| e.to_string())?;
+            let ok = c
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if ok {
+                Ok(())
+            } else {
+                Err("not established".to_string())
+            }
+        })
+        .await;
+    }
+}
+
 /// The default deadline for control-plane convergence in tests.
 pub const CONVERGE: Duration = Duration::from_secs(90);
 

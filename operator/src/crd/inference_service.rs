@@ -1,0 +1,588 @@
+//! `InferenceService`: one served model, its cloud tier (optionally with MoE experts in their own
+//! shards), its edge tier and how it is autoscaled.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Desired state of an InferenceService.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tidal.rs",
+    version = "v1alpha1",
+    kind = "InferenceService",
+    plural = "inferenceservices",
+    shortname = "tis",
+    category = "tidal",
+    namespaced,
+    status = "InferenceServiceStatus",
+    doc = "An LLM served by Tidal across a cloud tier (optionally with MoE experts in their own \
+           shards) and an edge tier, scaled ahead of demand.",
+    scale(
+        spec_replicas_path = ".spec.cloud.replicas",
+        status_replicas_path = ".status.cloud.replicas",
+        label_selector_path = ".status.cloud.selector"
+    ),
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".spec.model.architecture"
+    ),
+    printcolumn(
+        name = "Cloud",
+        type_ = "string",
+        json_path = ".status.cloudReady",
+        description = "cloud tier ready/desired replicas"
+    ),
+    printcolumn(
+        name = "Experts",
+        type_ = "string",
+        json_path = ".status.expertsReady",
+        description = "expert shard replicas ready/desired"
+    ),
+    printcolumn(
+        name = "Edge",
+        type_ = "string",
+        json_path = ".status.edgeReady",
+        description = "edge replicas ready/desired"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.cloud.experts) || self.model.architecture == 'mixtral'")
+    .message("cloud.experts (expert shards) needs an MoE model: set model.architecture to mixtral")
+    .field_path(".cloud.experts"))]
+#[x_kube(validation = Rule::new("!has(self.cloud.experts) || !has(self.model.numExperts) || self.cloud.experts.shards <= self.model.numExperts")
+    .message("cloud.experts.shards cannot exceed model.numExperts: every shard must hold at least one expert")
+    .field_path(".cloud.experts.shards"))]
+pub struct InferenceServiceSpec {
+    /// The model to serve in the cloud tier.
+    pub model: ModelSpec,
+    /// The cloud tier: a full-model (or router) Deployment, and expert shards for MoE models.
+    pub cloud: CloudTier,
+    /// The edge tier: a smaller model on selected EdgeNodes that escalates hard requests to
+    /// the cloud tier. Omit to serve from the cloud only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<EdgeTier>,
+    /// How replicas are scaled ahead of demand. Omit to keep replicas where the spec puts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// The worker image; defaults to the operator's `--worker-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("image must not be empty"))]
+    pub image: Option<String>,
+}
+
+/// What to serve.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Where the worker loads the checkpoint from (Hugging Face layout: config.json,
+    /// *.safetensors, tokenizer.json): an absolute path (e.g. on a PVC mounted at /models),
+    /// `file:///path`, or `hf://org/name[@revision]` (downloaded by the worker at start).
+    #[x_kube(validation = Rule::new("self.startsWith('/') || self.startsWith('file:///') || self.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$')")
+        .message("model uri must be an absolute path, file:///path or hf://org/name[@revision]"))]
+    pub uri: String,
+    /// Model family: `mixtral` (MoE), or the dense `llama`, `mistral`, `qwen2`.
+    pub architecture: Architecture,
+    /// Number of routed experts per MoE layer (MoE models only; read from config.json when
+    /// omitted). Used to plan expert shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub num_experts: Option<u32>,
+    /// Maximum context length (prompt + generated tokens) the worker accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 128, max = 1048576))]
+    pub context_length: Option<u32>,
+    /// Weight data type on the worker.
+    #[serde(default)]
+    pub dtype: DType,
+    /// Name clients use in the OpenAI API's `model` field; defaults to the object's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 128").message("servedName must be 1 to 128 characters"))]
+    pub served_name: Option<String>,
+}
+
+/// Supported model families.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Mixture-of-Experts decoder (Mixtral family): top-k softmax gating over N experts.
+    Mixtral,
+    /// Dense Llama-family decoder.
+    Llama,
+    /// Dense Mistral decoder.
+    Mistral,
+    /// Dense Qwen2 decoder.
+    Qwen2,
+}
+
+impl Architecture {
+    pub fn is_moe(self) -> bool {
+        matches!(self, Architecture::Mixtral)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Mixtral => "mixtral",
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// Weight data type.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    #[default]
+    Bf16,
+}
+
+impl DType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+fn default_max_replicas() -> i32 {
+    4
+}
+
+/// The cloud tier.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("cloud.minReplicas must be less than or equal to cloud.maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.replicas) || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)")
+    .message("cloud.replicas must lie within [minReplicas, maxReplicas]")
+    .field_path(".replicas"))]
+pub struct CloudTier {
+    /// Current target replicas of the full-model (or router) Deployment. `kubectl scale`
+    /// writes it; the autoscaler updates it. Defaults to minReplicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: Option<i32>,
+    /// Fewest replicas the cloud tier runs (0 allows scale to zero).
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub min_replicas: i32,
+    /// Most replicas the cloud tier runs.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_replicas: i32,
+    /// Compute resources of each cloud worker (e.g. `nvidia.com/gpu`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels cloud workers must run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of cloud workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Serve MoE experts from their own Deployments ("expert shards"), separate from the
+    /// router pods that hold embeddings, attention and gates. MoE models only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<ExpertsSpec>,
+}
+
+fn default_one_i32() -> i32 {
+    1
+}
+
+/// Expert shards of an MoE model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicasPerShard <= self.maxReplicasPerShard")
+    .message("experts.minReplicasPerShard must be less than or equal to experts.maxReplicasPerShard"))]
+pub struct ExpertsSpec {
+    /// Number of expert shards (Deployments); experts are spread over them by the placement
+    /// policy.
+    #[schemars(range(min = 1, max = 256))]
+    pub shards: u32,
+    /// Fewest replicas of each shard.
+    #[serde(default = "default_one_i32")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas_per_shard: i32,
+    /// Most replicas of each shard (hot experts get the extra replicas).
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas_per_shard: i32,
+    /// How experts are assigned to shards.
+    #[serde(default)]
+    pub placement: PlacementPolicy,
+    /// Compute resources of each expert-shard worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Expert placement policy.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum PlacementPolicy {
+    /// Experts i..j in shard k, in order; the starting plan before any load is measured.
+    Contiguous,
+    /// EPLB-style: balance forecast per-expert load over shards, with redundant replicas of
+    /// hot experts (the autoscaler refines the plan from metrics).
+    #[default]
+    Balanced,
+}
+
+/// The edge tier.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicasPerNode <= self.maxReplicasPerNode")
+    .message("edge.minReplicasPerNode must be less than or equal to edge.maxReplicasPerNode"))]
+pub struct EdgeTier {
+    /// The (smaller) model edge workers serve.
+    pub model: EdgeModel,
+    /// Which EdgeNodes run this service (labels of the EdgeNode objects).
+    #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)")
+        .message("edge.edgeNodeSelector must select EdgeNodes with matchLabels or matchExpressions"))]
+    pub edge_node_selector: LabelSelector,
+    /// Fewest replicas on each selected, online EdgeNode.
+    #[serde(default = "default_one_i32")]
+    #[schemars(range(min = 0, max = 64))]
+    pub min_replicas_per_node: i32,
+    /// Most replicas on each selected EdgeNode.
+    #[serde(default = "default_one_i32")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_replicas_per_node: i32,
+    /// When edge workers hand a request to the cloud tier.
+    #[serde(default)]
+    pub escalation: EscalationPolicy,
+    /// Compute resources of each edge worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// The edge tier's model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeModel {
+    /// Checkpoint location, as for `model.uri`.
+    #[x_kube(validation = Rule::new("self.startsWith('/') || self.startsWith('file:///') || self.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$')")
+        .message("edge model uri must be an absolute path, file:///path or hf://org/name[@revision]"))]
+    pub uri: String,
+    /// Model family.
+    pub architecture: Architecture,
+    /// Weight data type.
+    #[serde(default)]
+    pub dtype: DType,
+}
+
+fn default_confidence() -> f64 {
+    0.5
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Edge-to-cloud escalation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EscalationPolicy {
+    /// Escalate when the edge model's confidence (mean max-softmax probability over the
+    /// recent generated tokens) falls below this value. 0 never escalates on confidence.
+    #[serde(default = "default_confidence")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub confidence_threshold: f64,
+    /// Escalate instead of answering 429 when the edge worker's queue is full.
+    #[serde(default = "default_true")]
+    pub escalate_on_overload: bool,
+    /// What an edge worker does when it should escalate but the cloud is unreachable.
+    #[serde(default)]
+    pub on_cloud_unavailable: CloudUnavailable,
+}
+
+impl Default for EscalationPolicy {
+    fn default() -> Self {
+        EscalationPolicy {
+            confidence_threshold: default_confidence(),
+            escalate_on_overload: true,
+            on_cloud_unavailable: CloudUnavailable::default(),
+        }
+    }
+}
+
+/// Behaviour when the cloud tier cannot be reached.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum CloudUnavailable {
+    /// Answer locally and mark the response as not escalated.
+    #[default]
+    ServeLocally,
+    /// Fail the request with a clear error.
+    Fail,
+}
+
+impl CloudUnavailable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloudUnavailable::ServeLocally => "serve-locally",
+            CloudUnavailable::Fail => "fail",
+        }
+    }
+}
+
+fn default_interval() -> u32 {
+    15
+}
+fn default_quantile() -> f64 {
+    0.9
+}
+
+/// Forecast-driven autoscaling.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Turn the autoscaler off to keep replicas where the spec puts them.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Prometheus base URL the autoscaler queries (defaults to the operator's --prometheus-url).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^\\\\s]+$')").message("prometheusUrl must be an http(s) URL"))]
+    pub prometheus_url: Option<String>,
+    /// Seconds between autoscaler decisions.
+    #[serde(default = "default_interval")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub interval_seconds: u32,
+    /// Service-level objectives; breaching them corrects the capacity estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<SloSpec>,
+    /// Requests per second one cloud replica sustains within the SLO (refined online).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.001, max = 1000000.0))]
+    pub target_rps_per_replica: Option<f64>,
+    /// Forecast settings.
+    #[serde(default)]
+    pub forecast: ForecastSpec,
+    /// How fast replicas are added.
+    #[serde(default = "ScalingBehavior::default_up")]
+    pub scale_up: ScalingBehavior,
+    /// How fast replicas are removed.
+    #[serde(default = "ScalingBehavior::default_down")]
+    pub scale_down: ScalingBehavior,
+    /// Add cloud replicas for an edge site's forecast load while that site is offline.
+    #[serde(default = "default_true")]
+    pub prescale_cloud_for_edge: bool,
+}
+
+/// Service-level objectives.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SloSpec {
+    /// Target p95 time to first token, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub ttft_p95_ms: Option<u32>,
+    /// Target p95 time per output token, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub tpot_p95_ms: Option<u32>,
+}
+
+/// Forecast settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ForecastSpec {
+    /// Forecasting method.
+    #[serde(default)]
+    pub method: ForecastMethod,
+    /// How far ahead to provision, in seconds. Defaults to the measured p90 time a new
+    /// replica needs to become ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub horizon_seconds: Option<u32>,
+    /// Quantile of the predicted load to provision for (0.5 = the median forecast).
+    #[serde(default = "default_quantile")]
+    #[schemars(range(min = 0.5, max = 0.999))]
+    pub quantile: f64,
+}
+
+impl Default for ForecastSpec {
+    fn default() -> Self {
+        ForecastSpec {
+            method: ForecastMethod::default(),
+            horizon_seconds: None,
+            quantile: default_quantile(),
+        }
+    }
+}
+
+/// Forecasting method.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum ForecastMethod {
+    /// Seasonal (MSTL) when history is long enough, ETS otherwise, naive while it is short.
+    #[default]
+    Auto,
+    /// Exponential smoothing with prediction intervals.
+    Ets,
+    /// Multiple seasonal-trend decomposition with an ETS trend model.
+    Mstl,
+    /// Last value plus recent variability (no forecasting).
+    Naive,
+}
+
+/// Scale-up or scale-down behaviour.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingBehavior {
+    /// Act on the most conservative recommendation of this many past seconds.
+    #[schemars(range(min = 0, max = 3600))]
+    pub stabilization_window_seconds: u32,
+    /// Most replicas added or removed per decision, per tier/site/shard.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_step: u32,
+}
+
+impl ScalingBehavior {
+    pub fn default_up() -> Self {
+        ScalingBehavior {
+            stabilization_window_seconds: 0,
+            max_step: 4,
+        }
+    }
+    pub fn default_down() -> Self {
+        ScalingBehavior {
+            stabilization_window_seconds: 300,
+            max_step: 1,
+        }
+    }
+}
+
+/// Observed state of an InferenceService.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceServiceStatus {
+    /// The generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded, MetricsAvailable, ScalingLimited.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The cloud tier's full-model or router Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<TierStatus>,
+    /// Expert shards, one entry per shard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<ShardStatus>,
+    /// Edge sites, one entry per selected EdgeNode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edge: Vec<EdgeSiteStatus>,
+    /// Cloud tier `ready/desired`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_ready: Option<String>,
+    /// Expert shards `ready/desired` replicas summed over shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts_ready: Option<String>,
+    /// Edge `ready/desired` replicas summed over sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_ready: Option<String>,
+    /// The autoscaler's last forecast.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_forecast: Option<ForecastStatus>,
+    /// The autoscaler's last scaling decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<DecisionStatus>,
+}
+
+/// Replicas of one Deployment.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TierStatus {
+    /// The Deployment's name.
+    pub deployment: String,
+    /// Replicas the operator wants.
+    pub desired: i32,
+    /// Replicas that exist (the scale subresource's status).
+    pub replicas: i32,
+    /// Replicas that are ready.
+    pub ready_replicas: i32,
+    /// Label selector of the pods (for the scale subresource / HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}
+
+/// One expert shard.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// Shard index.
+    pub shard: u32,
+    /// Experts this shard holds.
+    pub experts: Vec<u32>,
+    #[serde(flatten)]
+    pub replicas: TierStatus,
+}
+
+/// One edge site.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeSiteStatus {
+    /// The EdgeNode.
+    pub edge_node: String,
+    /// The EdgeNode's phase when last seen.
+    pub phase: String,
+    #[serde(flatten)]
+    pub replicas: TierStatus,
+}
+
+/// A forecast of the request rate.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ForecastStatus {
+    /// When it was made.
+    pub time: Option<Time>,
+    /// Observed requests per second now.
+    pub now: f64,
+    /// Point forecast at the horizon.
+    pub predicted: f64,
+    /// Upper bound at the configured quantile.
+    pub upper: f64,
+    /// Horizon in seconds.
+    pub horizon_seconds: u32,
+}
+
+/// A scaling decision.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionStatus {
+    /// When it was made.
+    pub time: Option<Time>,
+    /// Why, in words.
+    pub reason: String,
+}
