@@ -4,7 +4,11 @@
 //! schema validation, so bad objects are rejected at `kubectl apply` with a readable message.
 
 mod conditions;
+// Repeated `printcolumn(type_ = ...)` inside one #[kube] attribute is how kube-derive takes a
+// list; clippy reads it as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 mod edge_node;
+#[allow(clippy::duplicated_attributes)]
 mod inference_service;
 
 pub use conditions::*;
