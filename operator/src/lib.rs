@@ -8,4 +8,6 @@ pub const API_GROUP: &str = "tidal.rs";
 /// The served and stored version of the Tidal API.
 pub const API_VERSION: &str = "v1alpha1";
 
+pub mod children;
 pub mod crd;
+pub mod error;

@@ -25,20 +25,29 @@ fn committed_crds_match_the_code() {
         .collect();
     present.sort();
     expected_files.sort();
-    assert_eq!(present, expected_files, "crds/ holds exactly the generated CRDs");
+    assert_eq!(
+        present, expected_files,
+        "crds/ holds exactly the generated CRDs"
+    );
 }
 
 #[test]
 fn schema_has_subresources_printer_columns_and_validation() {
     let crds = all_crds();
     let tis = &crds[0];
-    assert_eq!(tis.spec.names.short_names.as_deref(), Some(&["tis".to_string()][..]));
+    assert_eq!(
+        tis.spec.names.short_names.as_deref(),
+        Some(&["tis".to_string()][..])
+    );
     let v = &tis.spec.versions[0];
     let sub = v.subresources.as_ref().expect("subresources");
     assert!(sub.status.is_some());
     let scale = sub.scale.as_ref().expect("scale subresource");
     assert_eq!(scale.spec_replicas_path, ".spec.cloud.replicas");
-    assert_eq!(scale.label_selector_path.as_deref(), Some(".status.cloud.selector"));
+    assert_eq!(
+        scale.label_selector_path.as_deref(),
+        Some(".status.cloud.selector")
+    );
     let cols: Vec<_> = v
         .additional_printer_columns
         .iter()
@@ -48,7 +57,10 @@ fn schema_has_subresources_printer_columns_and_validation() {
     assert!(cols.contains(&"Cloud") && cols.contains(&"Edge") && cols.contains(&"Ready"));
     let yaml = crd_yaml(tis);
     assert!(yaml.matches("x-kubernetes-validations").count() >= 5);
-    assert!(!yaml.contains("uint32"), "formats the apiserver does not know are rewritten");
+    assert!(
+        !yaml.contains("uint32"),
+        "formats the apiserver does not know are rewritten"
+    );
     let en = &crds[1];
     assert_eq!(en.spec.scope, "Cluster");
 }

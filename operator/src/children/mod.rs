@@ -1,0 +1,326 @@
+//! Desired state: the Kubernetes objects an InferenceService should own, built by pure
+//! functions from the spec and what is known about EdgeNodes (no client, no I/O).
+
+mod labels;
+mod placement;
+mod selection;
+mod status;
+mod workload;
+
+pub use labels::*;
+pub use placement::*;
+pub use selection::matches as selector_matches;
+pub use status::*;
+pub use workload::WorkerArgs;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::crd::{EdgePhase, InferenceService};
+
+/// Operator-wide settings the builders need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildConfig {
+    /// Worker image when the spec names none.
+    pub worker_image: String,
+    /// Cluster DNS suffix for endpoints in the placement plan.
+    pub cluster_domain: String,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            worker_image: "ghcr.io/tidal-rs/tidal-worker:0.1.0".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+/// What the controller knows about one EdgeNode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeFacts {
+    /// The EdgeNode's name.
+    pub name: String,
+    /// Its labels (the edge tier's selector matches these).
+    pub labels: BTreeMap<String, String>,
+    /// The Kubernetes Node it resolved to, if any.
+    pub node_name: Option<String>,
+    pub phase: EdgePhase,
+    /// Whether the cloud should take over its load while it is out of service.
+    pub failover_to_cloud: bool,
+}
+
+/// One Deployment the service should have, with what it is and how many replicas it wants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    pub kind: ChildKind,
+    pub deployment: Deployment,
+    /// Edge workloads get no Service: clients at a site reach their local node directly.
+    pub service: Option<Service>,
+    pub desired: i32,
+    /// For edge workloads: the EdgeNode's phase.
+    pub edge_phase: Option<EdgePhase>,
+    /// For expert shards: the experts they hold.
+    pub experts: Vec<u32>,
+}
+
+/// Everything an InferenceService should own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Children {
+    pub workloads: Vec<Workload>,
+    pub config_maps: Vec<ConfigMap>,
+    pub plan: Option<PlacementPlan>,
+    /// Edge sites out of service whose load the cloud took over (for status and events).
+    pub failed_over_sites: Vec<String>,
+}
+
+impl Children {
+    /// Names of every Deployment, Service and ConfigMap, for pruning what is no longer wanted.
+    pub fn names(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let name = |m: &ObjectMeta| m.name.clone().unwrap_or_default();
+        (
+            self.workloads
+                .iter()
+                .map(|w| name(&w.deployment.metadata))
+                .collect(),
+            self.workloads
+                .iter()
+                .filter_map(|w| w.service.as_ref())
+                .map(|s| name(&s.metadata))
+                .collect(),
+            self.config_maps.iter().map(|c| name(&c.metadata)).collect(),
+        )
+    }
+}
+
+/// A spec that passed the schema but cannot be built; reported in a condition, and existing
+/// children are left alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecError {
+    /// CamelCase reason for the condition.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn owner_reference(tis: &InferenceService) -> Result<OwnerReference, SpecError> {
+    let uid = tis.metadata.uid.clone().ok_or(SpecError {
+        reason: "NotPersisted",
+        message: "the InferenceService has no uid yet".into(),
+    })?;
+    Ok(OwnerReference {
+        api_version: "tidal.rs/v1alpha1".into(),
+        kind: "InferenceService".into(),
+        name: tis.metadata.name.clone().unwrap_or_default(),
+        uid,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
+/// Builds the desired children of `tis` given the EdgeNodes the cluster has.
+pub fn desired_children(
+    tis: &InferenceService,
+    edge_nodes: &[EdgeFacts],
+    cfg: &BuildConfig,
+) -> Result<Children, SpecError> {
+    let name = tis.metadata.name.clone().unwrap_or_default();
+    let namespace = tis
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let owner = owner_reference(tis)?;
+    let spec = &tis.spec;
+    let cloud = &spec.cloud;
+    let base = workload::Base {
+        service: &name,
+        namespace: &namespace,
+        owner: &owner,
+        image: spec.image.as_deref().unwrap_or(&cfg.worker_image),
+        served_name: spec.model.served_name.as_deref().unwrap_or(&name),
+    };
+
+    let mut workloads = Vec::new();
+    let mut config_maps = Vec::new();
+    let mut plan = None;
+
+    // Edge first: sites out of service move their replicas to the cloud tier.
+    let mut failed_over_sites = Vec::new();
+    let mut failover_replicas = 0;
+    let cloud_kind = if cloud.experts.is_some() {
+        ChildKind::Router
+    } else {
+        ChildKind::Cloud
+    };
+    let cloud_url = format!(
+        "http://{}.{namespace}.svc.{}:{WORKER_PORT}",
+        cloud_kind.name(&name),
+        cfg.cluster_domain
+    );
+    if let Some(edge) = &spec.edge {
+        let mut selected: Vec<&EdgeFacts> = edge_nodes
+            .iter()
+            .filter(|e| selector_matches(&edge.edge_node_selector, &e.labels))
+            .collect();
+        selected.sort_by(|a, b| a.name.cmp(&b.name));
+        for site in selected {
+            let in_service = site.phase.schedulable() && site.node_name.is_some();
+            let desired = if in_service {
+                edge.min_replicas_per_node
+            } else {
+                0
+            };
+            if !in_service && site.failover_to_cloud && site.phase != EdgePhase::Unknown {
+                failed_over_sites.push(site.name.clone());
+                failover_replicas += edge.min_replicas_per_node.max(1);
+            }
+            let kind = ChildKind::Edge(site.name.clone());
+            let args = WorkerArgs::edge(&edge.model, &cloud_url, &edge.escalation);
+            let deployment = workload::deployment(
+                &base,
+                &kind,
+                desired,
+                args,
+                edge.resources.clone(),
+                site.node_name
+                    .as_ref()
+                    .map(|n| BTreeMap::from([("kubernetes.io/hostname".to_string(), n.clone())])),
+                None,
+                None,
+            );
+            workloads.push(Workload {
+                kind,
+                deployment,
+                service: None,
+                desired,
+                edge_phase: Some(site.phase),
+                experts: vec![],
+            });
+        }
+    }
+
+    let cloud_desired = cloud
+        .replicas
+        .unwrap_or(cloud.min_replicas)
+        .clamp(cloud.min_replicas, cloud.max_replicas);
+    let cloud_desired = (cloud_desired + failover_replicas).min(cloud.max_replicas);
+
+    if let Some(experts) = &cloud.experts {
+        let num_experts = spec.model.num_experts.ok_or(SpecError {
+            reason: "NumExpertsUnknown",
+            message: "cloud.experts needs model.numExperts to plan expert shards".into(),
+        })?;
+        let assignment = initial_assignment(num_experts, experts.shards, experts.placement);
+        let cm_name = format!("{name}-placement");
+        let mut shards = Vec::new();
+        for (k, held) in assignment.into_iter().enumerate() {
+            let kind = ChildKind::ExpertShard(k as u32);
+            let desired = experts.min_replicas_per_shard;
+            let endpoint = format!(
+                "http://{}.{namespace}.svc.{}:{WORKER_PORT}",
+                kind.name(&name),
+                cfg.cluster_domain
+            );
+            shards.push(ShardPlan {
+                shard: k as u32,
+                experts: held.clone(),
+                endpoint,
+                replicas: desired,
+            });
+            let args = WorkerArgs::expert(&spec.model, k as u32);
+            let deployment = workload::deployment(
+                &base,
+                &kind,
+                desired,
+                args,
+                experts.resources.clone(),
+                cloud.node_selector.clone(),
+                cloud.tolerations.clone(),
+                Some(&cm_name),
+            );
+            workloads.push(Workload {
+                service: Some(workload::service(&base, &kind)),
+                kind,
+                deployment,
+                desired,
+                edge_phase: None,
+                experts: held,
+            });
+        }
+        let p = PlacementPlan {
+            version: 1,
+            num_experts,
+            shards,
+        };
+        config_maps.push(workload::placement_config_map(&base, &cm_name, &p));
+        plan = Some(p);
+        let kind = ChildKind::Router;
+        let deployment = workload::deployment(
+            &base,
+            &kind,
+            cloud_desired,
+            WorkerArgs::router(&spec.model),
+            cloud.resources.clone(),
+            cloud.node_selector.clone(),
+            cloud.tolerations.clone(),
+            Some(&cm_name),
+        );
+        workloads.push(Workload {
+            service: Some(workload::service(&base, &kind)),
+            kind,
+            deployment,
+            desired: cloud_desired,
+            edge_phase: None,
+            experts: vec![],
+        });
+    } else {
+        let kind = ChildKind::Cloud;
+        let deployment = workload::deployment(
+            &base,
+            &kind,
+            cloud_desired,
+            WorkerArgs::full(&spec.model),
+            cloud.resources.clone(),
+            cloud.node_selector.clone(),
+            cloud.tolerations.clone(),
+            None,
+        );
+        workloads.push(Workload {
+            service: Some(workload::service(&base, &kind)),
+            kind,
+            deployment,
+            desired: cloud_desired,
+            edge_phase: None,
+            experts: vec![],
+        });
+    }
+
+    workloads.sort_by(|a, b| a.kind.cmp(&b.kind));
+    let children = Children {
+        workloads,
+        config_maps,
+        plan,
+        failed_over_sites,
+    };
+    let (deps, svcs, cms) = children.names();
+    if let Some(long) = deps
+        .iter()
+        .chain(&svcs)
+        .chain(&cms)
+        .find(|n| n.len() > MAX_NAME_LEN)
+    {
+        return Err(SpecError {
+            reason: "NameTooLong",
+            message: format!(
+                "child name {long:?} is longer than {MAX_NAME_LEN} characters: shorten the InferenceService or EdgeNode name"
+            ),
+        });
+    }
+    Ok(children)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,329 @@
+use super::*;
+use crate::crd::{EdgeNode, InferenceService};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+fn load_example(file: &str) -> (Vec<InferenceService>, Vec<EdgeNode>) {
+    let path = format!("{}/../deploy/examples/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut services = Vec::new();
+    let mut nodes = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("InferenceService") => {
+                let mut t: InferenceService = serde_json::from_value(v).unwrap();
+                t.metadata.namespace = Some("prod".into());
+                t.metadata.uid = Some("uid-1".into());
+                services.push(t);
+            }
+            Some("EdgeNode") => nodes.push(serde_json::from_value(v).unwrap()),
+            k => panic!("unexpected kind {k:?}"),
+        }
+    }
+    (services, nodes)
+}
+
+fn facts(nodes: &[EdgeNode], phase: EdgePhase) -> Vec<EdgeFacts> {
+    nodes
+        .iter()
+        .map(|n| EdgeFacts {
+            name: n.metadata.name.clone().unwrap(),
+            labels: n.metadata.labels.clone().unwrap_or_default(),
+            node_name: Some(n.spec.node_name.clone().unwrap_or_else(|| "edge-1".into())),
+            phase,
+            failover_to_cloud: n.spec.offline_policy.failover_to_cloud,
+        })
+        .collect()
+}
+
+fn args(w: &Workload) -> Vec<String> {
+    w.deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap()
+}
+
+#[test]
+fn dense_cloud_example_builds_one_hardened_full_worker() {
+    let (svcs, _) = load_example("dense-cloud.yaml");
+    let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
+    assert_eq!(c.workloads.len(), 1);
+    assert!(c.config_maps.is_empty() && c.plan.is_none());
+    let w = &c.workloads[0];
+    assert_eq!(w.kind, ChildKind::Cloud);
+    assert_eq!(w.desired, 1);
+    let d = &w.deployment;
+    assert_eq!(d.metadata.name.as_deref(), Some("llama-chat-cloud"));
+    assert_eq!(d.metadata.namespace.as_deref(), Some("prod"));
+    let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("InferenceService", Some(true))
+    );
+    let labels = d.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels["app.kubernetes.io/instance"], "llama-chat");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "tidal-operator");
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let ctr = &pod.containers[0];
+    let sc = ctr.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_string()][..])
+    );
+    assert!(ctr.readiness_probe.is_some() && ctr.liveness_probe.is_some());
+    assert_eq!(
+        pod.node_selector.as_ref().unwrap()["tidal.rs/tier"],
+        "cloud"
+    );
+    let a = args(w);
+    assert!(a.windows(2).any(|p| p == ["--role", "full"]));
+    assert!(a.windows(2).any(|p| p == ["--context-length", "8192"]));
+    let tmpl = d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap();
+    assert_eq!(
+        tmpl.annotations.as_ref().unwrap()["prometheus.io/scrape"],
+        "true"
+    );
+    let svc = w.service.as_ref().unwrap();
+    assert_eq!(
+        svc.spec.as_ref().unwrap().selector,
+        d.spec.as_ref().unwrap().selector.match_labels
+    );
+}
+
+#[test]
+fn moe_example_builds_router_shards_and_placement() {
+    let (svcs, _) = load_example("moe-experts.yaml");
+    let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
+    let kinds: Vec<_> = c.workloads.iter().map(|w| w.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ChildKind::Router,
+            ChildKind::ExpertShard(0),
+            ChildKind::ExpertShard(1),
+            ChildKind::ExpertShard(2),
+            ChildKind::ExpertShard(3)
+        ]
+    );
+    let plan = c.plan.as_ref().unwrap();
+    assert_eq!(plan.num_experts, 8);
+    assert_eq!(plan.shards[1].experts, vec![1, 5]);
+    assert_eq!(
+        plan.shards[1].endpoint,
+        "http://mixtral-experts-1.prod.svc.cluster.local:8080"
+    );
+    let cm = &c.config_maps[0];
+    assert_eq!(cm.metadata.name.as_deref(), Some("mixtral-placement"));
+    let parsed: PlacementPlan =
+        serde_json::from_str(&cm.data.as_ref().unwrap()["plan.json"]).unwrap();
+    assert_eq!(&parsed, plan);
+    let router = &c.workloads[0];
+    assert!(args(router).windows(2).any(|p| p == ["--role", "router"]));
+    let shard = &c.workloads[2];
+    assert!(args(shard).windows(2).any(|p| p == ["--shard", "1"]));
+    assert_eq!(
+        shard.deployment.metadata.labels.as_ref().unwrap()[LABEL_SHARD],
+        "1"
+    );
+    assert_eq!(shard.experts, vec![1, 5]);
+}
+
+#[test]
+fn edge_example_pins_one_deployment_per_selected_node_and_fails_over() {
+    let (svcs, nodes) = load_example("cloud-edge.yaml");
+    let tis = &svcs[0];
+    let c = desired_children(
+        tis,
+        &facts(&nodes, EdgePhase::Ready),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    let edge: Vec<_> = c
+        .workloads
+        .iter()
+        .filter(|w| matches!(w.kind, ChildKind::Edge(_)))
+        .collect();
+    assert_eq!(edge.len(), 2);
+    let pod = edge[0]
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        pod.node_selector.as_ref().unwrap()["kubernetes.io/hostname"],
+        "edge-0"
+    );
+    assert!(edge[0].service.is_none());
+    let a = args(edge[0]);
+    assert!(a.windows(2).any(|p| p
+        == [
+            "--escalate-to",
+            "http://assistant-cloud.prod.svc.cluster.local:8080"
+        ]));
+    assert!(a.windows(2).any(|p| p == ["--confidence-threshold", "0.6"]));
+    let cloud = c
+        .workloads
+        .iter()
+        .find(|w| w.kind == ChildKind::Cloud)
+        .unwrap();
+    assert_eq!(cloud.desired, 1);
+
+    // A node that is not selected gets nothing.
+    let mut other = facts(&nodes, EdgePhase::Ready);
+    other[1].labels.clear();
+    let c2 = desired_children(tis, &other, &BuildConfig::default()).unwrap();
+    assert_eq!(
+        c2.workloads
+            .iter()
+            .filter(|w| matches!(w.kind, ChildKind::Edge(_)))
+            .count(),
+        1
+    );
+
+    // Offline sites scale to zero and the cloud takes their replicas (within maxReplicas).
+    let c3 = desired_children(
+        tis,
+        &facts(&nodes, EdgePhase::Offline),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    assert!(
+        c3.workloads
+            .iter()
+            .filter(|w| matches!(w.kind, ChildKind::Edge(_)))
+            .all(|w| w.desired == 0)
+    );
+    assert_eq!(
+        c3.workloads
+            .iter()
+            .find(|w| w.kind == ChildKind::Cloud)
+            .unwrap()
+            .desired,
+        3
+    );
+    assert_eq!(
+        c3.failed_over_sites,
+        vec!["berlin".to_string(), "paris".to_string()]
+    );
+}
+
+#[test]
+fn specs_the_schema_cannot_catch_are_reported() {
+    let (svcs, _) = load_example("moe-experts.yaml");
+    let mut tis = svcs[0].clone();
+    tis.spec.model.num_experts = None;
+    let e = desired_children(&tis, &[], &BuildConfig::default()).unwrap_err();
+    assert_eq!(e.reason, "NumExpertsUnknown");
+    let mut long = svcs[0].clone();
+    long.metadata.name = Some("x".repeat(60));
+    assert_eq!(
+        desired_children(&long, &[], &BuildConfig::default())
+            .unwrap_err()
+            .reason,
+        "NameTooLong"
+    );
+    let mut unsaved = svcs[0].clone();
+    unsaved.metadata.uid = None;
+    assert_eq!(
+        desired_children(&unsaved, &[], &BuildConfig::default())
+            .unwrap_err()
+            .reason,
+        "NotPersisted"
+    );
+}
+
+#[test]
+fn replicas_follow_scale_within_bounds() {
+    let (svcs, _) = load_example("dense-cloud.yaml");
+    let mut tis = svcs[0].clone();
+    tis.spec.cloud.replicas = Some(3);
+    let c = desired_children(&tis, &[], &BuildConfig::default()).unwrap();
+    assert_eq!(
+        c.workloads[0].deployment.spec.as_ref().unwrap().replicas,
+        Some(3)
+    );
+    tis.spec.cloud.replicas = Some(40);
+    assert_eq!(
+        desired_children(&tis, &[], &BuildConfig::default())
+            .unwrap()
+            .workloads[0]
+            .desired,
+        4
+    );
+}
+
+#[test]
+fn status_reports_readiness_and_is_stable_when_nothing_changes() {
+    let (svcs, nodes) = load_example("cloud-edge.yaml");
+    let c = desired_children(
+        &svcs[0],
+        &facts(&nodes, EdgePhase::Ready),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    let t1 = Time(Timestamp::from_second(1000).unwrap());
+    let t2 = Time(Timestamp::from_second(2000).unwrap());
+    let mut observed = Observed::new();
+    observed.insert("assistant-cloud".into(), (1, 0));
+    let s1 = compute_status("assistant", Some(1), &c, &observed, None, &t1);
+    assert_eq!(s1.cloud_ready.as_deref(), Some("0/1"));
+    assert_eq!(s1.edge_ready.as_deref(), Some("0/2"));
+    assert!(!crate::crd::is_true(&s1.conditions, "Ready"));
+    assert!(crate::crd::is_true(&s1.conditions, "Progressing"));
+    for d in [
+        "assistant-cloud",
+        "assistant-edge-berlin",
+        "assistant-edge-paris",
+    ] {
+        observed.insert(d.into(), (1, 1));
+    }
+    let s2 = compute_status("assistant", Some(1), &c, &observed, Some(&s1), &t2);
+    assert!(crate::crd::is_true(&s2.conditions, "Ready"));
+    assert_eq!(s2.edge_ready.as_deref(), Some("2/2"));
+    assert_eq!(
+        s2.cloud
+            .as_ref()
+            .unwrap()
+            .selector
+            .as_deref()
+            .map(|s| s.contains("app.kubernetes.io/instance=assistant")),
+        Some(true)
+    );
+    // Same inputs later: identical status (so the controller writes nothing).
+    let s3 = compute_status(
+        "assistant",
+        Some(1),
+        &c,
+        &observed,
+        Some(&s2),
+        &Time(Timestamp::from_second(3000).unwrap()),
+    );
+    assert_eq!(s2, s3);
+    let bad = invalid_spec_status(
+        Some(2),
+        &SpecError {
+            reason: "NameTooLong",
+            message: "x".into(),
+        },
+        Some(&s3),
+        &t2,
+    );
+    assert!(!crate::crd::is_true(&bad.conditions, "Ready"));
+    assert!(crate::crd::is_true(&bad.conditions, "Degraded"));
+    assert_eq!(bad.cloud, s3.cloud, "children status is kept");
+}

@@ -1,0 +1,315 @@
+//! Deployment, Service and ConfigMap builders for worker pods.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::labels::{ChildKind, WORKER_PORT};
+use super::placement::PlacementPlan;
+use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec};
+
+/// Where the placement ConfigMap is mounted in router and expert pods.
+pub const PLACEMENT_DIR: &str = "/etc/tidal/placement";
+
+/// What every child of one InferenceService shares.
+pub(super) struct Base<'a> {
+    pub service: &'a str,
+    pub namespace: &'a str,
+    pub owner: &'a OwnerReference,
+    pub image: &'a str,
+    pub served_name: &'a str,
+}
+
+/// The worker's command line (the contract with `tidal-worker serve`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerArgs(pub Vec<String>);
+
+impl WorkerArgs {
+    fn model(uri: &str, arch: &str, dtype: &str, role: &str) -> Vec<String> {
+        [
+            "serve",
+            "--model",
+            uri,
+            "--architecture",
+            arch,
+            "--dtype",
+            dtype,
+            "--role",
+            role,
+            // The pod IP (downward API), not 0.0.0.0: the worker listens only where it is reached.
+            "--listen",
+            "$(POD_IP):8080",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect()
+    }
+    pub fn full(m: &ModelSpec) -> Self {
+        let mut a = Self::model(&m.uri, m.architecture.as_str(), m.dtype.as_str(), "full");
+        if let Some(c) = m.context_length {
+            a.extend(["--context-length".into(), c.to_string()]);
+        }
+        WorkerArgs(a)
+    }
+    pub fn router(m: &ModelSpec) -> Self {
+        let mut a = Self::full(m).0;
+        a[8] = "router".into();
+        a.extend(["--placement".into(), format!("{PLACEMENT_DIR}/plan.json")]);
+        WorkerArgs(a)
+    }
+    pub fn expert(m: &ModelSpec, shard: u32) -> Self {
+        let mut a = Self::model(&m.uri, m.architecture.as_str(), m.dtype.as_str(), "expert");
+        a.extend([
+            "--placement".into(),
+            format!("{PLACEMENT_DIR}/plan.json"),
+            "--shard".into(),
+            shard.to_string(),
+        ]);
+        WorkerArgs(a)
+    }
+    pub fn edge(m: &EdgeModel, cloud_url: &str, e: &EscalationPolicy) -> Self {
+        let mut a = Self::model(&m.uri, m.architecture.as_str(), m.dtype.as_str(), "full");
+        a.extend([
+            "--escalate-to".into(),
+            cloud_url.into(),
+            "--confidence-threshold".into(),
+            e.confidence_threshold.to_string(),
+            "--escalate-on-overload".into(),
+            e.escalate_on_overload.to_string(),
+            "--on-cloud-unavailable".into(),
+            e.on_cloud_unavailable.as_str().into(),
+        ]);
+        WorkerArgs(a)
+    }
+}
+
+fn meta(base: &Base, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(base.namespace.to_string()),
+        labels: Some(labels),
+        owner_references: Some(vec![base.owner.clone()]),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+fn volume(name: &str, mount: &str, source: Volume) -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: name.into(),
+            ..source
+        },
+        VolumeMount {
+            name: name.into(),
+            mount_path: mount.into(),
+            read_only: Some(name == "placement"),
+            ..Default::default()
+        },
+    )
+}
+
+fn empty_dir(name: &str, mount: &str) -> (Volume, VolumeMount) {
+    volume(
+        name,
+        mount,
+        Volume {
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn deployment(
+    base: &Base,
+    kind: &ChildKind,
+    replicas: i32,
+    args: WorkerArgs,
+    resources: Option<ResourceRequirements>,
+    node_selector: Option<BTreeMap<String, String>>,
+    tolerations: Option<Vec<Toleration>>,
+    placement_config_map: Option<&str>,
+) -> Deployment {
+    let labels = kind.labels(base.service);
+    // Writable scratch and the model cache on emptyDirs: the root filesystem is read-only.
+    let mut vols = vec![
+        empty_dir("tmp", "/tmp"),
+        empty_dir("model-cache", "/var/cache/tidal"),
+    ];
+    if let Some(cm) = placement_config_map {
+        vols.push(volume(
+            "placement",
+            PLACEMENT_DIR,
+            Volume {
+                config_map: Some(ConfigMapVolumeSource {
+                    name: cm.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ));
+    }
+    let (volumes, mounts): (Vec<_>, Vec<_>) = vols.into_iter().unzip();
+    let env = vec![
+        EnvVar {
+            name: "POD_IP".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "TIDAL_SERVED_MODEL_NAME".into(),
+            value: Some(base.served_name.into()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "HF_HOME".into(),
+            value: Some("/var/cache/tidal/hf".into()),
+            ..Default::default()
+        },
+    ];
+    let container = Container {
+        name: "worker".into(),
+        image: Some(base.image.into()),
+        args: Some(args.0),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: WORKER_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        env: Some(env),
+        resources,
+        // Ready only once the model is loaded and warm; a long start is not a liveness failure.
+        readiness_probe: Some(probe("/ready", 5, 3)),
+        liveness_probe: Some(probe("/health", 10, 6)),
+        startup_probe: Some(probe("/health", 5, 120)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+    let mut annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), WORKER_PORT.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+    if let ChildKind::Edge(node) = kind {
+        annotations.insert("tidal.rs/edge-node".into(), node.clone());
+    }
+    Deployment {
+        metadata: meta(base, kind.name(base.service), labels.clone()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(kind.selector_labels(base.service)),
+                ..Default::default()
+            },
+            // Never drop below the desired capacity while rolling out a new model or plan.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    node_selector,
+                    tolerations,
+                    volumes: Some(volumes),
+                    automount_service_account_token: Some(false),
+                    // In-flight generations finish on SIGTERM (the worker drains); give them time.
+                    termination_grace_period_seconds: Some(60),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        fs_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+pub(super) fn service(base: &Base, kind: &ChildKind) -> Service {
+    Service {
+        metadata: meta(base, kind.name(base.service), kind.labels(base.service)),
+        spec: Some(ServiceSpec {
+            selector: Some(kind.selector_labels(base.service)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: WORKER_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+pub(super) fn placement_config_map(base: &Base, name: &str, plan: &PlacementPlan) -> ConfigMap {
+    let mut labels = ChildKind::Router.labels(base.service);
+    labels.insert("app.kubernetes.io/component".into(), "placement".into());
+    ConfigMap {
+        metadata: meta(base, name.into(), labels),
+        data: Some(BTreeMap::from([(
+            "plan.json".to_string(),
+            serde_json::to_string_pretty(plan).expect("plan serialises"),
+        )])),
+        ..Default::default()
+    }
+}
