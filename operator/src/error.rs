@@ -14,6 +14,8 @@ pub enum Error {
     Serde(#[from] serde_json::Error),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("leader election: {0}")]
+    Leader(String),
 }
 
 impl Error {
@@ -29,6 +31,7 @@ impl Error {
             Error::MissingField(_) => "missing_field",
             Error::Serde(_) => "serde",
             Error::Io(_) => "io",
+            Error::Leader(_) => "leader_election",
         }
     }
 }

@@ -9,5 +9,12 @@ pub const API_GROUP: &str = "tidal.rs";
 pub const API_VERSION: &str = "v1alpha1";
 
 pub mod children;
+pub mod cli;
+pub mod controller;
 pub mod crd;
+pub mod edge;
 pub mod error;
+pub mod metrics;
+pub mod run;
+pub mod server;
+pub mod telemetry;

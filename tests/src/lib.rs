@@ -254,6 +254,76 @@ pub async fn install_crds(ctx: &TestCtx) {
     }
 }
 
+/// An operator running in the test process, watching the test's namespace only.
+pub struct RunningOperator {
+    pub metrics: std::sync::Arc<tidal_operator::metrics::Metrics>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningOperator {
+    /// Starts the InferenceService controller for `ctx.namespace`.
+    pub fn start(ctx: &TestCtx) -> RunningOperator {
+        use tidal_operator::controller::{Context, inference_service};
+        let metrics = tidal_operator::metrics::Metrics::shared();
+        let mut c = Context::new(
+            ctx.client.clone(),
+            tidal_operator::children::BuildConfig::default(),
+            metrics.clone(),
+            Some(format!("e2e-{}", ctx.namespace)),
+        );
+        std::sync::Arc::get_mut(&mut c).expect("fresh").namespace = Some(ctx.namespace.clone());
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(inference_service::run(c, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        RunningOperator {
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    /// How many reconciliations it has run.
+    pub fn reconciles(&self) -> u64 {
+        let text = self.metrics.render();
+        text.lines()
+            .filter(|l| {
+                l.starts_with("tidal_operator_reconciles_total{controller=\"inferenceservice\"}")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Stops it and waits until it has finished.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// The `tidal-operator` binary, built (once per test binary) with the cargo running the tests.
+pub fn operator_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "tidal-operator", "--bin", "tidal-operator"])
+                .current_dir(repo_root())
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building tidal-operator failed");
+            // Test executables live in <target>/<profile>/deps; binaries one level up.
+            let exe = std::env::current_exe().expect("test exe path");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .join("tidal-operator")
+        })
+        .clone()
+}
+
 /// The default deadline for control-plane convergence in tests.
 pub const CONVERGE: Duration = Duration::from_secs(90);
 

@@ -53,6 +53,20 @@ pub struct EdgeFacts {
     pub failover_to_cloud: bool,
 }
 
+impl EdgeFacts {
+    /// Facts from an EdgeNode object as its controller last reported them.
+    pub fn from_edge_node(en: &crate::crd::EdgeNode) -> Self {
+        let status = en.status.as_ref();
+        EdgeFacts {
+            name: en.metadata.name.clone().unwrap_or_default(),
+            labels: en.metadata.labels.clone().unwrap_or_default(),
+            node_name: status.and_then(|s| s.node_name.clone()),
+            phase: status.map(|s| s.phase).unwrap_or_default(),
+            failover_to_cloud: en.spec.offline_policy.failover_to_cloud,
+        }
+    }
+}
+
 /// One Deployment the service should have, with what it is and how many replicas it wants.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {

@@ -1,0 +1,62 @@
+//! Command line of `tidal-operator` (every flag also reads an environment variable).
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tidal-operator",
+    version,
+    about = "Tidal: forecast-driven serving of MoE LLMs across cloud and edge"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controllers (with leader election).
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "TIDAL_METRICS_ADDR", default_value = "127.0.0.1:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Worker image for InferenceServices that name none.
+    #[arg(
+        long,
+        env = "TIDAL_WORKER_IMAGE",
+        default_value = "ghcr.io/tidal-rs/tidal-worker:0.1.0"
+    )]
+    pub worker_image: String,
+    /// Cluster DNS domain used in endpoints written to placement plans.
+    #[arg(long, env = "TIDAL_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "TIDAL_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "TIDAL_LEASE_NAME", default_value = "tidal-operator")]
+    pub lease_name: String,
+    /// Seconds a leader's Lease is valid without renewal.
+    #[arg(long, env = "TIDAL_LEASE_DURATION", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// This replica's identity in the Lease and in Events (defaults to the hostname + pid).
+    #[arg(long, env = "TIDAL_IDENTITY")]
+    pub identity: Option<String>,
+    /// Disable leader election (a single replica).
+    #[arg(long, env = "TIDAL_NO_LEADER_ELECTION")]
+    pub no_leader_election: bool,
+    /// Watch InferenceServices in this namespace only (default: all namespaces).
+    #[arg(long, env = "TIDAL_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "TIDAL_LOG_JSON")]
+    pub log_json: bool,
+}

@@ -1,0 +1,404 @@
+//! InferenceService controller: applies the desired children (server-side apply, one field
+//! manager, owner references), prunes children no longer wanted, and writes status, conditions
+//! and Events. A reconcile with nothing to change writes nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use super::Context;
+use crate::children::{
+    self, Children, EdgeFacts, FIELD_MANAGER, LABEL_SERVICE, Observed, SpecError, compute_status,
+    invalid_spec_status,
+};
+use crate::crd::{EdgeNode, InferenceService, InferenceServiceStatus, condition_type as ct};
+use crate::error::{Error, Result};
+
+const CONTROLLER: &str = "inferenceservice";
+
+struct State {
+    ctx: Arc<Context>,
+    edge_nodes: Store<EdgeNode>,
+    recorder: Recorder,
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let children_cfg = watcher::Config::default().labels(LABEL_SERVICE);
+    // EdgeNode facts come from a cache, not a LIST per reconcile (thousands of edge sites).
+    let (edge_nodes, writer) = reflector::store::<EdgeNode>();
+    let en_reflector = reflector::reflector(
+        writer,
+        watcher(
+            Api::<EdgeNode>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| futures::future::ready(()));
+    let en_task = tokio::spawn(en_reflector);
+
+    let controller = Controller::new(
+        ctx.scoped_api::<InferenceService>(),
+        watcher::Config::default(),
+    );
+    let services = controller.store();
+    let state_ctx = ctx.clone();
+    let state = Arc::new(State {
+        recorder: Recorder::new(client.clone(), ctx.reporter.clone()),
+        ctx,
+        edge_nodes,
+    });
+    controller
+        .owns(state_ctx.scoped_api::<Deployment>(), children_cfg.clone())
+        .owns(state_ctx.scoped_api::<Service>(), children_cfg.clone())
+        .owns(state_ctx.scoped_api::<ConfigMap>(), children_cfg)
+        // An EdgeNode changing (phase, labels) re-reconciles every service with an edge tier.
+        .watches(
+            Api::<EdgeNode>::all(client),
+            watcher::Config::default(),
+            move |_en| {
+                services
+                    .state()
+                    .into_iter()
+                    .filter(|s| s.spec.edge.is_some())
+                    .map(|s| ObjectRef::from_obj(&*s))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, state)
+        .for_each(|res| {
+            if let Err(e) = res {
+                warn!(error = %e, "inferenceservice controller stream error");
+            }
+            futures::future::ready(())
+        })
+        .await;
+    en_task.abort();
+}
+
+fn error_policy(_tis: Arc<InferenceService>, err: &Error, _state: Arc<State>) -> Action {
+    warn!(error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(10))
+}
+
+async fn reconcile(tis: Arc<InferenceService>, state: Arc<State>) -> Result<Action> {
+    let start = Instant::now();
+    let result = reconcile_inner(&tis, &state).await;
+    let reason = result.as_ref().err().map(Error::reason);
+    state
+        .ctx
+        .metrics
+        .observe_reconcile(CONTROLLER, start.elapsed(), reason);
+    result
+}
+
+fn now() -> Time {
+    // Whole seconds: metav1.Time serialises with second precision, so comparing a computed
+    // status with the stored one must not differ in sub-second digits.
+    Time(Timestamp::from_second(Timestamp::now().as_second()).expect("valid time"))
+}
+
+async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action> {
+    let ctx = &state.ctx;
+    let name = tis.name_any();
+    let ns = tis
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    if tis.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change()); // owner references let the GC remove children
+    }
+    let edge: Vec<EdgeFacts> = state
+        .edge_nodes
+        .state()
+        .iter()
+        .map(|en| EdgeFacts::from_edge_node(en))
+        .collect();
+    let previous = tis.status.as_ref();
+
+    let children = match children::desired_children(tis, &edge, &ctx.build) {
+        Ok(c) => c,
+        Err(spec_error) => {
+            let status =
+                invalid_spec_status(tis.metadata.generation, &spec_error, previous, &now());
+            report_invalid(tis, state, &spec_error, previous).await;
+            write_status(tis, &ns, status, state).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    let observed = apply_children(&children, &ns, state).await?;
+    prune(tis, &ns, &children, state).await?;
+    let status = compute_status(
+        &name,
+        tis.metadata.generation,
+        &children,
+        &observed,
+        previous,
+        &now(),
+    );
+    publish_changes(tis, state, &children, previous, &status).await;
+    write_status(tis, &ns, status, state).await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+async fn apply<K>(api: &Api<K>, obj: &K, state: &State) -> Result<K>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let applied = api.patch(&name, &pp, &Patch::Apply(obj)).await?;
+    // Counted as a write request; the API server persists nothing (resourceVersion stays)
+    // when the applied fields are unchanged.
+    state.ctx.metrics.write(CONTROLLER, "apply");
+    Ok(applied)
+}
+
+async fn apply_children(children: &Children, ns: &str, state: &State) -> Result<Observed> {
+    let client = &state.ctx.client;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    // The plan first: new shards must be known before the router reads it.
+    for cm in &children.config_maps {
+        apply(&cms, cm, state).await?;
+    }
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let mut observed = Observed::new();
+    for w in &children.workloads {
+        if let Some(svc) = &w.service {
+            apply(&svcs, svc, state).await?;
+        }
+        let applied = apply(&deps, &w.deployment, state).await?;
+        let st = applied.status.unwrap_or_default();
+        observed.insert(
+            applied.metadata.name.unwrap_or_default(),
+            (st.replicas.unwrap_or(0), st.ready_replicas.unwrap_or(0)),
+        );
+    }
+    Ok(observed)
+}
+
+/// Deletes children of this service that the desired state no longer has (a removed shard,
+/// an EdgeNode no longer selected). Only objects this service controls are touched.
+async fn prune(tis: &InferenceService, ns: &str, children: &Children, state: &State) -> Result<()> {
+    let (deps, svcs, cms) = children.names();
+    let lp = ListParams::default().labels(&format!("{LABEL_SERVICE}={}", tis.name_any()));
+    let uid = tis.metadata.uid.clone();
+    prune_kind::<Deployment>(state, ns, &lp, &deps, &uid).await?;
+    prune_kind::<Service>(state, ns, &lp, &svcs, &uid).await?;
+    prune_kind::<ConfigMap>(state, ns, &lp, &cms, &uid).await
+}
+
+async fn prune_kind<K>(
+    state: &State,
+    ns: &str,
+    lp: &ListParams,
+    keep: &[String],
+    uid: &Option<String>,
+) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(state.ctx.client.clone(), ns);
+    let keep: BTreeSet<&String> = keep.iter().collect();
+    for obj in api.list_metadata(lp).await?.items {
+        let owned = obj
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true));
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        if owned && !keep.contains(&name) {
+            info!(%name, kind = K::kind(&()).as_ref(), "pruning child no longer desired");
+            api.delete(&name, &DeleteParams::background()).await?;
+            state.ctx.metrics.write(CONTROLLER, "delete");
+        }
+    }
+    Ok(())
+}
+
+async fn write_status(
+    tis: &InferenceService,
+    ns: &str,
+    status: InferenceServiceStatus,
+    state: &State,
+) -> Result<()> {
+    if tis.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<InferenceService> = Api::namespaced(state.ctx.client.clone(), ns);
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(
+        &tis.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    state.ctx.metrics.write(CONTROLLER, "status");
+    Ok(())
+}
+
+async fn publish(
+    tis: &InferenceService,
+    state: &State,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+    secondary: Option<ObjectReference>,
+) {
+    // Events with the same (reason, action, related object) form a series in kube's Recorder.
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary,
+    };
+    match state.recorder.publish(&event, &tis.object_ref(&())).await {
+        Ok(()) => state.ctx.metrics.write(CONTROLLER, "event"),
+        Err(e) => warn!(error = %e, "failed to publish event"),
+    }
+}
+
+/// Events for every change of desired replicas and of the Ready condition.
+async fn publish_changes(
+    tis: &InferenceService,
+    state: &State,
+    children: &Children,
+    previous: Option<&InferenceServiceStatus>,
+    status: &InferenceServiceStatus,
+) {
+    let before = |deployment: &str| -> Option<i32> {
+        let p = previous?;
+        p.cloud
+            .iter()
+            .chain(p.experts.iter().map(|s| &s.replicas))
+            .chain(p.edge.iter().map(|e| &e.replicas))
+            .find(|t| t.deployment == deployment)
+            .map(|t| t.desired)
+    };
+    for w in &children.workloads {
+        let name = w.kind.name(&tis.name_any());
+        let old = before(&name);
+        if old != Some(w.desired) {
+            let why = if !children.failed_over_sites.is_empty() && w.kind.tier() == "cloud" {
+                format!(
+                    " (edge sites out of service: {})",
+                    children.failed_over_sites.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            let from = old.map(|o| o.to_string()).unwrap_or_else(|| "none".into());
+            let action = match old {
+                None => "Create",
+                Some(o) if o < w.desired => "ScaleUp",
+                Some(_) => "ScaleDown",
+            };
+            let note = format!("{name}: desired replicas {from} -> {}{why}", w.desired);
+            let related = ObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: Some("Deployment".into()),
+                name: Some(name.clone()),
+                namespace: tis.namespace(),
+                ..Default::default()
+            };
+            publish(
+                tis,
+                state,
+                EventType::Normal,
+                "DesiredReplicas",
+                action,
+                note,
+                Some(related),
+            )
+            .await;
+        }
+    }
+    let ready = |s: Option<&InferenceServiceStatus>| {
+        s.and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == ct::READY)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+        })
+    };
+    let (old, new) = (ready(previous), ready(Some(status)));
+    if old != new
+        && let Some((st, reason)) = new
+    {
+        let type_ = if st == "True" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        publish(
+            tis,
+            state,
+            type_,
+            &reason,
+            "Reconcile",
+            format!("Ready={st}"),
+            None,
+        )
+        .await;
+    }
+}
+
+async fn report_invalid(
+    tis: &InferenceService,
+    state: &State,
+    e: &SpecError,
+    previous: Option<&InferenceServiceStatus>,
+) {
+    let already = previous
+        .map(|p| {
+            p.conditions
+                .iter()
+                .any(|c| c.type_ == ct::READY && c.reason == e.reason && c.message == e.message)
+        })
+        .unwrap_or(false);
+    if !already {
+        publish(
+            tis,
+            state,
+            EventType::Warning,
+            e.reason,
+            "Reconcile",
+            e.message.clone(),
+            None,
+        )
+        .await;
+    }
+}

@@ -1,0 +1,56 @@
+//! Controllers: they read the cluster, call the pure builders, and write the result.
+
+pub mod edge_node;
+pub mod inference_service;
+
+use std::sync::Arc;
+
+use kube::Client;
+use kube::runtime::events::Reporter;
+
+use crate::children::BuildConfig;
+use crate::metrics::Metrics;
+
+/// What every controller shares.
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    pub build: BuildConfig,
+    pub metrics: Arc<Metrics>,
+    /// Identity in Events (`reportingController` / `reportingInstance`).
+    pub reporter: Reporter,
+    /// Watch InferenceServices in this namespace only (all namespaces when `None`).
+    pub namespace: Option<String>,
+}
+
+impl Context {
+    /// A namespaced API in the watched namespace, or across all namespaces.
+    pub fn scoped_api<K>(&self) -> kube::Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => kube::Api::namespaced(self.client.clone(), ns),
+            None => kube::Api::all(self.client.clone()),
+        }
+    }
+
+    pub fn new(
+        client: Client,
+        build: BuildConfig,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+    ) -> Arc<Self> {
+        Arc::new(Context {
+            client,
+            build,
+            metrics,
+            reporter: Reporter {
+                controller: "tidal-operator".into(),
+                instance,
+            },
+            namespace: None,
+        })
+    }
+}

@@ -1,0 +1,178 @@
+//! Two `tidal-operator run` processes against the real API server: only the leader reconciles
+//! and writes; killing it hands over to the other.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+use tidal_e2e::{CONVERGE, TestCtx, eventually, install_crds};
+use tidal_operator::crd::InferenceService;
+
+struct Operator {
+    identity: String,
+    port: u16,
+    child: Child,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(ctx: &TestCtx, identity: &str) -> Operator {
+    let port = free_port();
+    let log = std::fs::File::create(
+        std::env::temp_dir().join(format!("{}-{identity}.log", ctx.namespace)),
+    )
+    .unwrap();
+    let child = ctx
+        .env
+        .command(tidal_e2e::operator_binary().to_str().unwrap())
+        .args([
+            "run",
+            "--identity",
+            identity,
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--watch-namespace",
+            &ctx.namespace,
+            "--lease-namespace",
+            &ctx.namespace,
+        ])
+        .args(["--lease-duration-seconds", "6"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start tidal-operator");
+    Operator {
+        identity: identity.into(),
+        port,
+        child,
+    }
+}
+
+/// A metric's value from the process's /metrics (real HTTP through curl).
+fn metric(op: &Operator, prefix: &str) -> Option<f64> {
+    let out = Command::new("curl")
+        .args(["-fsS", &format!("http://127.0.0.1:{}/metrics", op.port)])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    if out.status.success() {
+        Some(values.iter().sum())
+    } else {
+        None
+    }
+}
+
+#[tokio::test]
+async fn only_the_leader_writes_and_killing_it_hands_over() {
+    let Some(ctx) = TestCtx::new("leader").await else {
+        return;
+    };
+    install_crds(&ctx).await;
+    let a = start(&ctx, "op-a");
+    let b = start(&ctx, "op-b");
+    let leases = ctx.api::<Lease>();
+    let holder = eventually("a leader holds the Lease", CONVERGE, || async {
+        let l = leases
+            .get("tidal-operator")
+            .await
+            .map_err(|e| e.to_string())?;
+        l.spec
+            .and_then(|s| s.holder_identity)
+            .ok_or_else(|| "no holder".to_string())
+    })
+    .await;
+    let (leader, standby) = if holder == a.identity { (a, b) } else { (b, a) };
+    assert_eq!(holder, leader.identity);
+
+    let tis: InferenceService = serde_json::from_value(json!({
+        "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
+        "metadata": {"name": "le"},
+        "spec": {"model": {"uri": "/models/m", "architecture": "llama"}, "cloud": {"minReplicas": 1, "maxReplicas": 5}}
+    }))
+    .unwrap();
+    let api = ctx.api::<InferenceService>();
+    api.create(&PostParams::default(), &tis).await.unwrap();
+    let deps = ctx.api::<Deployment>();
+    eventually("the leader created the Deployment", CONVERGE, || async {
+        deps.get("le-cloud")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    eventually("leader gauges settled", CONVERGE, || async {
+        match (
+            metric(&leader, "tidal_operator_leader "),
+            metric(&standby, "tidal_operator_leader "),
+        ) {
+            (Some(1.0), Some(0.0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(metric(&leader, "tidal_operator_api_writes_total").unwrap_or(0.0) >= 1.0);
+    assert_eq!(
+        metric(&standby, "tidal_operator_api_writes_total"),
+        Some(0.0),
+        "the standby never writes"
+    );
+    assert_eq!(
+        metric(&standby, "tidal_operator_reconciles_total"),
+        Some(0.0),
+        "the standby never reconciles"
+    );
+
+    // Kill the leader without a chance to release: the standby takes over when the Lease expires.
+    let old = leader.identity.clone();
+    drop(leader);
+    eventually("the standby holds the Lease", CONVERGE, || async {
+        let l = leases
+            .get("tidal-operator")
+            .await
+            .map_err(|e| e.to_string())?;
+        match l.spec.and_then(|s| s.holder_identity) {
+            Some(h) if h == standby.identity => Ok(()),
+            h => Err(format!("holder {h:?} (old leader {old})")),
+        }
+    })
+    .await;
+    api.patch(
+        "le",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"cloud": {"replicas": 4}}})),
+    )
+    .await
+    .unwrap();
+    eventually("the new leader applies the change", CONVERGE, || async {
+        let d = deps.get("le-cloud").await.map_err(|e| e.to_string())?;
+        match d.spec.and_then(|s| s.replicas) {
+            Some(4) => Ok(()),
+            r => Err(format!("replicas {r:?}")),
+        }
+    })
+    .await;
+    assert_eq!(metric(&standby, "tidal_operator_leader "), Some(1.0));
+}
