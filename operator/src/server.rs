@@ -63,3 +63,50 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        let res = router
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let metrics = Metrics::shared();
+        let health = Arc::new(Health::default());
+        metrics.observe_reconcile(
+            "inferenceservice",
+            std::time::Duration::from_millis(3),
+            Some("conflict"),
+        );
+        let r = router(metrics, health.clone());
+        assert_eq!(get(r.clone(), "/healthz").await.0, StatusCode::OK);
+        assert_eq!(
+            get(r.clone(), "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        health.ready.store(true, Ordering::Relaxed);
+        assert_eq!(get(r.clone(), "/readyz").await.0, StatusCode::OK);
+        let (status, text) = get(r, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            text.contains(r#"tidal_operator_reconciles_total{controller="inferenceservice"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"tidal_operator_reconcile_errors_total{controller="inferenceservice",reason="conflict"} 1"#));
+    }
+}

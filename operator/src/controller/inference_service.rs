@@ -402,3 +402,112 @@ async fn report_invalid(
         .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Reconcile flows against a mocked API server (tower-test): which requests are made.
+
+    use std::sync::Mutex;
+
+    use http::{Request, Response};
+    use kube::Client;
+    use kube::client::Body;
+    use tower_test::mock;
+
+    use super::*;
+    use crate::children::BuildConfig;
+    use crate::metrics::Metrics;
+
+    type Calls = Arc<Mutex<Vec<(String, String)>>>;
+
+    /// A mock API server that answers status patches with `object` and every other request
+    /// with its own body, recording method and path.
+    fn mock_state(object: &InferenceService) -> (Arc<State>, Calls) {
+        let object = serde_json::to_vec(object).unwrap();
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let calls: Calls = Arc::default();
+        let recorded = calls.clone();
+        tokio::spawn(async move {
+            let mut handle = std::pin::pin!(handle);
+            while let Some((request, send)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push((parts.method.to_string(), parts.uri.path().to_string()));
+                let bytes = body.collect_bytes().await.unwrap();
+                let reply = if parts.uri.path().ends_with("/status") {
+                    object.clone()
+                } else {
+                    bytes.to_vec()
+                };
+                send.send_response(Response::builder().body(Body::from(reply)).unwrap());
+            }
+        });
+        let client = Client::new(service, "default");
+        let ctx = Context::new(
+            client.clone(),
+            BuildConfig::default(),
+            Metrics::shared(),
+            Some("test".into()),
+        );
+        let state = State {
+            recorder: Recorder::new(client, ctx.reporter.clone()),
+            ctx,
+            edge_nodes: reflector::store::<EdgeNode>().0,
+        };
+        (Arc::new(state), calls)
+    }
+
+    fn moe_without_num_experts() -> InferenceService {
+        let mut t: InferenceService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "m", "namespace": "prod", "uid": "u1", "generation": 2},
+            "spec": {"model": {"uri": "/m", "architecture": "mixtral"},
+                     "cloud": {"minReplicas": 1, "maxReplicas": 2, "experts": {"shards": 2}}}
+        }))
+        .unwrap();
+        t.status = None;
+        t
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_writes_condition_and_event_but_no_children() {
+        let tis = moe_without_num_experts();
+        let (state, calls) = mock_state(&tis);
+        reconcile_inner(&tis, &state).await.unwrap();
+        let calls = calls.lock().unwrap().clone();
+        assert!(
+            calls
+                .iter()
+                .all(|(_, p)| !p.contains("/deployments") && !p.contains("/services")),
+            "{calls:?}"
+        );
+        assert!(
+            calls
+                .iter()
+                .any(|(m, p)| m == "POST" && p.contains("/events")),
+            "{calls:?}"
+        );
+        assert!(
+            calls.iter().any(|(m, p)| m == "PATCH"
+                && p == "/apis/tidal.rs/v1alpha1/namespaces/prod/inferenceservices/m/status"),
+            "{calls:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_already_reported_makes_no_requests() {
+        let mut tis = moe_without_num_experts();
+        let (state, calls) = mock_state(&tis);
+        let error = children::desired_children(&tis, &[], &BuildConfig::default()).unwrap_err();
+        tis.status = Some(invalid_spec_status(Some(2), &error, None, &now()));
+        reconcile_inner(&tis, &state).await.unwrap();
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            0,
+            "{:?}",
+            calls.lock().unwrap()
+        );
+    }
+}
