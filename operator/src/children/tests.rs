@@ -52,6 +52,24 @@ fn args(w: &Workload) -> Vec<String> {
         .unwrap()
 }
 
+fn env_of(w: &Workload, name: &str) -> Option<String> {
+    let c = &w
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
 #[test]
 fn dense_cloud_example_builds_one_hardened_full_worker() {
     let (svcs, _) = load_example("dense-cloud.yaml");
@@ -88,7 +106,11 @@ fn dense_cloud_example_builds_one_hardened_full_worker() {
     );
     let a = args(w);
     assert!(a.windows(2).any(|p| p == ["--role", "full"]));
-    assert!(a.windows(2).any(|p| p == ["--context-length", "8192"]));
+    assert_eq!(env_of(w, "TIDAL_CONTEXT_LENGTH").as_deref(), Some("8192"));
+    assert_eq!(
+        env_of(w, "TIDAL_SERVED_MODEL_NAME").as_deref(),
+        Some("llama-chat")
+    );
     let tmpl = d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap();
     assert_eq!(
         tmpl.annotations.as_ref().unwrap()["prometheus.io/scrape"],
@@ -131,7 +153,12 @@ fn moe_example_builds_router_shards_and_placement() {
     let router = &c.workloads[0];
     assert!(args(router).windows(2).any(|p| p == ["--role", "router"]));
     let shard = &c.workloads[2];
-    assert!(args(shard).windows(2).any(|p| p == ["--shard", "1"]));
+    assert!(args(shard).windows(2).any(|p| p == ["--role", "expert"]));
+    assert_eq!(env_of(shard, "TIDAL_SHARD").as_deref(), Some("1"));
+    assert_eq!(
+        env_of(router, "TIDAL_PLACEMENT_FILE").as_deref(),
+        Some("/etc/tidal/placement/plan.json")
+    );
     assert_eq!(
         shard.deployment.metadata.labels.as_ref().unwrap()[LABEL_SHARD],
         "1"
@@ -169,13 +196,15 @@ fn edge_example_pins_one_deployment_per_selected_node_and_fails_over() {
         "edge-0"
     );
     assert!(edge[0].service.is_none());
-    let a = args(edge[0]);
-    assert!(a.windows(2).any(|p| p
-        == [
-            "--escalate-to",
-            "http://assistant-cloud.prod.svc.cluster.local:8080"
-        ]));
-    assert!(a.windows(2).any(|p| p == ["--confidence-threshold", "0.6"]));
+    assert!(args(edge[0]).windows(2).any(|p| p == ["--role", "full"]));
+    assert_eq!(
+        env_of(edge[0], "TIDAL_ESCALATE_TO").as_deref(),
+        Some("http://assistant-cloud.prod.svc.cluster.local:8080")
+    );
+    assert_eq!(
+        env_of(edge[0], "TIDAL_CONFIDENCE_THRESHOLD").as_deref(),
+        Some("0.6")
+    );
     let cloud = c
         .workloads
         .iter()

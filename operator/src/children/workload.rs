@@ -30,18 +30,21 @@ pub(super) struct Base<'a> {
     pub served_name: &'a str,
 }
 
-/// The worker's command line (the contract with `tidal-worker serve`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct WorkerArgs(pub Vec<String>);
+/// The worker's command line and environment (the contract with `tidal-worker serve`).
+/// Required settings are flags, so a worker that lacks one fails loudly at start; settings a
+/// role may ignore are `TIDAL_*` environment variables.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct WorkerArgs {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
 
 impl WorkerArgs {
-    fn model(uri: &str, arch: &str, dtype: &str, role: &str) -> Vec<String> {
-        [
+    fn model(uri: &str, dtype: &str, role: &str) -> Self {
+        let args = [
             "serve",
             "--model",
             uri,
-            "--architecture",
-            arch,
             "--dtype",
             dtype,
             "--role",
@@ -49,47 +52,42 @@ impl WorkerArgs {
             // The pod IP (downward API), not 0.0.0.0: the worker listens only where it is reached.
             "--listen",
             "$(POD_IP):8080",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect()
+        ];
+        WorkerArgs {
+            args: args.into_iter().map(String::from).collect(),
+            env: vec![],
+        }
+    }
+    fn with_env(mut self, name: &str, value: impl ToString) -> Self {
+        self.env.push((name.into(), value.to_string()));
+        self
     }
     pub fn full(m: &ModelSpec) -> Self {
-        let mut a = Self::model(&m.uri, m.architecture.as_str(), m.dtype.as_str(), "full");
-        if let Some(c) = m.context_length {
-            a.extend(["--context-length".into(), c.to_string()]);
+        let a = Self::model(&m.uri, m.dtype.as_str(), "full");
+        match m.context_length {
+            Some(c) => a.with_env("TIDAL_CONTEXT_LENGTH", c),
+            None => a,
         }
-        WorkerArgs(a)
     }
     pub fn router(m: &ModelSpec) -> Self {
-        let mut a = Self::full(m).0;
-        a[8] = "router".into();
-        a.extend(["--placement".into(), format!("{PLACEMENT_DIR}/plan.json")]);
-        WorkerArgs(a)
+        let mut a = Self::full(m);
+        a.args[6] = "router".into();
+        a.with_env("TIDAL_PLACEMENT_FILE", format!("{PLACEMENT_DIR}/plan.json"))
     }
     pub fn expert(m: &ModelSpec, shard: u32) -> Self {
-        let mut a = Self::model(&m.uri, m.architecture.as_str(), m.dtype.as_str(), "expert");
-        a.extend([
-            "--placement".into(),
-            format!("{PLACEMENT_DIR}/plan.json"),
-            "--shard".into(),
-            shard.to_string(),
-        ]);
-        WorkerArgs(a)
+        Self::model(&m.uri, m.dtype.as_str(), "expert")
+            .with_env("TIDAL_PLACEMENT_FILE", format!("{PLACEMENT_DIR}/plan.json"))
+            .with_env("TIDAL_SHARD", shard)
     }
     pub fn edge(m: &EdgeModel, cloud_url: &str, e: &EscalationPolicy) -> Self {
-        let mut a = Self::model(&m.uri, m.architecture.as_str(), m.dtype.as_str(), "full");
-        a.extend([
-            "--escalate-to".into(),
-            cloud_url.into(),
-            "--confidence-threshold".into(),
-            e.confidence_threshold.to_string(),
-            "--escalate-on-overload".into(),
-            e.escalate_on_overload.to_string(),
-            "--on-cloud-unavailable".into(),
-            e.on_cloud_unavailable.as_str().into(),
-        ]);
-        WorkerArgs(a)
+        Self::model(&m.uri, m.dtype.as_str(), "full")
+            .with_env("TIDAL_ESCALATE_TO", cloud_url)
+            .with_env("TIDAL_CONFIDENCE_THRESHOLD", e.confidence_threshold)
+            .with_env("TIDAL_ESCALATE_ON_OVERLOAD", e.escalate_on_overload)
+            .with_env(
+                "TIDAL_ON_CLOUD_UNAVAILABLE",
+                e.on_cloud_unavailable.as_str(),
+            )
     }
 }
 
@@ -173,7 +171,7 @@ pub(super) fn deployment(
         ));
     }
     let (volumes, mounts): (Vec<_>, Vec<_>) = vols.into_iter().unzip();
-    let env = vec![
+    let mut env = vec![
         EnvVar {
             name: "POD_IP".into(),
             value_from: Some(EnvVarSource {
@@ -196,10 +194,15 @@ pub(super) fn deployment(
             ..Default::default()
         },
     ];
+    env.extend(args.env.into_iter().map(|(name, value)| EnvVar {
+        name,
+        value: Some(value),
+        ..Default::default()
+    }));
     let container = Container {
         name: "worker".into(),
         image: Some(base.image.into()),
-        args: Some(args.0),
+        args: Some(args.args),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
             container_port: WORKER_PORT,
