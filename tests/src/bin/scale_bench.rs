@@ -1,0 +1,262 @@
+//! Scale benchmark of the controllers on the local control plane (not a test): N fake edge
+//! Nodes (kwok) with an EdgeNode each, M InferenceServices whose edge tiers select 4 EdgeNodes
+//! each, and a fresh `tidal-operator` process. Reports time to converge, reconcile duration
+//! quantiles, API writes per reconcile and the operator's peak RSS, as Markdown on stdout.
+//!
+//! `cargo run --release -p tidal-e2e --bin scale-bench -- [EDGE_NODES] [SERVICES]`
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use serde_json::json;
+use tidal_operator::crd::{EdgeNode, InferenceService};
+
+const NS: &str = "tidal-scale-bench";
+const CONCURRENCY: usize = 16;
+
+fn metric_lines(port: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-fsS", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A quantile from the reconcile-duration histogram of one controller (upper bucket bound).
+fn quantile(text: &str, controller: &str, q: f64) -> f64 {
+    let prefix = format!(
+        "tidal_operator_reconcile_duration_seconds_bucket{{controller=\"{controller}\",le=\""
+    );
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, v) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, v.parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|b| b.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn create_all<K, F>(api: Api<K>, n: usize, make: F)
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    F: Fn(usize) -> K,
+{
+    futures::stream::iter((0..n).map(make))
+        .map(|obj| {
+            let api = api.clone();
+            async move {
+                match api.create(&PostParams::default(), &obj).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(()), // left from a previous run
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("create objects");
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let edge_nodes = args.first().copied().unwrap_or(2000);
+    let services = args.get(1).copied().unwrap_or(500);
+    let env = tidal_e2e::control_plane().expect("the local control plane");
+    let client = tidal_e2e::client(&env).await;
+    let ctx = tidal_e2e::TestCtx {
+        env: env.clone(),
+        client: client.clone(),
+        namespace: NS.into(),
+    };
+    tidal_e2e::install_crds(&ctx).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+        )
+        .await;
+
+    eprintln!("creating {edge_nodes} fake Nodes and EdgeNodes");
+    let t = Instant::now();
+    create_all(Api::<Node>::all(client.clone()), edge_nodes, |i| {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("bench-edge-{i}"), "annotations": {"kwok.x-k8s.io/node": "fake"},
+                "labels": {"type": "kwok", "tidal.rs/tier": "edge", "tidal.rs/bench": "true", "kubernetes.io/hostname": format!("bench-edge-{i}")}},
+            "status": {"allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"}, "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"}}
+        }))
+        .unwrap()
+    })
+    .await;
+    create_all(Api::<EdgeNode>::all(client.clone()), edge_nodes, |i| {
+        serde_json::from_value(json!({
+            "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
+            "metadata": {"name": format!("bench-{i}"), "labels": {"tidal.rs/bench": "true", "pool": format!("p{}", i % services.max(1))}},
+            "spec": {"nodeName": format!("bench-edge-{i}"), "site": format!("site-{i}")}
+        }))
+        .unwrap()
+    })
+    .await;
+    eprintln!(
+        "created nodes in {:?}; creating {services} InferenceServices",
+        t.elapsed()
+    );
+    create_all(Api::<InferenceService>::namespaced(client.clone(), NS), services, |j| {
+        serde_json::from_value(json!({
+            "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": format!("svc-{j}")},
+            "spec": {"model": {"uri": "/models/m", "architecture": "llama"},
+                     "cloud": {"minReplicas": 1, "maxReplicas": 2, "nodeSelector": {"tidal.rs/tier": "cloud"}},
+                     "edge": {"model": {"uri": "/models/e", "architecture": "qwen2"},
+                              "edgeNodeSelector": {"matchLabels": {"pool": format!("p{j}")}}}}
+        }))
+        .unwrap()
+    })
+    .await;
+
+    // A fresh operator process: everything below is its work from an empty cache.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut op = env
+        .command(tidal_e2e::operator_binary().to_str().unwrap())
+        .args([
+            "run",
+            "--no-leader-election",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = op.id();
+    let start = Instant::now();
+    let tis_api = Api::<InferenceService>::namespaced(client.clone(), NS);
+    let expected_edge = format!("{0}/{0}", edge_nodes / services.max(1));
+    let converged = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let list = tis_api.list(&ListParams::default()).await.unwrap();
+        let done = list
+            .items
+            .iter()
+            .filter(|t| {
+                t.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == t.metadata.generation
+                        && s.cloud_ready.as_deref() == Some("1/1")
+                        && s.edge_ready.as_deref() == Some(expected_edge.as_str())
+                })
+            })
+            .count();
+        eprintln!(
+            "{:>5.0}s: {done}/{services} converged",
+            start.elapsed().as_secs_f64()
+        );
+        if done == services {
+            break start.elapsed();
+        }
+        if start.elapsed() > Duration::from_secs(1800) {
+            panic!("did not converge in 30 minutes");
+        }
+    };
+    // Let the steady state show: a few more seconds of no-op reconciles.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let text = metric_lines(port);
+    let rss = peak_rss_mib(pid);
+    let mut rows = BTreeMap::new();
+    for c in ["inferenceservice", "edgenode"] {
+        let reconciles = sum(
+            &text,
+            &format!("tidal_operator_reconciles_total{{controller=\"{c}\"}}"),
+        );
+        let writes = sum(
+            &text,
+            &format!("tidal_operator_api_writes_total{{controller=\"{c}\""),
+        );
+        rows.insert(
+            c,
+            (
+                reconciles,
+                writes,
+                quantile(&text, c, 0.5),
+                quantile(&text, c, 0.99),
+            ),
+        );
+    }
+    let _ = op.kill();
+    let _ = op.wait();
+
+    println!("| edge nodes | services | time to converge | operator peak RSS |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| {edge_nodes} | {services} | {:.1} s | {rss:.0} MiB |",
+        converged.as_secs_f64()
+    );
+    println!();
+    println!(
+        "| controller | reconciles | API writes | writes/reconcile | p50 reconcile | p99 reconcile |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (c, (r, w, p50, p99)) in rows {
+        println!(
+            "| {c} | {r:.0} | {w:.0} | {:.2} | ≤ {:.0} ms | ≤ {:.0} ms |",
+            w / r.max(1.0),
+            p50 * 1e3,
+            p99 * 1e3
+        );
+    }
+
+    eprintln!("cleaning up");
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(NS, &DeleteParams::background())
+        .await;
+    let lp = ListParams::default().labels("tidal.rs/bench=true");
+    let _ = Api::<EdgeNode>::all(client.clone())
+        .delete_collection(&DeleteParams::background(), &lp)
+        .await;
+    let _ = Api::<Node>::all(client.clone())
+        .delete_collection(&DeleteParams::background(), &lp)
+        .await;
+    drop(ctx); // deletes the namespace (again) and waits for that request
+}
