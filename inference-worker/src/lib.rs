@@ -1,1 +1,18 @@
-//! Tidal's worker: a candle-based model server.
+//! Tidal's worker: a candle-based model server for Mixtral-family MoE and
+//! Llama/Mistral/Qwen2 dense decoders, with an OpenAI-compatible HTTP API.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fixture;
+pub mod hub;
+pub mod loader;
+pub mod metrics;
+pub mod model;
+pub mod sampling;
+pub mod server;
+pub mod text;
+
+pub use error::{Error, Result};

@@ -1,0 +1,264 @@
+//! Benchmark (not a test): a hidden-1024, 8-layer, 8-expert top-2 random Mixtral.
+//!
+//! Measures, in one run on one machine:
+//! - decode tok/s at batch 1 of candle-transformers' Mixtral driven directly (the baseline),
+//!   and of our model driven directly;
+//! - aggregate tok/s through HTTP (streaming completions) at concurrency 1, 4 and 16,
+//!   as a ratio to the baseline;
+//! - client-side p50/p99 time to first token and time per output token.
+//!
+//! Run: `cargo run --release -p tidal-worker --example bench -- --out inference-worker/BENCHMARKS.md`
+
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tidal_worker::engine::EngineConfig;
+use tidal_worker::fixture::{FixtureArch, FixtureSpec};
+use tidal_worker::metrics::Metrics;
+use tidal_worker::server::{AppState, Served, ServerConfig};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+#[derive(Parser)]
+struct Args {
+    /// Where to write the Markdown report.
+    #[arg(long, default_value = "inference-worker/BENCHMARKS.md")]
+    out: std::path::PathBuf,
+    #[arg(long, default_value_t = 1024)]
+    hidden: usize,
+    #[arg(long, default_value_t = 1024)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Prompt length in tokens (bytes of the prompt text).
+    #[arg(long, default_value_t = 16)]
+    prompt: usize,
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let idx = ((xs.len() - 1) as f64 * p).round() as usize;
+    xs[idx]
+}
+
+/// Baseline: candle-transformers' Mixtral, prefill then `n` greedy decode steps.
+fn baseline_tok_s(dir: &std::path::Path, prompt: &[u32], n: usize) -> f64 {
+    use candle_transformers::models::mixtral;
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["use_flash_attn"] = false.into();
+    let cfg: mixtral::Config = serde_json::from_value(json).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let mut model = mixtral::Model::new(&cfg, vb).unwrap();
+    let input = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&input, 0).unwrap();
+    let mut next =
+        tidal_worker::sampling::argmax(&logits.flatten_all().unwrap().to_vec1().unwrap());
+    let start = Instant::now();
+    for i in 0..n {
+        let input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&input, prompt.len() + i).unwrap();
+        next = tidal_worker::sampling::argmax(&logits.flatten_all().unwrap().to_vec1().unwrap());
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn ours_tok_s(model: &tidal_worker::model::Model, prompt: &[u32], n: usize) -> f64 {
+    let mut cache = model.new_cache();
+    let logits = model.forward(prompt, &mut cache).unwrap();
+    let mut next = tidal_worker::sampling::argmax(&logits);
+    let start = Instant::now();
+    for _ in 0..n {
+        next = tidal_worker::sampling::argmax(&model.forward(&[next], &mut cache).unwrap());
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Timing {
+    ttft: f64,
+    gaps: Vec<f64>,
+    tokens: usize,
+}
+
+/// One streaming completion; returns client-side TTFT and inter-chunk gaps.
+async fn one_request(addr: SocketAddr, prompt: &str, max_tokens: usize) -> Timing {
+    let body = serde_json::json!({"model": "bench", "prompt": prompt, "max_tokens": max_tokens,
+        "temperature": 0, "ignore_eos": true, "stream": true,
+        "stream_options": {"include_usage": true}})
+    .to_string();
+    let start = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut r = BufReader::new(s);
+    let (mut first, mut last, mut gaps, mut tokens) = (None, None::<Instant>, vec![], 0);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.unwrap() == 0 {
+            break;
+        }
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let data = data.trim();
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = u as usize;
+            continue;
+        }
+        let now = Instant::now();
+        match last {
+            None => first = Some(now - start),
+            Some(t) => gaps.push((now - t).as_secs_f64()),
+        }
+        last = Some(now);
+    }
+    Timing {
+        ttft: first.unwrap_or(Duration::ZERO).as_secs_f64(),
+        gaps,
+        tokens,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let args = Args::parse();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = FixtureSpec {
+        arch: FixtureArch::Mixtral,
+        hidden: args.hidden,
+        intermediate: args.intermediate,
+        layers: args.layers,
+        heads: 16,
+        kv_heads: 8,
+        experts: args.experts,
+        top_k: 2,
+        context: 4096,
+        seed: 0,
+        shards: 1,
+    };
+    eprintln!("generating the checkpoint in {}", dir.path().display());
+    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    let prompt_text: String = "The tide comes in. "
+        .chars()
+        .cycle()
+        .take(args.prompt)
+        .collect();
+    let prompt_ids: Vec<u32> = prompt_text.bytes().map(u32::from).collect();
+
+    eprintln!("baseline: candle-transformers Mixtral, batch 1");
+    let base = baseline_tok_s(dir.path(), &prompt_ids, args.tokens);
+    let loaded = tidal_worker::loader::load_dir(dir.path(), DType::F32).unwrap();
+    eprintln!("ours, direct, batch 1");
+    let direct = ours_tok_s(&loaded.model, &prompt_ids, args.tokens);
+
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(
+        ServerConfig {
+            model_name: "bench".into(),
+            ..ServerConfig::default()
+        },
+        metrics.clone(),
+    );
+    let engine = tidal_worker::engine::spawn(
+        loaded.model.clone(),
+        loaded.codec.clone(),
+        EngineConfig {
+            max_batch: 16,
+            queue_size: 64,
+        },
+        metrics,
+    );
+    state.set_served(Served {
+        engine,
+        codec: loaded.codec,
+        model: loaded.model,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, tidal_worker::server::router(state)).await });
+
+    let mut rows = vec![];
+    for conc in [1usize, 4, 16] {
+        eprintln!("HTTP, concurrency {conc}");
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..conc)
+            .map(|_| {
+                let p = prompt_text.clone();
+                tokio::spawn(async move { one_request(addr, &p, args.tokens).await })
+            })
+            .collect();
+        let mut timings = vec![];
+        for t in tasks {
+            timings.push(t.await.unwrap());
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let total: usize = timings.iter().map(|t| t.tokens).sum();
+        let mut ttfts: Vec<f64> = timings.iter().map(|t| t.ttft).collect();
+        let mut gaps: Vec<f64> = timings.iter().flat_map(|t| t.gaps.clone()).collect();
+        let agg = total as f64 / wall;
+        rows.push(format!(
+            "| {conc} | {total} | {agg:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            agg / base,
+            percentile(&mut ttfts, 0.5) * 1e3,
+            percentile(&mut ttfts, 0.99) * 1e3,
+            percentile(&mut gaps, 0.5) * 1e3,
+            percentile(&mut gaps, 0.99) * 1e3,
+        ));
+    }
+
+    let report = format!(
+        "# tidal-worker benchmarks\n\n\
+Generated by `cargo run --release -p tidal-worker --example bench -- --out inference-worker/BENCHMARKS.md`.\n\
+Numbers are from one run on the machine that produced this file; compare ratios, not absolute values.\n\n\
+Machine: {cpus} CPU threads, release build, no GPU.\n\
+Model: random Mixtral checkpoint, hidden {h}, intermediate {i}, {l} layers, {e} experts top-2, 16 heads / 8 KV heads, f32, CPU.\n\
+Prompt {p} tokens, {n} generated tokens per request (greedy, `ignore_eos`).\n\n\
+## Batch 1, driven directly (no HTTP)\n\n\
+| Implementation | decode tok/s | ratio to baseline |\n|---|---|---|\n\
+| candle-transformers `models::mixtral` (baseline) | {base:.1} | 1.00 |\n\
+| tidal-worker `Model` | {direct:.1} | {r:.2} |\n\n\
+## Through HTTP (streaming `/v1/completions`, client on the same machine)\n\n\
+Aggregate tok/s = completion tokens of all requests / wall time from first send to last `[DONE]`.\n\
+TTFT and TPOT are client-side (time to first SSE chunk; gap between chunks).\n\n\
+| Concurrency | tokens | aggregate tok/s | ratio to baseline | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |\n\
+|---|---|---|---|---|---|---|---|\n{rows}\n\n\
+Note: the engine batches at the scheduling level (requests join and leave the running batch at \
+every step) but runs each sequence's forward pass separately, so aggregate throughput on CPU stays \
+near the batch-1 rate while per-request TPOT grows with concurrency.\n",
+        cpus = std::thread::available_parallelism().map_or(0, |n| n.get()),
+        h = args.hidden,
+        i = args.intermediate,
+        l = args.layers,
+        e = args.experts,
+        p = prompt_ids.len(),
+        n = args.tokens,
+        r = direct / base,
+        rows = rows.join("\n"),
+    );
+    std::fs::write(&args.out, &report).unwrap();
+    println!("{report}");
+}

@@ -1,0 +1,350 @@
+//! OpenAI request/response types and request validation.
+
+use crate::sampling::SamplingParams;
+use crate::text::ChatMessage;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+/// An error in OpenAI's format: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = secs.to_string().parse()
+        {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ContentField {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<ContentField>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommonParams {
+    pub model: String,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Not in OpenAI's API; vLLM's extension.
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub n: Option<i64>,
+    /// vLLM's extension: keep generating past end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: PromptField,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<MessageIn>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// Server-side limits requests are checked against.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub model_name: String,
+    pub context: usize,
+    pub max_tokens: usize,
+    pub max_stop: usize,
+}
+
+/// Validated common parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub ignore_eos: bool,
+}
+
+/// Parses a JSON body, mapping every failure to a 400 in OpenAI's format.
+pub fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::invalid(None, format!("request body is not valid UTF-8: {e}")))?;
+    serde_json::from_str(text).map_err(|e| {
+        let msg = if e.is_data() {
+            format!("invalid request: {e}")
+        } else {
+            format!("request body is not valid JSON: {e}")
+        };
+        ApiError::invalid(None, msg)
+    })
+}
+
+impl CommonParams {
+    pub fn check(&self, limits: &Limits) -> Result<Checked, ApiError> {
+        if self.model != limits.model_name {
+            return Err(ApiError::invalid(
+                Some("model"),
+                format!("the model `{}` does not exist", self.model),
+            )
+            .with_status(StatusCode::NOT_FOUND)
+            .with_code("model_not_found"));
+        }
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid(Some("n"), "only n=1 is supported"));
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => None,
+            Some(m) if m <= 0 => {
+                return Err(ApiError::invalid(
+                    Some("max_tokens"),
+                    format!("max_tokens must be at least 1, got {m}"),
+                ));
+            }
+            Some(m) if m as u64 > limits.max_tokens as u64 => {
+                return Err(ApiError::invalid(
+                    Some("max_tokens"),
+                    format!("max_tokens must be at most {}, got {m}", limits.max_tokens),
+                ));
+            }
+            Some(m) => Some(m as usize),
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(
+                Some("temperature"),
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid(
+                Some("top_p"),
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
+        }
+        let top_k = self.top_k.unwrap_or(0);
+        if top_k < 0 {
+            return Err(ApiError::invalid(
+                Some("top_k"),
+                format!("top_k must be >= 0, got {top_k}"),
+            ));
+        }
+        let stop = match &self.stop {
+            None => vec![],
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        if stop.len() > limits.max_stop {
+            return Err(ApiError::invalid(
+                Some("stop"),
+                format!("at most {} stop sequences are allowed", limits.max_stop),
+            ));
+        }
+        if stop.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::invalid(
+                Some("stop"),
+                "stop sequences must not be empty",
+            ));
+        }
+        Ok(Checked {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                top_k: top_k as usize,
+                seed: self.seed,
+            },
+            stop,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+impl CompletionRequest {
+    pub fn prompt_text(&self) -> Result<String, ApiError> {
+        match &self.prompt {
+            PromptField::One(s) => Ok(s.clone()),
+            PromptField::Many(v) if v.len() == 1 => Ok(v[0].clone()),
+            PromptField::Many(_) => Err(ApiError::invalid(
+                Some("prompt"),
+                "exactly one prompt per request is supported",
+            )),
+        }
+    }
+}
+
+impl ChatRequest {
+    pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "messages must not be empty",
+            ));
+        }
+        self.messages
+            .iter()
+            .map(|m| {
+                if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str())
+                {
+                    return Err(ApiError::invalid(
+                        Some("messages"),
+                        format!("unknown message role `{}`", m.role),
+                    ));
+                }
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(ContentField::Text(t)) => t.clone(),
+                    Some(ContentField::Parts(parts)) => {
+                        let mut out = String::new();
+                        for p in parts {
+                            match (&*p.kind, &p.text) {
+                                ("text", Some(t)) => out.push_str(t),
+                                _ => {
+                                    return Err(ApiError::invalid(
+                                        Some("messages"),
+                                        format!("unsupported content part `{}`", p.kind),
+                                    ));
+                                }
+                            }
+                        }
+                        out
+                    }
+                };
+                Ok(ChatMessage {
+                    role: m.role.clone(),
+                    content,
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}

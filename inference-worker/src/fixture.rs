@@ -1,0 +1,363 @@
+//! Tiny random checkpoints in Hugging Face layout, for tests and benchmarks.
+//!
+//! Nothing is downloaded: the weights are random and the tokenizer is a byte-level BPE
+//! (one token per byte, plus special tokens) built in code.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::Path;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+/// Special tokens, in id order after the 256 byte tokens.
+pub const SPECIAL_TOKENS: [&str; 5] = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"];
+/// Id of `</s>` (end of sequence).
+pub const EOS_ID: u32 = 257;
+/// Id of `<|im_end|>`, which also ends generation.
+pub const IM_END_ID: u32 = 259;
+
+/// Which architecture to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FixtureArch {
+    Mixtral,
+    Llama,
+    /// Llama layout plus q/k/v biases and tied input/output embeddings.
+    Qwen2,
+}
+
+/// Shape of a generated checkpoint.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FixtureSpec {
+    #[arg(
+        long,
+        env = "TIDAL_FIXTURE_ARCH",
+        value_enum,
+        default_value = "mixtral"
+    )]
+    pub arch: FixtureArch,
+    #[arg(long, env = "TIDAL_FIXTURE_HIDDEN", default_value_t = 64)]
+    pub hidden: usize,
+    #[arg(long, env = "TIDAL_FIXTURE_INTERMEDIATE", default_value_t = 128)]
+    pub intermediate: usize,
+    #[arg(long, env = "TIDAL_FIXTURE_LAYERS", default_value_t = 2)]
+    pub layers: usize,
+    #[arg(long, env = "TIDAL_FIXTURE_HEADS", default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, env = "TIDAL_FIXTURE_KV_HEADS", default_value_t = 2)]
+    pub kv_heads: usize,
+    #[arg(long, env = "TIDAL_FIXTURE_EXPERTS", default_value_t = 4)]
+    pub experts: usize,
+    #[arg(long, env = "TIDAL_FIXTURE_TOP_K", default_value_t = 2)]
+    pub top_k: usize,
+    #[arg(long, env = "TIDAL_FIXTURE_CONTEXT", default_value_t = 512)]
+    pub context: usize,
+    #[arg(long, env = "TIDAL_FIXTURE_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Split the weights over this many safetensors shards.
+    #[arg(long, env = "TIDAL_FIXTURE_SHARDS", default_value_t = 1)]
+    pub shards: usize,
+}
+
+impl Default for FixtureSpec {
+    fn default() -> Self {
+        Self {
+            arch: FixtureArch::Mixtral,
+            hidden: 64,
+            intermediate: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            experts: 4,
+            top_k: 2,
+            context: 512,
+            seed: 0,
+            shards: 1,
+        }
+    }
+}
+
+impl FixtureSpec {
+    pub fn vocab_size(&self) -> usize {
+        256 + SPECIAL_TOKENS.len()
+    }
+}
+
+/// Writes `config.json`, `model*.safetensors`, `tokenizer.json` and `tokenizer_config.json`.
+pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let vocab = spec.vocab_size();
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let head_dim = spec.hidden / spec.heads;
+    let mut tensors: Vec<(String, Tensor)> = vec![];
+    let mut add = |tensors: &mut Vec<(String, Tensor)>,
+                   name: String,
+                   shape: (usize, usize),
+                   scale: f32|
+     -> Result<()> {
+        let data: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+            .collect();
+        tensors.push((name, Tensor::from_vec(data, shape, &Device::Cpu)?));
+        Ok(())
+    };
+    let h = spec.hidden;
+    // Scales keep activations O(1) so that logits are well separated and argmax is stable.
+    let s_in = 1.0 / (h as f32).sqrt();
+    let s_mid = 1.0 / (spec.intermediate as f32).sqrt();
+    add(
+        &mut tensors,
+        "model.embed_tokens.weight".into(),
+        (vocab, h),
+        1.0,
+    )?;
+    for l in 0..spec.layers {
+        let p = format!("model.layers.{l}");
+        add(
+            &mut tensors,
+            format!("{p}.self_attn.q_proj.weight"),
+            (spec.heads * head_dim, h),
+            s_in,
+        )?;
+        add(
+            &mut tensors,
+            format!("{p}.self_attn.k_proj.weight"),
+            (spec.kv_heads * head_dim, h),
+            s_in,
+        )?;
+        add(
+            &mut tensors,
+            format!("{p}.self_attn.v_proj.weight"),
+            (spec.kv_heads * head_dim, h),
+            s_in,
+        )?;
+        add(
+            &mut tensors,
+            format!("{p}.self_attn.o_proj.weight"),
+            (h, spec.heads * head_dim),
+            s_in,
+        )?;
+        match spec.arch {
+            FixtureArch::Mixtral => {
+                add(
+                    &mut tensors,
+                    format!("{p}.block_sparse_moe.gate.weight"),
+                    (spec.experts, h),
+                    1.0,
+                )?;
+                for e in 0..spec.experts {
+                    let q = format!("{p}.block_sparse_moe.experts.{e}");
+                    add(
+                        &mut tensors,
+                        format!("{q}.w1.weight"),
+                        (spec.intermediate, h),
+                        s_in,
+                    )?;
+                    add(
+                        &mut tensors,
+                        format!("{q}.w3.weight"),
+                        (spec.intermediate, h),
+                        s_in,
+                    )?;
+                    add(
+                        &mut tensors,
+                        format!("{q}.w2.weight"),
+                        (h, spec.intermediate),
+                        s_mid,
+                    )?;
+                }
+            }
+            FixtureArch::Llama | FixtureArch::Qwen2 => {
+                add(
+                    &mut tensors,
+                    format!("{p}.mlp.gate_proj.weight"),
+                    (spec.intermediate, h),
+                    s_in,
+                )?;
+                add(
+                    &mut tensors,
+                    format!("{p}.mlp.up_proj.weight"),
+                    (spec.intermediate, h),
+                    s_in,
+                )?;
+                add(
+                    &mut tensors,
+                    format!("{p}.mlp.down_proj.weight"),
+                    (h, spec.intermediate),
+                    s_mid,
+                )?;
+            }
+        }
+        if spec.arch == FixtureArch::Qwen2 {
+            for (proj, heads) in [
+                ("q", spec.heads),
+                ("k", spec.kv_heads),
+                ("v", spec.kv_heads),
+            ] {
+                let n = heads * head_dim;
+                add(
+                    &mut tensors,
+                    format!("{p}.self_attn.{proj}_proj.bias"),
+                    (1, n),
+                    0.5,
+                )?;
+                let (name, t) = tensors.pop().expect("just pushed");
+                tensors.push((name, t.reshape(n)?));
+            }
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            // Ones plus noise, so a wrong norm weight would show up in the logits.
+            add(&mut tensors, format!("{p}.{norm}.weight"), (1, h), 0.1)?;
+            let (name, t) = tensors.pop().expect("just pushed");
+            tensors.push((name, (t.reshape(h)? + 1.0)?));
+        }
+    }
+    tensors.push((
+        "model.norm.weight".into(),
+        Tensor::ones(h, DType::F32, &Device::Cpu)?,
+    ));
+    add(
+        &mut tensors,
+        "lm_head.weight".into(),
+        (vocab, h),
+        3.0 * s_in,
+    )?;
+
+    let shards = spec.shards.max(1);
+    let per = tensors.len().div_ceil(shards);
+    for (i, chunk) in tensors.chunks(per).enumerate() {
+        let map: HashMap<String, Tensor> = chunk.iter().cloned().collect();
+        let name = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
+        };
+        candle_core::safetensors::save(&map, out.join(name))?;
+    }
+
+    let (model_type, class) = match spec.arch {
+        FixtureArch::Mixtral => ("mixtral", "MixtralForCausalLM"),
+        FixtureArch::Llama => ("llama", "LlamaForCausalLM"),
+        FixtureArch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+    };
+    let mut config = serde_json::json!({
+        "architectures": [class],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": h,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": spec.context,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "bos_token_id": 256,
+        "eos_token_id": EOS_ID,
+        "tie_word_embeddings": spec.arch == FixtureArch::Qwen2,
+        "torch_dtype": "float32",
+    });
+    if spec.arch == FixtureArch::Qwen2 {
+        config["sliding_window"] = spec.context.into();
+        config["max_window_layers"] = spec.layers.into();
+        config["use_sliding_window"] = false.into();
+    }
+    if spec.arch == FixtureArch::Mixtral {
+        config["num_local_experts"] = spec.experts.into();
+        config["num_experts_per_tok"] = spec.top_k.into();
+        config["sliding_window"] = spec.context.into();
+    }
+    write_json(&out.join("config.json"), &config)?;
+    build_tokenizer()?
+        .save(out.join("tokenizer.json"), false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    write_json(
+        &out.join("tokenizer_config.json"),
+        &serde_json::json!({
+            "bos_token": "<s>",
+            "eos_token": "<|im_end|>",
+            "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        }),
+    )?;
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Byte-level BPE with no merges: every byte is one token, so any text is encodable.
+pub fn build_tokenizer() -> Result<Tokenizer> {
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    // Order the byte tokens by the byte they stand for, as GPT-2 does.
+    alphabet.sort_by_key(|c| byte_of(*c));
+    let vocab: Vocab = alphabet
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i as u32))
+        .chain(
+            SPECIAL_TOKENS
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.to_string(), 256 + i as u32)),
+        )
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .unk_token("<unk>".into())
+        .build()?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    tok.add_special_tokens(&specials);
+    Ok(tok)
+}
+
+/// GPT-2's byte-to-char map, inverted: the byte a ByteLevel alphabet char stands for.
+fn byte_of(c: char) -> u32 {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let cp = c as u32;
+    if cp < 256 && printable(cp) {
+        cp
+    } else {
+        // Non-printable bytes were shifted to 256 + n in order.
+        let mut n = 0;
+        for b in 0..256u32 {
+            if !printable(b) {
+                if 256 + n == cp {
+                    return b;
+                }
+                n += 1;
+            }
+        }
+        cp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizer_round_trips_any_text() {
+        let tok = build_tokenizer().unwrap();
+        let text = "Hello, wörld! 你好 <|im_end|>";
+        let enc = tok.encode(text, true).unwrap();
+        assert!(enc.get_ids().contains(&IM_END_ID));
+        assert_eq!(tok.encode("A", false).unwrap().get_ids(), &[65]);
+        let dec = tok.decode(enc.get_ids(), false).unwrap();
+        assert_eq!(dec, text);
+    }
+}

@@ -1,0 +1,195 @@
+//! Every metric the worker exports. The names are a contract with the autoscaler:
+//! `inference-worker/METRICS.md` documents each one; keep the two in sync.
+
+use crate::model::ExpertCounts;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpertLabels {
+    pub layer: String,
+    pub expert: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// Why a request was escalated to a cloud endpoint (used by the escalation feature).
+#[derive(Debug, Clone, Copy)]
+pub enum EscalationReason {
+    LowConfidence,
+    Overloaded,
+}
+
+impl EscalationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EscalationReason::LowConfidence => "low_confidence",
+            EscalationReason::Overloaded => "overloaded",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub queue_depth: Gauge,
+    pub running: Gauge,
+    pub ready: Gauge,
+    pub ttft: Histogram,
+    pub tpot: Histogram,
+    pub prompt_tokens: Counter,
+    pub generated_tokens: Counter,
+    pub cancelled: Counter,
+    pub expert_tokens: Family<ExpertLabels, Counter>,
+    pub escalations: Family<ReasonLabels, Counter>,
+    /// Serialises copying model-side expert counts into `expert_tokens`.
+    expert_sync: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let queue_depth = Gauge::default();
+        let running = Gauge::default();
+        let ready = Gauge::default();
+        let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let tpot = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let prompt_tokens = Counter::default();
+        let generated_tokens = Counter::default();
+        let cancelled = Counter::default();
+        let expert_tokens = Family::<ExpertLabels, Counter>::default();
+        let escalations = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tidal_worker_requests",
+            "HTTP requests to the API endpoints, by endpoint and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "tidal_worker_queue_depth",
+            "Requests waiting to join the running batch",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "tidal_worker_running_requests",
+            "Requests in the running batch",
+            running.clone(),
+        );
+        registry.register(
+            "tidal_worker_ready",
+            "1 when the model is loaded and warm and the worker is not draining",
+            ready.clone(),
+        );
+        registry.register(
+            "tidal_worker_time_to_first_token_seconds",
+            "Time from a request's arrival to its first generated token",
+            ttft.clone(),
+        );
+        registry.register(
+            "tidal_worker_time_per_output_token_seconds",
+            "Time between consecutive generated tokens of a request",
+            tpot.clone(),
+        );
+        registry.register(
+            "tidal_worker_prompt_tokens",
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
+        registry.register(
+            "tidal_worker_generated_tokens",
+            "Tokens generated",
+            generated_tokens.clone(),
+        );
+        registry.register(
+            "tidal_worker_cancelled_requests",
+            "Generations stopped because the client disconnected",
+            cancelled.clone(),
+        );
+        registry.register(
+            "tidal_worker_expert_tokens",
+            "Tokens routed to each expert of each MoE layer",
+            expert_tokens.clone(),
+        );
+        registry.register(
+            "tidal_worker_escalations",
+            "Requests escalated to a cloud endpoint, by reason",
+            escalations.clone(),
+        );
+        for reason in [
+            EscalationReason::LowConfidence,
+            EscalationReason::Overloaded,
+        ] {
+            // Pre-create so the series exist at 0 before the first escalation.
+            let _ = escalations.get_or_create(&ReasonLabels {
+                reason: reason.as_str().into(),
+            });
+        }
+        Self {
+            registry,
+            requests,
+            queue_depth,
+            running,
+            ready,
+            ttft,
+            tpot,
+            prompt_tokens,
+            generated_tokens,
+            cancelled,
+            expert_tokens,
+            escalations,
+            expert_sync: Mutex::new(()),
+        }
+    }
+
+    pub fn record_request(&self, endpoint: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.into(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// Brings `tidal_worker_expert_tokens` up to the model's own counters.
+    pub fn sync_experts(&self, counts: &ExpertCounts) {
+        let _guard = self.expert_sync.lock().unwrap_or_else(|e| e.into_inner());
+        for (layer, expert, n) in counts.snapshot() {
+            let c = self.expert_tokens.get_or_create(&ExpertLabels {
+                layer: layer.to_string(),
+                expert: expert.to_string(),
+            });
+            let have = c.get();
+            if n > have {
+                c.inc_by(n - have);
+            }
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

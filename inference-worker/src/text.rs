@@ -1,0 +1,316 @@
+//! Tokenizer, chat template and incremental detokenisation.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// One chat message after validation.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Used when a checkpoint ships no chat template: ChatML, the most common format.
+const DEFAULT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenField {
+    Plain(String),
+    Added { content: String },
+}
+
+impl TokenField {
+    fn content(self) -> String {
+        match self {
+            TokenField::Plain(s) | TokenField::Added { content: s } => s,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TemplateField {
+    One(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(Debug, Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TokenizerConfig {
+    chat_template: Option<TemplateField>,
+    bos_token: Option<TokenField>,
+    eos_token: Option<TokenField>,
+}
+
+/// The tokenizer plus what is needed to turn chat messages into a prompt.
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    template: String,
+    bos_token: String,
+    eos_token: String,
+    /// Token ids that end generation.
+    pub eos_ids: Vec<u32>,
+}
+
+impl TextCodec {
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
+    pub fn load(dir: &Path, config_eos: &[u32]) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: TokenizerConfig = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: cfg_path.clone(),
+                source,
+            })?
+        } else {
+            TokenizerConfig::default()
+        };
+        let template = match cfg.chat_template {
+            Some(TemplateField::One(t)) => t,
+            Some(TemplateField::Named(list)) => list
+                .into_iter()
+                .find(|t| t.name == "default")
+                .map(|t| t.template)
+                .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
+            None => DEFAULT_TEMPLATE.to_string(),
+        };
+        let bos_token = cfg.bos_token.map(TokenField::content).unwrap_or_default();
+        let eos_token = cfg.eos_token.map(TokenField::content).unwrap_or_default();
+        let mut eos_ids = config_eos.to_vec();
+        if let Some(id) = tokenizer.token_to_id(&eos_token)
+            && !eos_ids.contains(&id)
+        {
+            eos_ids.push(id);
+        }
+        let codec = Self {
+            tokenizer,
+            template,
+            bos_token,
+            eos_token,
+            eos_ids,
+        };
+        // Fail at load, not on the first request, if the template does not compile.
+        codec.render_chat(&[ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }])?;
+        Ok(codec)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, true)?.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(self.tokenizer.decode(ids, true)?)
+    }
+
+    /// Renders the chat template with `add_generation_prompt` set.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.template)
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+        .map_err(|e| Error::Template(e.to_string()))
+    }
+}
+
+/// Turns a growing list of token ids into text deltas without splitting UTF-8
+/// characters and while holding back text that may be the start of a stop sequence.
+pub struct Detokenizer {
+    ids: Vec<u32>,
+    /// Window of ids re-decoded each step (TGI's scheme): decoding only the tail keeps
+    /// each step O(1) while letting the tokenizer see enough context to join bytes.
+    prefix_offset: usize,
+    read_offset: usize,
+    text: String,
+    emitted: usize,
+    stop: Vec<String>,
+}
+
+/// What happened after pushing a token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Text that is safe to send now (maybe empty).
+    Delta(String),
+    /// A stop sequence matched: the final text to send; generation ends.
+    Stopped(String),
+}
+
+impl Detokenizer {
+    pub fn new(stop: Vec<String>) -> Self {
+        Self {
+            ids: vec![],
+            prefix_offset: 0,
+            read_offset: 0,
+            text: String::new(),
+            emitted: 0,
+            stop,
+        }
+    }
+
+    /// The full text generated so far (up to a stop sequence if one matched).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn push(&mut self, codec: &TextCodec, id: u32) -> Result<Push> {
+        self.ids.push(id);
+        let prefix = codec.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let current = codec.decode(&self.ids[self.prefix_offset..])?;
+        // An incomplete multi-byte character decodes to U+FFFD: wait for more tokens.
+        if current.ends_with('\u{FFFD}') {
+            return Ok(Push::Delta(String::new()));
+        }
+        if let Some(new) = current.get(prefix.len()..) {
+            self.text.push_str(new);
+        }
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        let search_from = self.emitted.saturating_sub(self.max_stop_len());
+        let search_from = floor_char_boundary(&self.text, search_from);
+        let first_stop = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text[search_from..].find(s.as_str()))
+            .min();
+        if let Some(pos) = first_stop {
+            let end = (search_from + pos).max(self.emitted);
+            self.text.truncate(end);
+            let delta = self.text[self.emitted..].to_string();
+            self.emitted = end;
+            return Ok(Push::Stopped(delta));
+        }
+        // Hold back the longest suffix that is a prefix of a stop sequence.
+        let mut safe = self.text.len();
+        for s in &self.stop {
+            for k in (1..s.len()).rev() {
+                if s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
+                    safe = safe.min(self.text.len() - k);
+                    break;
+                }
+            }
+        }
+        let safe = floor_char_boundary(&self.text, safe.max(self.emitted));
+        let delta = self.text[self.emitted..safe].to_string();
+        self.emitted = safe;
+        Ok(Push::Delta(delta))
+    }
+
+    /// Text held back so far; sent when generation ends for another reason.
+    pub fn flush(&mut self) -> String {
+        let rest = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        rest
+    }
+
+    fn max_stop_len(&self) -> usize {
+        self.stop.iter().map(|s| s.len()).max().unwrap_or(0)
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> (tempfile::TempDir, TextCodec) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::fixture::build_tokenizer()
+            .unwrap()
+            .save(dir.path().join("tokenizer.json"), false)
+            .unwrap();
+        let codec = TextCodec::load(dir.path(), &[]).unwrap();
+        (dir, codec)
+    }
+
+    /// Pushes `text` one byte-token at a time; returns the concatenated deltas and
+    /// whether a stop sequence fired.
+    fn run(codec: &TextCodec, text: &str, stop: &[&str]) -> (String, bool, Detokenizer) {
+        let mut d = Detokenizer::new(stop.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for b in text.bytes() {
+            match d.push(codec, u32::from(b)).unwrap() {
+                Push::Delta(s) => {
+                    // Never emits a broken character or a prefix of a stop string.
+                    assert!(!s.contains('\u{FFFD}'));
+                    out.push_str(&s);
+                }
+                Push::Stopped(s) => {
+                    out.push_str(&s);
+                    return (out, true, d);
+                }
+            }
+        }
+        (out, false, d)
+    }
+
+    #[test]
+    fn stop_sequences_split_over_tokens_cut_the_text() {
+        let (_dir, codec) = codec();
+        let (out, stopped, d) = run(&codec, "héllo world", &["wor"]);
+        assert!(stopped);
+        assert_eq!(out, "héllo ");
+        assert_eq!(d.text(), "héllo ");
+    }
+
+    #[test]
+    fn held_back_prefixes_are_flushed_and_utf8_is_never_split() {
+        let (_dir, codec) = codec();
+        let (mut out, stopped, mut d) = run(&codec, "naïve 你好 wo", &["wor"]);
+        assert!(!stopped);
+        assert_eq!(
+            out, "naïve 你好 ",
+            "the possible stop prefix `wo` is held back"
+        );
+        out.push_str(&d.flush());
+        assert_eq!(out, "naïve 你好 wo");
+    }
+
+    #[test]
+    fn chat_template_renders_chatml_by_default() {
+        let (_dir, codec) = codec();
+        let p = codec
+            .render_chat(&[ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            }])
+            .unwrap();
+        assert_eq!(p, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+}

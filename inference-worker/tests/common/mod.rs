@@ -1,0 +1,219 @@
+//! Shared test helpers: fixtures, an in-process server on 127.0.0.1, a tiny HTTP client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use tidal_worker::engine::EngineConfig;
+use tidal_worker::fixture::{FixtureArch, FixtureSpec};
+use tidal_worker::metrics::Metrics;
+use tidal_worker::server::{AppState, Served, ServerConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+pub const MODEL: &str = "tiny";
+
+pub fn fixture(arch: FixtureArch) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = FixtureSpec {
+        arch,
+        ..FixtureSpec::default()
+    };
+    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    dir
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    pub _dir: tempfile::TempDir,
+}
+
+pub async fn start(engine: EngineConfig, config: ServerConfig) -> TestServer {
+    start_with(fixture(FixtureArch::Mixtral), engine, config).await
+}
+
+pub async fn start_with(
+    dir: tempfile::TempDir,
+    engine: EngineConfig,
+    config: ServerConfig,
+) -> TestServer {
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(config, metrics.clone());
+    let loaded = tidal_worker::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
+    let engine =
+        tidal_worker::engine::spawn(loaded.model.clone(), loaded.codec.clone(), engine, metrics);
+    state.set_served(Served {
+        engine,
+        codec: loaded.codec,
+        model: loaded.model,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = tidal_worker::server::router(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    TestServer {
+        addr,
+        state,
+        _dir: dir,
+    }
+}
+
+pub fn server_config() -> ServerConfig {
+    ServerConfig {
+        model_name: MODEL.into(),
+        ..ServerConfig::default()
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+fn request_bytes(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    // HTTP/1.0: the server closes the connection after the response and sends no
+    // chunked encoding, so reading to EOF gives exactly the body.
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&request_bytes(method, path, body))
+        .await
+        .unwrap();
+    let mut raw = vec![];
+    s.read_to_end(&mut raw).await.unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("no status");
+    HttpResponse {
+        status,
+        head,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> HttpResponse {
+    http(addr, "POST", path, body.to_string().as_bytes()).await
+}
+
+/// An open streaming response whose SSE `data:` payloads can be read one at a time.
+pub struct SseReader {
+    reader: BufReader<TcpStream>,
+    pub status: u16,
+}
+
+impl SseReader {
+    pub async fn open(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Self {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&request_bytes("POST", path, body.to_string().as_bytes()))
+            .await
+            .unwrap();
+        let mut reader = BufReader::new(s);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).await.unwrap();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).await.unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        Self { reader, status }
+    }
+
+    /// The next `data:` payload, or None at end of stream.
+    pub async fn next_data(&mut self) -> Option<String> {
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).await.unwrap() == 0 {
+                return None;
+            }
+            if let Some(d) = line.strip_prefix("data:") {
+                return Some(d.trim().to_string());
+            }
+        }
+    }
+
+    /// Every remaining payload, up to and including `[DONE]`.
+    pub async fn collect(mut self) -> Vec<String> {
+        let mut out = vec![];
+        while let Some(d) = self.next_data().await {
+            let done = d == "[DONE]";
+            out.push(d);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Value of an unlabelled sample (or the first labelled one matching `labels`) in
+/// the metrics exposition.
+pub fn metric_value(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let rest = if labels.is_empty() {
+            rest.strip_prefix(' ')?
+        } else {
+            rest.strip_prefix(&format!("{{{labels}}} "))?
+        };
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+pub fn ensure_dir(p: &Path) {
+    assert!(p.is_dir(), "{} is not a directory", p.display());
+}
+
+/// A Mixtral fixture with a long context, for requests that must outlive the test's actions.
+pub fn long_context_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = FixtureSpec {
+        context: 4096,
+        hidden: 32,
+        intermediate: 64,
+        ..FixtureSpec::default()
+    };
+    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    dir
+}

@@ -1,0 +1,85 @@
+"""Drives a live tidal-worker with the official `openai` Python client.
+
+Usage: python openai_client.py BASE_URL MODEL
+Exits non-zero (with a message) on the first failed check.
+"""
+
+import sys
+
+import openai
+
+
+def main() -> None:
+    base_url, model = sys.argv[1], sys.argv[2]
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model], models
+
+    c = client.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0)
+    assert c.object == "text_completion", c
+    assert len(c.choices) == 1 and isinstance(c.choices[0].text, str), c
+    assert c.choices[0].finish_reason in ("stop", "length"), c
+    assert c.usage.prompt_tokens == 5, c.usage
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens, c.usage
+
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert chat.object == "chat.completion", chat
+    assert chat.choices[0].message.role == "assistant", chat
+    assert isinstance(chat.choices[0].message.content, str), chat
+    assert chat.usage.completion_tokens >= 1, chat.usage
+
+    # Streaming must reassemble into the non-streaming answer (greedy).
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk", chunk
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    assert "".join(parts) == chat.choices[0].message.content, (parts, chat)
+    assert finish == chat.choices[0].finish_reason, finish
+    assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+
+    text = "".join(
+        ch.choices[0].text
+        for ch in client.completions.create(
+            model=model, prompt="Hello", max_tokens=8, temperature=0, stream=True
+        )
+        if ch.choices
+    )
+    assert text == c.choices[0].text, (text, c)
+
+    # Errors surface as the client's typed exceptions.
+    try:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("unknown model accepted")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404
+    try:
+        client.completions.create(model=model, prompt="x", temperature=5)
+        raise AssertionError("temperature 5 accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "temperature", e.body
+
+    print("openai client checks passed")
+
+
+if __name__ == "__main__":
+    main()
