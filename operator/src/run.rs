@@ -42,8 +42,10 @@ async fn run_controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let until = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // RESTORE-EDGE: controller::edge_node::run(ctx, until(stop)) joins here once it exists.
-    controller::inference_service::run(ctx, until(stop)).await;
+    tokio::join!(
+        controller::inference_service::run(ctx.clone(), until(stop.clone())),
+        controller::edge_node::run(ctx, until(stop)),
+    );
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {

@@ -368,3 +368,105 @@ mod tests {
         .await;
     }
 }
+
+/// Fake Nodes that kwok runs, and cutting them off from the control plane.
+///
+/// kwok only renews a Node Lease it holds (or one that expired), so taking the Lease over
+/// stops the heartbeat; handing it back with a fresh renewal resumes it.
+pub mod kwok {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::Timestamp;
+    use kube::Api;
+    use kube::api::{Patch, PatchParams, PostParams};
+    use serde_json::json;
+
+    use super::{CONVERGE, TestCtx, eventually};
+
+    const PARTITION_HOLDER: &str = "tidal-e2e-partition";
+
+    /// A fake Node kwok manages, with the given labels (deleted when the guard drops).
+    pub async fn create_node(ctx: &TestCtx, name: &str, labels: serde_json::Value) -> ClusterGuard {
+        let mut all =
+            json!({"type": "kwok", "tidal.rs/e2e": "true", "kubernetes.io/hostname": name});
+        for (k, v) in labels.as_object().into_iter().flatten() {
+            all[k] = v.clone();
+        }
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"}, "labels": all},
+            "status": {"allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110", "nvidia.com/gpu": "1"},
+                       "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110", "nvidia.com/gpu": "1"}}
+        }))
+        .expect("valid node");
+        Api::<Node>::all(ctx.client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("create node");
+        ClusterGuard::new(ctx, "node", name)
+    }
+
+    /// Deletes a cluster-scoped object when dropped, also when the test panicked (they
+    /// outlive test namespaces).
+    pub struct ClusterGuard {
+        env: super::LocalEnv,
+        kind: &'static str,
+        pub name: String,
+    }
+
+    impl ClusterGuard {
+        pub fn new(ctx: &TestCtx, kind: &'static str, name: &str) -> Self {
+            ClusterGuard {
+                env: ctx.env.clone(),
+                kind,
+                name: name.into(),
+            }
+        }
+    }
+
+    impl Drop for ClusterGuard {
+        fn drop(&mut self) {
+            let args = [
+                "delete",
+                self.kind,
+                &self.name,
+                "--ignore-not-found",
+                "--wait=false",
+            ];
+            let _ = self.env.command("kubectl").args(args).output();
+        }
+    }
+
+    fn leases(ctx: &TestCtx) -> Api<Lease> {
+        Api::namespaced(ctx.client.clone(), "kube-node-lease")
+    }
+
+    /// Stops the Node's heartbeat; returns kwok's holder identity for [`reconnect`].
+    pub async fn partition(ctx: &TestCtx, node: &str) -> String {
+        let leases = leases(ctx);
+        let holder = eventually("kwok holds the Node's Lease", CONVERGE, || async {
+            let l = leases.get(node).await.map_err(|e| e.to_string())?;
+            l.spec
+                .and_then(|s| s.holder_identity)
+                .ok_or_else(|| "no holder".to_string())
+        })
+        .await;
+        let take =
+            json!({"spec": {"holderIdentity": PARTITION_HOLDER, "leaseDurationSeconds": 3600}});
+        leases
+            .patch(node, &PatchParams::default(), &Patch::Merge(take))
+            .await
+            .expect("take the Lease");
+        holder
+    }
+
+    /// Resumes the heartbeat by handing the Lease back to kwok with a fresh renewal.
+    pub async fn reconnect(ctx: &TestCtx, node: &str, kwok_holder: &str) {
+        let give = json!({"spec": {"holderIdentity": kwok_holder, "leaseDurationSeconds": 40,
+                                   "renewTime": MicroTime(Timestamp::now())}});
+        leases(ctx)
+            .patch(node, &PatchParams::default(), &Patch::Merge(give))
+            .await
+            .expect("hand back the Lease");
+    }
+}

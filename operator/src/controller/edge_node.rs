@@ -1,0 +1,388 @@
+//! EdgeNode controller: follows each EdgeNode's Kubernetes Node and its Lease heartbeat, sets
+//! phase and conditions (pure logic in `crate::edge`), labels the Node for placement, counts
+//! the edge replicas placed on it, and emits an Event when the phase changes. A reconcile with
+//! nothing to change writes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::warn;
+
+use super::Context;
+use crate::children::{FIELD_MANAGER, LABEL_EDGE_NODE, LABEL_SERVICE, LABEL_TIER, selector_string};
+use crate::crd::{EdgeNode, EdgeNodeStatus, EdgePhase, EdgeServiceRef, merge_conditions};
+use crate::edge::{self, NodeFacts, Observation};
+use crate::error::{Error, Result};
+
+pub use crate::edge::edge_facts;
+
+const CONTROLLER: &str = "edgenode";
+/// Namespace of the Node heartbeat Leases.
+const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+/// Re-check when no deadline is pending (Offline, Cordoned...): events normally come first.
+const RESYNC: Duration = Duration::from_secs(300);
+
+struct State {
+    ctx: Arc<Context>,
+    recorder: Recorder,
+    /// Edge Deployments (`tidal.rs/tier=edge`), to count replicas per EdgeNode without a LIST.
+    deployments: Store<Deployment>,
+    /// The controller's own EdgeNode cache: which EdgeNode holds which Node.
+    edge_nodes: Store<EdgeNode>,
+}
+
+fn edge_deployments() -> watcher::Config {
+    watcher::Config::default().labels(&format!("{LABEL_TIER}=edge"))
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let client = ctx.client.clone();
+
+    let (deployments, writer) = reflector::store::<Deployment>();
+    let deploy_reflector = reflector::reflector(
+        writer,
+        watcher(ctx.scoped_api::<Deployment>(), edge_deployments()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| futures::future::ready(()));
+    let deploy_task = tokio::spawn(deploy_reflector);
+
+    // graceful_shutdown_on wants a Sync future; a oneshot receiver is one whatever `shutdown` is.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop_task = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    });
+
+    let controller = Controller::new(
+        Api::<EdgeNode>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let by_node = controller.store();
+    let by_lease = controller.store();
+    let state = Arc::new(State {
+        recorder: Recorder::new(client.clone(), ctx.reporter.clone()),
+        ctx: ctx.clone(),
+        deployments,
+        edge_nodes: controller.store(),
+    });
+    controller
+        .watches(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            move |node| {
+                let name = node.name_any();
+                refs(&by_node, |en| {
+                    edge::refers_to_node(en, &name, Some(node.labels()))
+                })
+            },
+        )
+        // Every renewal: lastHeartbeat moves, and a late heartbeat recovers without waiting.
+        .watches(
+            Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE),
+            watcher::Config::default(),
+            move |lease| {
+                let name = lease.name_any();
+                refs(&by_lease, |en| edge::refers_to_node(en, &name, None))
+            },
+        )
+        .watches(ctx.scoped_api::<Deployment>(), edge_deployments(), |d| {
+            d.labels()
+                .get(LABEL_EDGE_NODE)
+                .map(|en| ObjectRef::<EdgeNode>::new(en))
+        })
+        .graceful_shutdown_on(stop_rx.map(|_| ()))
+        .run(reconcile, error_policy, state)
+        .for_each(|res| {
+            match res {
+                // Already logged by error_policy.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
+                // Watch failures (RBAC, a CRD not installed): the loop retries with backoff.
+                Err(e) => warn!(error = %e, "edgenode controller stream error"),
+            }
+            futures::future::ready(())
+        })
+        .await;
+    deploy_task.abort();
+    stop_task.abort();
+}
+
+fn refs(store: &Store<EdgeNode>, pred: impl Fn(&EdgeNode) -> bool) -> Vec<ObjectRef<EdgeNode>> {
+    store
+        .state()
+        .iter()
+        .filter(|en| pred(en))
+        .map(|en| ObjectRef::from_obj(&**en))
+        .collect()
+}
+
+fn error_policy(_en: Arc<EdgeNode>, err: &Error, _state: Arc<State>) -> Action {
+    warn!(error = %err, "edgenode reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(en: Arc<EdgeNode>, state: Arc<State>) -> Result<Action> {
+    let start = Instant::now();
+    let result = reconcile_inner(&en, &state).await;
+    let reason = result.as_ref().err().map(Error::reason);
+    state
+        .ctx
+        .metrics
+        .observe_reconcile(CONTROLLER, start.elapsed(), reason);
+    result
+}
+
+fn node_facts(node: &Node) -> NodeFacts {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    NodeFacts {
+        name: node.name_any(),
+        ready: ready.map(|c| c.status == "True"),
+        ready_message: ready
+            .and_then(|c| c.message.clone())
+            .filter(|m| !m.is_empty()),
+        unschedulable: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
+    }
+}
+
+/// Label keys the operator's server-side apply owns on `node`.
+fn owned_labels(node: &Node) -> BTreeSet<String> {
+    node.managed_fields()
+        .iter()
+        .filter(|m| {
+            m.manager.as_deref() == Some(FIELD_MANAGER)
+                && m.operation.as_deref() == Some("Apply")
+                && m.subresource.as_deref().unwrap_or_default().is_empty()
+        })
+        .filter_map(|m| m.fields_v1.as_ref())
+        .flat_map(|f| edge::owned_label_keys(&f.0))
+        .collect()
+}
+
+/// Edge replicas on EdgeNode `name`, per InferenceService (sorted), and their sum.
+fn services_on(deployments: &Store<Deployment>, name: &str) -> (i32, Vec<EdgeServiceRef>) {
+    let mut services: Vec<EdgeServiceRef> = deployments
+        .state()
+        .iter()
+        .filter(|d| d.labels().get(LABEL_EDGE_NODE).map(String::as_str) == Some(name))
+        .map(|d| EdgeServiceRef {
+            namespace: d.namespace().unwrap_or_default(),
+            name: d
+                .labels()
+                .get(LABEL_SERVICE)
+                .cloned()
+                .unwrap_or_else(|| d.name_any()),
+            replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            ready_replicas: d
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0),
+        })
+        .collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    (services.iter().map(|s| s.replicas).sum(), services)
+}
+
+async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
+    let ctx = &state.ctx;
+    let name = en.name_any();
+    let nodes = Api::<Node>::all(ctx.client.clone());
+
+    // Resolve the Node from the candidates the spec names.
+    let candidates: Vec<Node> = match (&en.spec.node_name, &en.spec.node_selector) {
+        (Some(node), _) => nodes.get_opt(node).await?.into_iter().collect(),
+        (None, Some(sel)) => {
+            nodes
+                .list(&ListParams::default().labels(&selector_string(sel)))
+                .await?
+                .items
+        }
+        (None, None) => {
+            return Err(Error::InvalidSpec(
+                "neither nodeName nor nodeSelector is set".into(),
+            ));
+        }
+    };
+    let empty = BTreeMap::new();
+    let resolution = edge::resolve(
+        &en.spec,
+        candidates.iter().map(|n| {
+            (
+                n.metadata.name.as_deref().unwrap_or_default(),
+                n.metadata.labels.as_ref().unwrap_or(&empty),
+            )
+        }),
+    );
+    let node = resolution
+        .as_ref()
+        .ok()
+        .and_then(|r| candidates.iter().find(|n| n.name_any() == *r));
+
+    let renew_time = match node {
+        Some(n) => Api::<Lease>::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE)
+            .get_opt(&n.name_any())
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.renew_time)
+            .map(|t| t.0),
+        None => None,
+    };
+
+    // Another EdgeNode already on this Node: report it instead of fighting over its label.
+    let claimed_by = node.and_then(|n| {
+        let node_name = n.name_any();
+        edge::claimed_by_other(
+            &name,
+            n.metadata.labels.as_ref().unwrap_or(&empty),
+            |other| {
+                state
+                    .edge_nodes
+                    .get(&ObjectRef::new(other))
+                    .is_some_and(|o| {
+                        o.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&node_name)
+                    })
+            },
+        )
+    });
+
+    let assessment = edge::assess(&Observation {
+        node: match (resolution, node) {
+            (Ok(_), Some(n)) => Ok(node_facts(n)),
+            (Ok(r), None) => Err(edge::Unresolved::NotFound(format!(
+                "Node {r} does not exist"
+            ))),
+            (Err(e), _) => Err(e),
+        },
+        renew_time,
+        now: Timestamp::now(),
+        heartbeat_timeout_seconds: en.spec.offline_policy.heartbeat_timeout_seconds,
+        cordoned: en.spec.cordoned,
+        claimed_by: claimed_by.clone(),
+    });
+
+    // Placement labels on the Node: only the labels, only when they differ (no write otherwise).
+    if let Some(n) = node.filter(|_| claimed_by.is_none()) {
+        let desired = edge::node_labels(&name, &en.spec);
+        if edge::labels_need_apply(
+            &desired,
+            n.metadata.labels.as_ref().unwrap_or(&empty),
+            &owned_labels(n),
+        ) {
+            let patch = json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": { "name": n.name_any(), "labels": desired },
+            });
+            nodes
+                .patch(
+                    &n.name_any(),
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await?;
+            ctx.metrics.write(CONTROLLER, "apply");
+        }
+    }
+
+    let current = en.status.clone().unwrap_or_default();
+    let (replicas, services) = services_on(&state.deployments, &name);
+    let now = Time(Timestamp::from_second(Timestamp::now().as_second()).expect("valid time"));
+    let status = EdgeNodeStatus {
+        observed_generation: en.metadata.generation,
+        phase: assessment.phase,
+        node_name: assessment.node_name.clone(),
+        last_heartbeat: assessment.last_heartbeat.map(Time),
+        conditions: merge_conditions(
+            &current.conditions,
+            &assessment.conditions,
+            en.metadata.generation,
+            &now,
+        ),
+        replicas,
+        services,
+    };
+    if en.status.as_ref() != Some(&status) {
+        // Server-side apply of the whole status: fields that became empty are removed too.
+        let patch = json!({
+            "apiVersion": EdgeNode::api_version(&()),
+            "kind": EdgeNode::kind(&()),
+            "status": status,
+        });
+        Api::<EdgeNode>::all(ctx.client.clone())
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        ctx.metrics.write(CONTROLLER, "status");
+    }
+
+    if current.phase != status.phase {
+        publish_phase_change(state, en, current.phase, &status).await;
+    }
+
+    Ok(Action::requeue(assessment.next_check.unwrap_or(RESYNC)))
+}
+
+/// An Event on the EdgeNode saying what its phase became and why. Failing to publish it is
+/// logged, not retried: the status already says the same.
+async fn publish_phase_change(
+    state: &State,
+    en: &EdgeNode,
+    from: EdgePhase,
+    status: &EdgeNodeStatus,
+) {
+    let why = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    let type_ = match status.phase {
+        EdgePhase::Ready | EdgePhase::Cordoned => EventType::Normal,
+        _ => EventType::Warning,
+    };
+    let event = Event {
+        type_,
+        reason: status.phase.as_str().to_string(),
+        note: Some(format!(
+            "phase {} -> {}: {why}",
+            from.as_str(),
+            status.phase.as_str()
+        )),
+        action: "PhaseChange".into(),
+        secondary: None,
+    };
+    match state.recorder.publish(&event, &en.object_ref(&())).await {
+        Ok(()) => state.ctx.metrics.write(CONTROLLER, "event"),
+        Err(e) => warn!(error = %e, edgenode = %en.name_any(), "cannot publish phase Event"),
+    }
+}
