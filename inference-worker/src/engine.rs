@@ -210,25 +210,43 @@ impl Engine {
         }
     }
 
-    /// One decode step for every running sequence.
+    /// One decode step for every running sequence, computed as one batched forward
+    /// pass (see [`Model::forward_batch`]).
     fn step(&mut self) {
         let mut running = std::mem::take(&mut self.running);
-        running.retain_mut(|seq| {
+        running.retain(|seq| {
             if seq.events.is_closed() {
                 self.metrics.running.dec();
                 self.metrics.cancelled.inc();
                 return false;
             }
-            let logits = match self.model.forward(&[seq.last], &mut seq.cache) {
-                Ok(l) => l,
-                Err(e) => {
+            true
+        });
+        if running.is_empty() {
+            return;
+        }
+        let result = {
+            let mut batch: Vec<(&[u32], &mut KvCache)> = running
+                .iter_mut()
+                .map(|seq| (std::slice::from_ref(&seq.last), &mut seq.cache))
+                .collect();
+            self.model.forward_batch(&mut batch)
+        };
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for seq in &running {
                     self.metrics.running.dec();
                     let _ = seq.events.send(Event::Error(e.to_string()));
-                    return false;
                 }
-            };
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut logits = logits.into_iter();
+        running.retain_mut(|seq| {
+            let logits = logits.next().expect("one row of logits per sequence");
             let token = seq.sampler.sample(&logits);
-            let now = Instant::now();
             self.metrics
                 .tpot
                 .observe((now - seq.last_token_at).as_secs_f64());

@@ -78,12 +78,73 @@ impl KvCache {
     }
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    Ok(if bias {
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Proj> {
+    Ok(Proj(if bias {
         candle_nn::linear(in_dim, out_dim, vb)?
     } else {
         candle_nn::linear_no_bias(in_dim, out_dim, vb)?
-    })
+    }))
+}
+
+/// Largest `rows * cols` product for which gemm (candle's CPU matmul) uses its
+/// "horizontal" small-matrix kernels instead of its blocked kernels.
+const GEMM_SMALL_PRODUCT: usize = 16 * 16;
+
+/// Row count at which a `(rows, k) x (k, cols)` matmul takes gemm's blocked path.
+///
+/// gemm picks its algorithm from the shape: a single row goes to a matrix-vector
+/// kernel, `rows * cols <= 256` to small "horizontal" kernels, everything else to
+/// blocked micro-kernels whose depth blocking depends on `k` only. Each path sums
+/// in its own order, so the same row can come out of two paths with different
+/// rounding. Within the blocked path every output element is accumulated the same
+/// way whatever the row count, the row's position or the other rows' contents
+/// (the tests in this module check this bitwise). Padding every matmul up to this
+/// many rows therefore makes a row's result independent of the batch it is in.
+fn invariant_rows(rows: usize, cols: usize) -> usize {
+    rows.max(2).max(GEMM_SMALL_PRODUCT / cols.max(1) + 1)
+}
+
+/// A linear layer over `(rows, in)` matrices whose rows come out bitwise the same
+/// whatever else is in the matrix (see [`invariant_rows`]).
+struct Proj(Linear);
+
+impl Proj {
+    fn out_dim(&self) -> Result<usize> {
+        Ok(self.0.weight().dim(0)?)
+    }
+
+    /// Computes `weight · xsᵀ` rather than `xs · weightᵀ`: with the (large) weight as
+    /// gemm's left operand, the blocked kernels are much faster for the few rows of a
+    /// decode batch. Either way every output element is reduced along `in` in the
+    /// same order whatever the number of rows.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (rows, width) = xs.dims2()?;
+        let padded = invariant_rows(rows, self.out_dim()?);
+        let xs = if padded == rows {
+            xs.clone()
+        } else {
+            let zeros = Tensor::zeros((padded - rows, width), xs.dtype(), xs.device())?;
+            Tensor::cat(&[xs, &zeros], 0)?
+        };
+        let ys = self.0.weight().matmul(&xs.t()?)?.t()?.narrow(0, 0, rows)?;
+        let ys = match self.0.bias() {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        Ok(ys.contiguous()?)
+    }
+}
+
+/// One sequence's share of the rows of a forward pass.
+struct Chunk {
+    /// First row of this sequence in the stacked hidden states.
+    start: usize,
+    /// Number of new tokens.
+    len: usize,
+    /// Positions already in the sequence's cache.
+    offset: usize,
+    /// Causal mask for `len > 1`.
+    mask: Option<Tensor>,
 }
 
 struct Rotary {
@@ -120,10 +181,10 @@ impl Rotary {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -144,58 +205,74 @@ impl Attention {
         })
     }
 
+    /// `xs` holds the stacked rows of every chunk; projections run on all rows at
+    /// once, attention runs per chunk against that chunk's own cache.
     fn forward(
         &self,
         xs: &Tensor,
         rotary: &Rotary,
-        mask: Option<&Tensor>,
-        cache: &mut Option<(Tensor, Tensor)>,
-        offset: usize,
+        chunks: &[Chunk],
+        caches: &mut [&mut KvCache],
+        layer: usize,
     ) -> Result<Tensor> {
-        let (b, seq, _) = xs.dims3()?;
-        let shape = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, seq, n, self.head_dim))?.transpose(1, 2)?)
+        let q_all = self.q.forward(xs)?;
+        let k_all = self.k.forward(xs)?;
+        let v_all = self.v.forward(xs)?;
+        let mut ys = Vec::with_capacity(chunks.len());
+        for (c, cache) in chunks.iter().zip(caches.iter_mut()) {
+            let shape = |t: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, c.start, c.len)?
+                    .reshape((1, c.len, n, self.head_dim))?
+                    .transpose(1, 2)?)
+            };
+            let q = shape(&q_all, self.heads)?;
+            let k = shape(&k_all, self.kv_heads)?;
+            let v = shape(&v_all, self.kv_heads)?.contiguous()?;
+            let q = rotary.apply(&q, c.offset)?;
+            let k = rotary.apply(&k, c.offset)?;
+            let slot = &mut cache.layers[layer];
+            let (k, v) = match slot.take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            };
+            *slot = Some((k.clone(), v.clone()));
+            let groups = self.heads / self.kv_heads;
+            let k = candle_transformers::utils::repeat_kv(k, groups)?;
+            let v = candle_transformers::utils::repeat_kv(v, groups)?;
+            // Scores and softmax in f32 so that bf16/f16 weights stay numerically sane.
+            let dtype = q.dtype();
+            let (q, k, v) = (
+                q.to_dtype(DType::F32)?,
+                k.to_dtype(DType::F32)?,
+                v.to_dtype(DType::F32)?,
+            );
+            let scale = 1f64 / (self.head_dim as f64).sqrt();
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = match &c.mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v.contiguous()?)?.to_dtype(dtype)?;
+            ys.push(
+                y.transpose(1, 2)?
+                    .reshape((c.len, self.heads * self.head_dim))?,
+            );
+        }
+        let y = if ys.len() == 1 {
+            ys.pop().expect("one chunk")
+        } else {
+            Tensor::cat(&ys, 0)?
         };
-        let q = shape(self.q.forward(xs)?, self.heads)?;
-        let k = shape(self.k.forward(xs)?, self.kv_heads)?;
-        let v = shape(self.v.forward(xs)?, self.kv_heads)?.contiguous()?;
-        let q = rotary.apply(&q, offset)?;
-        let k = rotary.apply(&k, offset)?;
-        let (k, v) = match cache.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        *cache = Some((k.clone(), v.clone()));
-        let groups = self.heads / self.kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, groups)?;
-        let v = candle_transformers::utils::repeat_kv(v, groups)?;
-        // Scores and softmax in f32 so that bf16/f16 weights stay numerically sane.
-        let dtype = q.dtype();
-        let (q, k, v) = (
-            q.to_dtype(DType::F32)?,
-            k.to_dtype(DType::F32)?,
-            v.to_dtype(DType::F32)?,
-        );
-        let scale = 1f64 / (self.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?.to_dtype(dtype)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, seq, self.heads * self.head_dim))?;
-        Ok(self.o.forward(&y)?)
+        self.o.forward(&y)
     }
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
 impl Mlp {
@@ -210,12 +287,12 @@ impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let lhs = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
         let rhs = self.up.forward(xs)?;
-        Ok(self.down.forward(&(lhs * rhs)?)?)
+        self.down.forward(&(lhs * rhs)?)
     }
 }
 
 struct Moe {
-    gate: Linear,
+    gate: Proj,
     experts: Vec<Mlp>,
     top_k: usize,
 }
@@ -240,10 +317,11 @@ impl Moe {
     }
 
     /// Top-k softmax gating, weights renormalised over the chosen experts (as Mixtral).
+    ///
+    /// `xs` is `(rows, hidden)`, possibly from several sequences: the rows routed to
+    /// each expert are gathered across all of them so that each expert runs once.
     fn forward(&self, xs: &Tensor, layer: usize, counts: &ExpertCounts) -> Result<Tensor> {
-        let (b, seq, hidden) = xs.dims3()?;
-        let xs = xs.reshape(((), hidden))?;
-        let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(&xs)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(xs)?)?;
         let probs = probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let mut rows = vec![vec![]; self.experts.len()];
         let mut weights = vec![vec![]; self.experts.len()];
@@ -270,7 +348,7 @@ impl Moe {
             let out = expert.forward(&xs.index_select(&idx, 0)?)?;
             ys = ys.index_add(&idx, &out.broadcast_mul(&w)?, 0)?;
         }
-        Ok(ys.reshape((b, seq, hidden))?)
+        Ok(ys)
     }
 }
 
@@ -292,7 +370,7 @@ pub struct Model {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     rotary: Rotary,
     counts: Arc<ExpertCounts>,
     device: Device,
@@ -358,7 +436,7 @@ impl Model {
         }
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Linear::new(embed.embeddings().clone(), None)
+            Proj(Linear::new(embed.embeddings().clone(), None))
         } else {
             linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
         };
@@ -398,46 +476,68 @@ impl Model {
     /// Appends `tokens` to the sequence held in `cache` and returns the f32 logits
     /// (vocab_size) for the next token.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let seq = tokens.len();
-        let offset = cache.len;
-        if seq == 0 {
-            return Err(Error::Other("forward needs at least one token".into()));
+        let mut out = self.forward_batch(&mut [(tokens, cache)])?;
+        Ok(out.pop().expect("one sequence in, one out"))
+    }
+
+    /// Advances several sequences in one pass: `batch[i].0` is appended to the
+    /// sequence in `batch[i].1`, and the i-th result is its next-token logits.
+    ///
+    /// The new tokens of all sequences are stacked into one `(rows, hidden)` matrix
+    /// for every projection, MLP and expert (each expert runs once on the rows routed
+    /// to it from the whole batch); attention runs per sequence against its own
+    /// cache. A sequence's logits are bitwise the same whatever else is in the batch.
+    pub fn forward_batch(&self, batch: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(vec![]);
         }
-        if offset + seq > self.cfg.max_position_embeddings {
-            return Err(Error::Other(format!(
-                "sequence of {} tokens exceeds the context of {}",
-                offset + seq,
-                self.cfg.max_position_embeddings
-            )));
-        }
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let mask = if seq > 1 {
-            let m: Vec<f32> = (0..seq)
-                .flat_map(|i| {
-                    (0..offset + seq).map(move |j| {
-                        if j > offset + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
+        let mut chunks = Vec::with_capacity(batch.len());
+        let mut tokens = vec![];
+        for (toks, cache) in batch.iter() {
+            let (seq, offset) = (toks.len(), cache.len);
+            if seq == 0 {
+                return Err(Error::Other("forward needs at least one token".into()));
+            }
+            if offset + seq > self.cfg.max_position_embeddings {
+                return Err(Error::Other(format!(
+                    "sequence of {} tokens exceeds the context of {}",
+                    offset + seq,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            let mask = if seq > 1 {
+                let m: Vec<f32> = (0..seq)
+                    .flat_map(|i| {
+                        (0..offset + seq).map(move |j| {
+                            if j > offset + i {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            }
+                        })
                     })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (seq, offset + seq), &self.device)?)
-        } else {
-            None
-        };
+                    .collect();
+                Some(Tensor::from_vec(m, (seq, offset + seq), &self.device)?)
+            } else {
+                None
+            };
+            chunks.push(Chunk {
+                start: tokens.len(),
+                len: seq,
+                offset,
+                mask,
+            });
+            tokens.extend_from_slice(toks);
+        }
+        let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|(_, c)| &mut **c).collect();
+        let input = Tensor::new(tokens.as_slice(), &self.device)?;
         let mut xs = self.embed.forward(&input)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &xs;
             let h = layer.input_norm.forward(&xs)?;
-            let h = layer.attn.forward(
-                &h,
-                &self.rotary,
-                mask.as_ref(),
-                &mut cache.layers[l],
-                offset,
-            )?;
+            let h = layer
+                .attn
+                .forward(&h, &self.rotary, &chunks, &mut caches, l)?;
             let xs2 = (h + residual)?;
             let h = layer.post_norm.forward(&xs2)?;
             let h = match &layer.ffn {
@@ -446,16 +546,16 @@ impl Model {
             };
             xs = (xs2 + h)?;
         }
-        cache.len += seq;
-        let last = xs.narrow(1, seq - 1, 1)?;
+        for (c, cache) in chunks.iter().zip(caches.iter_mut()) {
+            cache.len += c.len;
+        }
+        let last: Vec<u32> = chunks
+            .iter()
+            .map(|c| (c.start + c.len - 1) as u32)
+            .collect();
+        let last = xs.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
-        Ok(logits
-            .squeeze(0)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .collect())
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 }
 
@@ -468,5 +568,102 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         other => Err(Error::Unsupported(format!(
             "dtype {other:?} (use f32, bf16 or f16)"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-0.5, 0.5).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Tensor {
+        Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// Output shapes that hit each of gemm's paths without padding: a matrix-vector
+    /// kernel (one row), the small "horizontal" kernels (`rows * cols <= 256`) and
+    /// the blocked kernels.
+    const SHAPES: [(usize, usize); 6] = [
+        (64, 4),
+        (64, 64),
+        (128, 64),
+        (64, 259),
+        (1024, 8),
+        (256, 1024),
+    ];
+
+    #[test]
+    fn proj_rows_are_bitwise_independent_of_the_rest_of_the_matrix() {
+        for (k, n) in SHAPES {
+            for bias in [false, true] {
+                let b = bias.then(|| matrix(1, n, 3).squeeze(0).unwrap());
+                let proj = Proj(Linear::new(matrix(n, k, 1), b));
+                let target = matrix(1, k, 2);
+                let alone: Vec<f32> = proj
+                    .forward(&target)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for rows in 1..=40 {
+                    for pos in [0, rows / 2, rows - 1] {
+                        // Other rows with contents that change with the row count and position.
+                        let others = matrix(rows - 1, k, 100 + 64 * rows as u64 + pos as u64);
+                        let (before, after) = (
+                            others.narrow(0, 0, pos).unwrap(),
+                            others.narrow(0, pos, rows - 1 - pos).unwrap(),
+                        );
+                        let xs = Tensor::cat(&[&before, &target, &after], 0).unwrap();
+                        let out = proj.forward(&xs).unwrap();
+                        assert_eq!(out.dims(), &[rows, n]);
+                        let got: Vec<f32> = out
+                            .narrow(0, pos, 1)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        assert!(
+                            got == alone,
+                            "k={k} n={n} bias={bias}: row {pos} of {rows} differs from the row alone"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The reason for the padding: without it a row's result does depend on the
+    /// number of rows (here one row takes gemm's matrix-vector kernel), so the test
+    /// above would catch a regression.
+    #[test]
+    fn unpadded_matmul_is_not_row_invariant() {
+        let (k, n) = (256, 1024);
+        let w = matrix(n, k, 1);
+        let target = matrix(1, k, 2);
+        let alone = target.matmul(&w.t().unwrap()).unwrap();
+        let xs = Tensor::cat(&[&target, &matrix(3, k, 5)], 0).unwrap();
+        let batched = xs.matmul(&w.t().unwrap()).unwrap().narrow(0, 0, 1).unwrap();
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            alone.flatten_all().unwrap().to_vec1().unwrap(),
+            batched.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_ne!(
+            a, b,
+            "gemm became row-invariant: the padding may be unnecessary"
+        );
     }
 }
