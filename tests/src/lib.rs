@@ -314,12 +314,13 @@ pub fn operator_binary() -> PathBuf {
                 .status()
                 .expect("run cargo build");
             assert!(status.success(), "building tidal-operator failed");
-            // Test executables live in <target>/<profile>/deps; binaries one level up.
-            let exe = std::env::current_exe().expect("test exe path");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("target dir")
-                .join("tidal-operator")
+            // Test executables live in <target>/<profile>/deps, binaries in <target>/<profile>.
+            let exe = std::env::current_exe().expect("own path");
+            let mut dir = exe.parent().expect("exe dir").to_path_buf();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            dir.join("tidal-operator")
         })
         .clone()
 }
@@ -388,8 +389,7 @@ pub mod kwok {
 
     /// A fake Node kwok manages, with the given labels (deleted when the guard drops).
     pub async fn create_node(ctx: &TestCtx, name: &str, labels: serde_json::Value) -> ClusterGuard {
-        let mut all =
-            json!({"type": "kwok", "tidal.rs/e2e": "true", "kubernetes.io/hostname": name});
+        let mut all = json!({"tidal.rs/e2e": "true", "kubernetes.io/hostname": name});
         for (k, v) in labels.as_object().into_iter().flatten() {
             all[k] = v.clone();
         }

@@ -120,7 +120,7 @@ async fn main() {
     create_all(Api::<Node>::all(client.clone()), edge_nodes, |i| {
         serde_json::from_value(json!({
             "metadata": {"name": format!("bench-edge-{i}"), "annotations": {"kwok.x-k8s.io/node": "fake"},
-                "labels": {"type": "kwok", "tidal.rs/tier": "edge", "tidal.rs/bench": "true", "kubernetes.io/hostname": format!("bench-edge-{i}")}},
+                "labels": {"tidal.rs/tier": "edge", "tidal.rs/bench": "true", "kubernetes.io/hostname": format!("bench-edge-{i}")}},
             "status": {"allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"}, "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"}}
         }))
         .unwrap()
