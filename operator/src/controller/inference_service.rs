@@ -73,15 +73,26 @@ pub async fn run(
         .owns(state_ctx.scoped_api::<Deployment>(), children_cfg.clone())
         .owns(state_ctx.scoped_api::<Service>(), children_cfg.clone())
         .owns(state_ctx.scoped_api::<ConfigMap>(), children_cfg)
-        // An EdgeNode changing (phase, labels) re-reconciles every service with an edge tier.
+        // An EdgeNode changing (phase, labels) re-reconciles the services whose edge tier
+        // selects it. A service that selected it before a label change is reconciled by its
+        // own periodic requeue (and prunes the site then).
         .watches(
             Api::<EdgeNode>::all(client),
             watcher::Config::default(),
-            move |_en| {
+            move |en| {
+                let labels = en.metadata.labels.clone().unwrap_or_default();
                 services
                     .state()
                     .into_iter()
-                    .filter(|s| s.spec.edge.is_some())
+                    .filter(|s| {
+                        s.spec.edge.as_ref().is_some_and(|e| {
+                            children::selector_matches(&e.edge_node_selector, &labels)
+                        }) || s.status.as_ref().is_some_and(|st| {
+                            st.edge
+                                .iter()
+                                .any(|site| Some(&site.edge_node) == en.metadata.name.as_ref())
+                        })
+                    })
                     .map(|s| ObjectRef::from_obj(&*s))
                     .collect::<Vec<_>>()
             },

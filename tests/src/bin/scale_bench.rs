@@ -36,23 +36,23 @@ fn sum(text: &str, prefix: &str) -> f64 {
 
 /// A quantile from the reconcile-duration histogram of one controller (upper bucket bound).
 fn quantile(text: &str, controller: &str, q: f64) -> f64 {
-    let prefix = format!(
-        "tidal_operator_reconcile_duration_seconds_bucket{{controller=\"{controller}\",le=\""
-    );
+    let label = format!("controller=\"{controller}\"");
     let buckets: Vec<(f64, f64)> = text
         .lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|rest| {
-            let (le, v) = rest.split_once("\"} ")?;
+        .filter(|l| {
+            l.starts_with("tidal_operator_reconcile_duration_seconds_bucket{") && l.contains(&label)
+        })
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
                 le.parse().ok()?
             };
-            Some((le, v.parse().ok()?))
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
         })
         .collect();
-    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let total = buckets.iter().map(|b| b.1).fold(0.0, f64::max);
     buckets
         .iter()
         .find(|(_, c)| *c >= q * total)
