@@ -1,7 +1,7 @@
 //! The CRDs installed in a real API server: valid examples are accepted, and invalid objects
 //! are rejected at admission with a message a person understands.
 
-use kube::api::{ApiResource, DynamicObject, PostParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tidal_e2e::{TestCtx, install_crds};
@@ -44,24 +44,37 @@ fn with(mut v: Value, path: &[&str], value: Value) -> Value {
     v
 }
 
+fn api_for(client: &Client, ns: &str, obj: &DynamicObject) -> Api<DynamicObject> {
+    match obj.types.as_ref().unwrap().kind.as_str() {
+        "EdgeNode" => Api::all_with(client.clone(), &ApiResource::erase::<EdgeNode>(&())),
+        _ => Api::namespaced_with(
+            client.clone(),
+            ns,
+            &ApiResource::erase::<InferenceService>(&()),
+        ),
+    }
+}
+
+/// A dry-run create: admission (schema, CEL) runs, nothing is stored.
 async fn create(client: &Client, ns: &str, obj: &DynamicObject) -> Result<(), String> {
-    let (ar, api): (ApiResource, Api<DynamicObject>) =
-        match obj.types.as_ref().unwrap().kind.as_str() {
-            "EdgeNode" => {
-                let ar = ApiResource::erase::<EdgeNode>(&());
-                (ar.clone(), Api::all_with(client.clone(), &ar))
-            }
-            _ => {
-                let ar = ApiResource::erase::<InferenceService>(&());
-                (ar.clone(), Api::namespaced_with(client.clone(), ns, &ar))
-            }
-        };
-    let _ = ar;
     let pp = PostParams {
         dry_run: true,
         ..Default::default()
     };
-    api.create(&pp, obj)
+    api_for(client, ns, obj)
+        .create(&pp, obj)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// A dry-run server-side apply: admission runs whether or not the object already exists
+/// (cluster-scoped examples may be there from a demo run).
+async fn dry_apply(client: &Client, ns: &str, obj: &DynamicObject) -> Result<(), String> {
+    let name = obj.metadata.name.clone().unwrap();
+    let pp = PatchParams::apply("tidal-e2e").dry_run().force();
+    api_for(client, ns, obj)
+        .patch(&name, &pp, &Patch::Apply(obj))
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -232,7 +245,7 @@ async fn examples_pass_admission() {
         let text = std::fs::read_to_string(&path).unwrap();
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let obj: DynamicObject = serde::Deserialize::deserialize(doc).unwrap();
-            create(&ctx.client, &ctx.namespace, &obj)
+            dry_apply(&ctx.client, &ctx.namespace, &obj)
                 .await
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             n += 1;
