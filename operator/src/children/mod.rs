@@ -222,7 +222,7 @@ pub fn desired_children(
         .clamp(cloud.min_replicas, cloud.max_replicas);
     let cloud_desired = (cloud_desired + failover_replicas).min(cloud.max_replicas);
 
-    if let Some(experts) = &cloud.experts {
+    let placement_cm = if let Some(experts) = &cloud.experts {
         let num_experts = spec.model.num_experts.ok_or(SpecError {
             reason: "NumExpertsUnknown",
             message: "cloud.experts needs model.numExperts to plan expert shards".into(),
@@ -271,46 +271,34 @@ pub fn desired_children(
         };
         config_maps.push(workload::placement_config_map(&base, &cm_name, &p));
         plan = Some(p);
-        let kind = ChildKind::Router;
-        let deployment = workload::deployment(
-            &base,
-            &kind,
-            cloud_desired,
-            WorkerArgs::router(&spec.model),
-            cloud.resources.clone(),
-            cloud.node_selector.clone(),
-            cloud.tolerations.clone(),
-            Some(&cm_name),
-        );
-        workloads.push(Workload {
-            service: Some(workload::service(&base, &kind)),
-            kind,
-            deployment,
-            desired: cloud_desired,
-            edge_phase: None,
-            experts: vec![],
-        });
+        Some(cm_name)
     } else {
-        let kind = ChildKind::Cloud;
-        let deployment = workload::deployment(
-            &base,
-            &kind,
-            cloud_desired,
-            WorkerArgs::full(&spec.model),
-            cloud.resources.clone(),
-            cloud.node_selector.clone(),
-            cloud.tolerations.clone(),
-            None,
-        );
-        workloads.push(Workload {
-            service: Some(workload::service(&base, &kind)),
-            kind,
-            deployment,
-            desired: cloud_desired,
-            edge_phase: None,
-            experts: vec![],
-        });
-    }
+        None
+    };
+
+    // The cloud tier's own workload: the full model, or the router in front of the shards.
+    let args = match &placement_cm {
+        Some(_) => WorkerArgs::router(&spec.model),
+        None => WorkerArgs::full(&spec.model),
+    };
+    let deployment = workload::deployment(
+        &base,
+        &cloud_kind,
+        cloud_desired,
+        args,
+        cloud.resources.clone(),
+        cloud.node_selector.clone(),
+        cloud.tolerations.clone(),
+        placement_cm.as_deref(),
+    );
+    workloads.push(Workload {
+        service: Some(workload::service(&base, &cloud_kind)),
+        kind: cloud_kind,
+        deployment,
+        desired: cloud_desired,
+        edge_phase: None,
+        experts: vec![],
+    });
 
     workloads.sort_by(|a, b| a.kind.cmp(&b.kind));
     let children = Children {
