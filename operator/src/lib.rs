@@ -8,6 +8,7 @@ pub const API_GROUP: &str = "tidal.rs";
 /// The served and stored version of the Tidal API.
 pub const API_VERSION: &str = "v1alpha1";
 
+pub mod autoscaler;
 pub mod children;
 pub mod cli;
 pub mod controller;
