@@ -5,7 +5,10 @@
 //!   and of our model driven directly;
 //! - aggregate tok/s through HTTP (streaming completions) at concurrency 1, 4 and 16,
 //!   as a ratio to the baseline;
-//! - client-side p50/p99 time to first token and time per output token.
+//! - client-side p50/p99 time to first token and time per output token;
+//! - the bytes of weights each generated token reads vs the machine's memory bandwidth,
+//!   measured in the same run with a large-buffer read (decode is memory-bound: at batch 1
+//!   every token streams all dense weights and its top-k experts from RAM).
 //!
 //! Run: `cargo run --release -p tidal-worker --example bench -- --out inference-worker/BENCHMARKS.md`
 
@@ -91,6 +94,92 @@ fn ours_tok_s(model: &tidal_worker::model::Model, prompt: &[u32], n: usize) -> f
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Bytes of weights a decode step reads, from the checkpoint's tensors.
+struct WeightBytes {
+    /// Everything but the experts (one embedding row per token), read once per step.
+    dense: f64,
+    /// One expert's weights summed over all layers.
+    per_expert: f64,
+    experts: usize,
+    top_k: usize,
+    /// The whole checkpoint.
+    total: f64,
+}
+
+impl WeightBytes {
+    fn new(dir: &std::path::Path, spec: &FixtureSpec) -> Self {
+        let tensors =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let (mut dense, mut experts, mut total) = (0usize, 0usize, 0usize);
+        for (name, t) in &tensors {
+            let bytes = t.elem_count() * t.dtype().size_in_bytes();
+            total += bytes;
+            if name.contains("embed_tokens") {
+                dense += t.dims()[1] * t.dtype().size_in_bytes();
+            } else if name.contains(".experts.") {
+                experts += bytes;
+            } else {
+                dense += bytes;
+            }
+        }
+        Self {
+            dense: dense as f64,
+            per_expert: experts as f64 / spec.experts.max(1) as f64,
+            experts: spec.experts,
+            top_k: spec.top_k,
+            total: total as f64,
+        }
+    }
+
+    /// Weights read per generated token when `rows` sequences decode in one step: the
+    /// dense part once, plus every expert some row routes to (expected number of distinct
+    /// experts under uniform top-k routing), shared by the rows.
+    fn per_token(&self, rows: usize) -> f64 {
+        let e = self.experts as f64;
+        let distinct = if self.experts == 0 {
+            0.0
+        } else {
+            e * (1.0 - ((e - self.top_k as f64) / e).powi(rows as i32))
+        };
+        (self.dense + distinct * self.per_expert) / rows as f64
+    }
+}
+
+/// Read bandwidth in bytes/s: the best of several passes summing a buffer far larger
+/// than any cache, split over `threads` threads.
+fn read_bandwidth(threads: usize) -> f64 {
+    let n = (512usize << 20) / 8;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let chunk = n.div_ceil(threads.max(1));
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sum: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        let mut acc = [0u64; 4];
+                        for q in part.chunks_exact(4) {
+                            acc[0] = acc[0].wrapping_add(q[0]);
+                            acc[1] = acc[1].wrapping_add(q[1]);
+                            acc[2] = acc[2].wrapping_add(q[2]);
+                            acc[3] = acc[3].wrapping_add(q[3]);
+                        }
+                        acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .fold(0u64, |a, h| a.wrapping_add(h.join().unwrap()))
+        });
+        std::hint::black_box(sum);
+        best = best.max((n * 8) as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
 struct Timing {
     ttft: f64,
     gaps: Vec<f64>,
@@ -169,6 +258,12 @@ async fn main() {
         .collect();
     let prompt_ids: Vec<u32> = prompt_text.bytes().map(u32::from).collect();
 
+    let weights = WeightBytes::new(dir.path(), &spec);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!("memory bandwidth: large-buffer reads");
+    let bw_one = read_bandwidth(1);
+    let bw_all = read_bandwidth(cpus);
+
     eprintln!("baseline: candle-transformers Mixtral, batch 1");
     let base = baseline_tok_s(dir.path(), &prompt_ids, args.tokens);
     let loaded = tidal_worker::loader::load_dir(dir.path(), DType::F32).unwrap();
@@ -203,6 +298,22 @@ async fn main() {
 
     let mut rows = vec![];
     let mut aggs = vec![];
+    let gb = |bytes_per_s: f64| bytes_per_s / 1e9;
+    let b1 = weights.per_token(1);
+    let mut bw_rows = vec![
+        format!(
+            "| candle-transformers baseline, batch 1 | {:.1} | {base:.1} | {:.2} | {:.0}% |",
+            b1 / 1e6,
+            gb(b1 * base),
+            100.0 * b1 * base / bw_all
+        ),
+        format!(
+            "| tidal-worker `Model`, batch 1 | {:.1} | {direct:.1} | {:.2} | {:.0}% |",
+            b1 / 1e6,
+            gb(b1 * direct),
+            100.0 * b1 * direct / bw_all
+        ),
+    ];
     for conc in [1usize, 4, 16] {
         eprintln!("HTTP, concurrency {conc}");
         let start = Instant::now();
@@ -222,6 +333,13 @@ async fn main() {
         let mut gaps: Vec<f64> = timings.iter().flat_map(|t| t.gaps.clone()).collect();
         let agg = total as f64 / wall;
         aggs.push((conc, agg));
+        let bt = weights.per_token(conc);
+        bw_rows.push(format!(
+            "| HTTP, concurrency {conc} | {:.1} | {agg:.1} | {:.2} | {:.0}% |",
+            bt / 1e6,
+            gb(bt * agg),
+            100.0 * bt * agg / bw_all
+        ));
         rows.push(format!(
             "| {conc} | {total} | {agg:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
             agg / base,
@@ -245,9 +363,9 @@ async fn main() {
         .join("\n");
     let report = format!(
         "# tidal-worker benchmarks\n\n\
-Generated by `cargo run --release -p tidal-worker --example bench -- --out inference-worker/BENCHMARKS.md`.\n\
+Generated by `cargo run {release}-p tidal-worker --example bench -- --out inference-worker/BENCHMARKS.md`.\n\
 Numbers are from one run on the machine that produced this file; compare ratios, not absolute values.\n\n\
-Machine: {cpus} CPU threads, release build, no GPU.\n\
+Machine: {cpus} CPU threads, {build}, no GPU.\n\
 Model: random Mixtral checkpoint, hidden {h}, intermediate {i}, {l} layers, {e} experts top-2, 16 heads / 8 KV heads, f32, CPU.\n\
 Prompt {p} tokens, {n} generated tokens per request (greedy, `ignore_eos`).\n\n\
 ## Batch 1, driven directly (no HTTP)\n\n\
@@ -260,6 +378,17 @@ TTFT and TPOT are client-side (time to first SSE chunk; gap between chunks).\n\n
 | Concurrency | tokens | aggregate tok/s | ratio to baseline | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |\n\
 |---|---|---|---|---|---|---|---|\n{rows}\n\n\
 {scaling}\n\n\
+## Weights read per token vs memory bandwidth\n\n\
+Decode is memory-bound: each step streams the weights it uses from RAM. Measured in this run \
+with a large-buffer read (512 MiB of `u64`s summed, best of 5): **{bw1:.1} GB/s** on one thread, \
+**{bwa:.1} GB/s** on {cpus} threads. Checkpoint: {total:.1} MB of weights; a batch-1 token reads \
+the dense part ({dense:.1} MB: attention, norms, router, LM head, one embedding row) plus its \
+top-{k} experts in every layer ({expert:.1} MB each over all layers) = **{b1m:.1} MB per token**, \
+so the bandwidth roofline at batch 1 is {roof:.1} tok/s. With several sequences per step the \
+dense weights and every expert any row routes to are read once for the whole step (expected \
+distinct experts under uniform top-{k} routing), so the bytes per token fall.\n\n\
+| Run | weights read per token (MB) | tok/s | weights read (GB/s) | share of measured {cpus}-thread bandwidth |\n\
+|---|---|---|---|---|\n{bw_rows}\n\n\
 Note: every decode step runs all running sequences in one forward pass: projections, MLPs and \
 experts take the stacked `[batch, hidden]` rows (each expert runs once on the rows routed to it \
 from the whole batch) while attention stays per sequence. Matmuls are padded to a row count that \
@@ -267,7 +396,25 @@ keeps each row's result bitwise independent of the batch, so greedy outputs unde
 solo runs exactly. The price is at batch 1: a single row may not use gemm's faster matrix-vector \
 kernel (its rounding differs from the multi-row kernels), so batch-1 decode is slower than an \
 unpadded forward pass.\n",
-        cpus = std::thread::available_parallelism().map_or(0, |n| n.get()),
+        release = if cfg!(debug_assertions) {
+            ""
+        } else {
+            "--release "
+        },
+        build = if cfg!(debug_assertions) {
+            "dev profile (this crate opt-level 1, dependencies 2)"
+        } else {
+            "release build"
+        },
+        bw1 = gb(bw_one),
+        bwa = gb(bw_all),
+        total = weights.total / 1e6,
+        dense = weights.dense / 1e6,
+        expert = weights.per_expert / 1e6,
+        k = weights.top_k,
+        b1m = b1 / 1e6,
+        roof = bw_all / b1,
+        bw_rows = bw_rows.join("\n"),
         h = args.hidden,
         i = args.intermediate,
         l = args.layers,

@@ -16,6 +16,9 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// Adds `x-tidal-escalation-failed: cloud_unavailable` (an edge worker could not
+    /// reach its cloud endpoint).
+    pub escalation_failed: bool,
 }
 
 impl ApiError {
@@ -27,6 +30,7 @@ impl ApiError {
             param,
             code: None,
             retry_after: None,
+            escalation_failed: false,
         }
     }
 
@@ -60,6 +64,12 @@ impl IntoResponse for ApiError {
         {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, v);
+        }
+        if self.escalation_failed {
+            resp.headers_mut().insert(
+                axum::http::HeaderName::from_static("x-tidal-escalation-failed"),
+                axum::http::HeaderValue::from_static("cloud_unavailable"),
+            );
         }
         resp
     }

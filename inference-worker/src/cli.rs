@@ -27,10 +27,17 @@ pub enum Command {
     GenFixture(GenFixtureArgs),
 }
 
-/// What this process serves. Only `full` exists so far; sharded roles come later.
+/// What this process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
+    /// The whole model in one process.
     Full,
+    /// Embeddings, attention, norms and gates; the experts run on expert shards
+    /// (`--placement-file`). Serves the OpenAI API.
+    Router,
+    /// The FFNs of this shard's experts (`--placement-file`, `--shard`). Serves
+    /// only the binary expert endpoint, health, readiness and metrics.
+    Expert,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -65,6 +72,16 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "TIDAL_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+    /// Edge escalation to a cloud endpoint (see crate::escalation).
+    #[command(flatten)]
+    pub escalation: crate::escalation::EscalationArgs,
+    /// Expert placement plan (plan.json) for the router and expert roles; reloaded
+    /// when it changes.
+    #[arg(long, env = "TIDAL_PLACEMENT_FILE")]
+    pub placement_file: Option<PathBuf>,
+    /// This expert shard's index in the placement plan (expert role).
+    #[arg(long, env = "TIDAL_SHARD")]
+    pub shard: Option<usize>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -94,6 +111,18 @@ pub async fn serve(
     args: ServeArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if args.role == Role::Expert {
+        return crate::expert_server::serve(args, shutdown).await;
+    }
+    let plan_path = match (args.role, &args.placement_file) {
+        (Role::Router, None) => {
+            return Err(Error::Other(
+                "the router role needs --placement-file (TIDAL_PLACEMENT_FILE)".into(),
+            ));
+        }
+        (Role::Router, Some(p)) => Some(p.clone()),
+        _ => None,
+    };
     let dtype = crate::model::parse_dtype(&args.dtype)?;
     let bind_err = |source| Error::Bind {
         addr: args.listen,
@@ -109,6 +138,7 @@ pub async fn serve(
             model_name: args.model_name(),
             max_tokens: args.max_tokens,
             body_limit: args.max_body_bytes,
+            escalation: args.escalation.to_config()?,
             ..ServerConfig::default()
         },
         metrics.clone(),
@@ -119,7 +149,20 @@ pub async fn serve(
     };
     let source = args.model.clone();
     let loader_state = state.clone();
-    let load = tokio::task::spawn_blocking(move || crate::loader::load(&source, dtype));
+    let shards = match plan_path {
+        Some(p) => Some(
+            crate::shard_client::ShardClient::start(&p, Default::default(), metrics.clone())
+                .await?,
+        ),
+        None => None,
+    };
+    let shard_client = shards.clone();
+    let load = tokio::task::spawn_blocking(move || match shards {
+        Some(client) => {
+            crate::shard_client::load_router(&source, dtype, client, Duration::from_secs(600))
+        }
+        None => crate::loader::load(&source, dtype),
+    });
     let loaded = tokio::spawn(async move {
         match load.await {
             Ok(Ok(l)) => {
@@ -165,6 +208,10 @@ pub async fn serve(
     }
     tracing::info!("shutdown requested: draining");
     state.begin_drain();
+    if let Some(c) = &shard_client {
+        // A router still waiting for its shards gives up the warm-up.
+        c.close();
+    }
     let _ = drain_tx.send(());
     match tokio::time::timeout(Duration::from_secs(args.grace_seconds), &mut server).await {
         Ok(res) => res.map_err(join_err)?.map_err(Error::Serve)?,

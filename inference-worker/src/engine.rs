@@ -5,8 +5,9 @@
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::{KvCache, Model};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, max_prob};
 use crate::text::{Detokenizer, Push, TextCodec};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -27,7 +28,8 @@ impl FinishReason {
     }
 }
 
-/// What the engine sends back for a request, in order: deltas, then one `Done` or `Error`.
+/// What the engine sends back for a request, in order: deltas, then one `Done`, `Error`
+/// or `LowConfidence`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Delta(String),
@@ -37,6 +39,73 @@ pub enum Event {
         completion_tokens: usize,
     },
     Error(String),
+    /// The request's confidence check failed (see [`ConfidenceCheck`]): the engine has
+    /// dropped the sequence and the caller continues it elsewhere (edge escalation).
+    LowConfidence(Box<Handoff>),
+    /// Never sent by the engine: the escalation layer announces, before a continuation's
+    /// deltas, that the rest of the response comes from the cloud or, the cloud being
+    /// unreachable, from this worker again.
+    Escalated(EscalationMark),
+    /// Never sent by the engine: the cloud could not be reached and the policy is to fail.
+    CloudUnavailable(String),
+}
+
+/// How an escalated response was served (reported to the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EscalationMark {
+    /// `low_confidence` or `overloaded`.
+    pub reason: &'static str,
+    /// False when the cloud was unreachable and this worker served the rest itself.
+    pub by_cloud: bool,
+}
+
+/// Where a sequence stood when its confidence check failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handoff {
+    /// All text generated so far, including text held back as a possible stop prefix
+    /// (bytes of a still-incomplete UTF-8 character are not included).
+    pub text: String,
+    /// How many bytes of `text` were already sent as deltas.
+    pub sent: usize,
+    /// The generated token ids.
+    pub ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// The mean confidence over the window that fell below the threshold.
+    pub confidence: f32,
+}
+
+/// Edge escalation's confidence check: after each generated token, once `window` tokens
+/// exist, the mean over the last `window` generated tokens of the model's max-softmax
+/// probability ([`max_prob`], temperature 1) is compared with `threshold`; below it, the
+/// sequence is handed off ([`Event::LowConfidence`]) instead of continuing. A token that
+/// ends the generation (EOS, stop sequence, max_tokens) is never handed off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConfidenceCheck {
+    pub threshold: f32,
+    pub window: usize,
+}
+
+struct ConfidenceWindow {
+    check: ConfidenceCheck,
+    probs: VecDeque<f32>,
+}
+
+impl ConfidenceWindow {
+    /// Records one token's confidence; returns the window's mean when it is below the
+    /// threshold.
+    fn push(&mut self, p: f32) -> Option<f32> {
+        let w = self.check.window.max(1);
+        if self.probs.len() == w {
+            self.probs.pop_front();
+        }
+        self.probs.push_back(p);
+        if self.probs.len() < w {
+            return None;
+        }
+        let mean = (self.probs.iter().map(|&x| f64::from(x)).sum::<f64>() / w as f64) as f32;
+        (mean < self.check.threshold).then_some(mean)
+    }
 }
 
 /// A validated generation request.
@@ -48,6 +117,8 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub arrived: Instant,
+    /// Edge escalation's confidence check; None for plain serving.
+    pub confidence: Option<ConfidenceCheck>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +181,11 @@ struct Sequence {
     detok: Detokenizer,
     events: mpsc::UnboundedSender<Event>,
     last_token_at: Instant,
+    /// Bytes of the detokenizer's text sent as deltas.
+    sent: usize,
+    /// Set when the request has a confidence check (then `ids` records the tokens).
+    confidence: Option<ConfidenceWindow>,
+    ids: Vec<u32>,
 }
 
 /// Starts the engine thread.
@@ -190,6 +266,15 @@ impl Engine {
             .ttft
             .observe(req.arrived.elapsed().as_secs_f64());
         let token = sampler.sample(&logits);
+        let confidence = req.confidence.map(|check| ConfidenceWindow {
+            check,
+            probs: VecDeque::with_capacity(check.window.max(1)),
+        });
+        let p = if confidence.is_some() {
+            max_prob(&logits)
+        } else {
+            1.0
+        };
         // The gauge moves before any event is sent, so a client that has its answer
         // never sees itself still counted as running.
         self.metrics.running.inc();
@@ -204,8 +289,11 @@ impl Engine {
             detok: Detokenizer::new(req.stop),
             events,
             last_token_at: Instant::now(),
+            sent: 0,
+            confidence,
+            ids: vec![],
         };
-        if !self.accept(&mut seq, token) {
+        if !self.accept(&mut seq, token, p) {
             self.running.push(seq);
         }
     }
@@ -247,19 +335,32 @@ impl Engine {
         running.retain_mut(|seq| {
             let logits = logits.next().expect("one row of logits per sequence");
             let token = seq.sampler.sample(&logits);
+            let p = if seq.confidence.is_some() {
+                max_prob(&logits)
+            } else {
+                1.0
+            };
             self.metrics
                 .tpot
                 .observe((now - seq.last_token_at).as_secs_f64());
             seq.last_token_at = now;
             seq.last = token;
-            !self.accept(seq, token)
+            !self.accept(seq, token, p)
         });
         self.running = running;
     }
 
-    /// Records a sampled token; returns true when the sequence is finished.
-    fn accept(&self, seq: &mut Sequence, token: u32) -> bool {
+    /// Records a sampled token whose distribution's max probability was `p`; returns
+    /// true when the sequence is finished (or handed off for low confidence).
+    fn accept(&self, seq: &mut Sequence, token: u32, p: f32) -> bool {
         seq.generated += 1;
+        let low_confidence = match seq.confidence.as_mut() {
+            Some(w) => {
+                seq.ids.push(token);
+                w.push(p)
+            }
+            None => None,
+        };
         self.metrics.generated_tokens.inc();
         let finish = if !seq.ignore_eos && self.codec.eos_ids.contains(&token) {
             let rest = seq.detok.flush();
@@ -299,13 +400,28 @@ impl Engine {
                 });
                 true
             }
-            None => false,
+            None => match low_confidence {
+                Some(confidence) => {
+                    self.metrics.running.dec();
+                    let _ = seq.events.send(Event::LowConfidence(Box::new(Handoff {
+                        text: seq.detok.text().to_string(),
+                        sent: seq.sent,
+                        ids: std::mem::take(&mut seq.ids),
+                        prompt_tokens: seq.prompt_tokens,
+                        completion_tokens: seq.generated,
+                        confidence,
+                    })));
+                    true
+                }
+                None => false,
+            },
         }
     }
 }
 
-fn send_delta(seq: &Sequence, delta: String) {
+fn send_delta(seq: &mut Sequence, delta: String) {
     if !delta.is_empty() {
+        seq.sent += delta.len();
         let _ = seq.events.send(Event::Delta(delta));
     }
 }

@@ -27,6 +27,16 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnavailableLabels {
+    pub reason: String,
+    pub outcome: String,
+}
+
+fn escalation_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
 /// Why a request was escalated to a cloud endpoint (used by the escalation feature).
 #[derive(Debug, Clone, Copy)]
 pub enum EscalationReason {
@@ -56,8 +66,14 @@ pub struct Metrics {
     pub cancelled: Counter,
     pub expert_tokens: Family<ExpertLabels, Counter>,
     pub escalations: Family<ReasonLabels, Counter>,
+    /// Escalation latency: from the decision to escalate to the cloud's first token.
+    pub escalation_duration: Family<ReasonLabels, Histogram, fn() -> Histogram>,
+    /// Escalations the cloud could not take, by reason and what happened instead.
+    pub escalation_unavailable: Family<UnavailableLabels, Counter>,
     /// Serialises copying model-side expert counts into `expert_tokens`.
     expert_sync: Mutex<()>,
+    /// Router <-> expert shard traffic (expert disaggregation).
+    pub shards: crate::shard_metrics::ShardMetrics,
 }
 
 impl Default for Metrics {
@@ -69,6 +85,8 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        let shards = crate::shard_metrics::ShardMetrics::default();
+        shards.register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         let queue_depth = Gauge::default();
         let running = Gauge::default();
@@ -80,6 +98,11 @@ impl Metrics {
         let cancelled = Counter::default();
         let expert_tokens = Family::<ExpertLabels, Counter>::default();
         let escalations = Family::<ReasonLabels, Counter>::default();
+        let escalation_duration =
+            Family::<ReasonLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                escalation_histogram as fn() -> Histogram,
+            );
+        let escalation_unavailable = Family::<UnavailableLabels, Counter>::default();
         registry.register(
             "tidal_worker_requests",
             "HTTP requests to the API endpoints, by endpoint and status code",
@@ -135,6 +158,16 @@ impl Metrics {
             "Requests escalated to a cloud endpoint, by reason",
             escalations.clone(),
         );
+        registry.register(
+            "tidal_worker_escalation_duration_seconds",
+            "Time from the decision to escalate a request to the cloud's first token, by reason",
+            escalation_duration.clone(),
+        );
+        registry.register(
+            "tidal_worker_escalation_cloud_unavailable",
+            "Escalations the cloud endpoint could not take, by reason and outcome",
+            escalation_unavailable.clone(),
+        );
         for reason in [
             EscalationReason::LowConfidence,
             EscalationReason::Overloaded,
@@ -157,7 +190,10 @@ impl Metrics {
             cancelled,
             expert_tokens,
             escalations,
+            escalation_duration,
+            escalation_unavailable,
             expert_sync: Mutex::new(()),
+            shards,
         }
     }
 
@@ -166,6 +202,33 @@ impl Metrics {
             .get_or_create(&RequestLabels {
                 endpoint: endpoint.into(),
                 status: status.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn escalation(&self, reason: EscalationReason) {
+        self.escalations
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str().into(),
+            })
+            .inc();
+    }
+
+    pub fn escalation_latency(&self, reason: EscalationReason, secs: f64) {
+        self.escalation_duration
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str().into(),
+            })
+            .observe(secs);
+    }
+
+    /// `outcome`: `served_locally`, `failed` or `rejected` (429: overloaded and not
+    /// allowed to fail).
+    pub fn escalation_unavailable(&self, reason: EscalationReason, outcome: &str) {
+        self.escalation_unavailable
+            .get_or_create(&UnavailableLabels {
+                reason: reason.as_str().into(),
+                outcome: outcome.into(),
             })
             .inc();
     }

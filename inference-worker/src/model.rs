@@ -19,7 +19,7 @@ pub struct ExpertCounts {
 }
 
 impl ExpertCounts {
-    fn new(layers: usize, num_experts: usize) -> Self {
+    pub fn new(layers: usize, num_experts: usize) -> Self {
         Self {
             num_experts,
             counts: (0..layers * num_experts)
@@ -55,7 +55,7 @@ impl ExpertCounts {
             .collect()
     }
 
-    fn add(&self, layer: usize, expert: usize, n: u64) {
+    pub fn add(&self, layer: usize, expert: usize, n: u64) {
         self.counts[layer * self.num_experts + expert].fetch_add(n, Ordering::Relaxed);
     }
 }
@@ -291,64 +291,158 @@ impl Mlp {
     }
 }
 
+/// One Mixtral expert's feed-forward network (`w1`, `w3`, `w2`), loadable on its own
+/// so that an expert shard can hold any subset of a layer's experts.
+pub struct ExpertFfn(Mlp);
+
+impl ExpertFfn {
+    /// Loads from `vb` positioned at `model.layers.{l}.block_sparse_moe.experts.{e}`.
+    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self(Mlp::load(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            ["w1", "w3", "w2"],
+            vb,
+        )?))
+    }
+}
+
+/// Checkpoint prefix of expert `expert` of decoder layer `layer`.
+pub fn expert_prefix(layer: usize, expert: usize) -> String {
+    format!("model.layers.{layer}.block_sparse_moe.experts.{expert}")
+}
+
+/// The per-row routing decision of a MoE layer: `(expert, weight)` pairs, weights
+/// already renormalised over the row's chosen experts.
+pub type Routes = Vec<Vec<(usize, f32)>>;
+
+/// Runs experts on the rows of `xs` routed to them and returns, per row, the
+/// weighted sum of its experts' outputs (rows routed nowhere come out zero).
+///
+/// Experts run in ascending id, each once on all of its rows, and their weighted
+/// outputs are accumulated in that order: the same computation whether all experts
+/// are local (`full` role) or only a shard's subset (`expert` role), so that every
+/// expert's contribution is bitwise the same in both (see [`invariant_rows`]).
+pub fn run_experts<'a>(
+    xs: &Tensor,
+    routes: &[Vec<(usize, f32)>],
+    num_experts: usize,
+    expert: impl Fn(usize) -> Result<&'a ExpertFfn>,
+    mut on_expert: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    let mut rows = vec![vec![]; num_experts];
+    let mut weights = vec![vec![]; num_experts];
+    for (row, r) in routes.iter().enumerate() {
+        for &(e, w) in r {
+            if e >= num_experts {
+                return Err(Error::Other(format!(
+                    "expert {e} out of range (the model has {num_experts})"
+                )));
+            }
+            rows[e].push(row as u32);
+            weights[e].push(w);
+        }
+    }
+    let mut ys = xs.zeros_like()?;
+    for e in 0..num_experts {
+        if rows[e].is_empty() {
+            continue;
+        }
+        on_expert(e, rows[e].len());
+        let idx = Tensor::new(rows[e].as_slice(), xs.device())?;
+        let w = Tensor::new(weights[e].as_slice(), xs.device())?
+            .reshape(((), 1))?
+            .to_dtype(xs.dtype())?;
+        let out = expert(e)?.0.forward(&xs.index_select(&idx, 0)?)?;
+        ys = ys.index_add(&idx, &out.broadcast_mul(&w)?, 0)?;
+    }
+    Ok(ys)
+}
+
+/// Experts that run outside this process (the `router` role): given a layer's
+/// hidden states and routing, returns the per-row weighted sum of the experts'
+/// outputs, as [`run_experts`] would locally.
+pub trait RemoteExperts: Send + Sync {
+    fn forward(&self, layer: usize, xs: &Tensor, routes: &[Vec<(usize, f32)>]) -> Result<Tensor>;
+}
+
+/// Where a MoE model's expert FFNs live.
+#[derive(Clone, Default)]
+pub enum ExpertPlacement {
+    /// In this process (the `full` role).
+    #[default]
+    Local,
+    /// On expert shards; this process loads no expert weights (the `router` role).
+    Remote(Arc<dyn RemoteExperts>),
+}
+
+enum Experts {
+    Local(Vec<ExpertFfn>),
+    Remote(Arc<dyn RemoteExperts>),
+}
+
 struct Moe {
     gate: Proj,
-    experts: Vec<Mlp>,
+    experts: Experts,
+    num_experts: usize,
     top_k: usize,
 }
 
 impl Moe {
-    fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let experts = (0..cfg.num_experts)
-            .map(|e| {
-                Mlp::load(
-                    cfg.hidden_size,
-                    cfg.intermediate_size,
-                    ["w1", "w3", "w2"],
-                    vb.pp("experts").pp(e),
-                )
-            })
-            .collect::<Result<_>>()?;
+    fn load(cfg: &ModelConfig, vb: VarBuilder, placement: &ExpertPlacement) -> Result<Self> {
+        let experts = match placement {
+            ExpertPlacement::Local => Experts::Local(
+                (0..cfg.num_experts)
+                    .map(|e| ExpertFfn::load(cfg, vb.pp("experts").pp(e)))
+                    .collect::<Result<_>>()?,
+            ),
+            ExpertPlacement::Remote(r) => Experts::Remote(r.clone()),
+        };
         Ok(Self {
             gate: linear(cfg.hidden_size, cfg.num_experts, false, vb.pp("gate"))?,
             experts,
+            num_experts: cfg.num_experts,
             top_k: cfg.num_experts_per_tok,
         })
     }
 
     /// Top-k softmax gating, weights renormalised over the chosen experts (as Mixtral).
-    ///
+    fn route(&self, xs: &Tensor) -> Result<Routes> {
+        let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(xs)?)?;
+        let probs = probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(probs
+            .iter()
+            .map(|p| {
+                let mut order: Vec<usize> = (0..p.len()).collect();
+                order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
+                let chosen = &order[..self.top_k.min(order.len())];
+                let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+                chosen.iter().map(|&e| (e, p[e] / sum)).collect()
+            })
+            .collect())
+    }
+
     /// `xs` is `(rows, hidden)`, possibly from several sequences: the rows routed to
     /// each expert are gathered across all of them so that each expert runs once.
     fn forward(&self, xs: &Tensor, layer: usize, counts: &ExpertCounts) -> Result<Tensor> {
-        let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(xs)?)?;
-        let probs = probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let mut rows = vec![vec![]; self.experts.len()];
-        let mut weights = vec![vec![]; self.experts.len()];
-        for (row, p) in probs.iter().enumerate() {
-            let mut order: Vec<usize> = (0..p.len()).collect();
-            order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
-            let chosen = &order[..self.top_k];
-            let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
-            for &e in chosen {
-                rows[e].push(row as u32);
-                weights[e].push(p[e] / sum);
+        let routes = self.route(xs)?;
+        match &self.experts {
+            Experts::Local(experts) => run_experts(
+                xs,
+                &routes,
+                self.num_experts,
+                |e| Ok(&experts[e]),
+                |e, n| counts.add(layer, e, n as u64),
+            ),
+            Experts::Remote(remote) => {
+                for r in &routes {
+                    for &(e, _) in r {
+                        counts.add(layer, e, 1);
+                    }
+                }
+                remote.forward(layer, xs, &routes)
             }
         }
-        let mut ys = xs.zeros_like()?;
-        for (e, expert) in self.experts.iter().enumerate() {
-            if rows[e].is_empty() {
-                continue;
-            }
-            counts.add(layer, e, rows[e].len() as u64);
-            let idx = Tensor::new(rows[e].as_slice(), xs.device())?;
-            let w = Tensor::new(weights[e].as_slice(), xs.device())?
-                .reshape(((), 1))?
-                .to_dtype(xs.dtype())?;
-            let out = expert.forward(&xs.index_select(&idx, 0)?)?;
-            ys = ys.index_add(&idx, &out.broadcast_mul(&w)?, 0)?;
-        }
-        Ok(ys)
     }
 }
 
@@ -380,6 +474,23 @@ pub struct Model {
 impl Model {
     /// Loads every `*.safetensors` file in `dir` with the given config.
     pub fn load_dir(dir: &Path, cfg: ModelConfig, dtype: DType) -> Result<Self> {
+        Self::load_dir_with(dir, cfg, dtype, ExpertPlacement::Local)
+    }
+
+    /// As [`Model::load_dir`], with the expert FFNs where `placement` says. With
+    /// remote experts only the non-expert tensors are read from the checkpoint.
+    pub fn load_dir_with(
+        dir: &Path,
+        cfg: ModelConfig,
+        dtype: DType,
+        placement: ExpertPlacement,
+    ) -> Result<Self> {
+        if let ExpertPlacement::Remote(_) = placement {
+            let index = crate::weights::Checkpoint::open(dir)?;
+            let tensors = index.load_where(|name| !name.contains(".block_sparse_moe.experts."))?;
+            let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+            return Self::load_with(cfg, vb, placement);
+        }
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -402,6 +513,10 @@ impl Model {
     }
 
     pub fn load(cfg: ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load_with(cfg, vb, ExpertPlacement::Local)
+    }
+
+    pub fn load_with(cfg: ModelConfig, vb: VarBuilder, placement: ExpertPlacement) -> Result<Self> {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let m = vb.pp("model");
@@ -410,7 +525,7 @@ impl Model {
         for l in 0..cfg.num_hidden_layers {
             let vb = m.pp("layers").pp(l);
             let ffn = if cfg.is_moe() {
-                Ffn::Moe(Moe::load(&cfg, vb.pp("block_sparse_moe"))?)
+                Ffn::Moe(Moe::load(&cfg, vb.pp("block_sparse_moe"), &placement)?)
             } else {
                 Ffn::Dense(Mlp::load(
                     cfg.hidden_size,

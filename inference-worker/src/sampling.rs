@@ -44,6 +44,22 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The largest probability of `softmax(logits)` (temperature 1): how sure the model is
+/// of its most likely next token, whatever the request's sampling settings. Used as the
+/// per-token confidence of edge escalation. NaN logits count as no confidence (0).
+pub fn max_prob(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return 0.0;
+    }
+    let total: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    if total.is_finite() && total > 0.0 {
+        1.0 / total
+    } else {
+        0.0
+    }
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = match params.seed {
@@ -113,6 +129,17 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&logits), 1);
+    }
+
+    #[test]
+    fn max_prob_is_the_largest_softmax_probability() {
+        assert!((max_prob(&[0.0, 0.0, 0.0, 0.0]) - 0.25).abs() < 1e-6);
+        let p = max_prob(&[2.0, 1.0, 0.0]);
+        let e = [2.0f32.exp(), 1.0f32.exp(), 1.0];
+        assert!((p - e[0] / e.iter().sum::<f32>()).abs() < 1e-6);
+        assert!(max_prob(&[100.0, -100.0]) > 0.999);
+        assert_eq!(max_prob(&[f32::NAN, 1.0]), 0.0);
+        assert_eq!(max_prob(&[]), 0.0);
     }
 
     #[test]

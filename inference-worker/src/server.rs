@@ -1,14 +1,18 @@
 //! The HTTP API (axum): OpenAI-compatible endpoints, health, readiness, metrics.
 
 use crate::api::{ApiError, ChatRequest, Checked, CompletionRequest, Limits, Usage, parse_json};
-use crate::engine::{EngineHandle, Event, GenRequest};
+use crate::engine::{EngineHandle, EscalationMark, Event, GenRequest};
+use crate::escalation::{
+    Continuation, ESCALATED_FROM_HEADER, ESCALATED_HEADER, ESCALATION_FAILED_HEADER,
+    EscalationConfig, Escalator, Forwarded, OnCloudUnavailable, cloud_unavailable_error,
+};
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::text::TextCodec;
+use crate::text::{ChatMessage, TextCodec};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +34,8 @@ pub struct ServerConfig {
     pub max_stop: usize,
     pub body_limit: usize,
     pub retry_after_secs: u64,
+    /// Set on an edge worker: where and when to escalate requests.
+    pub escalation: Option<EscalationConfig>,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +46,7 @@ impl Default for ServerConfig {
             max_stop: 4,
             body_limit: 1 << 20,
             retry_after_secs: 1,
+            escalation: None,
         }
     }
 }
@@ -57,11 +64,17 @@ pub struct AppState {
     served: OnceLock<Served>,
     draining: AtomicBool,
     next_id: AtomicU64,
+    escalator: Option<Arc<Escalator>>,
 }
 
 impl AppState {
+    /// Panics when `config.escalation` is invalid; check it first with [`Escalator::new`].
     pub fn new(config: ServerConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let escalator = config.escalation.clone().map(|c| {
+            Arc::new(Escalator::new(c, metrics.clone()).expect("a valid escalation config"))
+        });
         Arc::new(Self {
+            escalator,
             config,
             metrics,
             served: OnceLock::new(),
@@ -212,21 +225,57 @@ fn served(st: &AppState) -> Result<&Served, ApiError> {
             param: None,
             code: None,
             retry_after: Some(st.config.retry_after_secs),
+            escalation_failed: false,
         }),
     }
 }
 
-/// Checks the prompt against the context and queues the generation.
-fn start(
+/// One validated generation request, as a handler prepared it.
+struct Job {
+    kind: Kind,
+    /// The prompt text the ids were encoded from (chat template applied).
+    prompt_text: String,
+    /// Chat requests' messages (forwarded as they are on overload).
+    messages: Option<Vec<ChatMessage>>,
+    prompt_ids: Vec<u32>,
+    prompt_param: &'static str,
+    checked: Checked,
+    arrived: Instant,
+    /// False for a request another worker escalated here: it is never escalated again.
+    may_escalate: bool,
+}
+
+/// A queued (or forwarded) generation.
+struct Started {
+    rx: UnboundedReceiver<Event>,
+    /// Set when the engine may hand the request off for low confidence.
+    continuation: Option<Arc<Continuation>>,
+    /// A response header known before the response starts.
+    header: Option<(&'static str, &'static str)>,
+}
+
+fn queue_full(st: &AppState) -> ApiError {
+    ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        message: "the request queue is full; retry later".into(),
+        kind: "rate_limit_error",
+        param: None,
+        code: Some("rate_limit_exceeded"),
+        retry_after: Some(st.config.retry_after_secs),
+        escalation_failed: false,
+    }
+}
+
+/// Checks the prompt against the context and queues the generation; on an edge worker
+/// with a full queue, forwards it to the cloud instead.
+async fn start(
     st: &AppState,
     served: &Served,
     limits: &Limits,
-    prompt_ids: Vec<u32>,
-    prompt_param: &'static str,
-    checked: &Checked,
-    arrived: Instant,
-) -> Result<UnboundedReceiver<Event>, ApiError> {
-    let n = prompt_ids.len();
+    job: &Job,
+) -> Result<Started, ApiError> {
+    let n = job.prompt_ids.len();
+    let prompt_param = job.prompt_param;
     if n == 0 {
         return Err(ApiError::invalid(Some(prompt_param), "the prompt is empty"));
     }
@@ -241,6 +290,7 @@ fn start(
         .with_code("context_length_exceeded"));
     }
     let room = limits.context - n;
+    let checked = &job.checked;
     let max_tokens = match checked.max_tokens {
         Some(m) if m > room => {
             return Err(ApiError::invalid(
@@ -255,39 +305,89 @@ fn start(
         Some(m) => m,
         None => room.min(limits.max_tokens),
     };
+    let escalator = st.escalator.as_ref().filter(|_| job.may_escalate);
+    let confidence = escalator.and_then(|e| e.config.confidence_check());
     let req = GenRequest {
-        prompt_ids,
+        prompt_ids: job.prompt_ids.clone(),
         max_tokens,
         sampling: checked.sampling.clone(),
         stop: checked.stop.clone(),
         ignore_eos: checked.ignore_eos,
-        arrived,
+        arrived: job.arrived,
+        confidence,
     };
-    served.engine.submit(req).map_err(|e| match e {
-        crate::Error::QueueFull => ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: "the request queue is full; retry later".into(),
-            kind: "rate_limit_error",
-            param: None,
-            code: Some("rate_limit_exceeded"),
-            retry_after: Some(st.config.retry_after_secs),
-        },
-        other => ApiError {
+    match served.engine.submit(req) {
+        Ok(rx) => {
+            let continuation = match (escalator, confidence) {
+                (Some(e), Some(_)) => Some(Arc::new(Continuation {
+                    escalator: e.clone(),
+                    engine: served.engine.clone(),
+                    prompt_text: job.prompt_text.clone(),
+                    prompt_ids: job.prompt_ids.clone(),
+                    max_tokens,
+                    checked: checked.clone(),
+                })),
+                _ => None,
+            };
+            Ok(Started {
+                rx,
+                continuation,
+                header: None,
+            })
+        }
+        Err(crate::Error::QueueFull) => {
+            let Some(esc) = escalator.filter(|e| e.config.on_overload) else {
+                return Err(queue_full(st));
+            };
+            let fwd = Forwarded {
+                prompt_text: &job.prompt_text,
+                messages: job.messages.as_deref(),
+                checked,
+            };
+            match esc.forward_overloaded(&fwd).await {
+                Ok(rx) => Ok(Started {
+                    rx,
+                    continuation: None,
+                    header: Some((ESCALATED_HEADER, "overloaded")),
+                }),
+                Err(e) => Err(match esc.config.on_cloud_unavailable {
+                    OnCloudUnavailable::Fail => cloud_unavailable_error(&e.0),
+                    // Serving locally is what a full queue cannot do: the usual 429.
+                    OnCloudUnavailable::ServeLocally => ApiError {
+                        escalation_failed: true,
+                        ..queue_full(st)
+                    },
+                }),
+            }
+        }
+        Err(other) => Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: other.to_string(),
             kind: "service_unavailable",
             param: None,
             code: None,
             retry_after: Some(st.config.retry_after_secs),
-        },
-    })
+            escalation_failed: false,
+        }),
+    }
 }
 
-/// Waits for the whole generation (non-streaming responses).
+/// The whole generation (non-streaming responses).
+struct Collected {
+    text: String,
+    finish: &'static str,
+    usage: Usage,
+    mark: Option<EscalationMark>,
+}
+
+/// Waits for the whole generation, following a low-confidence hand-off to its
+/// continuation.
 async fn collect(
     mut rx: UnboundedReceiver<Event>,
-) -> Result<(String, &'static str, Usage), ApiError> {
+    continuation: Option<Arc<Continuation>>,
+) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut mark = None;
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Delta(d) => text.push_str(&d),
@@ -296,13 +396,20 @@ async fn collect(
                 prompt_tokens,
                 completion_tokens,
             } => {
-                return Ok((
+                return Ok(Collected {
                     text,
-                    finish.as_str(),
-                    Usage::new(prompt_tokens, completion_tokens),
-                ));
+                    finish: finish.as_str(),
+                    usage: Usage::new(prompt_tokens, completion_tokens),
+                    mark,
+                });
             }
             Event::Error(e) => return Err(internal(e)),
+            Event::LowConfidence(h) => match &continuation {
+                Some(c) => rx = c.resume(*h),
+                None => return Err(internal("an unexpected hand-off".into())),
+            },
+            Event::Escalated(m) => mark = Some(m),
+            Event::CloudUnavailable(why) => return Err(cloud_unavailable_error(&why)),
         }
     }
     Err(internal("the engine dropped the request".into()))
@@ -316,6 +423,7 @@ fn internal(message: String) -> ApiError {
         param: None,
         code: None,
         retry_after: None,
+        escalation_failed: false,
     }
 }
 
@@ -325,8 +433,13 @@ enum Kind {
     Chat,
 }
 
+fn may_escalate(headers: &HeaderMap) -> bool {
+    !headers.contains_key(ESCALATED_FROM_HEADER)
+}
+
 async fn completions(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
@@ -341,14 +454,25 @@ async fn completions(
             .codec
             .encode(&prompt)
             .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
-        let rx = start(&st, served, &limits, ids, "prompt", &checked, arrived)?;
-        Ok::<_, ApiError>(respond(&st, Kind::Completion, &checked, rx).await)
+        let job = Job {
+            kind: Kind::Completion,
+            prompt_text: prompt,
+            messages: None,
+            prompt_ids: ids,
+            prompt_param: "prompt",
+            checked,
+            arrived,
+            may_escalate: may_escalate(&headers),
+        };
+        let started = start(&st, served, &limits, &job).await?;
+        Ok::<_, ApiError>(respond(&st, job.kind, &job.checked, started).await)
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn chat_completions(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
@@ -367,18 +491,43 @@ async fn chat_completions(
             .codec
             .encode(&prompt)
             .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
-        let rx = start(&st, served, &limits, ids, "messages", &checked, arrived)?;
-        Ok::<_, ApiError>(respond(&st, Kind::Chat, &checked, rx).await)
+        let job = Job {
+            kind: Kind::Chat,
+            prompt_text: prompt,
+            messages: Some(messages),
+            prompt_ids: ids,
+            prompt_param: "messages",
+            checked,
+            arrived,
+            may_escalate: may_escalate(&headers),
+        };
+        let started = start(&st, served, &limits, &job).await?;
+        Ok::<_, ApiError>(respond(&st, job.kind, &job.checked, started).await)
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn respond(
-    st: &AppState,
-    kind: Kind,
-    checked: &Checked,
-    rx: UnboundedReceiver<Event>,
-) -> Response {
+/// The `escalation` field of an escalated response (and of its last stream chunks).
+fn escalation_field(mark: &EscalationMark) -> Value {
+    json!({
+        "reason": mark.reason,
+        "served_by": if mark.by_cloud { "cloud" } else { "edge" },
+    })
+}
+
+fn set_header(resp: &mut Response, name: &'static str, value: &'static str) {
+    resp.headers_mut().insert(
+        HeaderName::from_static(name),
+        HeaderValue::from_static(value),
+    );
+}
+
+async fn respond(st: &AppState, kind: Kind, checked: &Checked, started: Started) -> Response {
+    let Started {
+        rx,
+        continuation,
+        header,
+    } = started;
     let created = now_secs();
     let model = st.config.model_name.clone();
     let id = st.new_id(match kind {
@@ -386,13 +535,30 @@ async fn respond(
         Kind::Chat => "chatcmpl",
     });
     if checked.stream {
-        let stream = sse_stream(kind, id, model, created, checked.include_usage, rx);
-        return Sse::new(stream).into_response();
+        let stream = sse_stream(
+            kind,
+            id,
+            model,
+            created,
+            checked.include_usage,
+            rx,
+            continuation,
+        );
+        let mut resp = Sse::new(stream).into_response();
+        if let Some((name, value)) = header {
+            set_header(&mut resp, name, value);
+        }
+        return resp;
     }
-    match collect(rx).await {
+    match collect(rx, continuation).await {
         Err(e) => e.into_response(),
-        Ok((text, finish, usage)) => {
-            let body = match kind {
+        Ok(Collected {
+            text,
+            finish,
+            usage,
+            mark,
+        }) => {
+            let mut body = match kind {
                 Kind::Completion => json!({
                     "id": id, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
@@ -409,7 +575,17 @@ async fn respond(
                     "usage": usage,
                 }),
             };
-            Json(body).into_response()
+            if let Some(m) = &mark {
+                body["escalation"] = escalation_field(m);
+            }
+            let mut resp = Json(body).into_response();
+            if let Some(m) = mark {
+                set_header(&mut resp, ESCALATED_HEADER, m.reason);
+                if !m.by_cloud {
+                    set_header(&mut resp, ESCALATION_FAILED_HEADER, "cloud_unavailable");
+                }
+            }
+            resp
         }
     }
 }
@@ -449,6 +625,8 @@ struct StreamState {
     created: u64,
     include_usage: bool,
     rx: UnboundedReceiver<Event>,
+    continuation: Option<Arc<Continuation>>,
+    mark: Option<EscalationMark>,
     pending: std::collections::VecDeque<String>,
     started: bool,
     done: bool,
@@ -461,6 +639,7 @@ fn sse_stream(
     created: u64,
     include_usage: bool,
     rx: UnboundedReceiver<Event>,
+    continuation: Option<Arc<Continuation>>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let state = StreamState {
         kind,
@@ -469,6 +648,8 @@ fn sse_stream(
         created,
         include_usage,
         rx,
+        continuation,
+        mark: None,
         pending: Default::default(),
         started: false,
         done: false,
@@ -499,7 +680,7 @@ fn sse_stream(
                     prompt_tokens,
                     completion_tokens,
                 }) => {
-                    let c = chunk(
+                    let mut c = chunk(
                         s.kind,
                         &s.id,
                         &s.model,
@@ -507,16 +688,22 @@ fn sse_stream(
                         None,
                         Some(finish.as_str()),
                     );
+                    if let Some(m) = &s.mark {
+                        c["escalation"] = escalation_field(m);
+                    }
                     s.pending.push_back(c.to_string());
                     if s.include_usage {
                         let object = match s.kind {
                             Kind::Completion => "text_completion",
                             Kind::Chat => "chat.completion.chunk",
                         };
-                        let u = json!({
+                        let mut u = json!({
                             "id": s.id, "object": object, "created": s.created, "model": s.model,
                             "choices": [], "usage": Usage::new(prompt_tokens, completion_tokens),
                         });
+                        if let Some(m) = &s.mark {
+                            u["escalation"] = escalation_field(m);
+                        }
                         s.pending.push_back(u.to_string());
                     }
                     s.pending.push_back("[DONE]".into());
@@ -524,6 +711,24 @@ fn sse_stream(
                 }
                 Some(Event::Error(e)) => {
                     s.pending.push_back(internal(e).body().to_string());
+                    s.pending.push_back("[DONE]".into());
+                    s.done = true;
+                }
+                Some(Event::LowConfidence(h)) => match &s.continuation {
+                    // The rest of the stream comes from the continuation, re-wrapped in
+                    // this response's chunks (same id, model and created).
+                    Some(c) => s.rx = c.resume(*h),
+                    None => {
+                        let e = internal("an unexpected hand-off".into());
+                        s.pending.push_back(e.body().to_string());
+                        s.pending.push_back("[DONE]".into());
+                        s.done = true;
+                    }
+                },
+                Some(Event::Escalated(m)) => s.mark = Some(m),
+                Some(Event::CloudUnavailable(why)) => {
+                    s.pending
+                        .push_back(cloud_unavailable_error(&why).body().to_string());
                     s.pending.push_back("[DONE]".into());
                     s.done = true;
                 }

@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the controllers (with leader election).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
 }
@@ -59,4 +59,16 @@ pub struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "TIDAL_LOG_JSON")]
     pub log_json: bool,
+    /// Prometheus base URL for InferenceServices whose spec names none.
+    #[arg(long, env = "TIDAL_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
+    /// `rate()` window of the autoscaler's queries (at least four scrape intervals).
+    #[arg(long, env = "TIDAL_RATE_WINDOW", default_value = "1m")]
+    pub rate_window: String,
+    /// Seconds a new replica is assumed to need to become ready, until one has been measured.
+    #[arg(long, env = "TIDAL_DEFAULT_READY_SECONDS", default_value_t = 60.0)]
+    pub default_ready_seconds: f64,
+    /// Do not run the autoscaler (replicas then follow the spec).
+    #[arg(long, env = "TIDAL_DISABLE_AUTOSCALER")]
+    pub disable_autoscaler: bool,
 }

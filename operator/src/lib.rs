@@ -18,4 +18,5 @@ pub mod error;
 pub mod metrics;
 pub mod run;
 pub mod server;
+pub mod sim;
 pub mod telemetry;

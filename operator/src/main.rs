@@ -16,7 +16,7 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Run(args) => {
             tidal_operator::telemetry::init(args.log_json);
-            match tidal_operator::run::run(args).await {
+            match tidal_operator::run::run(*args).await {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "tidal-operator failed");

@@ -29,6 +29,109 @@ pub struct WriteLabels {
     pub kind: &'static str,
 }
 
+/// One InferenceService (bounded by the number of services, not by traffic).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub inference_service: String,
+}
+
+/// One scaling target of a service: `cloud`, `edge/<edgenode>` or `shard/<k>`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub namespace: String,
+    pub inference_service: String,
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub namespace: String,
+    pub inference_service: String,
+    /// `up`, `down` or `hold`.
+    pub direction: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The autoscaler's metrics (what the dashboards plot: forecast vs actual, replicas).
+#[derive(Default)]
+pub struct AutoscalerMetrics {
+    pub observed_rps: Family<TargetLabels, FloatGauge>,
+    pub predicted_rps: Family<TargetLabels, FloatGauge>,
+    pub lower_rps: Family<TargetLabels, FloatGauge>,
+    pub upper_rps: Family<TargetLabels, FloatGauge>,
+    pub horizon_seconds: Family<TargetLabels, FloatGauge>,
+    pub error_ratio: Family<TargetLabels, FloatGauge>,
+    pub desired_replicas: Family<TargetLabels, Gauge>,
+    pub current_replicas: Family<TargetLabels, Gauge>,
+    pub metrics_available: Family<ServiceLabels, Gauge>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub plan_imbalance: Family<ServiceLabels, FloatGauge>,
+}
+
+impl AutoscalerMetrics {
+    fn register(&self, root: &mut Registry) {
+        let f = root.sub_registry_with_prefix("tidal_forecast");
+        f.register(
+            "observed_rps",
+            "Request rate measured now",
+            self.observed_rps.clone(),
+        );
+        f.register(
+            "predicted_rps",
+            "Point forecast of the request rate at the horizon",
+            self.predicted_rps.clone(),
+        );
+        f.register(
+            "lower_rps",
+            "Lower end of the prediction interval",
+            self.lower_rps.clone(),
+        );
+        f.register(
+            "upper_rps",
+            "Upper end of the prediction interval (what is provisioned for)",
+            self.upper_rps.clone(),
+        );
+        f.register(
+            "horizon_seconds",
+            "How far ahead the forecast looks",
+            self.horizon_seconds.clone(),
+        );
+        f.register(
+            "error_ratio",
+            "|forecast made one horizon ago - actual| / actual",
+            self.error_ratio.clone(),
+        );
+        let a = root.sub_registry_with_prefix("tidal_autoscaler");
+        a.register(
+            "desired_replicas",
+            "Replicas the autoscaler decided",
+            self.desired_replicas.clone(),
+        );
+        a.register(
+            "current_replicas",
+            "Ready replicas when the decision was made",
+            self.current_replicas.clone(),
+        );
+        a.register(
+            "metrics_available",
+            "1 when the last snapshot was fresh, 0 while decisions are held",
+            self.metrics_available.clone(),
+        );
+        a.register(
+            "decisions",
+            "Autoscaler decisions by direction",
+            self.decisions.clone(),
+        );
+        root.sub_registry_with_prefix("tidal_expert").register(
+            "plan_imbalance",
+            "max / mean predicted load per expert-shard replica of the current plan",
+            self.plan_imbalance.clone(),
+        );
+    }
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -40,11 +143,15 @@ pub struct Metrics {
     pub api_writes: Family<WriteLabels, Counter>,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    pub autoscaler: AutoscalerMetrics,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("tidal_operator");
+        let mut root = Registry::default();
+        let autoscaler = AutoscalerMetrics::default();
+        autoscaler.register(&mut root);
+        let registry = root.sub_registry_with_prefix("tidal_operator");
         let reconciles = Family::<ControllerLabels, Counter>::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let reconcile_duration =
@@ -75,7 +182,8 @@ impl Default for Metrics {
             leader.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
+            autoscaler,
             reconciles,
             reconcile_errors,
             reconcile_duration,

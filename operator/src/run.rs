@@ -44,7 +44,8 @@ async fn run_controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     };
     tokio::join!(
         controller::inference_service::run(ctx.clone(), until(stop.clone())),
-        controller::edge_node::run(ctx, until(stop)),
+        controller::edge_node::run(ctx.clone(), until(stop.clone())),
+        controller::autoscale::run(ctx, until(stop)),
     );
 }
 
@@ -63,7 +64,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
         Some(identity.clone()),
     );
-    Arc::get_mut(&mut ctx).expect("not shared yet").namespace = args.watch_namespace.clone();
+    {
+        let c = Arc::get_mut(&mut ctx).expect("not shared yet");
+        c.namespace = args.watch_namespace.clone();
+        c.autoscale = controller::autoscale::Settings {
+            enabled: !args.disable_autoscaler,
+            prometheus_url: args.prometheus_url.clone(),
+            rate_window: args.rate_window.clone(),
+            default_ready_time_s: args.default_ready_seconds,
+        };
+    }
 
     // `shutdown` flips on SIGTERM; everything stops from it.
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -16,6 +16,8 @@ use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
+pub mod processes;
+
 /// Repository root (the workspace), from this crate's manifest dir.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -96,7 +98,10 @@ fn bring_up() -> Result<LocalEnv, Unavailable> {
     // `up` is idempotent and fast when everything already runs; flock keeps parallel test
     // binaries from starting two control planes at once.
     let lock = std::env::temp_dir().join("tidal-local-up.lock");
+    // `--close`: the daemons `up` starts must not inherit the lock, or the next `up` would
+    // wait for as long as the control plane runs.
     let out = Command::new("flock")
+        .arg("--close")
         .arg(&lock)
         .arg(&script)
         .arg("up")
@@ -264,7 +269,15 @@ pub struct RunningOperator {
 impl RunningOperator {
     /// Starts the InferenceService controller for `ctx.namespace`.
     pub fn start(ctx: &TestCtx) -> RunningOperator {
-        use tidal_operator::controller::{Context, inference_service};
+        Self::start_with(ctx, None)
+    }
+
+    /// Starts the InferenceService controller and, with `autoscale`, the autoscaler loop.
+    pub fn start_with(
+        ctx: &TestCtx,
+        autoscale: Option<tidal_operator::controller::autoscale::Settings>,
+    ) -> RunningOperator {
+        use tidal_operator::controller::{Context, autoscale as loop_, inference_service};
         let metrics = tidal_operator::metrics::Metrics::shared();
         let mut c = Context::new(
             ctx.client.clone(),
@@ -272,11 +285,26 @@ impl RunningOperator {
             metrics.clone(),
             Some(format!("e2e-{}", ctx.namespace)),
         );
-        std::sync::Arc::get_mut(&mut c).expect("fresh").namespace = Some(ctx.namespace.clone());
-        let (stop, mut rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(inference_service::run(c, async move {
+        {
+            let m = std::sync::Arc::get_mut(&mut c).expect("fresh");
+            m.namespace = Some(ctx.namespace.clone());
+            if let Some(a) = &autoscale {
+                m.autoscale = a.clone();
+            }
+        }
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
-        }));
+        };
+        let controller = inference_service::run(c.clone(), until(rx.clone()));
+        let task = tokio::spawn(async move {
+            match autoscale {
+                Some(_) => {
+                    tokio::join!(controller, loop_::run(c, until(rx)));
+                }
+                None => controller.await,
+            }
+        });
         RunningOperator {
             metrics,
             stop,

@@ -5,8 +5,17 @@
 //! trace and a cluster model. Both call [`Autoscaler::step`] once per interval.
 //!
 //! The types in [`types`] are the contract between the three; add fields, never rename.
+//!
+//! One job per module: [`forecast`] (bounded history, cached augurs models, conformal
+//! intervals), [`capacity`] (capacity per replica, learned and SLO-corrected), [`stabilize`]
+//! (windows, step limits, bounds), [`planner`] (expert placement and shard replicas), and
+//! [`core`] (the stateful step tying them together).
 
+pub mod capacity;
 pub mod core;
+pub mod forecast;
+pub mod planner;
+pub mod stabilize;
 pub mod types;
 
 pub use self::core::Autoscaler;

@@ -134,6 +134,42 @@ fn owner_reference(tis: &InferenceService) -> Result<OwnerReference, SpecError> 
     })
 }
 
+/// Replicas the autoscaler decided for a Deployment, while autoscaling is enabled.
+fn autoscaled(tis: &InferenceService, deployment: &str) -> Option<i32> {
+    let enabled = tis.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
+    if !enabled {
+        return None;
+    }
+    tis.status
+        .as_ref()
+        .and_then(|s| s.autoscaled_replicas.get(deployment).copied())
+}
+
+/// The autoscaler's placement, when it fits the spec (same shard and expert counts).
+fn autoscaled_placement(
+    tis: &InferenceService,
+    num_experts: u32,
+    shards: u32,
+) -> Option<&crate::crd::PlacementStatus> {
+    let p = tis.status.as_ref()?.placement.as_ref()?;
+    let fits = p.shards.len() == shards as usize
+        && p.shards
+            .iter()
+            .enumerate()
+            .all(|(k, s)| s.shard == k as u32)
+        && {
+            let mut all: Vec<u32> = p.shards.iter().flat_map(|s| s.experts.clone()).collect();
+            all.sort_unstable();
+            all.dedup();
+            all == (0..num_experts).collect::<Vec<_>>()
+        };
+    fits.then_some(p)
+}
+
+/// Pod-template annotation listing the experts a shard loads: changing it rolls the shard's
+/// pods, so the Deployment's rollout status says when every replica holds the new experts.
+pub const ANNOTATION_HELD_EXPERTS: &str = "tidal.rs/held-experts";
+
 /// Builds the desired children of `tis` given the EdgeNodes the cluster has.
 pub fn desired_children(
     tis: &InferenceService,
@@ -182,8 +218,11 @@ pub fn desired_children(
         selected.sort_by(|a, b| a.name.cmp(&b.name));
         for site in selected {
             let in_service = site.phase.schedulable() && site.node_name.is_some();
+            let kind = ChildKind::Edge(site.name.clone());
             let desired = if in_service {
-                edge.min_replicas_per_node
+                autoscaled(tis, &kind.name(&name))
+                    .unwrap_or(edge.min_replicas_per_node)
+                    .clamp(edge.min_replicas_per_node, edge.max_replicas_per_node)
             } else {
                 0
             };
@@ -191,7 +230,6 @@ pub fn desired_children(
                 failed_over_sites.push(site.name.clone());
                 failover_replicas += edge.min_replicas_per_node.max(1);
             }
-            let kind = ChildKind::Edge(site.name.clone());
             let args = WorkerArgs::edge(&edge.model, &cloud_url, &edge.escalation);
             let deployment = workload::deployment(
                 &base,
@@ -216,23 +254,55 @@ pub fn desired_children(
         }
     }
 
-    let cloud_desired = cloud
-        .replicas
-        .unwrap_or(cloud.min_replicas)
-        .clamp(cloud.min_replicas, cloud.max_replicas);
-    let cloud_desired = (cloud_desired + failover_replicas).min(cloud.max_replicas);
+    let cloud_desired = match autoscaled(tis, &cloud_kind.name(&name)) {
+        // The autoscaler already adds an offline site's forecast load when told to.
+        Some(r)
+            if spec
+                .autoscaling
+                .as_ref()
+                .is_some_and(|a| a.prescale_cloud_for_edge) =>
+        {
+            r
+        }
+        Some(r) => r + failover_replicas,
+        None => cloud.replicas.unwrap_or(cloud.min_replicas) + failover_replicas,
+    };
+    let cloud_desired = cloud_desired.clamp(cloud.min_replicas, cloud.max_replicas);
 
     let placement_cm = if let Some(experts) = &cloud.experts {
         let num_experts = spec.model.num_experts.ok_or(SpecError {
             reason: "NumExpertsUnknown",
             message: "cloud.experts needs model.numExperts to plan expert shards".into(),
         })?;
-        let assignment = initial_assignment(num_experts, experts.shards, experts.placement);
+        // Per shard: (experts routed to it, experts it loads).
+        type Assignment = Vec<(Vec<u32>, Vec<u32>)>;
+        let (version, assignment): (u32, Assignment) =
+            match autoscaled_placement(tis, num_experts, experts.shards) {
+                Some(p) => (
+                    p.version,
+                    p.shards
+                        .iter()
+                        .map(|s| (s.experts.clone(), s.held.clone()))
+                        .collect(),
+                ),
+                None => (
+                    1,
+                    initial_assignment(num_experts, experts.shards, experts.placement)
+                        .into_iter()
+                        .map(|e| (e.clone(), e))
+                        .collect(),
+                ),
+            };
         let cm_name = format!("{name}-placement");
         let mut shards = Vec::new();
-        for (k, held) in assignment.into_iter().enumerate() {
+        for (k, (routed, held)) in assignment.into_iter().enumerate() {
             let kind = ChildKind::ExpertShard(k as u32);
-            let desired = experts.min_replicas_per_shard;
+            let desired = autoscaled(tis, &kind.name(&name))
+                .unwrap_or(experts.min_replicas_per_shard)
+                .clamp(
+                    experts.min_replicas_per_shard,
+                    experts.max_replicas_per_shard,
+                );
             let endpoint = format!(
                 "http://{}.{namespace}.svc.{}:{WORKER_PORT}",
                 kind.name(&name),
@@ -240,12 +310,13 @@ pub fn desired_children(
             );
             shards.push(ShardPlan {
                 shard: k as u32,
-                experts: held.clone(),
+                experts: routed.clone(),
+                held: if held == routed { vec![] } else { held.clone() },
                 endpoint,
                 replicas: desired,
             });
             let args = WorkerArgs::expert(&spec.model, k as u32);
-            let deployment = workload::deployment(
+            let mut deployment = workload::deployment(
                 &base,
                 &kind,
                 desired,
@@ -255,17 +326,27 @@ pub fn desired_children(
                 cloud.tolerations.clone(),
                 Some(&cm_name),
             );
+            if let Some(t) = deployment
+                .spec
+                .as_mut()
+                .and_then(|s| s.template.metadata.as_mut())
+            {
+                let held_list: Vec<String> = held.iter().map(u32::to_string).collect();
+                t.annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(ANNOTATION_HELD_EXPERTS.into(), held_list.join(","));
+            }
             workloads.push(Workload {
                 service: Some(workload::service(&base, &kind)),
                 kind,
                 deployment,
                 desired,
                 edge_phase: None,
-                experts: held,
+                experts: routed,
             });
         }
         let p = PlacementPlan {
-            version: 1,
+            version,
             num_experts,
             shards,
         };

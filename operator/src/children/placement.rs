@@ -10,7 +10,12 @@ use crate::crd::PlacementPolicy;
 #[serde(rename_all = "camelCase")]
 pub struct ShardPlan {
     pub shard: u32,
+    /// Experts the router sends to this shard.
     pub experts: Vec<u32>,
+    /// Experts the shard must load, when more than `experts` (a plan being rolled out: the
+    /// shard warms the experts it is about to receive, or keeps those it is about to lose).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<u32>,
     /// Base URL of the shard's Service (it balances over the shard's replicas).
     pub endpoint: String,
     pub replicas: i32,

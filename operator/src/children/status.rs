@@ -154,6 +154,10 @@ pub fn compute_status(
         edge,
         last_forecast: previous.and_then(|p| p.last_forecast.clone()),
         last_decision: previous.and_then(|p| p.last_decision.clone()),
+        autoscaled_replicas: previous
+            .map(|p| p.autoscaled_replicas.clone())
+            .unwrap_or_default(),
+        placement: previous.and_then(|p| p.placement.clone()),
     }
 }
 

@@ -7,13 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -23,7 +23,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::Context;
-use crate::children::{FIELD_MANAGER, LABEL_EDGE_NODE, LABEL_SERVICE, LABEL_TIER, selector_string};
+use crate::children::{FIELD_MANAGER, LABEL_EDGE_NODE, LABEL_SERVICE, LABEL_TIER};
 use crate::crd::{EdgeNode, EdgeNodeStatus, EdgePhase, EdgeServiceRef, merge_conditions};
 use crate::edge::{self, NodeFacts, Observation};
 use crate::error::{Error, Result};
@@ -43,6 +43,10 @@ struct State {
     deployments: Store<Deployment>,
     /// The controller's own EdgeNode cache: which EdgeNode holds which Node.
     edge_nodes: Store<EdgeNode>,
+    /// Nodes and their heartbeat Leases from caches: no GET per reconcile (thousands of sites,
+    /// a Lease renewal every ~10 s each).
+    nodes: Store<Node>,
+    leases: Store<Lease>,
 }
 
 fn edge_deployments() -> watcher::Config {
@@ -66,12 +70,52 @@ pub async fn run(
     .for_each(|_| futures::future::ready(()));
     let deploy_task = tokio::spawn(deploy_reflector);
 
-    // graceful_shutdown_on wants a Sync future; a oneshot receiver is one whatever `shutdown` is.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (nodes, writer) = reflector::store::<Node>();
+    let node_task = tokio::spawn(
+        reflector::reflector(
+            writer,
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| futures::future::ready(())),
+    );
+    let (leases, writer) = reflector::store::<Lease>();
+    let lease_task = tokio::spawn(
+        reflector::reflector(
+            writer,
+            watcher(
+                Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| futures::future::ready(())),
+    );
+    // graceful_shutdown_on wants a Sync future; a watch receiver is one whatever `shutdown` is.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_task = tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(());
+        let _ = stop_tx.send(true);
     });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    // A reconcile before the caches are filled would report existing Nodes as missing.
+    let synced = async {
+        let _ = tokio::join!(nodes.wait_until_ready(), leases.wait_until_ready());
+    };
+    tokio::select! {
+        _ = synced => {}
+        _ = stopped(stop_rx.clone()) => {
+            for t in [node_task, lease_task, deploy_task, stop_task] {
+                t.abort();
+            }
+            return;
+        }
+    }
 
     let controller = Controller::new(
         Api::<EdgeNode>::all(client.clone()),
@@ -84,6 +128,8 @@ pub async fn run(
         ctx: ctx.clone(),
         deployments,
         edge_nodes: controller.store(),
+        nodes,
+        leases,
     });
     controller
         .watches(
@@ -110,7 +156,7 @@ pub async fn run(
                 .get(LABEL_EDGE_NODE)
                 .map(|en| ObjectRef::<EdgeNode>::new(en))
         })
-        .graceful_shutdown_on(stop_rx.map(|_| ()))
+        .graceful_shutdown_on(stopped(stop_rx))
         .run(reconcile, error_policy, state)
         .for_each(|res| {
             match res {
@@ -123,6 +169,8 @@ pub async fn run(
         })
         .await;
     deploy_task.abort();
+    node_task.abort();
+    lease_task.abort();
     stop_task.abort();
 }
 
@@ -215,15 +263,18 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
     let name = en.name_any();
     let nodes = Api::<Node>::all(ctx.client.clone());
 
-    // Resolve the Node from the candidates the spec names.
-    let candidates: Vec<Node> = match (&en.spec.node_name, &en.spec.node_selector) {
-        (Some(node), _) => nodes.get_opt(node).await?.into_iter().collect(),
-        (None, Some(sel)) => {
-            nodes
-                .list(&ListParams::default().labels(&selector_string(sel)))
-                .await?
-                .items
-        }
+    // Resolve the Node from the candidates the spec names (from the Node cache).
+    let candidates: Vec<Arc<Node>> = match (&en.spec.node_name, &en.spec.node_selector) {
+        (Some(node), _) => state.nodes.get(&ObjectRef::new(node)).into_iter().collect(),
+        (None, Some(sel)) => state
+            .nodes
+            .state()
+            .into_iter()
+            .filter(|n| {
+                let labels = n.labels();
+                sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .collect(),
         (None, None) => {
             return Err(Error::InvalidSpec(
                 "neither nodeName nor nodeSelector is set".into(),
@@ -245,15 +296,15 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
         .ok()
         .and_then(|r| candidates.iter().find(|n| n.name_any() == *r));
 
-    let renew_time = match node {
-        Some(n) => Api::<Lease>::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE)
-            .get_opt(&n.name_any())
-            .await?
-            .and_then(|l| l.spec)
-            .and_then(|s| s.renew_time)
-            .map(|t| t.0),
-        None => None,
-    };
+    let renew_time = node
+        .and_then(|n| {
+            state
+                .leases
+                .get(&ObjectRef::new(&n.name_any()).within(NODE_LEASE_NAMESPACE))
+        })
+        .and_then(|l| l.spec.clone())
+        .and_then(|s| s.renew_time)
+        .map(|t| t.0);
 
     // Another EdgeNode already on this Node: report it instead of fighting over its label.
     let claimed_by = node.and_then(|n| {
@@ -285,6 +336,19 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
         heartbeat_timeout_seconds: en.spec.offline_policy.heartbeat_timeout_seconds,
         cordoned: en.spec.cordoned,
         claimed_by: claimed_by.clone(),
+        // Only a heartbeat reported while healthy may be kept; coming back from Offline or a
+        // late heartbeat always reports the real renewal.
+        reported_heartbeat: en
+            .status
+            .as_ref()
+            .filter(|s| {
+                s.phase == EdgePhase::Ready
+                    && s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Heartbeat" && c.reason == edge::reason::LEASE_RENEWED)
+            })
+            .and_then(|s| s.last_heartbeat.as_ref())
+            .map(|t| t.0),
     });
 
     // Placement labels on the Node: only the labels, only when they differ (no write otherwise).

@@ -1,5 +1,6 @@
 //! Controllers: they read the cluster, call the pure builders, and write the result.
 
+pub mod autoscale;
 pub mod edge_node;
 pub mod inference_service;
 
@@ -21,6 +22,8 @@ pub struct Context {
     pub reporter: Reporter,
     /// Watch InferenceServices in this namespace only (all namespaces when `None`).
     pub namespace: Option<String>,
+    /// The autoscaler loop's settings.
+    pub autoscale: autoscale::Settings,
 }
 
 impl Context {
@@ -51,6 +54,7 @@ impl Context {
                 instance,
             },
             namespace: None,
+            autoscale: autoscale::Settings::default(),
         })
     }
 }

@@ -243,6 +243,16 @@ pub struct ExpertsSpec {
     /// Compute resources of each expert-shard worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Routed tokens per second (summed over layers) one shard replica sustains; the
+    /// autoscaler sizes shards from per-expert token-rate forecasts with it. Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.001, max = 100000000.0))]
+    pub target_tokens_per_second_per_replica: Option<f64>,
+    /// Experts one shard can hold (memory). Slots beyond an even split hold redundant copies
+    /// of hot experts. Default: an even split plus one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub slots_per_shard: Option<u32>,
 }
 
 /// Expert placement policy.
@@ -518,6 +528,39 @@ pub struct InferenceServiceStatus {
     /// The autoscaler's last scaling decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_decision: Option<DecisionStatus>,
+    /// Replicas the autoscaler decided, by Deployment name; the controller applies these
+    /// instead of the spec's while autoscaling is enabled.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub autoscaled_replicas: BTreeMap<String, i32>,
+    /// The expert placement the autoscaler chose, and how far its rollout has got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementStatus>,
+}
+
+/// An expert placement plan being rolled out: shards first load the experts they will hold
+/// (`held`), and only once every shard Deployment is rolled out does the router switch to
+/// `experts`; experts no longer routed to a shard are dropped after that.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementStatus {
+    /// Increases with every new plan.
+    pub version: u32,
+    /// `Warming` (shards loading new experts; routing unchanged), `Switching` (router uses the
+    /// new plan; shards still hold the old experts) or `Active`.
+    pub phase: String,
+    /// One entry per shard.
+    pub shards: Vec<ShardPlacement>,
+}
+
+/// One shard of a placement plan.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardPlacement {
+    pub shard: u32,
+    /// Experts the router sends to this shard.
+    pub experts: Vec<u32>,
+    /// Experts this shard loads (a superset of `experts` during a rollout).
+    pub held: Vec<u32>,
 }
 
 /// Replicas of one Deployment.

@@ -108,6 +108,16 @@ pub struct Observation {
     pub cordoned: bool,
     /// Another EdgeNode that already is this Node (see [`claimed_by_other`]).
     pub claimed_by: Option<String>,
+    /// The `lastHeartbeat` already in status. While the heartbeat stays fresh it is kept for
+    /// up to [`heartbeat_report_interval`], so a Lease renewal (every ~10 s per node) does not
+    /// rewrite the status of thousands of EdgeNodes; the phase still follows every renewal.
+    pub reported_heartbeat: Option<Timestamp>,
+}
+
+/// How long a reported `lastHeartbeat` may lag the Lease while the node is healthy: the
+/// heartbeat timeout, and at least a minute.
+pub fn heartbeat_report_interval(heartbeat_timeout_seconds: u32) -> SignedDuration {
+    SignedDuration::from_secs(i64::from(heartbeat_timeout_seconds.max(60)))
 }
 
 /// The computed state of an EdgeNode.
@@ -154,6 +164,16 @@ pub fn assess(obs: &Observation) -> Assessment {
         Some(a) if a > timeout => Freshness::Expired,
         Some(a) if a > late_after => Freshness::Late,
         Some(_) => Freshness::Fresh,
+    };
+    // What status reports: the stored heartbeat while fresh and recent enough.
+    let report_interval = heartbeat_report_interval(obs.heartbeat_timeout_seconds);
+    let renew_secs = match (freshness, obs.reported_heartbeat, renew_secs) {
+        (Freshness::Fresh, Some(old), Some(new))
+            if old <= new && new.duration_since(old) < report_interval =>
+        {
+            Some(old)
+        }
+        _ => renew_secs,
     };
 
     let heartbeat = match (&obs.node, freshness, renew_secs) {

@@ -41,7 +41,46 @@ fn obs(now: i64) -> Observation {
         heartbeat_timeout_seconds: TIMEOUT,
         cordoned: false,
         claimed_by: None,
+        reported_heartbeat: None,
     }
+}
+
+#[test]
+fn renewals_within_the_report_interval_keep_the_reported_heartbeat() {
+    // Reported at t(0); the Lease renews at t(10): nothing to rewrite yet.
+    let renewed = Observation {
+        renew_time: Some(t(10)),
+        reported_heartbeat: Some(t(0)),
+        ..obs(12)
+    };
+    let a = assess(&renewed);
+    assert_eq!(a.phase, EdgePhase::Ready);
+    assert_eq!(a.last_heartbeat, Some(t(0)));
+    assert_eq!(
+        a,
+        assess(&Observation {
+            renew_time: Some(t(20)),
+            ..renewed.clone()
+        })
+    );
+    // A report older than the interval is refreshed.
+    let interval = heartbeat_report_interval(TIMEOUT).as_secs();
+    let later = Observation {
+        renew_time: Some(t(interval)),
+        ..obs(interval + 1)
+    };
+    let b = assess(&Observation {
+        reported_heartbeat: Some(t(0)),
+        ..later
+    });
+    assert_eq!(b.last_heartbeat, Some(t(interval)));
+    // A late heartbeat reports the real renewal, whatever was reported before.
+    let late = assess(&Observation {
+        reported_heartbeat: Some(t(0)),
+        renew_time: Some(t(5)),
+        ..obs(5 + i64::from(TIMEOUT) / 2)
+    });
+    assert_eq!(late.last_heartbeat, Some(t(5)));
 }
 
 fn cond<'a>(a: &'a Assessment, type_: &str) -> &'a DesiredCondition {

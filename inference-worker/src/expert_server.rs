@@ -1,0 +1,474 @@
+//! The `expert` role: serves the FFNs of the experts that the placement plan gives
+//! to this shard (`POST /v1/experts/forward`, see [`crate::wire`]), plus `/health`,
+//! `/ready` and `/metrics`.
+//!
+//! An expert's weights (all layers) are loaded from the checkpoint when the plan
+//! assigns it to this shard, before the plan change takes effect here, and also on
+//! demand when a router asks for one this shard does not hold (a router may act on
+//! a newer or older plan than this shard for a moment; answering is always right,
+//! since any holder of the weights computes the same result). Experts no longer
+//! assigned are dropped once unused for [`UNLOAD_AFTER`].
+
+use crate::cli::ServeArgs;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::model::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
+use crate::placement::{Plan, PlanFile};
+use crate::weights::Checkpoint;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::future::{Future, IntoFuture};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// How long an expert that the plan no longer assigns here stays loaded after its
+/// last use (routers still on the previous plan may ask for it meanwhile).
+pub const UNLOAD_AFTER: Duration = Duration::from_secs(60);
+
+/// One expert's FFN in every layer.
+struct Slot {
+    layers: Vec<ExpertFfn>,
+    last_used: AtomicU64,
+}
+
+/// The experts this shard holds, and what it needs to load more.
+pub struct ExpertShard {
+    cfg: ModelConfig,
+    dtype: DType,
+    checkpoint: Checkpoint,
+    shard: usize,
+    experts: RwLock<HashMap<usize, Arc<Slot>>>,
+    assigned: RwLock<Vec<usize>>,
+    load_lock: Mutex<()>,
+    counts: Arc<ExpertCounts>,
+    metrics: Arc<Metrics>,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    epoch: Instant,
+}
+
+impl ExpertShard {
+    /// Reads the checkpoint's config and index (no weights yet).
+    pub fn open(
+        dir: &Path,
+        dtype: DType,
+        shard: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        if !cfg.is_moe() {
+            return Err(Error::Unsupported(
+                "the expert role needs a MoE (Mixtral-family) model".into(),
+            ));
+        }
+        let checkpoint = Checkpoint::open(dir)?;
+        Ok(Arc::new(Self {
+            counts: Arc::new(ExpertCounts::new(cfg.num_hidden_layers, cfg.num_experts)),
+            cfg,
+            dtype,
+            checkpoint,
+            shard,
+            experts: RwLock::new(HashMap::new()),
+            assigned: RwLock::new(vec![]),
+            load_lock: Mutex::new(()),
+            metrics,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            epoch: Instant::now(),
+        }))
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn expert_counts(&self) -> &Arc<ExpertCounts> {
+        &self.counts
+    }
+
+    /// Experts whose weights are loaded, ascending.
+    pub fn loaded(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .experts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.ready.set(0);
+    }
+
+    fn now_secs(&self) -> u64 {
+        self.epoch.elapsed().as_secs()
+    }
+
+    /// Loads every expert of `experts` not loaded yet (blocking).
+    pub fn ensure_loaded(&self, experts: &[usize]) -> Result<()> {
+        let missing = |me: &Self| -> Vec<usize> {
+            let have = me.experts.read().unwrap_or_else(|e| e.into_inner());
+            let mut m: Vec<usize> = experts
+                .iter()
+                .copied()
+                .filter(|e| !have.contains_key(e))
+                .collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        if missing(self).is_empty() {
+            return Ok(());
+        }
+        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let todo = missing(self);
+        if todo.is_empty() {
+            return Ok(());
+        }
+        if let Some(e) = todo.iter().find(|&&e| e >= self.cfg.num_experts) {
+            return Err(Error::Other(format!(
+                "expert {e} out of range (the model has {})",
+                self.cfg.num_experts
+            )));
+        }
+        let layers = self.cfg.num_hidden_layers;
+        let prefixes: HashSet<String> = todo
+            .iter()
+            .flat_map(|&e| (0..layers).map(move |l| expert_prefix(l, e)))
+            .collect();
+        let tensors = self.checkpoint.load_where(|name| {
+            name.rsplitn(3, '.')
+                .nth(2)
+                .is_some_and(|p| prefixes.contains(p))
+        })?;
+        let vb = VarBuilder::from_tensors(tensors, self.dtype, &Device::Cpu);
+        let mut loaded = vec![];
+        for &e in &todo {
+            let ffns = (0..layers)
+                .map(|l| ExpertFfn::load(&self.cfg, vb.pp(expert_prefix(l, e))))
+                .collect::<Result<Vec<_>>>()?;
+            loaded.push((
+                e,
+                Arc::new(Slot {
+                    layers: ffns,
+                    last_used: AtomicU64::new(self.now_secs()),
+                }),
+            ));
+        }
+        self.experts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(loaded);
+        tracing::info!(shard = self.shard, experts = ?todo, "expert weights loaded");
+        Ok(())
+    }
+
+    /// Takes `plan`'s assignment for this shard: loads the new experts first.
+    pub fn apply_plan(&self, plan: &Plan) -> Result<()> {
+        let mine = plan.experts_of(self.shard);
+        if plan.shard(self.shard).is_none() {
+            tracing::warn!(
+                shard = self.shard,
+                version = plan.version,
+                "the placement plan does not list this shard"
+            );
+        }
+        self.ensure_loaded(&mine)?;
+        *self.assigned.write().unwrap_or_else(|e| e.into_inner()) = mine;
+        self.metrics
+            .shards
+            .placement_version
+            .set(plan.version as i64);
+        Ok(())
+    }
+
+    /// Drops experts neither assigned nor used for `idle`.
+    pub fn evict_unassigned(&self, idle: Duration) {
+        let assigned = self
+            .assigned
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let now = self.now_secs();
+        let mut experts = self.experts.write().unwrap_or_else(|e| e.into_inner());
+        let before = experts.len();
+        experts.retain(|e, slot| {
+            assigned.contains(e)
+                || now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) < idle.as_secs()
+        });
+        if experts.len() != before {
+            tracing::info!(
+                shard = self.shard,
+                loaded = experts.len(),
+                "unassigned experts unloaded"
+            );
+        }
+    }
+
+    /// Computes one request message (blocking).
+    pub fn compute(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, (StatusCode, String)> {
+        let bad = |e: Error| (StatusCode::BAD_REQUEST, e.to_string());
+        let internal = |e: Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        let req = crate::wire::decode_request(msg).map_err(bad)?;
+        let (_, hidden) = req.xs.dims2().map_err(|e| bad(e.into()))?;
+        if req.layer >= self.cfg.num_hidden_layers || hidden != self.cfg.hidden_size {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "layer {} / hidden {hidden} do not fit this checkpoint ({} layers, hidden {})",
+                    req.layer, self.cfg.num_hidden_layers, self.cfg.hidden_size
+                ),
+            ));
+        }
+        let mut wanted: Vec<usize> = req.routes.iter().flatten().map(|&(e, _)| e).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if let Some(e) = wanted.iter().find(|&&e| e >= self.cfg.num_experts) {
+            return Err((StatusCode::BAD_REQUEST, format!("expert {e} out of range")));
+        }
+        self.ensure_loaded(&wanted).map_err(internal)?;
+        let slots: HashMap<usize, Arc<Slot>> = {
+            let have = self.experts.read().unwrap_or_else(|e| e.into_inner());
+            wanted
+                .iter()
+                .filter_map(|e| have.get(e).map(|s| (*e, s.clone())))
+                .collect()
+        };
+        let now = self.now_secs();
+        for s in slots.values() {
+            s.last_used.store(now, Ordering::Relaxed);
+        }
+        let in_dtype = req.xs.dtype();
+        let xs = req
+            .xs
+            .to_dtype(self.dtype)
+            .map_err(|e| internal(e.into()))?;
+        let layer = req.layer;
+        let ys = run_experts(
+            &xs,
+            &req.routes,
+            self.cfg.num_experts,
+            |e| {
+                slots
+                    .get(&e)
+                    .map(|s| &s.layers[layer])
+                    .ok_or_else(|| Error::Other(format!("expert {e} is not loaded")))
+            },
+            |e, n| self.counts.add(layer, e, n as u64),
+        )
+        .and_then(|ys| Ok(ys.to_dtype(in_dtype)?))
+        .map_err(internal)?;
+        crate::wire::encode_response(&ys).map_err(internal)
+    }
+}
+
+/// The expert role's HTTP endpoints.
+pub fn router(shard: Arc<ExpertShard>) -> Router {
+    Router::new()
+        .route(crate::wire::PATH, post(forward))
+        .route(
+            "/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(1 << 30))
+        .with_state(shard)
+}
+
+async fn forward(State(shard): State<Arc<ExpertShard>>, body: Bytes) -> Response {
+    if !shard.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "expert shard not ready (loading or draining)",
+        )
+            .into_response();
+    }
+    shard.metrics.shards.add_bytes("received", body.len());
+    let t0 = Instant::now();
+    let s = shard.clone();
+    let result = tokio::task::spawn_blocking(move || s.compute(&body)).await;
+    shard
+        .metrics
+        .shards
+        .compute_seconds
+        .observe(t0.elapsed().as_secs_f64());
+    match result {
+        Ok(Ok(bytes)) => {
+            shard.metrics.shards.add_bytes("sent", bytes.len());
+            (
+                [(axum::http::header::CONTENT_TYPE, crate::wire::CONTENT_TYPE)],
+                bytes,
+            )
+                .into_response()
+        }
+        Ok(Err((status, msg))) => (status, msg).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("expert computation panicked: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+async fn ready(State(shard): State<Arc<ExpertShard>>) -> Response {
+    if shard.is_ready() {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "not ready"})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(shard): State<Arc<ExpertShard>>) -> Response {
+    shard.metrics.sync_experts(&shard.counts);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shard.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Loads the shard's assigned experts, marks it ready and starts the plan watcher
+/// and the eviction sweep. Returns the watcher tasks (abort them to stop).
+pub async fn activate(
+    shard: Arc<ExpertShard>,
+    plan_file: Arc<PlanFile>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let plan = plan_file.current();
+    let s = shard.clone();
+    tokio::task::spawn_blocking(move || s.apply_plan(&plan))
+        .await
+        .map_err(|e| Error::Other(format!("loading experts panicked: {e}")))??;
+    shard.ready.store(true, Ordering::SeqCst);
+    shard.metrics.ready.set(i64::from(shard.is_ready()));
+    tracing::info!(shard = shard.shard, experts = ?shard.loaded(), "expert shard ready");
+    let s = shard.clone();
+    let watch = plan_file.watch(
+        Duration::from_secs(1),
+        |_| Ok(()),
+        move |plan| {
+            let s = s.clone();
+            // Load before answering as the new plan says (the answer is right anyway:
+            // unknown experts load on demand).
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = s.apply_plan(&plan) {
+                    tracing::error!(error = %e, "cannot load the experts of the new placement plan");
+                }
+            });
+        },
+    );
+    let s = shard.clone();
+    let sweep = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            s.evict_unassigned(UNLOAD_AFTER);
+        }
+    });
+    Ok(vec![watch, sweep])
+}
+
+/// `tidal-worker serve --role expert`: binds, loads this shard's experts, serves
+/// until `shutdown`, then drains for up to the grace period.
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let plan_path = args.placement_file.clone().ok_or_else(|| {
+        Error::Other("the expert role needs --placement-file (TIDAL_PLACEMENT_FILE)".into())
+    })?;
+    let shard_idx = args
+        .shard
+        .ok_or_else(|| Error::Other("the expert role needs --shard (TIDAL_SHARD)".into()))?;
+    let dtype = crate::model::parse_dtype(&args.dtype)?;
+    let plan_file = PlanFile::open(&plan_path)?;
+    let bind_err = |source| Error::Bind {
+        addr: args.listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(bind_err)?;
+    tracing::info!(addr = %listener.local_addr().map_err(bind_err)?, shard = shard_idx, "expert shard listening");
+    let metrics = Arc::new(Metrics::new());
+    let source = args.model.clone();
+    let m = metrics.clone();
+    let shard = tokio::task::spawn_blocking(move || {
+        let dir = crate::hub::resolve(&source)?;
+        ExpertShard::open(&dir, dtype, shard_idx, m)
+    })
+    .await
+    .map_err(|e| Error::Other(format!("the loader panicked: {e}")))??;
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        axum::serve(listener, router(shard.clone()))
+            .with_graceful_shutdown(async {
+                let _ = drain_rx.await;
+            })
+            .into_future(),
+    );
+    let activated = activate(shard.clone(), plan_file);
+    let mut shutdown = Box::pin(shutdown);
+    let mut tasks = vec![];
+    tokio::select! {
+        res = activated => tasks = res?,
+        () = &mut shutdown => {}
+        res = &mut server => {
+            res.map_err(|e| Error::Other(e.to_string()))?.map_err(Error::Serve)?;
+            return Ok(());
+        }
+    }
+    if tasks.is_empty() {
+        // Shutdown came first.
+    } else {
+        tokio::select! {
+            () = &mut shutdown => {}
+            res = &mut server => {
+                res.map_err(|e| Error::Other(e.to_string()))?.map_err(Error::Serve)?;
+                return Ok(());
+            }
+        }
+    }
+    tracing::info!("shutdown requested: draining");
+    shard.begin_drain();
+    let _ = drain_tx.send(());
+    for t in tasks {
+        t.abort();
+    }
+    match tokio::time::timeout(Duration::from_secs(args.grace_seconds), &mut server).await {
+        Ok(res) => res
+            .map_err(|e| Error::Other(e.to_string()))?
+            .map_err(Error::Serve)?,
+        Err(_) => {
+            tracing::warn!("grace period over; exiting with requests still in flight");
+            server.abort();
+        }
+    }
+    tracing::info!("drained; exiting");
+    Ok(())
+}

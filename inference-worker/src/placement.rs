@@ -1,0 +1,270 @@
+//! The expert placement plan (`plan.json`, written by the operator into a
+//! ConfigMap): which shard serves which experts, and where its replicas are.
+//!
+//! ```json
+//! {"version": 1, "numExperts": 8, "shards": [
+//!   {"shard": 0, "experts": [0, 4], "endpoint": "http://svc-experts-0.ns.svc:8080", "replicas": 2},
+//!   {"shard": 1, "experts": [1, 5], "endpoints": ["http://127.0.0.1:9101", "http://127.0.0.1:9102"]}
+//! ]}
+//! ```
+//!
+//! An expert may be listed by several shards (redundant copies of a hot expert);
+//! the router then splits its tokens across them. `endpoints`, when present, lists
+//! the replica addresses; otherwise the `endpoint` host is resolved through DNS to
+//! all of its addresses (a headless Service), one replica each.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardSpec {
+    pub shard: usize,
+    pub experts: Vec<usize>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub endpoints: Option<Vec<String>>,
+    #[serde(default)]
+    pub replicas: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    #[serde(default)]
+    pub version: u64,
+    pub num_experts: usize,
+    pub shards: Vec<ShardSpec>,
+}
+
+impl Plan {
+    pub fn parse(text: &str) -> Result<Self> {
+        let plan: Plan = serde_json::from_str(text)
+            .map_err(|e| Error::Other(format!("invalid placement plan: {e}")))?;
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.shards {
+            if !seen.insert(s.shard) {
+                return Err(Error::Other(format!(
+                    "invalid placement plan: shard {} listed twice",
+                    s.shard
+                )));
+            }
+            if let Some(e) = s.experts.iter().find(|&&e| e >= self.num_experts) {
+                return Err(Error::Other(format!(
+                    "invalid placement plan: shard {} lists expert {e} but numExperts is {}",
+                    s.shard, self.num_experts
+                )));
+            }
+            let has_endpoints = s.endpoints.as_ref().is_some_and(|v| !v.is_empty());
+            if !has_endpoints && s.endpoint.as_deref().is_none_or(str::is_empty) {
+                return Err(Error::Other(format!(
+                    "invalid placement plan: shard {} has no endpoint",
+                    s.shard
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every expert of a model with `num_experts` experts is served.
+    pub fn check_covers(&self, num_experts: usize) -> Result<()> {
+        if self.num_experts != num_experts {
+            return Err(Error::Other(format!(
+                "placement plan is for {} experts but the model has {num_experts}",
+                self.num_experts
+            )));
+        }
+        let missing: Vec<usize> = (0..num_experts)
+            .filter(|e| self.holders(*e).is_empty())
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Other(format!(
+                "placement plan version {} assigns no shard to experts {missing:?}",
+                self.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// Shards (ascending) that serve `expert`.
+    pub fn holders(&self, expert: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .shards
+            .iter()
+            .filter(|s| s.experts.contains(&expert))
+            .map(|s| s.shard)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn shard(&self, shard: usize) -> Option<&ShardSpec> {
+        self.shards.iter().find(|s| s.shard == shard)
+    }
+
+    /// The experts shard `shard` serves (empty when the plan does not list it).
+    pub fn experts_of(&self, shard: usize) -> Vec<usize> {
+        let mut v = self
+            .shard(shard)
+            .map(|s| s.experts.clone())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// `host:port` of an `http://host[:port][/...]` URL (port 80 by default).
+pub fn authority(url: &str) -> Result<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| Error::Other(format!("endpoint {url:?} must start with http://")))?;
+    let auth = rest.split('/').next().unwrap_or_default();
+    if auth.is_empty() {
+        return Err(Error::Other(format!("endpoint {url:?} has no host")));
+    }
+    let has_port = if let Some(after) = auth.strip_prefix('[') {
+        after.contains("]:")
+    } else {
+        auth.contains(':')
+    };
+    Ok(if has_port {
+        auth.to_string()
+    } else {
+        format!("{auth}:80")
+    })
+}
+
+/// Watches a plan file: polls its content (following symlinks, as Kubernetes swaps
+/// a ConfigMap volume's `..data` link) and swaps in every valid new version. An
+/// invalid or unreadable file keeps the previous plan.
+pub struct PlanFile {
+    path: PathBuf,
+    current: RwLock<(Arc<Plan>, String)>,
+}
+
+impl PlanFile {
+    pub fn open(path: &Path) -> Result<Arc<Self>> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let plan =
+            Plan::parse(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        Ok(Arc::new(Self {
+            path: path.to_path_buf(),
+            current: RwLock::new((Arc::new(plan), text)),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn current(&self) -> Arc<Plan> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Re-reads the file; `Ok(Some(plan))` when it changed to a valid new plan that
+    /// `accept` agrees to.
+    pub fn poll(&self, accept: impl Fn(&Plan) -> Result<()>) -> Result<Option<Arc<Plan>>> {
+        let text = std::fs::read_to_string(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        if text == self.current.read().unwrap_or_else(|e| e.into_inner()).1 {
+            return Ok(None);
+        }
+        let plan = Plan::parse(&text)?;
+        accept(&plan)?;
+        let plan = Arc::new(plan);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (plan.clone(), text);
+        Ok(Some(plan))
+    }
+
+    /// Polls every `every` on the current tokio runtime and calls `on_change` with
+    /// each new plan until the returned task is aborted.
+    pub fn watch<F, A>(
+        self: &Arc<Self>,
+        every: Duration,
+        accept: A,
+        on_change: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        A: Fn(&Plan) -> Result<()> + Send + Sync + 'static,
+        F: Fn(Arc<Plan>) + Send + Sync + 'static,
+    {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut last_err = String::new();
+            loop {
+                tokio::time::sleep(every).await;
+                match me.poll(&accept) {
+                    Ok(Some(plan)) => {
+                        tracing::info!(version = plan.version, path = %me.path.display(), "placement plan reloaded");
+                        last_err.clear();
+                        on_change(plan);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if msg != last_err {
+                            tracing::warn!(error = %msg, "placement plan not reloaded; keeping the previous one");
+                            last_err = msg;
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_operator_format_and_checks_coverage() {
+        let p = Plan::parse(
+            r#"{"version": 3, "numExperts": 4, "shards": [
+            {"shard": 0, "experts": [0, 2], "endpoint": "http://svc-0.ns.svc:8080", "replicas": 2},
+            {"shard": 1, "experts": [1, 3, 2], "endpoints": ["http://127.0.0.1:9101"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(p.holders(2), vec![0, 1]);
+        assert_eq!(p.experts_of(1), vec![1, 2, 3]);
+        p.check_covers(4).unwrap();
+        assert!(p.check_covers(5).is_err());
+        let missing = Plan::parse(
+            r#"{"numExperts": 2, "shards": [{"shard": 0, "experts": [0], "endpoint": "http://a"}]}"#,
+        )
+        .unwrap();
+        assert!(
+            missing
+                .check_covers(2)
+                .unwrap_err()
+                .to_string()
+                .contains("[1]")
+        );
+        assert!(Plan::parse(r#"{"numExperts": 2, "shards": [{"shard": 0, "experts": [2], "endpoint": "http://a"}]}"#).is_err());
+        assert_eq!(
+            authority("http://svc-0.ns.svc:8080/x").unwrap(),
+            "svc-0.ns.svc:8080"
+        );
+        assert_eq!(authority("http://svc").unwrap(), "svc:80");
+        assert_eq!(authority("http://[::1]:9").unwrap(), "[::1]:9");
+        assert!(authority("https://x").is_err());
+    }
+}

@@ -1,0 +1,593 @@
+//! The `router` role's side of expert disaggregation: sends each MoE layer's
+//! routed hidden states to the expert shards of the placement plan and adds up
+//! their answers.
+//!
+//! - One persistent HTTP/2 (prior knowledge, h2c) connection per replica,
+//!   multiplexing every concurrent layer message; reconnects on demand.
+//! - Per layer, one message per shard holding the tokens routed to its experts
+//!   ([`crate::wire`]); all shards are called concurrently. An expert listed by
+//!   several shards has its tokens split across them round-robin by the token's
+//!   order among that expert's tokens (deterministic, and every expert's output for
+//!   a row is bitwise independent of the split).
+//! - Replicas of a shard are balanced round-robin; a connection error, timeout or
+//!   5xx marks the replica down for a moment and retries on the next one. When
+//!   every replica fails, the forward pass fails with an error naming the shard.
+//! - The plan file is polled every second and re-resolved (DNS for shards given by
+//!   `endpoint`) every few seconds; a new routing table is swapped in atomically and
+//!   each layer call finishes on the table it started with (if that fails and the
+//!   table changed meanwhile, the layer is retried once on the new one).
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::loader::Loaded;
+use crate::metrics::Metrics;
+use crate::model::{ExpertPlacement, Model, RemoteExperts, Routes};
+use crate::placement::{Plan, PlanFile, authority};
+use crate::shard_metrics::ShardMetrics;
+use crate::text::TextCodec;
+use bytes::Bytes;
+use candle_core::{DType, Tensor};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
+
+/// Settings of the router's shard client.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Limit for one attempt (connect + request + response) on one replica.
+    pub attempt_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long a replica that failed is skipped (unless no other is left).
+    pub down_for: Duration,
+    /// Plan file poll period.
+    pub poll_every: Duration,
+    /// DNS re-resolution period (shards without explicit `endpoints`).
+    pub resolve_every: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            attempt_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+            down_for: Duration::from_secs(2),
+            poll_every: Duration::from_secs(1),
+            resolve_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One replica of a shard: an address and its (lazily opened) HTTP/2 connection.
+struct Replica {
+    /// `host:port`.
+    addr: String,
+    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl Replica {
+    fn new(addr: String) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            conn: tokio::sync::Mutex::new(None),
+            down_until: Mutex::new(None),
+        })
+    }
+
+    fn is_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    fn mark_down(&self, for_: Duration) {
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + for_);
+    }
+
+    fn mark_up(&self) {
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    async fn sender(&self, connect_timeout: Duration) -> Result<SendRequest<Full<Bytes>>> {
+        let mut slot = self.conn.lock().await;
+        if let Some(s) = slot.as_ref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        *slot = None;
+        let stream =
+            tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(&self.addr))
+                .await
+                .map_err(|_| Error::Other(format!("connecting to {} timed out", self.addr)))?
+                .map_err(|e| Error::Other(format!("cannot connect to {}: {e}", self.addr)))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(8 << 20)
+                .initial_connection_window_size(32 << 20)
+                .max_frame_size(1 << 20)
+                .handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| Error::Other(format!("HTTP/2 handshake with {}: {e}", self.addr)))?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "expert shard connection closed");
+            }
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn drop_conn(&self) {
+        *self.conn.lock().await = None;
+    }
+}
+
+/// The replicas of one shard.
+struct Pool {
+    shard: usize,
+    replicas: Vec<Arc<Replica>>,
+    next: AtomicUsize,
+}
+
+/// A plan with its replicas resolved.
+struct Routing {
+    plan: Arc<Plan>,
+    /// Per expert, the shards (ascending) holding it.
+    holders: Vec<Vec<usize>>,
+    pools: BTreeMap<usize, Arc<Pool>>,
+}
+
+/// Why an attempt failed, and whether another replica may do better.
+struct AttemptError {
+    message: String,
+    retry: bool,
+}
+
+/// Sends MoE layers to expert shards. Implements [`RemoteExperts`] for the model.
+pub struct ShardClient {
+    handle: Handle,
+    cfg: ClientConfig,
+    plan_file: Arc<PlanFile>,
+    routing: RwLock<Arc<Routing>>,
+    rebuild: tokio::sync::Mutex<()>,
+    /// Experts the model has (0 until the model's config is known).
+    num_experts: AtomicUsize,
+    metrics: Arc<Metrics>,
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for ShardClient {
+    fn drop(&mut self) {
+        if let Some(w) = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            w.abort();
+        }
+    }
+}
+
+async fn resolve_pools(plan: &Plan, old: Option<&Routing>) -> BTreeMap<usize, Arc<Pool>> {
+    let mut known: HashMap<String, Arc<Replica>> = HashMap::new();
+    if let Some(old) = old {
+        for pool in old.pools.values() {
+            for r in &pool.replicas {
+                known.insert(r.addr.clone(), r.clone());
+            }
+        }
+    }
+    let mut pools = BTreeMap::new();
+    for spec in &plan.shards {
+        let mut addrs: Vec<String> = vec![];
+        match spec.endpoints.as_ref().filter(|v| !v.is_empty()) {
+            Some(urls) => {
+                for u in urls {
+                    match authority(u) {
+                        Ok(a) => addrs.push(a),
+                        Err(e) => tracing::warn!(shard = spec.shard, error = %e, "bad endpoint"),
+                    }
+                }
+            }
+            None => {
+                let url = spec.endpoint.clone().unwrap_or_default();
+                match authority(&url) {
+                    Ok(a) => match tokio::net::lookup_host(a.as_str()).await {
+                        Ok(found) => {
+                            let mut found: Vec<String> = found.map(|s| s.to_string()).collect();
+                            found.sort();
+                            found.dedup();
+                            addrs.extend(found);
+                        }
+                        Err(e) => {
+                            tracing::warn!(shard = spec.shard, endpoint = %url, error = %e, "cannot resolve expert shard endpoint")
+                        }
+                    },
+                    Err(e) => tracing::warn!(shard = spec.shard, error = %e, "bad endpoint"),
+                }
+            }
+        }
+        let replicas = addrs
+            .into_iter()
+            .map(|a| known.get(&a).cloned().unwrap_or_else(|| Replica::new(a)))
+            .collect();
+        let next = old
+            .and_then(|o| o.pools.get(&spec.shard))
+            .map_or(0, |p| p.next.load(Ordering::Relaxed));
+        pools.insert(
+            spec.shard,
+            Arc::new(Pool {
+                shard: spec.shard,
+                replicas,
+                next: AtomicUsize::new(next),
+            }),
+        );
+    }
+    pools
+}
+
+fn routing_for(plan: Arc<Plan>, pools: BTreeMap<usize, Arc<Pool>>) -> Routing {
+    let holders = (0..plan.num_experts).map(|e| plan.holders(e)).collect();
+    Routing {
+        plan,
+        holders,
+        pools,
+    }
+}
+
+impl ShardClient {
+    /// Reads the plan, resolves its replicas and starts watching the file. Must be
+    /// called inside a tokio runtime, whose handle the client keeps: forward passes
+    /// ([`RemoteExperts::forward`]) block on it and so must run outside the
+    /// runtime's worker threads (the engine thread, `spawn_blocking`).
+    pub async fn start(
+        plan_path: &Path,
+        cfg: ClientConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>> {
+        let plan_file = PlanFile::open(plan_path)?;
+        let plan = plan_file.current();
+        let pools = resolve_pools(&plan, None).await;
+        metrics.shards.placement_version.set(plan.version as i64);
+        let client = Arc::new(Self {
+            handle: Handle::current(),
+            routing: RwLock::new(Arc::new(routing_for(plan, pools))),
+            plan_file,
+            rebuild: tokio::sync::Mutex::new(()),
+            num_experts: AtomicUsize::new(0),
+            metrics,
+            watcher: Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            cfg,
+        });
+        let weak = Arc::downgrade(&client);
+        let every = client.cfg.poll_every;
+        let resolve_every = client.cfg.resolve_every;
+        let task = tokio::spawn(async move {
+            let mut last_resolve = Instant::now();
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(c) = weak.upgrade() else { return };
+                let n = c.num_experts.load(Ordering::Relaxed);
+                let changed = c
+                    .plan_file
+                    .poll(|p| if n > 0 { p.check_covers(n) } else { Ok(()) });
+                match changed {
+                    Ok(Some(plan)) => {
+                        tracing::info!(version = plan.version, "placement plan reloaded");
+                        c.refresh(plan).await;
+                        last_resolve = Instant::now();
+                    }
+                    Ok(None) if last_resolve.elapsed() >= resolve_every => {
+                        let plan = c.plan_file.current();
+                        c.refresh(plan).await;
+                        last_resolve = Instant::now();
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "placement plan not reloaded; keeping the previous one")
+                    }
+                }
+            }
+        });
+        *client.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        Ok(client)
+    }
+
+    /// Resolves `plan`'s replicas and swaps the routing table.
+    async fn refresh(&self, plan: Arc<Plan>) {
+        let _guard = self.rebuild.lock().await;
+        let old = self.routing();
+        let pools = resolve_pools(&plan, Some(&old)).await;
+        self.metrics
+            .shards
+            .placement_version
+            .set(plan.version as i64);
+        *self.routing.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(routing_for(plan, pools));
+    }
+
+    fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The plan in use.
+    pub fn plan(&self) -> Arc<Plan> {
+        self.routing().plan.clone()
+    }
+
+    /// Replica addresses per shard in the routing table in use.
+    pub fn replicas(&self) -> BTreeMap<usize, Vec<String>> {
+        self.routing()
+            .pools
+            .iter()
+            .map(|(s, p)| (*s, p.replicas.iter().map(|r| r.addr.clone()).collect()))
+            .collect()
+    }
+
+    /// Stops a router's warm-up wait (on shutdown); forward passes still work.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Binds the client to a model with `num_experts` experts: the current plan
+    /// must serve all of them, and later plans that do not are ignored.
+    pub fn bind_model(&self, num_experts: usize) -> Result<()> {
+        self.plan_file.current().check_covers(num_experts)?;
+        self.num_experts.store(num_experts, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn attempt(
+        &self,
+        replica: &Replica,
+        body: Bytes,
+    ) -> std::result::Result<Bytes, AttemptError> {
+        let retry = |message: String| AttemptError {
+            message,
+            retry: true,
+        };
+        let work = async {
+            let mut sender = replica
+                .sender(self.cfg.connect_timeout)
+                .await
+                .map_err(|e| retry(e.to_string()))?;
+            if let Err(e) = sender.ready().await {
+                replica.drop_conn().await;
+                return Err(retry(format!("{}: {e}", replica.addr)));
+            }
+            let req = hyper::Request::post(format!("http://{}{}", replica.addr, crate::wire::PATH))
+                .header(hyper::header::CONTENT_TYPE, crate::wire::CONTENT_TYPE)
+                .body(Full::new(body))
+                .map_err(|e| AttemptError {
+                    message: e.to_string(),
+                    retry: false,
+                })?;
+            let resp = match sender.send_request(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    replica.drop_conn().await;
+                    return Err(retry(format!("{}: {e}", replica.addr)));
+                }
+            };
+            let status = resp.status();
+            let bytes = match resp.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    replica.drop_conn().await;
+                    return Err(retry(format!("{}: reading the answer: {e}", replica.addr)));
+                }
+            };
+            if status.is_success() {
+                Ok(bytes)
+            } else {
+                Err(AttemptError {
+                    message: format!(
+                        "{} answered {status}: {}",
+                        replica.addr,
+                        String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+                    ),
+                    retry: status.is_server_error(),
+                })
+            }
+        };
+        match tokio::time::timeout(self.cfg.attempt_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                replica.drop_conn().await;
+                Err(retry(format!(
+                    "{}: no answer within {:?}",
+                    replica.addr, self.cfg.attempt_timeout
+                )))
+            }
+        }
+    }
+
+    /// Sends `body` to one replica of `pool`, trying the others on failure.
+    async fn call_shard(&self, pool: &Pool, body: Bytes) -> Result<Bytes> {
+        let n = pool.replicas.len();
+        let labels = ShardMetrics::shard(pool.shard);
+        if n == 0 {
+            self.metrics.shards.failures.get_or_create(&labels).inc();
+            return Err(Error::Other(format!(
+                "expert shard {} has no replica (none resolved from the placement plan)",
+                pool.shard
+            )));
+        }
+        let start = pool.next.fetch_add(1, Ordering::Relaxed);
+        // Replicas not marked down first, in round-robin order, then the others.
+        let mut order: Vec<&Arc<Replica>> =
+            (0..n).map(|i| &pool.replicas[(start + i) % n]).collect();
+        order.sort_by_key(|r| r.is_down());
+        let mut errors = vec![];
+        for (i, replica) in order.into_iter().enumerate() {
+            if i > 0 {
+                self.metrics.shards.retries.get_or_create(&labels).inc();
+            }
+            match self.attempt(replica, body.clone()).await {
+                Ok(bytes) => {
+                    replica.mark_up();
+                    return Ok(bytes);
+                }
+                Err(e) => {
+                    tracing::warn!(shard = pool.shard, error = %e.message, "expert shard attempt failed");
+                    errors.push(e.message);
+                    if !e.retry {
+                        break;
+                    }
+                    replica.mark_down(self.cfg.down_for);
+                }
+            }
+        }
+        self.metrics.shards.failures.get_or_create(&labels).inc();
+        Err(Error::Other(format!(
+            "expert shard {} unavailable: {}",
+            pool.shard,
+            errors.join("; ")
+        )))
+    }
+
+    async fn forward_on(
+        &self,
+        routing: &Routing,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[Vec<(usize, f32)>],
+    ) -> Result<Tensor> {
+        let (_, hidden) = xs.dims2()?;
+        // Per shard: the rows it gets and their routes restricted to its experts.
+        let mut parts: BTreeMap<usize, (Vec<u32>, Routes)> = BTreeMap::new();
+        let mut ordinal = vec![0usize; routing.holders.len()];
+        for (row, r) in routes.iter().enumerate() {
+            for &(e, w) in r {
+                let holders = routing.holders.get(e).map_or(&[][..], Vec::as_slice);
+                if holders.is_empty() {
+                    return Err(Error::Other(format!(
+                        "placement plan version {} assigns no shard to expert {e}",
+                        routing.plan.version
+                    )));
+                }
+                let shard = holders[ordinal[e] % holders.len()];
+                ordinal[e] += 1;
+                let (rows, rs) = parts.entry(shard).or_default();
+                if rows.last() != Some(&(row as u32)) {
+                    rows.push(row as u32);
+                    rs.push(vec![]);
+                }
+                rs.last_mut().expect("pushed above").push((e, w));
+            }
+        }
+        let mut calls = vec![];
+        for (shard, (rows, rs)) in &parts {
+            let pool = routing.pools.get(shard).ok_or_else(|| {
+                Error::Other(format!("expert shard {shard} is not in the placement plan"))
+            })?;
+            let idx = Tensor::new(rows.as_slice(), xs.device())?;
+            let sub = xs.index_select(&idx, 0)?;
+            let body = Bytes::from(crate::wire::encode_request(layer, &sub, rs)?);
+            self.metrics.shards.add_bytes("sent", body.len());
+            calls.push(async move {
+                let t0 = Instant::now();
+                let r = self.call_shard(pool, body).await;
+                self.metrics
+                    .shards
+                    .request_seconds
+                    .get_or_create(&ShardMetrics::shard(pool.shard))
+                    .observe(t0.elapsed().as_secs_f64());
+                (idx, rows.len(), r)
+            });
+        }
+        let answers = futures::future::join_all(calls).await;
+        let mut ys = xs.zeros_like()?;
+        for (idx, n, r) in answers {
+            let bytes = r?;
+            self.metrics.shards.add_bytes("received", bytes.len());
+            let part = crate::wire::decode_response(&bytes, n, hidden, xs.dtype())?;
+            ys = ys.index_add(&idx, &part, 0)?;
+        }
+        Ok(ys)
+    }
+}
+
+impl RemoteExperts for ShardClient {
+    fn forward(&self, layer: usize, xs: &Tensor, routes: &[Vec<(usize, f32)>]) -> Result<Tensor> {
+        let routing = self.routing();
+        match self
+            .handle
+            .block_on(self.forward_on(&routing, layer, xs, routes))
+        {
+            Ok(ys) => Ok(ys),
+            Err(e) => {
+                let now = self.routing();
+                if Arc::ptr_eq(&now, &routing) {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "layer failed on the previous placement; retrying on the new one");
+                self.handle
+                    .block_on(self.forward_on(&now, layer, xs, routes))
+            }
+        }
+    }
+}
+
+/// Loads a MoE checkpoint as the `router` role: everything but the expert FFNs,
+/// which `client`'s shards serve. Warms up with one token, waiting (up to
+/// `warmup_for`) for the shards to answer, so readiness means the shards are
+/// reachable. Call outside the runtime's worker threads (e.g. `spawn_blocking`).
+pub fn load_router(
+    source: &str,
+    dtype: DType,
+    client: Arc<ShardClient>,
+    warmup_for: Duration,
+) -> Result<Loaded> {
+    let dir = crate::hub::resolve(source)?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    if !cfg.is_moe() {
+        return Err(Error::Unsupported(
+            "the router role needs a MoE (Mixtral-family) model".into(),
+        ));
+    }
+    client.bind_model(cfg.num_experts)?;
+    let codec = TextCodec::load(&dir, &cfg.eos_token_ids)?;
+    let warm_token = cfg.bos_token_id.unwrap_or(0);
+    let model = Model::load_dir_with(&dir, cfg, dtype, ExpertPlacement::Remote(client.clone()))?;
+    let started = Instant::now();
+    let mut logged = false;
+    loop {
+        let mut cache = model.new_cache();
+        match model.forward(&[warm_token], &mut cache) {
+            Ok(_) => break,
+            Err(e) if started.elapsed() < warmup_for && !client.is_closed() => {
+                if !logged {
+                    tracing::warn!(error = %e, "expert shards not answering yet; retrying the warm-up");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::info!(dir = %dir.display(), ?dtype, "router loaded (experts on shards)");
+    Ok(Loaded {
+        model: Arc::new(model),
+        codec: Arc::new(codec),
+    })
+}

@@ -1,0 +1,198 @@
+//! Capacity per replica: the configured prior, refined from observed throughput at saturation,
+//! times a feedback factor that drops when the measured latency breaches the SLO.
+
+use super::types::{Slo, TierSample};
+
+/// Learned capacity stays within these multiples of the prior.
+const LEARN_MIN: f64 = 0.25;
+const LEARN_MAX: f64 = 4.0;
+/// EWMA weight of one saturated-throughput sample.
+const LEARN_ALPHA: f64 = 0.2;
+/// Multiplicative decrease of the SLO factor on a breach, and its floor.
+const BREACH_DECREASE: f64 = 0.85;
+const FACTOR_MIN: f64 = 0.25;
+/// Multiplicative recovery per step while comfortably under the SLO.
+const RECOVERY: f64 = 1.02;
+/// "Comfortably under": the worst latency / SLO ratio is below this.
+const RECOVERY_BELOW: f64 = 0.8;
+
+/// Online estimate of the load one replica sustains within the SLO.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capacity {
+    prior: f64,
+    learned: f64,
+    slo_factor: f64,
+    /// Ready replicas at the previous sample (the window may have straddled a change).
+    last_ready: u32,
+    /// Saturated samples seen.
+    pub saturated_samples: u64,
+    /// Steps that lowered the SLO factor.
+    pub breaches: u64,
+}
+
+impl Capacity {
+    pub fn new(prior: f64) -> Self {
+        let prior = if prior.is_finite() && prior > 0.0 {
+            prior
+        } else {
+            1.0
+        };
+        Capacity {
+            prior,
+            learned: prior,
+            slo_factor: 1.0,
+            last_ready: 0,
+            saturated_samples: 0,
+            breaches: 0,
+        }
+    }
+
+    pub fn prior(&self) -> f64 {
+        self.prior
+    }
+
+    /// Throughput one replica sustains, learned from saturation (before the SLO factor).
+    pub fn learned(&self) -> f64 {
+        self.learned
+    }
+
+    pub fn slo_factor(&self) -> f64 {
+        self.slo_factor
+    }
+
+    /// What the decision divides demand by.
+    pub fn effective(&self) -> f64 {
+        (self.learned * self.slo_factor).max(self.prior * LEARN_MIN * FACTOR_MIN)
+    }
+
+    /// Learns from one interval's sample with `ready` replicas serving it.
+    pub fn observe(&mut self, s: &TierSample, ready: u32, slo: &Slo) {
+        let finite = s.arrival_rps.is_finite() && s.served_rps.is_finite();
+        // Over a window in which the replica count changed, divide by the larger count: the
+        // estimate errs low (more replicas), never high.
+        let ready_f = f64::from(ready.max(self.last_ready));
+        let stable = ready == self.last_ready;
+        self.last_ready = ready;
+        if !finite || ready == 0 {
+            return;
+        }
+        let per_replica = s.served_rps.max(0.0) / ready_f;
+        let saturated = s.queue_depth.is_finite() && s.queue_depth >= (0.5 * ready_f).max(1.0);
+        let ratio = slo_ratio(s, slo);
+        let breach = ratio.is_some_and(|r| r > 1.0);
+        if saturated && per_replica > 0.0 {
+            // Replicas were busy with work waiting: what they served is what they can serve.
+            self.learned += LEARN_ALPHA * (per_replica - self.learned);
+            self.saturated_samples += 1;
+        } else if stable && !saturated && !breach && per_replica > self.learned {
+            // Served more than we thought possible, within the SLO: a lower bound on capacity.
+            self.learned += LEARN_ALPHA * (per_replica - self.learned);
+        }
+        self.learned = self
+            .learned
+            .clamp(self.prior * LEARN_MIN, self.prior * LEARN_MAX);
+
+        match ratio {
+            Some(r) if r > 1.0 => {
+                // A breach only says the capacity estimate is too high when we had provisioned
+                // for the load and no backlog is left: arrivals above the capacity we had
+                // (under-provisioning) or a queue still draining explain it otherwise.
+                let provisioned = self.effective() * ready_f;
+                if !saturated && s.arrival_rps <= provisioned * 1.05 {
+                    self.slo_factor = (self.slo_factor * BREACH_DECREASE).max(FACTOR_MIN);
+                    self.breaches += 1;
+                }
+            }
+            Some(r) if r < RECOVERY_BELOW => {
+                self.slo_factor = (self.slo_factor * RECOVERY).min(1.0);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Worst measured latency / SLO ratio, `None` when nothing comparable was measured.
+pub fn slo_ratio(s: &TierSample, slo: &Slo) -> Option<f64> {
+    let pairs = [
+        (s.ttft_p95_s, slo.ttft_p95_s),
+        (s.tpot_p95_s, slo.tpot_p95_s),
+    ];
+    pairs
+        .iter()
+        .filter_map(|&(m, t)| match (m, t) {
+            (Some(m), Some(t)) if m.is_finite() && t.is_finite() && t > 0.0 => Some(m / t),
+            _ => None,
+        })
+        .reduce(f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slo() -> Slo {
+        Slo {
+            ttft_p95_s: Some(1.0),
+            tpot_p95_s: Some(0.1),
+        }
+    }
+
+    fn sample(arrival: f64, served: f64, queue: f64, ttft: f64) -> TierSample {
+        TierSample {
+            arrival_rps: arrival,
+            served_rps: served,
+            queue_depth: queue,
+            running: 0.0,
+            ttft_p95_s: Some(ttft),
+            tpot_p95_s: Some(0.05),
+        }
+    }
+
+    #[test]
+    fn learns_from_saturation_within_bounds() {
+        let mut c = Capacity::new(10.0);
+        for _ in 0..50 {
+            // 4 replicas saturated, serving 24 rps: 6 per replica.
+            c.observe(&sample(40.0, 24.0, 20.0, 0.5), 4, &Slo::default());
+        }
+        assert!((c.learned() - 6.0).abs() < 0.1, "{}", c.learned());
+        for _ in 0..100 {
+            c.observe(&sample(1.0, 0.1, 20.0, 0.5), 4, &Slo::default());
+        }
+        assert!(
+            (c.learned() - 2.5).abs() < 1e-9,
+            "floor 0.25x: {}",
+            c.learned()
+        );
+        // Unsaturated, no queue: low throughput says nothing.
+        let before = c.learned();
+        c.observe(&sample(1.0, 1.0, 0.0, 0.5), 4, &Slo::default());
+        assert_eq!(c.learned(), before);
+    }
+
+    #[test]
+    fn breach_lowers_and_recovery_is_slow() {
+        let mut c = Capacity::new(10.0);
+        // Provisioned: 30 rps on 4 replicas of 10; still breaching.
+        c.observe(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo());
+        assert!((c.effective() - 8.5).abs() < 1e-9, "{}", c.effective());
+        c.observe(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo());
+        let low = c.effective();
+        assert!(low < 8.5);
+        // Under-provisioned breach (arrivals above capacity), or a backlog still draining:
+        // not the estimate's fault.
+        c.observe(&sample(100.0, 30.0, 0.0, 2.0), 4, &slo());
+        assert_eq!(c.effective(), low);
+        let factor = c.slo_factor();
+        c.observe(&sample(30.0, 30.0, 50.0, 2.0), 4, &slo());
+        assert_eq!(c.slo_factor(), factor);
+        let low = c.effective();
+        // Comfortably under the SLO: slow recovery, capped at the learned value.
+        c.observe(&sample(10.0, 10.0, 0.0, 0.2), 4, &slo());
+        assert!(c.effective() > low && c.effective() < low * 1.05);
+        for _ in 0..500 {
+            c.observe(&sample(10.0, 10.0, 0.0, 0.2), 4, &slo());
+        }
+        assert!((c.effective() - c.learned()).abs() < 1e-9 && c.slo_factor() == 1.0);
+    }
+}

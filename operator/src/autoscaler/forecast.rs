@@ -1,0 +1,740 @@
+//! Demand forecasting for one series (the cloud tier, or one edge site).
+//!
+//! History is bounded: a ring buffer of the fine samples of the last [`FINE_WINDOW_S`] and a
+//! coarse series of [`COARSE_BUCKET_S`] bucket means over the last [`COARSE_WINDOW_S`] (for
+//! seasonality). Models are fitted with augurs and cached; they are refitted only every
+//! [`ETS_REFIT_S`] (ETS on the fine samples) or every [`MSTL_REFIT_BUCKETS`] new buckets (MSTL on
+//! the coarse series), so a step costs microseconds between refits.
+//!
+//! A fitted model contributes the *shape* of the forecast: the point forecast is the current
+//! level (a short EWMA of the fine samples) plus the model's predicted change from now to the
+//! target time. This keeps the forecast anchored to what is measured now even when the model is
+//! a few minutes old. The prediction interval is conformal: the empirical quantiles of the
+//! errors this forecaster actually made at the horizon, once enough have been seen, and
+//! `z * recent std dev` before that.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+
+use augurs::ets::{AutoETS, FittedAutoETS};
+use augurs::mstl::{FittedTrendModel, MSTLModel, TrendModel};
+use augurs::{Fit, Forecast, Predict};
+
+use super::types::Method;
+
+/// Fine samples kept (seconds).
+pub const FINE_WINDOW_S: f64 = 2.0 * 3600.0;
+/// Most fine samples an ETS fit sees.
+const ETS_MAX_SAMPLES: usize = 480;
+/// Fewest fine samples before ETS is tried.
+const ETS_MIN_SAMPLES: usize = 24;
+/// ETS is refitted when this much time passed since the last fit.
+pub const ETS_REFIT_S: f64 = 300.0;
+/// Width of the coarse buckets (seconds).
+pub const COARSE_BUCKET_S: f64 = 600.0;
+/// Coarse history kept (seconds).
+pub const COARSE_WINDOW_S: f64 = 28.0 * 86400.0;
+/// MSTL is refitted when this many new buckets completed since the last fit.
+pub const MSTL_REFIT_BUCKETS: i64 = 6;
+/// The trend of the deseasonalised series is fitted on this many most recent buckets.
+const TREND_TAIL_BUCKETS: usize = 288;
+/// Seasonal periods tried, in seconds: daily and weekly.
+const SEASONS_S: [f64; 2] = [86400.0, 7.0 * 86400.0];
+/// Forecast errors kept for the conformal interval.
+const RESIDUALS_MAX: usize = 256;
+/// Errors needed before the conformal interval replaces the std-dev one.
+const RESIDUALS_MIN: usize = 20;
+/// Time constant of the level EWMA (seconds).
+const LEVEL_TAU_S: f64 = 30.0;
+/// Most steps evaluated up to the horizon.
+const MAX_STEPS: usize = 240;
+
+/// A forecast at one horizon.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prediction {
+    /// The smoothed demand now.
+    pub level: f64,
+    /// Point forecast at the horizon.
+    pub point: f64,
+    /// Highest point forecast over the steps up to the horizon.
+    pub peak: f64,
+    /// Lower end of the interval at the horizon.
+    pub lower: f64,
+    /// Highest upper bound over the steps up to the horizon (what to provision for).
+    pub upper: f64,
+    /// The method actually used.
+    pub method: Method,
+}
+
+/// A model's forecast path: `values[i]` is the prediction at `t0 + i * dt`.
+#[derive(Clone, Debug)]
+struct Path {
+    t0: f64,
+    dt: f64,
+    values: Vec<f64>,
+}
+
+impl Path {
+    fn at(&self, t: f64) -> f64 {
+        let n = self.values.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let x = ((t - self.t0) / self.dt).max(0.0);
+        let i = x.floor() as usize;
+        if i + 1 >= n {
+            return self.values[n - 1];
+        }
+        let f = x - i as f64;
+        self.values[i] * (1.0 - f) + self.values[i + 1] * f
+    }
+
+    /// Builds a path from a forecast starting one step after `t_last`, prepending a linear
+    /// extrapolation for `t_last` itself so that "now" is inside the path.
+    fn from_forecast(t_last: f64, dt: f64, point: &[f64]) -> Option<Path> {
+        if point.is_empty() || point.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        let first = if point.len() >= 2 {
+            2.0 * point[0] - point[1]
+        } else {
+            point[0]
+        };
+        let mut values = Vec::with_capacity(point.len() + 1);
+        values.push(first);
+        values.extend_from_slice(point);
+        Some(Path {
+            t0: t_last,
+            dt,
+            values,
+        })
+    }
+}
+
+/// Cached fitted model, with the time or bucket it was fitted at.
+#[derive(Clone, Debug)]
+enum Cached {
+    /// A fit that failed: do not retry before the next refit time.
+    Failed,
+    Fitted(Path),
+}
+
+/// ETS trend model for MSTL fitted on the most recent buckets only (bounded cost).
+#[derive(Debug)]
+struct TailEts {
+    tail: usize,
+}
+
+#[derive(Debug)]
+struct TailEtsFitted {
+    model: FittedAutoETS,
+    n: usize,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl TrendModel for TailEts {
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed("TailAutoETS")
+    }
+
+    fn fit(&self, y: &[f64]) -> Result<Box<dyn FittedTrendModel + Sync + Send>, BoxError> {
+        let y = &y[y.len().saturating_sub(self.tail)..];
+        let model = AutoETS::non_seasonal().fit(y)?;
+        Ok(Box::new(TailEtsFitted { model, n: y.len() }))
+    }
+}
+
+impl FittedTrendModel for TailEtsFitted {
+    fn predict_inplace(
+        &self,
+        horizon: usize,
+        level: Option<f64>,
+        forecast: &mut Forecast,
+    ) -> Result<(), BoxError> {
+        Ok(self.model.predict_inplace(horizon, level, forecast)?)
+    }
+
+    fn predict_in_sample_inplace(
+        &self,
+        level: Option<f64>,
+        forecast: &mut Forecast,
+    ) -> Result<(), BoxError> {
+        Ok(self.model.predict_in_sample_inplace(level, forecast)?)
+    }
+
+    fn training_data_size(&self) -> Option<usize> {
+        Some(self.n)
+    }
+}
+
+/// Inverse of the standard normal CDF (Acklam's rational approximation, |error| < 1.2e-9).
+pub fn normal_quantile(p: f64) -> f64 {
+    let p = p.clamp(1e-9, 1.0 - 1e-9);
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    if p < 0.02425 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+/// Empirical quantile (linear interpolation) of `sorted`, which must be sorted and non-empty.
+pub(crate) fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let i = pos.floor() as usize;
+    let f = pos - i as f64;
+    if i + 1 >= sorted.len() {
+        sorted[sorted.len() - 1]
+    } else {
+        sorted[i] * (1.0 - f) + sorted[i + 1] * f
+    }
+}
+
+/// Bounded history, cached models and calibration of one demand series.
+#[derive(Clone, Debug)]
+pub struct Forecaster {
+    method: Method,
+    quantile: f64,
+    fine: VecDeque<(f64, f64)>,
+    /// Complete bucket means; the last one has absolute index `coarse_last`.
+    coarse: VecDeque<f64>,
+    coarse_last: i64,
+    /// The bucket being filled: (absolute index, sum, count).
+    bucket: Option<(i64, f64, u32)>,
+    level: Option<f64>,
+    last_t: Option<f64>,
+    dt: f64,
+    /// Point forecasts waiting for their target time: (target time, point).
+    pending: VecDeque<(f64, f64)>,
+    residuals: VecDeque<f64>,
+    /// Sample time the last forecast was recorded for (one record per sample).
+    recorded_for: Option<f64>,
+    ets: Option<(f64, Cached)>,
+    mstl: Option<(i64, Cached)>,
+    /// Number of model fits so far (for tests and diagnostics).
+    pub fits: u64,
+}
+
+impl Forecaster {
+    /// `quantile` is the level of the upper bound; `dt_hint` the expected sample spacing.
+    pub fn new(method: Method, quantile: f64, dt_hint: f64) -> Self {
+        Forecaster {
+            method,
+            quantile: if quantile.is_finite() {
+                quantile.clamp(0.5, 0.999)
+            } else {
+                0.9
+            },
+            fine: VecDeque::new(),
+            coarse: VecDeque::new(),
+            coarse_last: 0,
+            bucket: None,
+            level: None,
+            last_t: None,
+            dt: if dt_hint.is_finite() && dt_hint > 0.0 {
+                dt_hint
+            } else {
+                15.0
+            },
+            pending: VecDeque::new(),
+            residuals: VecDeque::new(),
+            recorded_for: None,
+            ets: None,
+            mstl: None,
+            fits: 0,
+        }
+    }
+
+    /// Time of the latest sample.
+    pub fn last_time(&self) -> Option<f64> {
+        self.last_t
+    }
+
+    /// The smoothed level now.
+    pub fn level(&self) -> Option<f64> {
+        self.level
+    }
+
+    /// Number of complete coarse buckets held.
+    pub fn coarse_len(&self) -> usize {
+        self.coarse.len()
+    }
+
+    /// Appends a sample. Out-of-order or duplicate times and non-finite values are ignored;
+    /// negative values count as zero.
+    pub fn observe(&mut self, t: f64, v: f64) {
+        if !t.is_finite() || !v.is_finite() {
+            return;
+        }
+        let v = v.max(0.0);
+        if let Some(lt) = self.last_t {
+            if t <= lt {
+                return;
+            }
+            let d = t - lt;
+            // Spacing estimate: robust to a single gap.
+            self.dt = 0.8 * self.dt + 0.2 * d.min(self.dt * 4.0);
+        }
+        // Calibrate: compare the forecasts whose target time has come with this sample.
+        while let Some(&(target, point)) = self.pending.front() {
+            if target > t + 0.5 * self.dt {
+                break;
+            }
+            self.pending.pop_front();
+            if target >= t - 1.5 * self.dt {
+                if self.residuals.len() == RESIDUALS_MAX {
+                    self.residuals.pop_front();
+                }
+                self.residuals.push_back(v - point);
+            }
+        }
+        self.level = Some(match (self.level, self.last_t) {
+            (Some(l), Some(lt)) => {
+                let a = (1.0 - (-(t - lt) / LEVEL_TAU_S).exp()).clamp(0.3, 1.0);
+                l + a * (v - l)
+            }
+            _ => v,
+        });
+        self.last_t = Some(t);
+        self.fine.push_back((t, v));
+        while let Some(&(ft, _)) = self.fine.front() {
+            if t - ft > FINE_WINDOW_S {
+                self.fine.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.add_to_bucket(t, v);
+    }
+
+    fn add_to_bucket(&mut self, t: f64, v: f64) {
+        let idx = (t / COARSE_BUCKET_S).floor() as i64;
+        let max_len = (COARSE_WINDOW_S / COARSE_BUCKET_S) as usize;
+        match self.bucket {
+            Some((bi, sum, n)) if bi == idx => self.bucket = Some((bi, sum + v, n + 1)),
+            Some((bi, sum, n)) => {
+                let mean = sum / n as f64;
+                let gap = (idx - bi - 1).max(0) as usize;
+                if gap >= max_len {
+                    // A gap longer than the history: start over.
+                    self.coarse.clear();
+                    self.mstl = None;
+                } else {
+                    if !self.coarse.is_empty() && bi != self.coarse_last + 1 {
+                        self.coarse.clear();
+                        self.mstl = None;
+                    }
+                    self.coarse.push_back(mean);
+                    // Fill missing buckets with the last mean (carry forward).
+                    for _ in 0..gap {
+                        self.coarse.push_back(mean);
+                    }
+                }
+                self.coarse_last = idx - 1;
+                while self.coarse.len() > max_len {
+                    self.coarse.pop_front();
+                }
+                self.bucket = Some((idx, v, 1));
+            }
+            None => self.bucket = Some((idx, v, 1)),
+        }
+    }
+
+    /// Which model `method` resolves to with the history held now.
+    fn resolve(&self) -> Method {
+        let mstl_ok = !self.periods().is_empty();
+        let ets_ok = self.fine.len() >= ETS_MIN_SAMPLES;
+        match self.method {
+            Method::Naive => Method::Naive,
+            Method::Ets if ets_ok => Method::Ets,
+            Method::Ets => Method::Naive,
+            Method::Mstl | Method::Auto if mstl_ok => Method::Mstl,
+            Method::Mstl | Method::Auto if ets_ok => Method::Ets,
+            Method::Mstl | Method::Auto => Method::Naive,
+        }
+    }
+
+    /// Seasonal periods (in buckets) that the coarse history covers at least twice.
+    fn periods(&self) -> Vec<usize> {
+        SEASONS_S
+            .iter()
+            .map(|s| (s / COARSE_BUCKET_S).round() as usize)
+            .filter(|&p| p >= 2 && self.coarse.len() >= 2 * p)
+            .collect()
+    }
+
+    fn ets_path(&mut self, steps_needed: usize) -> Option<Path> {
+        let t_last = self.last_t?;
+        let stale = match &self.ets {
+            None => true,
+            Some((ft, _)) => t_last - ft >= ETS_REFIT_S,
+        };
+        if stale {
+            let n = self.fine.len();
+            let y: Vec<f64> = self
+                .fine
+                .iter()
+                .skip(n.saturating_sub(ETS_MAX_SAMPLES))
+                .map(|&(_, v)| v)
+                .collect();
+            let refit_steps = (ETS_REFIT_S / self.dt).ceil() as usize;
+            let h = (refit_steps + steps_needed + 2).min(4 * MAX_STEPS);
+            let cached = fit_ets(&y, h)
+                .and_then(|p| Path::from_forecast(t_last, self.dt, &p))
+                .map_or(Cached::Failed, Cached::Fitted);
+            self.fits += 1;
+            self.ets = Some((t_last, cached));
+        }
+        match &self.ets {
+            Some((_, Cached::Fitted(p))) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    fn mstl_path(&mut self, horizon_s: f64) -> Option<Path> {
+        let stale = match &self.mstl {
+            None => true,
+            Some((fit_last, _)) => self.coarse_last - fit_last >= MSTL_REFIT_BUCKETS,
+        };
+        if stale {
+            let periods = self.periods();
+            let y: Vec<f64> = self.coarse.iter().copied().collect();
+            let h = MSTL_REFIT_BUCKETS as usize + (horizon_s / COARSE_BUCKET_S).ceil() as usize + 3;
+            let t_last = (self.coarse_last as f64 + 0.5) * COARSE_BUCKET_S;
+            let cached = fit_mstl(&y, periods, h)
+                .and_then(|p| Path::from_forecast(t_last, COARSE_BUCKET_S, &p))
+                .map_or(Cached::Failed, Cached::Fitted);
+            self.fits += 1;
+            self.mstl = Some((self.coarse_last, cached));
+        }
+        match &self.mstl {
+            Some((_, Cached::Fitted(p))) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    /// Forecast from the latest sample to `horizon_s` later, evaluated every `step_s`.
+    /// `None` before the first sample.
+    pub fn predict(&mut self, horizon_s: f64, step_s: f64) -> Option<Prediction> {
+        let level = self.level?;
+        let t_last = self.last_t?;
+        let horizon_s = if horizon_s.is_finite() {
+            horizon_s.max(0.0)
+        } else {
+            0.0
+        };
+        let step_s = if step_s.is_finite() && step_s > 0.0 {
+            step_s
+        } else {
+            self.dt
+        };
+        let steps = ((horizon_s / step_s).ceil() as usize).clamp(1, MAX_STEPS);
+        let step_s = if horizon_s > 0.0 {
+            horizon_s / steps as f64
+        } else {
+            0.0
+        };
+
+        let mut method = self.resolve();
+        let mut path = None;
+        if method == Method::Mstl {
+            path = self.mstl_path(horizon_s);
+            if path.is_none() {
+                method = if self.fine.len() >= ETS_MIN_SAMPLES {
+                    Method::Ets
+                } else {
+                    Method::Naive
+                };
+            }
+        }
+        if method == Method::Ets {
+            let fine_steps = (horizon_s / self.dt).ceil() as usize;
+            path = self.ets_path(fine_steps);
+            if path.is_none() {
+                method = Method::Naive;
+            }
+        }
+
+        let base = path.as_ref().map_or(0.0, |p| p.at(t_last));
+        let mut point = level;
+        let mut peak = level;
+        for k in 1..=steps {
+            let t = t_last + k as f64 * step_s;
+            let p = match &path {
+                Some(path) => level + path.at(t) - base,
+                None => level,
+            };
+            let p = if p.is_finite() { p.max(0.0) } else { level };
+            peak = peak.max(p);
+            point = p;
+        }
+
+        let (hi, lo) = self.interval_offsets();
+        let upper = (peak + hi.max(0.0)).max(0.0);
+        let lower = (point + lo.min(0.0)).max(0.0);
+        if self.recorded_for != Some(t_last) {
+            self.recorded_for = Some(t_last);
+            self.pending.push_back((t_last + horizon_s, point));
+            while self.pending.len() > 4 * MAX_STEPS {
+                self.pending.pop_front();
+            }
+        }
+        let finite = |x: f64| if x.is_finite() { x } else { level };
+        Some(Prediction {
+            level,
+            point: finite(point),
+            peak: finite(peak),
+            lower: finite(lower),
+            upper: finite(upper),
+            method,
+        })
+    }
+
+    /// Offsets of the upper and lower bounds from the point forecast.
+    fn interval_offsets(&self) -> (f64, f64) {
+        if self.residuals.len() >= RESIDUALS_MIN {
+            let mut r: Vec<f64> = self.residuals.iter().copied().collect();
+            r.sort_by(f64::total_cmp);
+            (
+                quantile_sorted(&r, self.quantile),
+                quantile_sorted(&r, 1.0 - self.quantile),
+            )
+        } else {
+            let n = self.fine.len();
+            let recent: Vec<f64> = self
+                .fine
+                .iter()
+                .skip(n.saturating_sub(30))
+                .map(|&(_, v)| v)
+                .collect();
+            let sd = std_dev(&recent);
+            let z = normal_quantile(self.quantile);
+            (z * sd, -z * sd)
+        }
+    }
+}
+
+fn std_dev(xs: &[f64]) -> f64 {
+    if xs.len() < 2 {
+        return 0.0;
+    }
+    let m = xs.iter().sum::<f64>() / xs.len() as f64;
+    let var = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (xs.len() - 1) as f64;
+    var.sqrt()
+}
+
+/// AutoETS (non-seasonal) point forecast `h` steps ahead; `None` when it cannot be fitted.
+fn fit_ets(y: &[f64], h: usize) -> Option<Vec<f64>> {
+    let first = *y.first()?;
+    if y.iter().all(|&v| (v - first).abs() < 1e-12) {
+        return Some(vec![first; h]);
+    }
+    let fitted = AutoETS::non_seasonal().fit(y).ok()?;
+    let f = fitted.predict(h, None).ok()?;
+    Some(f.point)
+}
+
+/// MSTL (with an ETS trend on the recent buckets) point forecast `h` buckets ahead.
+fn fit_mstl(y: &[f64], periods: Vec<usize>, h: usize) -> Option<Vec<f64>> {
+    if periods.is_empty() {
+        return None;
+    }
+    let model = MSTLModel::new(
+        periods,
+        TailEts {
+            tail: TREND_TAIL_BUCKETS,
+        },
+    );
+    let fitted = model.fit(y).ok()?;
+    let f = fitted.predict(h, None).ok()?;
+    Some(f.point)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random noise in [-1, 1] (splitmix64).
+    fn noise(i: u64) -> f64 {
+        let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z as f64 / u64::MAX as f64) * 2.0 - 1.0
+    }
+
+    fn diurnal(t: f64, i: u64) -> f64 {
+        let day = (2.0 * std::f64::consts::PI * t / 86400.0).sin();
+        100.0 + 60.0 * day + 8.0 * noise(i)
+    }
+
+    #[test]
+    fn normal_quantile_matches_known_values() {
+        assert!((normal_quantile(0.5)).abs() < 1e-9);
+        assert!((normal_quantile(0.9) - 1.281_551_565_5).abs() < 1e-6);
+        assert!((normal_quantile(0.975) - 1.959_963_985).abs() < 1e-6);
+        assert!((normal_quantile(0.01) + 2.326_347_874).abs() < 1e-6);
+    }
+
+    /// On a daily-seasonal series the seasonal model beats naive on MAPE at a 1 h horizon,
+    /// and the upper bound covers about the configured quantile.
+    #[test]
+    fn seasonal_beats_naive_and_interval_covers() {
+        let dt = 600.0;
+        let horizon = 3600.0;
+        let mut mstl = Forecaster::new(Method::Auto, 0.9, dt);
+        let mut naive = Forecaster::new(Method::Naive, 0.9, dt);
+        let n_days = 6.0;
+        let n = (n_days * 86400.0 / dt) as u64;
+        let series: Vec<(f64, f64)> = (0..n)
+            .map(|i| {
+                let t = i as f64 * dt;
+                (t, diurnal(t, i))
+            })
+            .collect();
+        let lag = (horizon / dt) as usize;
+        let (mut err_m, mut err_n, mut count) = (0.0, 0.0, 0usize);
+        let (mut covered, mut checked) = (0usize, 0usize);
+        let mut preds_m: Vec<Option<Prediction>> = Vec::new();
+        let mut preds_n: Vec<Option<Prediction>> = Vec::new();
+        let mut used_mstl = false;
+        for (i, &(t, v)) in series.iter().enumerate() {
+            mstl.observe(t, v);
+            naive.observe(t, v);
+            let pm = mstl.predict(horizon, dt);
+            let pn = naive.predict(horizon, dt);
+            preds_m.push(pm);
+            preds_n.push(pn);
+            // Score the last 2 days, once MSTL is in use.
+            if i >= lag && t >= (n_days - 2.0) * 86400.0 {
+                let (Some(m), Some(nv)) = (preds_m[i - lag], preds_n[i - lag]) else {
+                    continue;
+                };
+                if m.method != Method::Mstl {
+                    continue;
+                }
+                used_mstl = true;
+                err_m += (m.point - v).abs() / v;
+                err_n += (nv.point - v).abs() / v;
+                count += 1;
+                checked += 1;
+                if v <= m.upper {
+                    covered += 1;
+                }
+            }
+        }
+        assert!(used_mstl, "Auto never resolved to MSTL");
+        assert!(count > 100);
+        let mape_m = err_m / count as f64;
+        let mape_n = err_n / count as f64;
+        assert!(
+            mape_m < 0.6 * mape_n,
+            "MSTL MAPE {mape_m:.3} not clearly below naive {mape_n:.3}"
+        );
+        let coverage = covered as f64 / checked as f64;
+        assert!(
+            (0.8..=0.98).contains(&coverage),
+            "coverage {coverage:.3} far from 0.9"
+        );
+        // Bounded cost: models are refitted far less often than once a step.
+        assert!(mstl.fits < n / 3, "{} fits for {n} samples", mstl.fits);
+    }
+
+    /// After a level shift the forecast follows within a few steps.
+    #[test]
+    fn step_series_adapts_within_a_few_steps() {
+        for method in [Method::Naive, Method::Ets, Method::Auto] {
+            let mut f = Forecaster::new(method, 0.9, 15.0);
+            let mut t = 0.0;
+            for i in 0..120u64 {
+                f.observe(t, 10.0 + 0.5 * noise(i));
+                t += 15.0;
+            }
+            let before = f.predict(45.0, 15.0).unwrap();
+            assert!((before.point - 10.0).abs() < 2.0, "{method:?}: {before:?}");
+            let mut after = before;
+            for i in 0..5u64 {
+                f.observe(t, 50.0 + 0.5 * noise(1000 + i));
+                t += 15.0;
+                after = f.predict(45.0, 15.0).unwrap();
+            }
+            assert!(
+                after.point > 45.0 && after.upper >= after.point,
+                "{method:?} did not adapt: {after:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn forecasts_are_finite_and_non_negative() {
+        let mut f = Forecaster::new(Method::Auto, 0.95, 15.0);
+        assert!(f.predict(45.0, 15.0).is_none());
+        let mut t = 0.0;
+        for i in 0..300u64 {
+            // Bursty: mostly zero, occasional spikes, plus junk values that must be ignored.
+            let v = if i % 37 == 0 { 80.0 } else { 0.0 };
+            f.observe(t, v);
+            f.observe(t, f64::NAN);
+            f.observe(t + 1.0, f64::INFINITY);
+            t += 15.0;
+            let p = f.predict(60.0, 15.0).unwrap();
+            for x in [p.point, p.peak, p.lower, p.upper, p.level] {
+                assert!(x.is_finite() && x >= 0.0, "{p:?}");
+            }
+            assert!(
+                p.lower <= p.point + 1e-9 && p.point <= p.upper + 1e-9,
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn coarse_history_is_bounded() {
+        let mut f = Forecaster::new(Method::Naive, 0.9, 600.0);
+        let dt = 600.0;
+        let n = (35.0 * 86400.0 / dt) as u64;
+        for i in 0..n {
+            f.observe(i as f64 * dt, 1.0);
+        }
+        assert!(f.coarse_len() <= (COARSE_WINDOW_S / COARSE_BUCKET_S) as usize);
+        assert!(f.fine.len() as f64 <= FINE_WINDOW_S / dt + 1.0);
+    }
+}

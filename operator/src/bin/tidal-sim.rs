@@ -1,0 +1,392 @@
+//! `tidal-sim`: replays request traces through Tidal's autoscaler core and baseline policies on
+//! a simulated cluster (see `tidal_operator::sim`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tidal_operator::sim::engine::Outage;
+use tidal_operator::sim::synthetic::{Pattern, Synthetic};
+use tidal_operator::sim::tidal::TidalOptions;
+use tidal_operator::sim::trace::{self, Trace};
+use tidal_operator::sim::{ModelOptions, PolicyKind, Scenario, plot, report, run_scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "tidal-sim",
+    version,
+    about = "Autoscaler simulator: Tidal vs HPA, KPA and AIBrix-like policies"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Replay one trace (a file in any format of shared/traces/, or a synthetic pattern).
+    Run(RunArgs),
+    /// Replay every trace of a directory plus the synthetic patterns; write BENCHMARKS.md.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Trace file (Azure 2023 CSV, Mooncake JSONL, ServeGen aggregate-rate CSV).
+    #[arg(
+        long,
+        env = "TIDAL_SIM_TRACE",
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
+    trace: Option<PathBuf>,
+    /// Synthetic pattern: steps, ramps, bursts or diurnal.
+    #[arg(long, env = "TIDAL_SIM_SYNTHETIC")]
+    synthetic: Option<Pattern>,
+    /// Policies to compare, comma-separated.
+    #[arg(
+        long,
+        env = "TIDAL_SIM_POLICIES",
+        value_delimiter = ',',
+        default_value = "tidal,hpa,kpa,aibrix"
+    )]
+    policies: Vec<PolicyKind>,
+    /// Directory for the table (<name>.md), the plot (<name>.svg) and the time series
+    /// (<name>.csv).
+    #[arg(long, env = "TIDAL_SIM_OUT", default_value = "sim-out")]
+    out: PathBuf,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Directory of trace files (every *.csv and *.jsonl in it).
+    #[arg(long, env = "TIDAL_SIM_TRACES_DIR", default_value = "../shared/traces")]
+    traces_dir: PathBuf,
+    /// The benchmark document to write.
+    #[arg(
+        long,
+        env = "TIDAL_SIM_BENCH_OUT",
+        default_value = "operator/BENCHMARKS.md"
+    )]
+    out: PathBuf,
+    /// Where the SVG plots go (default: bench/ next to --out).
+    #[arg(long, env = "TIDAL_SIM_PLOTS_DIR")]
+    plots_dir: Option<PathBuf>,
+    /// Skip the synthetic patterns.
+    #[arg(long, env = "TIDAL_SIM_NO_SYNTHETIC")]
+    no_synthetic: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Simulation tick in seconds (default: 1 s, or 5 s for ServeGen rate traces and the
+    /// diurnal pattern).
+    #[arg(long, env = "TIDAL_SIM_TICK_S")]
+    tick_s: Option<f64>,
+    /// Multiplies every arrival rate.
+    #[arg(long, env = "TIDAL_SIM_SCALE", default_value_t = 1.0)]
+    scale: f64,
+    /// Seed for synthesised arrivals and for the core.
+    #[arg(long, env = "TIDAL_SIM_SEED", default_value_t = 1)]
+    seed: u64,
+    /// Replay only the first this-many seconds of each trace.
+    #[arg(long, env = "TIDAL_SIM_DURATION_S")]
+    duration_s: Option<f64>,
+    /// Base rate of the synthetic patterns (requests/s).
+    #[arg(long, env = "TIDAL_SIM_SYNTHETIC_BASE_RPS", default_value_t = 20.0)]
+    synthetic_base_rps: f64,
+    /// Replicas the trace's mean load needs at the target utilisation (sets replica capacity).
+    #[arg(long, env = "TIDAL_SIM_MEAN_REPLICAS", default_value_t = 6.0)]
+    mean_replicas: f64,
+    /// Fixed replica capacity in requests/s (overrides --mean-replicas).
+    #[arg(long, env = "TIDAL_SIM_CAPACITY_RPS")]
+    capacity_rps: Option<f64>,
+    /// Target load per replica as a fraction of its capacity (all policies).
+    #[arg(long, env = "TIDAL_SIM_TARGET_UTILIZATION", default_value_t = 0.8)]
+    target_utilization: f64,
+    /// Seconds from replica creation to ready.
+    #[arg(long, env = "TIDAL_SIM_COLD_START_S", default_value_t = 60.0)]
+    cold_start_s: f64,
+    /// Time-to-first-token SLO in seconds.
+    #[arg(long, env = "TIDAL_SIM_SLO_TTFT_S", default_value_t = 2.0)]
+    slo_ttft_s: f64,
+    /// Fixed prefill time (default: from the mean prompt length).
+    #[arg(long, env = "TIDAL_SIM_PREFILL_S")]
+    prefill_s: Option<f64>,
+    /// Prompt tokens per second one replica prefills.
+    #[arg(
+        long,
+        env = "TIDAL_SIM_PREFILL_TOKENS_PER_S",
+        default_value_t = 20000.0
+    )]
+    prefill_tokens_per_s: f64,
+    /// Requests waiting longer than this are dropped.
+    #[arg(long, env = "TIDAL_SIM_MAX_WAIT_S", default_value_t = 60.0)]
+    max_wait_s: f64,
+    #[arg(long, env = "TIDAL_SIM_MIN_REPLICAS", default_value_t = 1)]
+    min_replicas: u32,
+    #[arg(long, env = "TIDAL_SIM_MAX_REPLICAS", default_value_t = 64)]
+    max_replicas: u32,
+    /// Edge sites (0 = no edge tier).
+    #[arg(long, env = "TIDAL_SIM_EDGE_SITES", default_value_t = 0)]
+    edge_sites: usize,
+    /// Fraction of the load that goes to the edge sites.
+    #[arg(long, env = "TIDAL_SIM_EDGE_FRACTION", default_value_t = 0.3)]
+    edge_fraction: f64,
+    #[arg(long, env = "TIDAL_SIM_EDGE_MAX_REPLICAS", default_value_t = 16)]
+    edge_max_replicas: u32,
+    /// Edge outages as SITE:START_S:END_S, comma-separated (site 0 is edge-0).
+    #[arg(long, env = "TIDAL_SIM_EDGE_OUTAGES", value_delimiter = ',', value_parser = parse_outage)]
+    edge_outages: Vec<Outage>,
+    /// Tidal's sync interval in seconds.
+    #[arg(long, env = "TIDAL_SIM_TIDAL_INTERVAL_S", default_value_t = 15.0)]
+    tidal_interval_s: f64,
+    /// Quantile of predicted demand Tidal provisions for.
+    #[arg(long, env = "TIDAL_SIM_TIDAL_QUANTILE", default_value_t = 0.9)]
+    tidal_quantile: f64,
+    /// Also run Tidal with each of these quantiles (rows `tidal-q<quantile>`, for tuning).
+    #[arg(long, env = "TIDAL_SIM_TIDAL_VARIANT_QUANTILES", value_delimiter = ',')]
+    tidal_variant_quantiles: Vec<f64>,
+    /// Tidal's scale-down stabilisation window in seconds.
+    #[arg(long, env = "TIDAL_SIM_TIDAL_DOWN_WINDOW_S", default_value_t = 300.0)]
+    tidal_down_window_s: f64,
+}
+
+fn parse_outage(s: &str) -> Result<Outage, String> {
+    let p: Vec<&str> = s.split(':').collect();
+    let err = || format!("edge outage {s:?}: expected SITE:START_S:END_S, e.g. 0:1200:2400");
+    if p.len() != 3 {
+        return Err(err());
+    }
+    let site = p[0]
+        .trim()
+        .trim_start_matches("edge-")
+        .parse()
+        .map_err(|_| err())?;
+    let start_s: f64 = p[1].trim().parse().map_err(|_| err())?;
+    let end_s: f64 = p[2].trim().parse().map_err(|_| err())?;
+    if end_s <= start_s {
+        return Err(err());
+    }
+    Ok(Outage {
+        site,
+        start_s,
+        end_s,
+    })
+}
+
+impl Common {
+    fn model(&self) -> ModelOptions {
+        ModelOptions {
+            mean_replicas: self.mean_replicas,
+            capacity_rps: self.capacity_rps,
+            target_utilization: self.target_utilization,
+            cold_start_s: self.cold_start_s,
+            slo_ttft_s: self.slo_ttft_s,
+            prefill_s: self.prefill_s,
+            prefill_tokens_per_s: self.prefill_tokens_per_s,
+            max_wait_s: self.max_wait_s,
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            edge_sites: self.edge_sites,
+            edge_fraction: self.edge_fraction,
+            edge_max_replicas: self.edge_max_replicas,
+            outages: self.edge_outages.clone(),
+        }
+    }
+
+    fn tidal(&self) -> TidalOptions {
+        TidalOptions {
+            interval_s: self.tidal_interval_s,
+            quantile: self.tidal_quantile,
+            down_window_s: self.tidal_down_window_s,
+            seed: self.seed,
+        }
+    }
+
+    fn variants(&self) -> Vec<TidalOptions> {
+        self.tidal_variant_quantiles
+            .iter()
+            .map(|&quantile| TidalOptions {
+                quantile,
+                ..self.tidal()
+            })
+            .collect()
+    }
+
+    fn load(&self, path: &Path) -> anyhow::Result<Trace> {
+        let mut t = trace::load_auto(path, self.tick_s, self.scale, self.seed)?;
+        if let Some(d) = self.duration_s {
+            t.truncate(d);
+        }
+        Ok(t)
+    }
+
+    fn synthetic(&self, p: Pattern) -> Trace {
+        let mut s = Synthetic::new(p);
+        s.base_rps = self.synthetic_base_rps * self.scale;
+        s.seed = self.seed;
+        s.tick_s = self
+            .tick_s
+            .unwrap_or(if p == Pattern::Diurnal { 5.0 } else { 1.0 });
+        if let Some(d) = self.duration_s {
+            s.duration_s = d;
+        }
+        s.generate()
+    }
+}
+
+fn scenario(
+    trace: Trace,
+    model: &ModelOptions,
+    tidal: &TidalOptions,
+    policies: &[PolicyKind],
+    variants: &[TidalOptions],
+) -> anyhow::Result<Scenario> {
+    let start = Instant::now();
+    let name = trace.name.clone();
+    let setup = model
+        .setup(&trace)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("trace {name}"))?;
+    let sc = run_scenario(trace, setup, policies, tidal, variants);
+    eprintln!(
+        "{name}: simulated in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(sc)
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let trace = match (&a.trace, a.synthetic) {
+        (Some(p), _) => a.common.load(p)?,
+        (None, Some(p)) => a.common.synthetic(p),
+        (None, None) => bail!("give --trace PATH or --synthetic KIND"),
+    };
+    let sc = scenario(
+        trace,
+        &a.common.model(),
+        &a.common.tidal(),
+        &a.policies,
+        &a.common.variants(),
+    )?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let svg = a.out.join(format!("{}.svg", sc.trace.name));
+    plot::plot_scenario(&sc, &svg)?;
+    let md = report::section(&sc, Some(&format!("{}.svg", sc.trace.name)));
+    let md_path = a.out.join(format!("{}.md", sc.trace.name));
+    report::write(&md_path, &md)?;
+    let csv_path = a.out.join(format!("{}.csv", sc.trace.name));
+    report::write(&csv_path, &report::timeseries_csv(&sc))?;
+    println!("{md}");
+    eprintln!(
+        "wrote {}, {} and {}",
+        md_path.display(),
+        svg.display(),
+        csv_path.display()
+    );
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let plots = a
+        .plots_dir
+        .clone()
+        .unwrap_or_else(|| a.out.parent().unwrap_or(Path::new(".")).join("bench"));
+    std::fs::create_dir_all(&plots).with_context(|| format!("creating {}", plots.display()))?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&a.traces_dir)
+        .with_context(|| format!("reading {}", a.traces_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "csv" || x == "jsonl"))
+        .collect();
+    files.sort();
+    let model = a.common.model();
+    let tidal = a.common.tidal();
+    let mut traces: Vec<(Trace, ModelOptions)> = Vec::new();
+    for f in &files {
+        traces.push((a.common.load(f)?, model.clone()));
+    }
+    if !a.no_synthetic {
+        for p in Pattern::ALL {
+            traces.push((a.common.synthetic(p), model.clone()));
+        }
+        // Edge tier: 2 sites with 30 % of the steps load; edge-0 is cut off for 20 minutes
+        // across the 2x -> 4x step.
+        if model.edge_sites == 0 {
+            let mut t = a.common.synthetic(Pattern::Steps);
+            t.name = "synthetic-steps-edge-outage".into();
+            let m = ModelOptions {
+                edge_sites: 2,
+                edge_fraction: 0.3,
+                outages: vec![Outage {
+                    site: 0,
+                    start_s: 1500.0,
+                    end_s: 2700.0,
+                }],
+                ..model.clone()
+            };
+            traces.push((t, m));
+        }
+    }
+    let rel = |p: &Path| -> String {
+        let base = a.out.parent().unwrap_or(Path::new("."));
+        p.strip_prefix(base)
+            .map(|r| r.display().to_string())
+            .unwrap_or_else(|_| p.display().to_string())
+    };
+    let mut sections = Vec::new();
+    for (t, m) in traces {
+        let sc = scenario(t, &m, &tidal, &PolicyKind::ALL, &a.common.variants())?;
+        let svg = plots.join(format!("{}.svg", sc.trace.name));
+        plot::plot_scenario(&sc, &svg)?;
+        sections.push(report::section(&sc, Some(&rel(&svg))));
+    }
+    let command = bench_command(&a);
+    let analysis = report::existing_analysis(&a.out);
+    let doc = report::bench_document(
+        &command,
+        &report::assumptions(&model, &tidal),
+        &sections,
+        analysis.as_deref(),
+    );
+    report::write(&a.out, &doc)?;
+    eprintln!(
+        "wrote {} ({} scenarios) in {:.0} s",
+        a.out.display(),
+        sections.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The command line that regenerates the document (from the workspace root).
+fn bench_command(a: &BenchArgs) -> String {
+    let mut s = format!(
+        "cargo run -p tidal-operator --bin tidal-sim -- bench --traces-dir {} --out {}",
+        a.traces_dir.display(),
+        a.out.display()
+    );
+    for arg in std::env::args().skip(2) {
+        if !["--traces-dir", "--out"].iter().any(|f| arg.starts_with(f))
+            && !arg.ends_with("traces")
+            && !arg.ends_with(".md")
+        {
+            s.push(' ');
+            s.push_str(&arg);
+        }
+    }
+    s
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Bench(a) => bench(a),
+    }
+}

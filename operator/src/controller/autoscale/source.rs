@@ -1,0 +1,199 @@
+//! Reads a metrics [`Snapshot`] from Prometheus' HTTP API (prometheus-http-query). Every query
+//! is built in [`super::promql`], which documents the metric it reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use prometheus_http_query::Client;
+
+use super::promql::{Scope, Tier};
+use crate::autoscaler::{SiteSample, Snapshot, TierSample};
+
+/// Why no snapshot could be read, in words for the `MetricsAvailable` condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// CamelCase condition reason.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Unavailable {
+    fn query(e: impl std::fmt::Display) -> Self {
+        Unavailable {
+            reason: "PrometheusUnavailable",
+            message: format!("querying Prometheus failed: {e}"),
+        }
+    }
+}
+
+/// One query must answer within this; a hung Prometheus must not stall every service.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Source {
+    client: Client,
+}
+
+/// `(labels, value)` of every series an instant query returned.
+type Series = Vec<(HashMap<String, String>, f64)>;
+
+impl Source {
+    pub fn new(url: &str) -> Result<Self, Unavailable> {
+        let client = Client::try_from(url).map_err(|e| Unavailable {
+            reason: "InvalidPrometheusUrl",
+            message: format!("prometheus URL {url:?}: {e}"),
+        })?;
+        Ok(Source { client })
+    }
+
+    async fn instant(&self, q: &str) -> Result<Series, Unavailable> {
+        let res = tokio::time::timeout(QUERY_TIMEOUT, self.client.query(q).get())
+            .await
+            .map_err(|_| Unavailable::query("timed out"))?
+            .map_err(Unavailable::query)?;
+        let Some(v) = res.data().as_vector() else {
+            return Err(Unavailable::query(format!("{q}: not an instant vector")));
+        };
+        Ok(v.iter()
+            .map(|s| (s.metric().clone(), s.sample().value()))
+            .filter(|(_, v)| v.is_finite())
+            .collect())
+    }
+
+    async fn scalar(&self, q: &str) -> Result<Option<f64>, Unavailable> {
+        Ok(self.instant(q).await?.first().map(|(_, v)| *v))
+    }
+
+    async fn by_site(&self, q: &str) -> Result<BTreeMap<String, f64>, Unavailable> {
+        Ok(self
+            .instant(q)
+            .await?
+            .into_iter()
+            .filter_map(|(m, v)| Some((m.get("tidal_edge_node")?.clone(), v)))
+            .collect())
+    }
+
+    /// The cloud tier's arrivals over the last `span_s`, one point per `step_s`, to seed the
+    /// forecaster's history when the operator (re)starts.
+    pub async fn history(
+        &self,
+        scope: &Scope,
+        now_unix: i64,
+        span_s: i64,
+        step_s: f64,
+    ) -> Result<Vec<(f64, f64)>, Unavailable> {
+        let q = scope.arrival_rps(Tier::Cloud);
+        let res = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            self.client
+                .query_range(&q, now_unix - span_s, now_unix, step_s)
+                .get(),
+        )
+        .await
+        .map_err(|_| Unavailable::query("timed out"))?
+        .map_err(Unavailable::query)?;
+        Ok(res
+            .data()
+            .as_matrix()
+            .and_then(|m| m.first())
+            .map(|series| {
+                series
+                    .samples()
+                    .iter()
+                    .map(|s| (s.timestamp(), s.value()))
+                    .filter(|(_, v)| v.is_finite())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// One snapshot. `sites` are the edge sites the service runs on, with whether each is
+    /// online (from its EdgeNode); `experts` asks for per-expert token rates.
+    pub async fn snapshot(
+        &self,
+        scope: &Scope,
+        sites: &BTreeMap<String, bool>,
+        experts: Option<u32>,
+    ) -> Result<Snapshot, Unavailable> {
+        let Some(time_s) = self.scalar(&scope.last_scrape()).await? else {
+            return Err(Unavailable {
+                reason: "NoWorkerMetrics",
+                message: format!(
+                    "Prometheus has no tidal_worker_ready series for {}/{}: are the workers scraped?",
+                    scope.namespace, scope.service
+                ),
+            });
+        };
+        let cloud = TierSample {
+            arrival_rps: self
+                .scalar(&scope.arrival_rps(Tier::Cloud))
+                .await?
+                .unwrap_or(0.0),
+            served_rps: self
+                .scalar(&scope.served_rps(Tier::Cloud))
+                .await?
+                .unwrap_or(0.0),
+            queue_depth: self
+                .scalar(&scope.queue_depth(Tier::Cloud))
+                .await?
+                .unwrap_or(0.0),
+            running: self
+                .scalar(&scope.running(Tier::Cloud))
+                .await?
+                .unwrap_or(0.0),
+            // NaN (no requests in the window) was filtered out: no latency to judge.
+            ttft_p95_s: self.scalar(&scope.ttft_p95(Tier::Cloud)).await?,
+            tpot_p95_s: self.scalar(&scope.tpot_p95(Tier::Cloud)).await?,
+        };
+        let mut edge = BTreeMap::new();
+        if !sites.is_empty() {
+            let arrivals = self.by_site(&scope.arrival_rps(Tier::Edge)).await?;
+            let served = self.by_site(&scope.served_rps(Tier::Edge)).await?;
+            let queue = self.by_site(&scope.queue_depth(Tier::Edge)).await?;
+            let running = self.by_site(&scope.running(Tier::Edge)).await?;
+            let ttft = self.by_site(&scope.ttft_p95(Tier::Edge)).await?;
+            let tpot = self.by_site(&scope.tpot_p95(Tier::Edge)).await?;
+            for (site, online) in sites {
+                let load = arrivals.get(site).map(|a| TierSample {
+                    arrival_rps: *a,
+                    served_rps: served.get(site).copied().unwrap_or(0.0),
+                    queue_depth: queue.get(site).copied().unwrap_or(0.0),
+                    running: running.get(site).copied().unwrap_or(0.0),
+                    ttft_p95_s: ttft.get(site).copied(),
+                    tpot_p95_s: tpot.get(site).copied(),
+                });
+                edge.insert(
+                    site.clone(),
+                    SiteSample {
+                        online: *online,
+                        load,
+                    },
+                );
+            }
+        }
+        let expert_tokens_per_s = match experts {
+            None => None,
+            Some(n) => {
+                let series = self.instant(&scope.expert_tokens()).await?;
+                if series.is_empty() {
+                    None
+                } else {
+                    let mut per = vec![0.0; n as usize];
+                    for (m, v) in series {
+                        if let Some(e) = m.get("expert").and_then(|e| e.parse::<usize>().ok())
+                            && e < per.len()
+                        {
+                            per[e] += v;
+                        }
+                    }
+                    Some(per)
+                }
+            }
+        };
+        Ok(Snapshot {
+            time_s,
+            cloud: Some(cloud),
+            edge,
+            expert_tokens_per_s,
+        })
+    }
+}

@@ -1,0 +1,236 @@
+//! The replay loop: routes a trace's arrivals to the cloud and edge sites, advances the
+//! cluster model tick by tick, and asks the policy for replica counts at its sync interval.
+
+use crate::autoscaler::Method;
+
+use super::cluster::{ReplicaModel, Tier, TierTotals};
+use super::policy::{Observation, Policy, TargetSpec};
+use super::trace::Trace;
+
+/// A scheduled outage of one edge site: `[start_s, end_s)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Outage {
+    pub site: usize,
+    pub start_s: f64,
+    pub end_s: f64,
+}
+
+/// Edge sites that take a fraction of the load; an offline site's load goes to the cloud.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EdgeSetup {
+    pub sites: usize,
+    /// Fraction of all arrivals that go to the edge (split evenly between sites).
+    pub fraction: f64,
+    pub outages: Vec<Outage>,
+    pub spec: TargetSpec,
+}
+
+impl EdgeSetup {
+    pub fn site_name(i: usize) -> String {
+        format!("edge-{i}")
+    }
+
+    pub fn online(&self, site: usize, t: f64) -> bool {
+        !self
+            .outages
+            .iter()
+            .any(|o| o.site == site && t >= o.start_s && t < o.end_s)
+    }
+}
+
+/// Everything about the simulated cluster that is the same for every policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimSetup {
+    pub model: ReplicaModel,
+    pub cloud: TargetSpec,
+    pub edge: Option<EdgeSetup>,
+}
+
+/// Replica counts after one sync.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SyncPoint {
+    pub time_s: f64,
+    pub cloud_desired: u32,
+    pub cloud_ready: u32,
+    /// Sum over edge sites.
+    pub edge_desired: u32,
+    /// Cloud arrival rate and queue the policy saw.
+    pub cloud_arrival_rps: f64,
+    pub cloud_queue: f64,
+    /// Requests served late or dropped so far (all targets).
+    pub misses_so_far: f64,
+}
+
+/// A forecast made at `made_at_s` for the demand at `target_s`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ForecastPoint {
+    pub made_at_s: f64,
+    pub target_s: f64,
+    pub predicted: f64,
+    pub lower: f64,
+    pub upper: f64,
+    pub method: Method,
+}
+
+/// One policy's replay of one trace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunResult {
+    pub policy: String,
+    pub interval_s: f64,
+    /// Summed over the cloud and every edge site; cost and scale events up to the trace's end.
+    pub totals: TierTotals,
+    pub syncs: Vec<SyncPoint>,
+    pub forecasts: Vec<ForecastPoint>,
+}
+
+/// Arrivals per tick for the cloud and for each site, after routing and outages.
+pub fn route(trace: &Trace, edge: Option<&EdgeSetup>) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let Some(e) = edge.filter(|e| e.sites > 0) else {
+        return (trace.arrivals.clone(), vec![]);
+    };
+    let share = e.fraction.clamp(0.0, 1.0) / e.sites as f64;
+    let mut cloud = Vec::with_capacity(trace.arrivals.len());
+    let mut sites = vec![Vec::with_capacity(trace.arrivals.len()); e.sites];
+    for (k, &a) in trace.arrivals.iter().enumerate() {
+        let t = k as f64 * trace.tick_s;
+        let mut c = a;
+        for (i, s) in sites.iter_mut().enumerate() {
+            let x = if e.online(i, t) { a * share } else { 0.0 };
+            s.push(x);
+            c -= x;
+        }
+        cloud.push(c.max(0.0));
+    }
+    (cloud, sites)
+}
+
+fn initial(arrivals: &[f64], tick_s: f64, spec: &TargetSpec) -> u32 {
+    let n = ((60.0 / tick_s).ceil() as usize).clamp(1, arrivals.len().max(1));
+    let rate = arrivals.iter().take(n).sum::<f64>() / (n as f64 * tick_s);
+    ((rate / spec.target_rps_per_replica - 1e-9).ceil().max(0.0) as u32).clamp(spec.min, spec.max)
+}
+
+/// Replays `trace` under `policy`. Every target starts warm with enough replicas for the first
+/// minute's load; after the trace ends the queues drain (up to the queue timeout) so requests
+/// still waiting are served or dropped, but cost is counted up to the trace's end only.
+pub fn simulate(trace: &Trace, setup: &SimSetup, policy: &mut dyn Policy) -> RunResult {
+    let dt = trace.tick_s;
+    let (cloud_arr, site_arr) = route(trace, setup.edge.as_ref());
+    let mut cloud = Tier::new(setup.model, initial(&cloud_arr, dt, &setup.cloud));
+    let mut sites: Vec<Tier> = match &setup.edge {
+        Some(e) => site_arr
+            .iter()
+            .map(|a| Tier::new(setup.model, initial(a, dt, &e.spec)))
+            .collect(),
+        None => vec![],
+    };
+    let names: Vec<String> = (0..sites.len()).map(EdgeSetup::site_name).collect();
+    let mut was_online = vec![true; sites.len()];
+    let interval = policy.interval_s().max(dt);
+    let n = trace.arrivals.len();
+    let drain = (setup.model.max_wait_s / dt).ceil() as usize + 1;
+    // The first sync comes after one interval, so that it sees a full window of metrics.
+    let mut next_sync = interval;
+    let mut syncs = Vec::new();
+    let mut forecasts = Vec::new();
+    let mut cost_at_end: Option<(f64, u32)> = None;
+    for k in 0..n + drain {
+        let t = k as f64 * dt;
+        if k == n {
+            cost_at_end = Some(sum_cost(&cloud, &sites));
+        }
+        if k >= n && cloud.queue_len() + sites.iter().map(Tier::queue_len).sum::<f64>() <= 0.0 {
+            break;
+        }
+        let online: Vec<bool> = (0..sites.len())
+            .map(|i| setup.edge.as_ref().is_none_or(|e| e.online(i, t)))
+            .collect();
+        for i in 0..sites.len() {
+            if was_online[i] && !online[i] {
+                // The site is cut off: its backlog fails over to the cloud.
+                for c in sites[i].take_queue() {
+                    cloud.enqueue(c);
+                }
+            }
+            was_online[i] = online[i];
+        }
+        if k < n && t + 1e-9 >= next_sync {
+            let obs = Observation {
+                time_s: t,
+                cloud: cloud.observe(t, true),
+                sites: sites
+                    .iter_mut()
+                    .zip(&online)
+                    .zip(&names)
+                    .map(|((s, &on), name)| (name.clone(), s.observe(t, on)))
+                    .collect(),
+            };
+            let (seen_rps, seen_queue) =
+                (obs.cloud.sample.arrival_rps, obs.cloud.sample.queue_depth);
+            let act = policy.decide(&obs);
+            cloud.set_desired(t, act.cloud);
+            for (s, &r) in sites.iter_mut().zip(&act.sites) {
+                s.set_desired(t, r);
+            }
+            if let Some(f) = act.forecast {
+                forecasts.push(ForecastPoint {
+                    made_at_s: t,
+                    target_s: t + f.horizon_s,
+                    predicted: f.predicted,
+                    lower: f.lower,
+                    upper: f.upper,
+                    method: f.method,
+                });
+            }
+            syncs.push(SyncPoint {
+                time_s: t,
+                cloud_desired: cloud.desired(),
+                cloud_ready: cloud.ready(),
+                edge_desired: sites.iter().map(Tier::desired).sum(),
+                cloud_arrival_rps: seen_rps,
+                cloud_queue: seen_queue,
+                misses_so_far: std::iter::once(&cloud)
+                    .chain(&sites)
+                    .map(|s| s.totals.served_late + s.totals.dropped)
+                    .sum(),
+            });
+            while next_sync <= t + 1e-9 {
+                next_sync += interval;
+            }
+        }
+        cloud.tick(t, dt, cloud_arr.get(k).copied().unwrap_or(0.0));
+        for (i, s) in sites.iter_mut().enumerate() {
+            s.tick(t, dt, site_arr[i].get(k).copied().unwrap_or(0.0));
+        }
+    }
+    cloud.finish();
+    for s in &mut sites {
+        s.finish();
+    }
+    let mut totals = cloud.totals;
+    for s in &sites {
+        let x = s.totals;
+        totals.arrived += x.arrived;
+        totals.served_ok += x.served_ok;
+        totals.served_late += x.served_late;
+        totals.dropped += x.dropped;
+        totals.cold_starts += x.cold_starts;
+    }
+    let (rs, ev) = cost_at_end.unwrap_or_else(|| sum_cost(&cloud, &sites));
+    totals.replica_seconds = rs;
+    totals.scale_events = ev;
+    RunResult {
+        policy: policy.name().to_string(),
+        interval_s: interval,
+        totals,
+        syncs,
+        forecasts,
+    }
+}
+
+fn sum_cost(cloud: &Tier, sites: &[Tier]) -> (f64, u32) {
+    let rs =
+        cloud.totals.replica_seconds + sites.iter().map(|s| s.totals.replica_seconds).sum::<f64>();
+    let ev = cloud.totals.scale_events + sites.iter().map(|s| s.totals.scale_events).sum::<u32>();
+    (rs, ev)
+}

@@ -1,0 +1,263 @@
+//! The autoscaler simulator behind `tidal-sim`: replays a request trace (or a synthetic
+//! pattern) through a cluster model under Tidal's core and under baseline policies (HPA-,
+//! KPA- and AIBrix-like), and scores each on SLO attainment, cost, scale events and forecast
+//! accuracy.
+//!
+//! - [`trace`]: trace files -> arrivals per tick; [`synthetic`]: seeded patterns.
+//! - [`cluster`]: one scaling target (replicas, cold start, FIFO queue, TTFT).
+//! - [`policy`], [`baselines`], [`tidal`]: the policies under test.
+//! - [`engine`]: the replay loop; [`metrics`]: scores; [`report`], [`plot`]: output.
+
+pub mod baselines;
+pub mod cluster;
+pub mod engine;
+pub mod metrics;
+pub mod plot;
+pub mod policy;
+pub mod report;
+pub mod synthetic;
+pub mod tidal;
+pub mod trace;
+
+#[cfg(test)]
+mod tests;
+
+use std::str::FromStr;
+
+use self::baselines::{AiBrix, Hpa, Kpa};
+use self::cluster::ReplicaModel;
+use self::engine::{EdgeSetup, Outage, RunResult, SimSetup};
+use self::metrics::Summary;
+use self::policy::{PerTarget, Policy, TargetSpec};
+use self::tidal::{TidalOptions, TidalPolicy};
+use self::trace::Trace;
+
+/// The policies the simulator knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyKind {
+    Tidal,
+    Hpa,
+    Kpa,
+    AiBrix,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::Tidal,
+        PolicyKind::Hpa,
+        PolicyKind::Kpa,
+        PolicyKind::AiBrix,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Tidal => "tidal",
+            PolicyKind::Hpa => "hpa",
+            PolicyKind::Kpa => "kpa",
+            PolicyKind::AiBrix => "aibrix",
+        }
+    }
+
+    /// Builds the policy for `setup`; every policy gets the same targets and bounds.
+    pub fn build(self, setup: &SimSetup, tidal: &TidalOptions) -> Box<dyn Policy> {
+        let cloud = setup.cloud;
+        let site = setup.edge.as_ref().map_or(cloud, |e| e.spec);
+        let horizon = setup.model.cold_start_s;
+        match self {
+            PolicyKind::Tidal => Box::new(TidalPolicy::new(
+                cloud,
+                setup.edge.as_ref().map(|e| e.spec),
+                &setup.model,
+                tidal,
+            )),
+            PolicyKind::Hpa => Box::new(PerTarget::new(
+                "hpa",
+                Hpa::INTERVAL_S,
+                Hpa::new(cloud),
+                move || Hpa::new(site),
+            )),
+            PolicyKind::Kpa => Box::new(PerTarget::new(
+                "kpa",
+                Kpa::INTERVAL_S,
+                Kpa::new(cloud),
+                move || Kpa::new(site),
+            )),
+            PolicyKind::AiBrix => Box::new(PerTarget::new(
+                "aibrix",
+                AiBrix::INTERVAL_S,
+                AiBrix::new(cloud, horizon),
+                move || AiBrix::new(site, horizon),
+            )),
+        }
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PolicyKind::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown policy {s:?}: one of tidal, hpa, kpa, aibrix"))
+    }
+}
+
+/// How the cluster model is derived from a trace (the `tidal-sim` flags).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelOptions {
+    /// Replicas the trace's mean load needs at the target utilisation (sets the capacity).
+    pub mean_replicas: f64,
+    /// Overrides the derived per-replica capacity (requests/s).
+    pub capacity_rps: Option<f64>,
+    /// Target load per replica as a fraction of its capacity (the same for every policy).
+    pub target_utilization: f64,
+    pub cold_start_s: f64,
+    pub slo_ttft_s: f64,
+    /// Overrides the prefill time derived from the mean prompt length.
+    pub prefill_s: Option<f64>,
+    /// Prompt tokens per second one replica prefills (derives the prefill time).
+    pub prefill_tokens_per_s: f64,
+    pub max_wait_s: f64,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Edge sites (0 = no edge tier).
+    pub edge_sites: usize,
+    pub edge_fraction: f64,
+    pub edge_max_replicas: u32,
+    pub outages: Vec<Outage>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            mean_replicas: 6.0,
+            capacity_rps: None,
+            target_utilization: 0.8,
+            cold_start_s: 60.0,
+            slo_ttft_s: 2.0,
+            prefill_s: None,
+            prefill_tokens_per_s: 20000.0,
+            max_wait_s: 60.0,
+            min_replicas: 1,
+            max_replicas: 64,
+            edge_sites: 0,
+            edge_fraction: 0.3,
+            edge_max_replicas: 16,
+            outages: vec![],
+        }
+    }
+}
+
+impl ModelOptions {
+    /// The cluster for `trace`: capacity so that the mean load needs `mean_replicas` at the
+    /// target utilisation; prefill from the mean prompt length.
+    pub fn setup(&self, trace: &Trace) -> Result<SimSetup, String> {
+        if self.mean_replicas <= 0.0
+            || !(self.target_utilization > 0.0 && self.target_utilization <= 1.0)
+        {
+            return Err("mean replicas must be > 0 and target utilisation in (0, 1]".into());
+        }
+        if self.min_replicas > self.max_replicas {
+            return Err(format!(
+                "min replicas {} > max replicas {}",
+                self.min_replicas, self.max_replicas
+            ));
+        }
+        let mean = trace.mean_rps().max(1e-9);
+        let capacity = match self.capacity_rps {
+            Some(c) if c > 0.0 => c,
+            Some(c) => return Err(format!("capacity must be > 0 rps, got {c}")),
+            None => mean / (self.mean_replicas * self.target_utilization),
+        };
+        let prefill = self.prefill_s.unwrap_or_else(|| {
+            (0.1 + trace.mean_input_tokens / self.prefill_tokens_per_s).min(0.5 * self.slo_ttft_s)
+        });
+        if prefill >= self.slo_ttft_s {
+            return Err(format!(
+                "prefill {prefill} s leaves no room in the {} s SLO",
+                self.slo_ttft_s
+            ));
+        }
+        let target = capacity * self.target_utilization;
+        let edge = (self.edge_sites > 0).then(|| EdgeSetup {
+            sites: self.edge_sites,
+            fraction: self.edge_fraction,
+            outages: self.outages.clone(),
+            spec: TargetSpec {
+                target_rps_per_replica: target,
+                min: self.min_replicas,
+                max: self.edge_max_replicas,
+            },
+        });
+        if let Some(o) = self.outages.iter().find(|o| o.site >= self.edge_sites) {
+            return Err(format!(
+                "outage for site {} but only {} edge sites",
+                o.site, self.edge_sites
+            ));
+        }
+        Ok(SimSetup {
+            model: ReplicaModel {
+                capacity_rps: capacity,
+                cold_start_s: self.cold_start_s,
+                prefill_s: prefill,
+                slo_ttft_s: self.slo_ttft_s,
+                max_wait_s: self.max_wait_s,
+            },
+            cloud: TargetSpec {
+                target_rps_per_replica: target,
+                min: self.min_replicas,
+                max: self.max_replicas,
+            },
+            edge,
+        })
+    }
+}
+
+/// Every policy's run and score on one trace.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub trace: Trace,
+    pub setup: SimSetup,
+    pub runs: Vec<RunResult>,
+    pub summaries: Vec<Summary>,
+    /// Per-tick arrivals the cloud tier received.
+    pub cloud_arrivals: Vec<f64>,
+}
+
+/// The name of a Tidal variant in reports: `tidal-q<quantile>`.
+pub fn variant_name(opts: &TidalOptions) -> String {
+    format!("tidal-q{}", opts.quantile)
+}
+
+/// Replays `trace` under each policy, then under Tidal with each of `variants` (other
+/// options, same core; named by [`variant_name`]).
+pub fn run_scenario(
+    trace: Trace,
+    setup: SimSetup,
+    policies: &[PolicyKind],
+    tidal: &TidalOptions,
+    variants: &[TidalOptions],
+) -> Scenario {
+    let (cloud_arrivals, _) = engine::route(&trace, setup.edge.as_ref());
+    let mut policies: Vec<Box<dyn Policy>> =
+        policies.iter().map(|p| p.build(&setup, tidal)).collect();
+    for v in variants {
+        let edge = setup.edge.as_ref().map(|e| e.spec);
+        let p = TidalPolicy::new(setup.cloud, edge, &setup.model, v).named(&variant_name(v));
+        policies.push(Box::new(p));
+    }
+    let mut runs = Vec::new();
+    let mut summaries = Vec::new();
+    for policy in &mut policies {
+        let run = engine::simulate(&trace, &setup, policy.as_mut());
+        summaries.push(metrics::summarize(&run, &cloud_arrivals, trace.tick_s));
+        runs.push(run);
+    }
+    Scenario {
+        trace,
+        setup,
+        runs,
+        summaries,
+        cloud_arrivals,
+    }
+}

@@ -1,0 +1,385 @@
+//! Markdown output: one table per trace, and the whole `BENCHMARKS.md` (which keeps its
+//! hand-written analysis section across regenerations).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::autoscaler::Method;
+
+use super::metrics::Summary;
+use super::tidal::TidalOptions;
+use super::{ModelOptions, Scenario};
+
+const ANALYSIS_BEGIN: &str = "<!-- analysis:begin -->";
+const ANALYSIS_END: &str = "<!-- analysis:end -->";
+
+/// The baseline (not Tidal) with the highest SLO attainment; ties go to the cheaper one.
+pub fn best_baseline(summaries: &[Summary]) -> Option<&Summary> {
+    summaries
+        .iter()
+        .filter(|s| !s.policy.starts_with("tidal"))
+        .max_by(|a, b| {
+            a.slo_attainment
+                .total_cmp(&b.slo_attainment)
+                .then(b.replica_seconds.total_cmp(&a.replica_seconds))
+        })
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or("–".into(), |v| format!("{:.1} %", v * 100.0))
+}
+
+fn methods(m: &[(Method, f64)]) -> String {
+    if m.is_empty() {
+        return "–".into();
+    }
+    m.iter()
+        .map(|(m, share)| format!("{} {:.0} %", format!("{m:?}").to_lowercase(), share * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b.abs() < 1e-12 {
+        if a.abs() < 1e-12 {
+            "1.00".into()
+        } else {
+            "∞".into()
+        }
+    } else {
+        format!("{:.2}", a / b)
+    }
+}
+
+fn duration(s: f64) -> String {
+    if s >= 2.0 * 86400.0 {
+        format!("{:.1} days", s / 86400.0)
+    } else if s >= 7200.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else {
+        format!("{:.0} min", s / 60.0)
+    }
+}
+
+/// One line describing the trace and the cluster derived from it.
+pub fn scenario_header(sc: &Scenario) -> String {
+    let t = &sc.trace;
+    let m = &sc.setup.model;
+    let mut s = format!(
+        "{}, {:.0} requests, mean {:.2} rps, peak {:.2} rps (1-min windows); tick {} s. \
+         Replica capacity {:.3} rps (target {:.3} rps/replica), prefill {:.2} s, cold start {:.0} s, \
+         TTFT SLO {:.1} s, queue timeout {:.0} s, replicas {}..{}.",
+        duration(t.duration_s()),
+        t.total_requests(),
+        t.mean_rps(),
+        t.peak_rps(60.0),
+        t.tick_s,
+        m.capacity_rps,
+        sc.setup.cloud.target_rps_per_replica,
+        m.prefill_s,
+        m.cold_start_s,
+        m.slo_ttft_s,
+        m.max_wait_s,
+        sc.setup.cloud.min,
+        sc.setup.cloud.max,
+    );
+    if let Some(e) = &sc.setup.edge {
+        let _ = write!(
+            s,
+            " Edge: {} sites taking {:.0} % of the load (max {} replicas each)",
+            e.sites,
+            e.fraction * 100.0,
+            e.spec.max
+        );
+        for o in &e.outages {
+            let _ = write!(
+                s,
+                "; edge-{} offline {:.0}–{:.0} s",
+                o.site, o.start_s, o.end_s
+            );
+        }
+        s.push('.');
+    }
+    s
+}
+
+/// The per-policy table of one scenario.
+pub fn table(summaries: &[Summary]) -> String {
+    let best = best_baseline(summaries);
+    let mut out = String::from(
+        "| policy | SLO attainment | missed requests | misses ÷ best baseline | replica-s | cost ÷ best baseline | mean replicas | scale events | forecast MAPE | PI coverage | forecast methods |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for s in summaries {
+        let (miss_r, cost_r) = match best {
+            Some(b) => (
+                ratio(1.0 - s.slo_attainment, 1.0 - b.slo_attainment),
+                ratio(s.replica_seconds, b.replica_seconds),
+            ),
+            None => ("–".into(), "–".into()),
+        };
+        let mark = if best.is_some_and(|b| b.policy == s.policy) {
+            " (best baseline)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "| {}{} | {:.2} % | {:.0} | {} | {:.0} | {} | {:.2} | {} | {} | {} | {} |",
+            s.policy,
+            mark,
+            s.slo_attainment * 100.0,
+            s.requests * (1.0 - s.slo_attainment),
+            miss_r,
+            s.replica_seconds,
+            cost_r,
+            s.mean_replicas,
+            s.scale_events,
+            pct(s.mape),
+            pct(s.coverage),
+            methods(&s.methods),
+        );
+    }
+    out
+}
+
+/// A scenario's section: header, table, plot link.
+pub fn section(sc: &Scenario, plot_link: Option<&str>) -> String {
+    let mut s = format!("### {}\n\n{}\n\n", sc.trace.name, scenario_header(sc));
+    s.push_str(&table(&sc.summaries));
+    if let Some(link) = plot_link {
+        let _ = write!(s, "\nPlot: [{link}]({link})\n");
+    }
+    s
+}
+
+/// Every policy's sync points as CSV (`policy,time_s,cloud_desired,cloud_ready,edge_desired,
+/// cloud_arrival_rps,cloud_queue,misses_so_far`), then Tidal's forecasts
+/// (`forecast,made_at_s,target_s,predicted,lower,upper`), for looking into a run.
+pub fn timeseries_csv(sc: &Scenario) -> String {
+    let mut s = String::from(
+        "policy,time_s,cloud_desired,cloud_ready,edge_desired,cloud_arrival_rps,cloud_queue,misses_so_far\n",
+    );
+    for r in &sc.runs {
+        for p in &r.syncs {
+            let _ = writeln!(
+                s,
+                "{},{},{},{},{},{:.4},{:.2},{:.2}",
+                r.policy,
+                p.time_s,
+                p.cloud_desired,
+                p.cloud_ready,
+                p.edge_desired,
+                p.cloud_arrival_rps,
+                p.cloud_queue,
+                p.misses_so_far
+            );
+        }
+    }
+    s.push_str("forecast,made_at_s,target_s,predicted,lower,upper\n");
+    for r in &sc.runs {
+        for f in &r.forecasts {
+            let _ = writeln!(
+                s,
+                "{},{},{},{:.4},{:.4},{:.4}",
+                r.policy, f.made_at_s, f.target_s, f.predicted, f.lower, f.upper
+            );
+        }
+    }
+    s
+}
+
+/// Writes `text` to `path`, creating its directory.
+pub fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    }
+    std::fs::write(path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
+/// The hand-written analysis kept between regenerations.
+pub fn existing_analysis(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let a = text.find(ANALYSIS_BEGIN)? + ANALYSIS_BEGIN.len();
+    let b = text[a..].find(ANALYSIS_END)? + a;
+    Some(text[a..b].trim().to_string())
+}
+
+/// The cluster model and policy settings, in words, for the benchmark document.
+pub fn assumptions(m: &ModelOptions, t: &TidalOptions) -> String {
+    let cap = match m.capacity_rps {
+        Some(c) => format!("{c} requests/s (fixed by flag)"),
+        None => format!(
+            "derived per trace so that the trace's mean load needs {} replicas at the target \
+             utilisation of {:.0} % (so the mean load keeps {} replicas {:.0} % busy)",
+            m.mean_replicas,
+            m.target_utilization * 100.0,
+            m.mean_replicas,
+            m.target_utilization * 100.0
+        ),
+    };
+    format!(
+        "- **Fluid, discrete-time cluster** (one tick = 1 s for the hour-long traces, 5 s for the \
+14-day ServeGen ones): arrivals are counts per tick, queued FIFO; each ready replica completes a \
+fixed number of requests per second, its capacity: {cap}.
+- **TTFT** = queueing wait + prefill time; prefill = 0.1 s + mean prompt tokens / {:.0} tokens/s \
+(capped at half the SLO). A request meets the SLO if its TTFT is at most **{:.1} s**. Requests \
+that wait over {:.0} s are dropped; dropped and still-unserved requests count as misses. Waits are \
+exact for the fluid model: a cohort arriving uniformly over a tick is served uniformly at the \
+ready capacity, so its waits are linear in between.
+- **Cold start**: a new replica costs from creation but serves only after **{:.0} s**; \
+scale-down removes replicas at once, pending ones first. **Cost** = replica-seconds (pending \
+included) up to the end of the trace; every target starts warm with enough replicas for its \
+first minute.
+- **Same targets for every policy**: target load per replica = capacity × {:.2}, replicas \
+{}..{} (edge sites {}..{}); every policy sees only what Prometheus would give the live operator \
+(arrival and served rate over its last sync interval, queue depth, in-flight requests, p95 TTFT, \
+desired/ready replicas).
+- **Tidal**: the `tidal_operator::autoscaler` core as it stands in this checkout, every {:.0} s, \
+method Auto, quantile {:.2}, horizon = observed ready time (cold start), scale-down window {:.0} s, \
+SLO p95 TTFT {:.1} s; replicas that become ready are reported as `ready_times_s`.
+- **HPA**: 15 s sync, metric = arrival rate per replica, tolerance 0.1, 300 s scale-down \
+stabilisation (max recommendation in the window), scale-up at most max(100 %, 4 pods) per sync.
+- **KPA** (Knative): 2 s tick, rate averaged over a 60 s stable and a 6 s panic window, panic \
+when the panic window wants ≥ 200 % of the ready replicas; in panic never scales down; leaves \
+panic 60 s after the condition last held; scale-down at most halves the ready replicas; no scale \
+to zero.
+- **AIBrix-like**: 15 s sync, HPA-style reactive count (tolerance 0.1, 300 s scale-down window) \
+with a scale-up floor from a least-squares linear trend of the last 8 samples, projected one \
+cold start ahead (only when the trend rises).
+- **Forecast MAPE / PI coverage** (Tidal only): each forecast's point value and interval at its \
+horizon vs the cloud arrival rate measured over the sync interval ending at the target time; \
+targets with an actual below 5 % of the trace's mean rate are skipped.
+- **`tidal-q<quantile>` rows** (when asked for): the same core with another provisioning \
+quantile, for tuning; never counted as a baseline.
+- **Limits of the model**: service is deterministic (fluid), so there is no queueing delay \
+below 100 % utilisation; real replicas see latency rise earlier, so policies that run close to \
+capacity look better here than they would be. No request-size variation, no per-replica \
+imbalance, no batching effects; cold start is a constant.
+- **Edge scenario**: a fraction of the load goes to edge sites (each its own scaling target with \
+the same replica model); while a site is offline its load and backlog go to the cloud, and \
+Tidal's core gets `SiteSample {{ online: false }}` (baselines just see the site's load vanish and \
+the cloud's grow).
+",
+        m.prefill_tokens_per_s,
+        m.slo_ttft_s,
+        m.max_wait_s,
+        m.cold_start_s,
+        m.target_utilization,
+        m.min_replicas,
+        m.max_replicas,
+        m.min_replicas,
+        m.edge_max_replicas,
+        t.interval_s,
+        t.quantile,
+        t.down_window_s,
+        m.slo_ttft_s,
+    )
+}
+
+/// The attribution `shared/traces/README.md` asks for.
+pub const ATTRIBUTION: &str = "\
+- `AzureLLMInferenceTrace_code_2023.csv`, `AzureLLMInferenceTrace_conv_2023.csv`: Azure LLM \
+inference traces 2023, Azure/AzurePublicDataset @ b469a113 (`data/AzureLLMInferenceTrace_code.csv`, \
+`data/AzureLLMInferenceTrace_conv.csv`), CC-BY-4.0; cite Patel et al., \"Splitwise: Efficient \
+Generative LLM Inference Using Phase Splitting\", ISCA 2024.
+- `mooncake_synthetic_trace.jsonl`: kvcache-ai/Mooncake @ 3b5a5941 \
+(`FAST25-release/traces/synthetic_trace.jsonl`), Apache-2.0.
+- `servegen_language_m-large_aggregate_rate_10min.csv`, \
+`servegen_language_m-small_aggregate_rate_10min.csv`: derived from alibaba/ServeGen @ f891d118 \
+(`data/language/m-large/`, `data/language/m-small/`; per-client rates summed per 600 s window), \
+Apache-2.0; cite ServeGen, arXiv:2505.09999.
+
+License texts: `shared/traces/LICENSES/`.
+";
+
+/// The whole benchmark document.
+pub fn bench_document(
+    command: &str,
+    assumptions: &str,
+    sections: &[String],
+    analysis: Option<&str>,
+) -> String {
+    let mut s = String::from(
+        "# Autoscaler simulator benchmarks\n\n\
+         Generated by `tidal-sim bench`; only the Analysis section is written by hand (it is kept \
+         when the file is regenerated). Policies are compared on the same simulated cluster; \
+         nothing here is a pass/fail test.\n\n## Regenerate\n\nFrom the workspace root \
+         (about 30 s on 2 cores; `tidal-sim run --help` replays a single trace):\n\n```sh\n",
+    );
+    s.push_str(command);
+    s.push_str("\n```\n\n## Cluster model and policies\n\n");
+    s.push_str(assumptions);
+    s.push_str("\n## Analysis\n\n");
+    s.push_str(ANALYSIS_BEGIN);
+    s.push('\n');
+    s.push_str(analysis.unwrap_or("(not written yet)"));
+    s.push('\n');
+    s.push_str(ANALYSIS_END);
+    s.push_str("\n\n## Results\n\n");
+    for sec in sections {
+        s.push_str(sec);
+        s.push('\n');
+    }
+    s.push_str("## Trace attribution\n\n");
+    s.push_str(ATTRIBUTION);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(policy: &str, att: f64, rs: f64) -> Summary {
+        Summary {
+            policy: policy.into(),
+            requests: 100.0,
+            slo_attainment: att,
+            dropped: 0.0,
+            replica_seconds: rs,
+            mean_replicas: rs / 100.0,
+            scale_events: 1,
+            cold_starts: 1,
+            mape: None,
+            coverage: None,
+            forecasts_scored: 0,
+            methods: vec![],
+        }
+    }
+
+    #[test]
+    fn best_baseline_is_the_best_slo_then_the_cheapest() {
+        let s = vec![
+            summary("tidal", 1.0, 10.0),
+            summary("hpa", 0.9, 100.0),
+            summary("kpa", 0.95, 300.0),
+            summary("aibrix", 0.95, 200.0),
+            summary("tidal-q0.99", 1.0, 20.0),
+        ];
+        assert_eq!(best_baseline(&s).unwrap().policy, "aibrix");
+        let t = table(&s);
+        assert!(
+            t.contains("| aibrix (best baseline) | 95.00 % | 5 | 1.00 | 200 | 1.00 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| tidal | 100.00 % | 0 | 0.00 | 10 | 0.05 |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn analysis_survives_regeneration() {
+        let dir = std::env::temp_dir().join(format!("tidal-sim-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("B.md");
+        let doc = bench_document("cmd", "model", &[], Some("Tidal wins here."));
+        std::fs::write(&path, &doc).unwrap();
+        assert_eq!(
+            existing_analysis(&path).as_deref(),
+            Some("Tidal wins here.")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,228 @@
+//! End-to-end tests of the simulator: all policies on short synthetic traces.
+
+use super::engine::{Outage, simulate};
+use super::policy::{Action, Observation, Policy};
+use super::synthetic::{Pattern, Synthetic};
+use super::tidal::TidalOptions;
+use super::*;
+
+fn steps() -> Trace {
+    Synthetic::new(Pattern::Steps).generate()
+}
+
+#[test]
+fn all_policies_run_on_a_step_trace_and_tidal_scales_at_the_first_step() {
+    let trace = steps();
+    let total = trace.total_requests();
+    let setup = ModelOptions::default().setup(&trace).unwrap();
+    let sc = run_scenario(
+        trace,
+        setup,
+        &PolicyKind::ALL,
+        &TidalOptions::default(),
+        &[],
+    );
+    assert_eq!(sc.summaries.len(), 4);
+    for s in &sc.summaries {
+        assert!(
+            (s.requests - total).abs() < 1e-6,
+            "{}: {}",
+            s.policy,
+            s.requests
+        );
+        assert!(s.slo_attainment > 0.5 && s.slo_attainment <= 1.0, "{s:?}");
+        assert!(s.replica_seconds > 0.0 && s.scale_events > 0, "{s:?}");
+    }
+    // The load doubles at t = 900 s; Tidal must add replicas before a cold start's worth of
+    // backlog builds up at the old count, i.e. within the following minute.
+    let tidal = sc.runs.iter().find(|r| r.policy == "tidal").unwrap();
+    let before = tidal
+        .syncs
+        .iter()
+        .filter(|s| s.time_s < 900.0)
+        .map(|s| s.cloud_desired)
+        .next_back()
+        .unwrap();
+    let rose = tidal
+        .syncs
+        .iter()
+        .find(|s| s.time_s >= 900.0 && s.cloud_desired > before)
+        .map(|s| s.time_s);
+    assert!(rose.is_some_and(|t| t <= 960.0), "rose at {rose:?}");
+}
+
+#[test]
+fn on_a_fast_ramp_tidal_meets_the_slo_at_least_as_often_as_hpa() {
+    // 20 -> 80 rps in five minutes and back: faster than HPA's reactive steps plus a cold start.
+    let mut syn = Synthetic::new(Pattern::Ramps);
+    syn.duration_s = 600.0;
+    let trace = syn.generate();
+    let setup = ModelOptions::default().setup(&trace).unwrap();
+    let sc = run_scenario(
+        trace,
+        setup,
+        &[PolicyKind::Tidal, PolicyKind::Hpa],
+        &TidalOptions::default(),
+        &[],
+    );
+    let (tidal, hpa) = (&sc.summaries[0], &sc.summaries[1]);
+    assert!(
+        tidal.slo_attainment >= hpa.slo_attainment,
+        "tidal {tidal:?} vs hpa {hpa:?}"
+    );
+    // Tidal reports a forecast every sync, and it is scored.
+    assert!(tidal.forecasts_scored > 20, "{tidal:?}");
+    assert!(tidal.mape.is_some() && tidal.coverage.is_some());
+}
+
+#[test]
+fn a_fixed_count_policy_falls_behind_a_step() {
+    struct Fixed(u32);
+    impl Policy for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn interval_s(&self) -> f64 {
+            15.0
+        }
+        fn decide(&mut self, _: &Observation) -> Action {
+            Action {
+                cloud: self.0,
+                ..Default::default()
+            }
+        }
+    }
+    let trace = steps();
+    let setup = ModelOptions::default().setup(&trace).unwrap();
+    // Enough for the base load (20 rps at ~7.5 rps/replica capacity), not for 80 rps.
+    let low = simulate(&trace, &setup, &mut Fixed(4));
+    let high = simulate(&trace, &setup, &mut Fixed(16));
+    let (sl, sh) = (low.totals, high.totals);
+    assert!(sl.served_ok / sl.arrived < 0.75, "{sl:?}");
+    assert!(sh.served_ok / sh.arrived > 0.99, "{sh:?}");
+    assert!(sl.dropped > 0.0);
+    assert!(sh.replica_seconds > 3.0 * sl.replica_seconds);
+}
+
+#[test]
+fn an_offline_edge_site_fails_over_to_the_cloud_and_is_reported_offline() {
+    struct Recorder(Vec<(f64, bool, f64, f64)>);
+    impl Policy for Recorder {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        fn interval_s(&self) -> f64 {
+            15.0
+        }
+        fn decide(&mut self, obs: &Observation) -> Action {
+            let s = &obs.sites[0].1;
+            self.0.push((
+                obs.time_s,
+                s.online,
+                s.sample.arrival_rps,
+                obs.cloud.sample.arrival_rps,
+            ));
+            Action {
+                cloud: 12,
+                sites: vec![4, 4],
+                forecast: None,
+            }
+        }
+    }
+    let mut syn = Synthetic::new(Pattern::Steps);
+    syn.duration_s = 1800.0;
+    let trace = syn.generate();
+    let total = trace.total_requests();
+    let opts = ModelOptions {
+        edge_sites: 2,
+        edge_fraction: 0.4,
+        outages: vec![Outage {
+            site: 0,
+            start_s: 600.0,
+            end_s: 1200.0,
+        }],
+        ..Default::default()
+    };
+    let setup = opts.setup(&trace).unwrap();
+    let mut rec = Recorder(vec![]);
+    let run = simulate(&trace, &setup, &mut rec);
+    assert!(
+        (run.totals.arrived - total).abs() < 1e-6,
+        "nothing is lost in the failover"
+    );
+    let during: Vec<_> = rec
+        .0
+        .iter()
+        .filter(|r| r.0 > 615.0 && r.0 < 1200.0)
+        .collect();
+    assert!(!during.is_empty() && during.iter().all(|r| !r.1 && r.2 == 0.0));
+    assert!(
+        rec.0
+            .iter()
+            .filter(|r| r.0 > 0.0 && r.0 < 600.0)
+            .all(|r| r.1 && r.2 > 0.0)
+    );
+    // Until t = 900 s the load is at 2x (40 rps); with site 0's 20 % on the cloud, the cloud
+    // gets 0.8 of it instead of 0.6.
+    let phase2: Vec<_> = during.iter().filter(|r| r.0 <= 900.0).collect();
+    let cloud_during = phase2.iter().map(|r| r.3).sum::<f64>() / phase2.len() as f64;
+    assert!((cloud_during - 32.0).abs() < 3.0, "{cloud_during}");
+
+    // Every policy, Tidal included, runs with edge sites and the outage.
+    let sc = run_scenario(
+        trace,
+        setup,
+        &PolicyKind::ALL,
+        &TidalOptions::default(),
+        &[],
+    );
+    for s in &sc.summaries {
+        assert!((s.requests - total).abs() < 1e-6, "{s:?}");
+    }
+}
+
+#[test]
+fn the_plot_is_an_svg_with_every_policy() {
+    let mut syn = Synthetic::new(Pattern::Ramps);
+    syn.duration_s = 900.0;
+    let trace = syn.generate();
+    let setup = ModelOptions::default().setup(&trace).unwrap();
+    let sc = run_scenario(
+        trace,
+        setup,
+        &PolicyKind::ALL,
+        &TidalOptions::default(),
+        &[],
+    );
+    let dir = std::env::temp_dir().join(format!("tidal-sim-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ramps.svg");
+    plot::plot_scenario(&sc, &path).unwrap();
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert!(svg.starts_with("<svg"));
+    for p in ["tidal", "hpa", "kpa", "aibrix"] {
+        assert!(svg.contains(p), "legend lacks {p}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_model_options_are_rejected() {
+    let trace = steps();
+    let bad = ModelOptions {
+        min_replicas: 10,
+        max_replicas: 2,
+        ..Default::default()
+    };
+    assert!(bad.setup(&trace).unwrap_err().contains("min replicas"));
+    let bad = ModelOptions {
+        outages: vec![Outage {
+            site: 3,
+            start_s: 0.0,
+            end_s: 1.0,
+        }],
+        ..Default::default()
+    };
+    assert!(bad.setup(&trace).is_err());
+    assert!("tidal".parse::<PolicyKind>().is_ok() && "vpa".parse::<PolicyKind>().is_err());
+}

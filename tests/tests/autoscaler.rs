@@ -1,0 +1,274 @@
+//! The autoscaler end to end: real `tidal-worker` processes under load, a real Prometheus
+//! scraping them, and the operator (controller + autoscaler loop) on the local control plane.
+//! A load step raises the Deployment's replicas; with Prometheus stopped nothing scales down
+//! and `MetricsAvailable` turns False; once metrics return and the load is gone, replicas fall
+//! after the scale-down stabilisation window.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Event;
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+use tidal_e2e::processes::{Prometheus, start_worker, write_fixture};
+use tidal_e2e::{CONVERGE, RunningOperator, TestCtx, eventually, install_crds};
+use tidal_operator::controller::autoscale::Settings;
+use tidal_operator::crd::InferenceService;
+
+const SERVICE: &str = "chat";
+const DEPLOYMENT: &str = "chat-cloud";
+
+/// Sends `rps` completions per second, spread over `targets`, until `stop` (at most
+/// `max_requests`). Returns how many answered 200.
+fn load(
+    targets: Vec<String>,
+    rps: f64,
+    max_requests: u64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let ok = Arc::new(AtomicU64::new(0));
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
+        let mut inflight = Vec::new();
+        for i in 0..max_requests {
+            tick.tick().await;
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let url = format!("{}/v1/completions", targets[i as usize % targets.len()]);
+            let req = client
+                .post(url)
+                .json(&json!({"model": SERVICE, "prompt": "hello", "max_tokens": 2}))
+                .timeout(Duration::from_secs(30));
+            let ok = ok.clone();
+            inflight.push(tokio::spawn(async move {
+                if let Ok(r) = req.send().await
+                    && r.status().is_success()
+                {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in inflight {
+            let _ = t.await;
+        }
+        ok.load(Ordering::Relaxed)
+    })
+}
+
+async fn replicas(api: &Api<Deployment>) -> Result<i32, String> {
+    let d = api.get(DEPLOYMENT).await.map_err(|e| e.to_string())?;
+    Ok(d.spec.and_then(|s| s.replicas).unwrap_or(0))
+}
+
+/// (status, reason) of the MetricsAvailable condition, and the last decision's time + reason.
+async fn autoscaler_state(
+    api: &Api<InferenceService>,
+) -> Result<(String, String, String, String), String> {
+    let t = api.get(SERVICE).await.map_err(|e| e.to_string())?;
+    let st = t.status.ok_or("no status")?;
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "MetricsAvailable")
+        .ok_or("no MetricsAvailable condition")?;
+    let d = st.last_decision.ok_or("no lastDecision")?;
+    Ok((
+        c.status.clone(),
+        c.reason.clone(),
+        d.time.map(|t| t.0.to_string()).unwrap_or_default(),
+        d.reason,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
+    let Some(ctx) = TestCtx::new("autoscaler").await else {
+        return;
+    };
+    install_crds(&ctx).await;
+
+    eprintln!("[autoscaler] building the worker and a fixture");
+    // Two real workers on a tiny checkpoint, scraped as the cloud tier of `chat`.
+    let model = tempfile::tempdir().unwrap();
+    write_fixture(model.path(), "llama");
+    eprintln!("[autoscaler] starting workers");
+    let w1 = start_worker(model.path(), SERVICE).await;
+    let w2 = start_worker(model.path(), SERVICE).await;
+    let labels = json!({
+        "namespace": ctx.namespace,
+        "tidal_inference_service": SERVICE,
+        "tidal_tier": "cloud",
+        "tidal_role": "full",
+    });
+    eprintln!("[autoscaler] starting prometheus");
+    let mut prom = Prometheus::start(&[(
+        vec![
+            format!("127.0.0.1:{}", w1.port),
+            format!("127.0.0.1:{}", w2.port),
+        ],
+        labels,
+    )])
+    .await;
+
+    eprintln!("[autoscaler] starting the operator");
+    let operator = RunningOperator::start_with(
+        &ctx,
+        Some(Settings {
+            enabled: true,
+            prometheus_url: None,
+            rate_window: "10s".into(),
+            default_ready_time_s: 5.0,
+        }),
+    );
+    let tis: InferenceService = serde_json::from_value(json!({
+        "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
+        "metadata": {"name": SERVICE, "namespace": ctx.namespace},
+        "spec": {
+            "model": {"uri": model.path().display().to_string(), "architecture": "llama"},
+            "cloud": {"minReplicas": 1, "maxReplicas": 6,
+                      "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
+            "autoscaling": {
+                "prometheusUrl": prom.url(),
+                "intervalSeconds": 5,
+                "targetRpsPerReplica": 1.0,
+                "forecast": {"method": "Naive", "horizonSeconds": 10},
+                "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": 4},
+                "scaleDown": {"stabilizationWindowSeconds": 20, "maxStep": 6},
+            }
+        }
+    }))
+    .unwrap();
+    let services = ctx.api::<InferenceService>();
+    services.create(&PostParams::default(), &tis).await.unwrap();
+    let deps = ctx.api::<Deployment>();
+    eventually("the cloud Deployment at minReplicas", CONVERGE, || async {
+        match replicas(&deps).await? {
+            1 => Ok(()),
+            r => Err(format!("replicas {r}")),
+        }
+    })
+    .await;
+    eventually("metrics available while idle", CONVERGE, || async {
+        let (status, reason, _, _) = autoscaler_state(&services).await?;
+        (status == "True").then_some(()).ok_or(reason)
+    })
+    .await;
+
+    eprintln!("[autoscaler] load step");
+    // A load step: 4 requests/s against 1 rps per replica.
+    let stop = Arc::new(AtomicBool::new(false));
+    let generator = load(
+        vec![w1.base_url(), w2.base_url()],
+        4.0,
+        4 * 120,
+        stop.clone(),
+    );
+    let peak = eventually(
+        "the load step raises replicas to >= 3",
+        CONVERGE,
+        || async {
+            let r = replicas(&deps).await?;
+            if r >= 3 {
+                Ok(r)
+            } else {
+                Err(format!("replicas {r}"))
+            }
+        },
+    )
+    .await;
+    let (_, _, _, reason) = autoscaler_state(&services).await.unwrap();
+    assert!(
+        reason.contains("cloud"),
+        "decision reason names the tier: {reason}"
+    );
+    let events: Api<Event> = ctx.api();
+    let scaled = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Autoscaled"))
+        .count();
+    assert!(scaled >= 1, "an Autoscaled event was published");
+    let rendered = operator.metrics.render();
+    assert!(
+        rendered.contains("tidal_forecast_observed_rps{"),
+        "forecast metrics exported:\n{rendered}"
+    );
+
+    eprintln!("[autoscaler] peak {peak}; stopping load and prometheus");
+    // Load and Prometheus gone together: the load's absence must not be read as idleness.
+    stop.store(true, Ordering::Relaxed);
+    let served = generator.await.unwrap();
+    assert!(served > 0, "the workers answered the load");
+    prom.stop();
+    let (_, reason, held_since, _) = eventually(
+        "MetricsAvailable=False without Prometheus",
+        CONVERGE,
+        || async {
+            let s = autoscaler_state(&services).await?;
+            (s.0 == "False")
+                .then_some(s.clone())
+                .ok_or(format!("{s:?}"))
+        },
+    )
+    .await;
+    assert_eq!(reason, "PrometheusUnavailable");
+    let held = replicas(&deps).await.unwrap();
+    assert!(
+        held >= peak,
+        "no scale-down when metrics went missing: {held} < {peak}"
+    );
+    // Several decisions later (each one a new lastDecision time), still no scale-down.
+    let mut times = vec![held_since];
+    while times.len() < 4 {
+        let (status, _, time, why) = eventually("another held decision", CONVERGE, || {
+            let last = times.last().cloned().unwrap();
+            let services = services.clone();
+            async move {
+                let s = autoscaler_state(&services).await?;
+                (s.2 != last)
+                    .then_some(s.clone())
+                    .ok_or("same decision".to_string())
+            }
+        })
+        .await;
+        assert_eq!(status, "False");
+        assert!(why.starts_with("holding"), "{why}");
+        assert_eq!(
+            replicas(&deps).await.unwrap(),
+            held,
+            "replicas changed while holding"
+        );
+        times.push(time);
+    }
+
+    eprintln!("[autoscaler] held at {held}; restarting prometheus");
+    // Metrics back, no load: replicas fall after the 20 s stabilisation window.
+    prom.resume().await;
+    eventually("MetricsAvailable=True again", CONVERGE, || async {
+        let s = autoscaler_state(&services).await?;
+        (s.0 == "True").then_some(()).ok_or(format!("{s:?}"))
+    })
+    .await;
+    eventually("idle scales down to minReplicas", CONVERGE * 2, || async {
+        match replicas(&deps).await? {
+            1 => Ok(()),
+            r => Err(format!("replicas {r}")),
+        }
+    })
+    .await;
+    let st = services.get(SERVICE).await.unwrap().status.unwrap();
+    assert_eq!(
+        st.autoscaled_replicas.get(DEPLOYMENT),
+        Some(&1),
+        "the decision is recorded in status for the controller"
+    );
+    operator.stop().await;
+}
