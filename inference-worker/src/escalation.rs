@@ -194,6 +194,9 @@ pub struct CloudUnavailable(pub String);
 
 impl Escalator {
     pub fn new(config: EscalationConfig, metrics: Arc<Metrics>) -> crate::Result<Self> {
+        // reqwest is built without a bundled crypto provider; ring is the process's (an error
+        // only means one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)

@@ -184,7 +184,7 @@ impl ExpertShard {
 
     /// Takes `plan`'s assignment for this shard: loads the new experts first.
     pub fn apply_plan(&self, plan: &Plan) -> Result<()> {
-        let mine = plan.experts_of(self.shard);
+        let mine = plan.loads_of(self.shard);
         if plan.shard(self.shard).is_none() {
             tracing::warn!(
                 shard = self.shard,

@@ -30,6 +30,11 @@ pub struct ShardSpec {
     pub endpoints: Option<Vec<String>>,
     #[serde(default)]
     pub replicas: Option<usize>,
+    /// Experts the shard must load beyond `experts` while a new plan rolls out (the operator
+    /// warms a shard before routers send it an expert, and keeps an expert loaded until
+    /// routers have moved off it). Routers ignore it.
+    #[serde(default)]
+    pub held: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -63,7 +68,12 @@ impl Plan {
                     s.shard
                 )));
             }
-            if let Some(e) = s.experts.iter().find(|&&e| e >= self.num_experts) {
+            if let Some(e) = s
+                .experts
+                .iter()
+                .chain(&s.held)
+                .find(|&&e| e >= self.num_experts)
+            {
                 return Err(Error::Other(format!(
                     "invalid placement plan: shard {} lists expert {e} but numExperts is {}",
                     s.shard, self.num_experts
@@ -114,6 +124,18 @@ impl Plan {
 
     pub fn shard(&self, shard: usize) -> Option<&ShardSpec> {
         self.shards.iter().find(|s| s.shard == shard)
+    }
+
+    /// The experts shard `shard` keeps loaded: the ones it serves plus any it holds for a
+    /// plan rollout.
+    pub fn loads_of(&self, shard: usize) -> Vec<usize> {
+        let mut v = self.experts_of(shard);
+        if let Some(s) = self.shard(shard) {
+            v.extend(s.held.iter().copied());
+        }
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// The experts shard `shard` serves (empty when the plan does not list it).
@@ -245,6 +267,18 @@ mod tests {
         .unwrap();
         assert_eq!(p.holders(2), vec![0, 1]);
         assert_eq!(p.experts_of(1), vec![1, 2, 3]);
+        let rolling = Plan::parse(
+            r#"{"numExperts": 4, "shards": [
+            {"shard": 0, "experts": [0, 1], "held": [0, 1, 2], "endpoint": "http://a"},
+            {"shard": 1, "experts": [2, 3], "endpoint": "http://b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            rolling.loads_of(0),
+            vec![0, 1, 2],
+            "held experts are loaded"
+        );
+        assert_eq!(rolling.holders(2), vec![1], "but not routed to");
         p.check_covers(4).unwrap();
         assert!(p.check_covers(5).is_err());
         let missing = Plan::parse(

@@ -65,6 +65,7 @@ pub struct AutoscalerMetrics {
     pub error_ratio: Family<TargetLabels, FloatGauge>,
     pub desired_replicas: Family<TargetLabels, Gauge>,
     pub current_replicas: Family<TargetLabels, Gauge>,
+    pub max_replicas: Family<TargetLabels, Gauge>,
     pub metrics_available: Family<ServiceLabels, Gauge>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub plan_imbalance: Family<ServiceLabels, FloatGauge>,
@@ -113,6 +114,11 @@ impl AutoscalerMetrics {
             "current_replicas",
             "Ready replicas when the decision was made",
             self.current_replicas.clone(),
+        );
+        a.register(
+            "max_replicas",
+            "The replica bound of each target (maxReplicas, maxReplicasPerNode, ...)",
+            self.max_replicas.clone(),
         );
         a.register(
             "metrics_available",

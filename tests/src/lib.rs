@@ -334,22 +334,7 @@ impl RunningOperator {
 pub fn operator_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "tidal-operator", "--bin", "tidal-operator"])
-                .current_dir(repo_root())
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "building tidal-operator failed");
-            // Test executables live in <target>/<profile>/deps, binaries in <target>/<profile>.
-            let exe = std::env::current_exe().expect("own path");
-            let mut dir = exe.parent().expect("exe dir").to_path_buf();
-            if dir.ends_with("deps") {
-                dir.pop();
-            }
-            dir.join("tidal-operator")
-        })
+        .get_or_init(|| processes::cargo_binary("tidal-operator", "tidal-operator"))
         .clone()
 }
 
@@ -462,6 +447,18 @@ pub mod kwok {
                 "--wait=false",
             ];
             let _ = self.env.command("kubectl").args(args).output();
+            if self.kind == "edgenode" {
+                // No operator may be left to run the node-label finalizer.
+                let patch = [
+                    "patch",
+                    "edgenode",
+                    &self.name,
+                    "--type=merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ];
+                let _ = self.env.command("kubectl").args(patch).output();
+            }
         }
     }
 

@@ -18,7 +18,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Builds a workspace binary once per test binary with the cargo running the tests.
-fn cargo_binary(package: &str, bin: &str) -> PathBuf {
+pub(crate) fn cargo_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "-p", package, "--bin", bin])
@@ -82,8 +82,14 @@ impl Drop for ProcessGuard {
     }
 }
 
+/// reqwest is built without a bundled crypto provider: make ring the process's.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 async fn wait_http_ok(what: &str, url: String) {
-    let client = reqwest::Client::new();
+    let client = http_client();
     eventually(what, Duration::from_secs(60), || {
         let req = client.get(&url).timeout(Duration::from_secs(5));
         async move {

@@ -30,7 +30,7 @@ fn load(
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
-        let client = reqwest::Client::new();
+        let client = tidal_e2e::processes::http_client();
         let ok = Arc::new(AtomicU64::new(0));
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
         let mut inflight = Vec::new();

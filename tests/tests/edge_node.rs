@@ -48,6 +48,15 @@ impl Drop for Cleanup {
                 .command("kubectl")
                 .args(["delete", kind, name, "--ignore-not-found", "--wait=false"])
                 .output();
+            if *kind == "edgenode" {
+                // The controller may be gone before its node-label finalizer runs.
+                let clear = r#"{"metadata":{"finalizers":null}}"#;
+                let _ = self
+                    .env
+                    .command("kubectl")
+                    .args(["patch", "edgenode", name, "--type=merge", "-p", clear])
+                    .output();
+            }
         }
     }
 }
@@ -331,6 +340,57 @@ async fn heartbeat_loss_turns_offline_and_recovery_turns_ready() {
         }
     })
     .await;
+
+    // Deleting the EdgeNode takes the operator's placement labels off its Node (finalizer).
+    let nodes = Api::<Node>::all(ctx.client.clone());
+    let labelled = nodes.get(&node_name).await.unwrap();
+    assert_eq!(
+        labelled.labels().get("tidal.rs/edge-node"),
+        Some(&en_name),
+        "the Node carries the placement label while the EdgeNode exists"
+    );
+    Api::<EdgeNode>::all(ctx.client.clone())
+        .delete(&en_name, &Default::default())
+        .await
+        .unwrap();
+    eventually(
+        "the EdgeNode is gone and its Node unlabelled",
+        CONVERGE,
+        || async {
+            let gone = Api::<EdgeNode>::all(ctx.client.clone())
+                .get_opt(&en_name)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none();
+            let n = nodes.get(&node_name).await.map_err(|e| e.to_string())?;
+            let left: Vec<&String> = n
+                .labels()
+                .keys()
+                .filter(|k| {
+                    k.starts_with("tidal.rs/edge-node")
+                        || k.as_str() == "tidal.rs/site"
+                        || k.as_str() == "topology.kubernetes.io/region"
+                })
+                .collect();
+            if gone && left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("EdgeNode gone: {gone}, labels left: {left:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        nodes
+            .get(&node_name)
+            .await
+            .unwrap()
+            .labels()
+            .get("tidal.rs/e2e-run"),
+        labelled.labels().get("tidal.rs/e2e-run"),
+        "labels the operator does not own are kept"
+    );
+
     eprintln!(
         "heartbeat_loss_turns_offline_and_recovery_turns_ready took {:?}",
         started.elapsed()

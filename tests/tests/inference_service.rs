@@ -288,8 +288,19 @@ async fn moe_shards_prune_and_invalid_specs_leave_children_alone_and_restart_wri
     })
     .await;
 
-    // Restart: a new operator reconciles everything and changes nothing.
-    let before = child_versions(&ctx, "mixtral").await;
+    // Restart: a new operator reconciles everything and changes nothing. First let the
+    // Deployment controller finish its own status updates (they change resourceVersions too).
+    let before = eventually("children settle", CONVERGE, || async {
+        let a = child_versions(&ctx, "mixtral").await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let b = child_versions(&ctx, "mixtral").await;
+        if a == b {
+            Ok(b)
+        } else {
+            Err(format!("{a:?} -> {b:?}"))
+        }
+    })
+    .await;
     let tis_before = api.get("mixtral").await.unwrap().resource_version();
     op.stop().await;
     let op = RunningOperator::start(&ctx);

@@ -1,5 +1,6 @@
-//! Capacity per replica: the configured prior, refined from observed throughput at saturation,
-//! times a feedback factor that drops when the measured latency breaches the SLO.
+//! Capacity per replica: the configured prior (a target at the configured utilisation), lowered
+//! when observed throughput at saturation shows the replicas cannot sustain it, times a feedback
+//! factor that drops when the measured latency breaches the SLO.
 
 use super::types::{Slo, TierSample};
 
@@ -60,9 +61,22 @@ impl Capacity {
         self.slo_factor
     }
 
-    /// What the decision divides demand by.
+    /// What the decision divides demand by: the prior target, lowered (never raised) by what
+    /// saturation showed, times the SLO factor.
+    ///
+    /// The prior is a target *at a utilisation* (headroom below the replica's real capacity),
+    /// while saturation measures the real capacity itself: sizing with a saturated throughput
+    /// above the prior would run every replica at 100 % and give the headroom away. So learning
+    /// may only lower the target, when a replica saturates below it.
     pub fn effective(&self) -> f64 {
-        (self.learned * self.slo_factor).max(self.prior * LEARN_MIN * FACTOR_MIN)
+        (self.learned.min(self.prior) * self.slo_factor).max(self.prior * LEARN_MIN * FACTOR_MIN)
+    }
+
+    /// Throughput one replica really sustains (learned at saturation, at least the target),
+    /// times the SLO factor: what the tail of the demand forecast may use, while the expected
+    /// demand is sized with [`Capacity::effective`] and keeps the utilisation headroom.
+    pub fn ceiling(&self) -> f64 {
+        (self.learned.max(self.prior) * self.slo_factor).max(self.effective())
     }
 
     /// Learns from one interval's sample with `ready` replicas serving it.

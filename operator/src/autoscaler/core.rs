@@ -28,6 +28,8 @@ const READY_TIMES_KEPT: usize = 50;
 const MAX_MODELLED_SITES: usize = 16;
 /// A new placement is emitted only when it lowers the imbalance by more than this fraction.
 const PLAN_HYSTERESIS: f64 = 0.10;
+/// Scale-down window, in (horizon + interval)s, once a forecast exists.
+const DOWN_WINDOW_HORIZONS: f64 = 1.5;
 /// EWMA weight of one per-expert sample.
 const EXPERT_ALPHA: f64 = 0.3;
 
@@ -288,8 +290,12 @@ impl Autoscaler {
         let q = (self.config.quantile * 100.0).round();
         let upper = pred.map_or(sample.arrival_rps, |p| p.upper);
         let method = pred.map_or(Method::Naive, |p| p.method);
-        let demand = upper + extra;
-        let by_forecast = replicas_for(demand, cap);
+        let expected = pred.map_or(sample.arrival_rps, |p| p.peak);
+        let ceiling = self.capacity.ceiling();
+        // The expected demand at the target (utilisation headroom), the upper quantile within
+        // what a replica really serves.
+        let by_forecast =
+            replicas_for(expected + extra, cap).max(replicas_for(upper + extra, ceiling));
         let drain_s = horizon.max(self.config.interval_s).max(1.0);
         let drain_rps = sample.arrival_rps + sample.queue_depth / drain_s;
         let by_queue = replicas_for(drain_rps, cap);
@@ -318,11 +324,18 @@ impl Autoscaler {
         } else {
             by_forecast
         };
+        // The forecast's upper bound already covers the horizon, so the scale-down window need
+        // not be longer than the horizon (plus one interval) once a forecast exists.
+        let mut behavior = self.config.behavior;
+        if pred.is_some() {
+            let short = horizon + self.config.interval_s;
+            behavior.down_window_s = behavior.down_window_s.min(short * DOWN_WINDOW_HORIZONS);
+        }
         let s = self.stabilizer.apply(
             now_s,
             recommended,
             facts.cloud.desired,
-            &self.config.behavior,
+            &behavior,
             self.config.cloud,
         );
         TargetDecision {

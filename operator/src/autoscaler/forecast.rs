@@ -228,6 +228,9 @@ pub(crate) fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     }
 }
 
+/// Samples behind the short-window trend floor.
+const TREND_SAMPLES: usize = 8;
+
 /// Bounded history, cached models and calibration of one demand series.
 #[derive(Clone, Debug)]
 pub struct Forecaster {
@@ -507,6 +510,12 @@ impl Forecaster {
             point = p;
         }
 
+        // Short-window trend: models fitted on a long window (or the naive one while history is
+        // short) lag a ramp; while the last samples rise, their linear trend projected over the
+        // horizon is a floor on the peak.
+        if let Some(trend) = self.trend_at(t_last + horizon_s) {
+            peak = peak.max(trend);
+        }
         let (hi, lo) = self.interval_offsets();
         let upper = (peak + hi.max(0.0)).max(0.0);
         let lower = (point + lo.min(0.0)).max(0.0);
@@ -526,6 +535,30 @@ impl Forecaster {
             upper: finite(upper),
             method,
         })
+    }
+
+    /// The least-squares line through the last [`TREND_SAMPLES`] samples at time `t`, when it
+    /// rises; `None` otherwise.
+    fn trend_at(&self, t: f64) -> Option<f64> {
+        let n = self.fine.len();
+        if n < TREND_SAMPLES {
+            return None;
+        }
+        let pts: Vec<(f64, f64)> = self.fine.iter().skip(n - TREND_SAMPLES).copied().collect();
+        let k = pts.len() as f64;
+        let mt = pts.iter().map(|p| p.0).sum::<f64>() / k;
+        let mv = pts.iter().map(|p| p.1).sum::<f64>() / k;
+        let (mut sxy, mut sxx) = (0.0, 0.0);
+        for &(x, y) in &pts {
+            sxy += (x - mt) * (y - mv);
+            sxx += (x - mt) * (x - mt);
+        }
+        if sxx <= 0.0 {
+            return None;
+        }
+        let slope = sxy / sxx;
+        let v = mv + slope * (t - mt);
+        (slope > 0.0 && v.is_finite()).then_some(v)
     }
 
     /// Offsets of the upper and lower bounds from the point forecast.

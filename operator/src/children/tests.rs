@@ -356,3 +356,98 @@ fn status_reports_readiness_and_is_stable_when_nothing_changes() {
     assert!(crate::crd::is_true(&bad.conditions, "Degraded"));
     assert_eq!(bad.cloud, s3.cloud, "children status is kept");
 }
+
+#[test]
+fn autoscaled_replicas_from_status_win_while_autoscaling_is_enabled() {
+    let (svcs, _) = load_example("dense-cloud.yaml");
+    let mut tis = svcs[0].clone();
+    tis.spec.cloud.replicas = Some(2);
+    let mut status = crate::crd::InferenceServiceStatus::default();
+    status
+        .autoscaled_replicas
+        .insert("llama-chat-cloud".into(), 3);
+    tis.status = Some(status);
+    let desired = |t: &InferenceService| {
+        desired_children(t, &[], &BuildConfig::default())
+            .unwrap()
+            .workloads[0]
+            .desired
+    };
+    assert_eq!(desired(&tis), 3, "the autoscaler's decision is applied");
+    tis.status
+        .as_mut()
+        .unwrap()
+        .autoscaled_replicas
+        .insert("llama-chat-cloud".into(), 40);
+    assert_eq!(desired(&tis), 4, "still clamped to maxReplicas");
+    tis.spec.autoscaling.as_mut().unwrap().enabled = false;
+    assert_eq!(desired(&tis), 2, "autoscaling off: the spec decides");
+}
+
+#[test]
+fn an_autoscaled_placement_drives_the_plan_and_rolls_shards_that_must_load_experts() {
+    use crate::crd::{PlacementStatus, ShardPlacement};
+    let (svcs, _) = load_example("moe-experts.yaml");
+    let mut tis = svcs[0].clone();
+    let before = desired_children(&tis, &[], &BuildConfig::default()).unwrap();
+    // Warming: shard 0 loads expert 1 before the router sends it there.
+    let mut shards: Vec<ShardPlacement> = (0..4)
+        .map(|k| ShardPlacement {
+            shard: k,
+            experts: vec![k, k + 4],
+            held: vec![k, k + 4],
+        })
+        .collect();
+    shards[0].held = vec![0, 1, 4];
+    tis.status = Some(crate::crd::InferenceServiceStatus {
+        placement: Some(PlacementStatus {
+            version: 2,
+            phase: "Warming".into(),
+            shards: shards.clone(),
+        }),
+        ..Default::default()
+    });
+    let c = desired_children(&tis, &[], &BuildConfig::default()).unwrap();
+    let plan = c.plan.as_ref().unwrap();
+    assert_eq!(plan.version, 2);
+    assert_eq!(plan.shards[0].experts, vec![0, 4], "routing unchanged");
+    assert_eq!(plan.shards[0].held, vec![0, 1, 4]);
+    assert!(plan.shards[1].held.is_empty(), "held only when it differs");
+    let annotation = |c: &Children, k: usize| {
+        c.workloads[k + 1]
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[ANNOTATION_HELD_EXPERTS]
+            .clone()
+    };
+    assert_eq!(annotation(&before, 0), "0,4");
+    assert_eq!(
+        annotation(&c, 0),
+        "0,1,4",
+        "shard 0's pods roll to load expert 1"
+    );
+    assert_eq!(
+        annotation(&c, 1),
+        annotation(&before, 1),
+        "shard 1 untouched"
+    );
+    // A placement that does not fit the spec (an expert missing) is ignored.
+    shards[3].experts = vec![3];
+    tis.status
+        .as_mut()
+        .unwrap()
+        .placement
+        .as_mut()
+        .unwrap()
+        .shards = shards;
+    let c = desired_children(&tis, &[], &BuildConfig::default()).unwrap();
+    assert_eq!(c.plan.unwrap().version, 1);
+}

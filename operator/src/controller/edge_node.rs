@@ -16,6 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
@@ -188,9 +189,26 @@ fn error_policy(_en: Arc<EdgeNode>, err: &Error, _state: Arc<State>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Finalizer that removes the operator's placement labels from the Node when its EdgeNode is
+/// deleted.
+pub const FINALIZER: &str = "tidal.rs/node-labels";
+
 async fn reconcile(en: Arc<EdgeNode>, state: Arc<State>) -> Result<Action> {
     let start = Instant::now();
-    let result = reconcile_inner(&en, &state).await;
+    let api = Api::<EdgeNode>::all(state.ctx.client.clone());
+    let result = finalizer(&api, FINALIZER, en, |event| async {
+        match event {
+            FinalizerEvent::Apply(en) => reconcile_inner(&en, &state).await,
+            FinalizerEvent::Cleanup(en) => cleanup(&en, &state).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
+        FinalizerError::AddFinalizer(e) | FinalizerError::RemoveFinalizer(e) => Error::Kube(e),
+        FinalizerError::UnnamedObject => Error::MissingField("metadata.name"),
+        FinalizerError::InvalidFinalizer => Error::InvalidSpec("invalid finalizer name".into()),
+    });
     let reason = result.as_ref().err().map(Error::reason);
     state
         .ctx
@@ -414,6 +432,33 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
     }
 
     Ok(Action::requeue(assessment.next_check.unwrap_or(RESYNC)))
+}
+
+/// The EdgeNode is being deleted: take the operator's labels off its Node (only if the Node is
+/// still labelled as this EdgeNode's; another EdgeNode may hold it now).
+async fn cleanup(en: &EdgeNode, state: &State) -> Result<Action> {
+    let name = en.name_any();
+    let node_name = en.status.as_ref().and_then(|s| s.node_name.clone());
+    let node = node_name.and_then(|n| state.nodes.get(&ObjectRef::new(&n)));
+    if let Some(n) = node.filter(|n| n.labels().get(LABEL_EDGE_NODE) == Some(&name))
+        && !owned_labels(&n).is_empty()
+    {
+        // Applying no labels under our field manager removes the ones it owns.
+        let patch = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": n.name_any(), "labels": {} },
+        });
+        Api::<Node>::all(state.ctx.client.clone())
+            .patch(
+                &n.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        state.ctx.metrics.write(CONTROLLER, "apply");
+    }
+    Ok(Action::await_change())
 }
 
 /// An Event on the EdgeNode saying what its phase became and why. Failing to publish it is

@@ -37,7 +37,7 @@ pub fn method_shares(forecasts: &[ForecastPoint]) -> Vec<(Method, f64)> {
             None => counts.push((f.method, 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     let n = forecasts.len().max(1) as f64;
     counts.into_iter().map(|(m, c)| (m, c as f64 / n)).collect()
 }

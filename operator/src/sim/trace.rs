@@ -67,11 +67,8 @@ pub enum TraceFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("cannot read trace {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read trace {path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error(
         "{name}: unknown trace format (expected an Azure 2023 CSV with a TIMESTAMP header, \
          Mooncake JSONL, or a ServeGen CSV with a window_start_s header); first line: {first:?}"
@@ -142,9 +139,9 @@ pub fn load_auto(
 }
 
 fn read(path: &Path) -> Result<(String, String), TraceError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io {
+    let text = std::fs::read_to_string(path).map_err(|err| TraceError::Io {
         path: path.display().to_string(),
-        source,
+        err,
     })?;
     let name = path
         .file_stem()

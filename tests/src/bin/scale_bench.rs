@@ -252,9 +252,24 @@ async fn main() {
         .delete(NS, &DeleteParams::background())
         .await;
     let lp = ListParams::default().labels("tidal.rs/bench=true");
-    let _ = Api::<EdgeNode>::all(client.clone())
+    let edge_nodes = Api::<EdgeNode>::all(client.clone());
+    let _ = edge_nodes
         .delete_collection(&DeleteParams::background(), &lp)
         .await;
+    // The operator is gone: release the node-label finalizers ourselves.
+    if let Ok(list) = edge_nodes.list_metadata(&lp).await {
+        let clear = serde_json::json!({"metadata": {"finalizers": null}});
+        for en in list.items {
+            let name = en.metadata.name.unwrap_or_default();
+            let _ = edge_nodes
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&clear),
+                )
+                .await;
+        }
+    }
     let _ = Api::<Node>::all(client.clone())
         .delete_collection(&DeleteParams::background(), &lp)
         .await;

@@ -641,6 +641,14 @@ fn record_metrics(
     for (dep, (kind, r, _)) in desired {
         let t = target(&target_label(kind));
         m.desired_replicas.get_or_create(&t).set(i64::from(*r));
+        let bound = match kind {
+            ChildKind::Cloud | ChildKind::Router => Some(l.config.cloud.max),
+            ChildKind::Edge(_) => l.config.edge.as_ref().map(|e| e.per_site.max),
+            ChildKind::ExpertShard(_) => l.config.experts.as_ref().map(|x| x.per_shard.max),
+        };
+        if let Some(b) = bound {
+            m.max_replicas.get_or_create(&t).set(i64::from(b));
+        }
         let counts = deps.counts(dep);
         m.current_replicas
             .get_or_create(&t)

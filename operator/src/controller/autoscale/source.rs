@@ -38,6 +38,8 @@ type Series = Vec<(HashMap<String, String>, f64)>;
 
 impl Source {
     pub fn new(url: &str) -> Result<Self, Unavailable> {
+        // reqwest is built without a bundled crypto provider; ring (kube's) is the process's.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Client::try_from(url).map_err(|e| Unavailable {
             reason: "InvalidPrometheusUrl",
             message: format!("prometheus URL {url:?}: {e}"),
