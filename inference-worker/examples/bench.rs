@@ -424,6 +424,16 @@ unpadded forward pass.\n",
         r = direct / base,
         rows = rows.join("\n"),
     );
-    std::fs::write(&args.out, &report).unwrap();
+    // Keep the expert-disaggregation section that `disagg_bench` maintains between its markers.
+    let kept = std::fs::read_to_string(&args.out).ok().and_then(|old| {
+        let start = old.find("<!-- disagg_bench:begin -->")?;
+        let end = old.find("<!-- disagg_bench:end -->")? + "<!-- disagg_bench:end -->".len();
+        Some(old[start..end].to_string())
+    });
+    let full = match kept {
+        Some(section) => format!("{}\n{section}\n", report.trim_end()),
+        None => report.clone(),
+    };
+    std::fs::write(&args.out, &full).unwrap();
     println!("{report}");
 }

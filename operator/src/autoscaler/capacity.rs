@@ -185,6 +185,19 @@ mod tests {
     }
 
     #[test]
+    fn saturation_above_the_target_keeps_the_headroom() {
+        // The prior 8 rps is a target at a utilisation; replicas saturate at 10 rps. Sizing must
+        // stay at 8 (the headroom), while the tail may use the real 10.
+        let mut c = Capacity::new(8.0);
+        for _ in 0..50 {
+            c.observe(&sample(60.0, 40.0, 20.0, 0.5), 4, &Slo::default());
+        }
+        assert!((c.learned() - 10.0).abs() < 0.1, "{}", c.learned());
+        assert!((c.effective() - 8.0).abs() < 1e-9, "{}", c.effective());
+        assert!((c.ceiling() - c.learned()).abs() < 1e-9, "{}", c.ceiling());
+    }
+
+    #[test]
     fn breach_lowers_and_recovery_is_slow() {
         let mut c = Capacity::new(10.0);
         // Provisioned: 30 rps on 4 replicas of 10; still breaching.

@@ -29,7 +29,7 @@ const MAX_MODELLED_SITES: usize = 16;
 /// A new placement is emitted only when it lowers the imbalance by more than this fraction.
 const PLAN_HYSTERESIS: f64 = 0.10;
 /// Scale-down window, in (horizon + interval)s, once a forecast exists.
-const DOWN_WINDOW_HORIZONS: f64 = 1.5;
+const DOWN_WINDOW_HORIZONS: f64 = 2.0;
 /// EWMA weight of one per-expert sample.
 const EXPERT_ALPHA: f64 = 0.3;
 

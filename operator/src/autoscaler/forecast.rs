@@ -517,7 +517,7 @@ impl Forecaster {
             peak = peak.max(trend);
         }
         let (hi, lo) = self.interval_offsets();
-        let upper = (peak + hi.max(0.0)).max(0.0);
+        let upper = (point + hi.max(0.0)).max(peak).max(0.0);
         let lower = (point + lo.min(0.0)).max(0.0);
         if self.recorded_for != Some(t_last) {
             self.recorded_for = Some(t_last);
@@ -712,6 +712,32 @@ mod tests {
     }
 
     /// After a level shift the forecast follows within a few steps.
+    #[test]
+    fn short_ramp_leads_with_the_trend_floor() {
+        // A fresh series ramping 1 rps per 15 s sample: too short for ETS, so naive would sit
+        // at the level; the trend floor must put the peak at or above the load measured now,
+        // near where the ramp will be at the horizon.
+        let mut f = Forecaster::new(Method::Auto, 0.9, 15.0);
+        let mut t = 0.0;
+        let mut last = 0.0;
+        for i in 0..12u64 {
+            last = 10.0 + i as f64;
+            f.observe(t, last);
+            t += 15.0;
+        }
+        let p = f.predict(60.0, 15.0).unwrap();
+        assert_eq!(p.method, Method::Naive);
+        assert!(p.peak >= last + 3.0, "peak {} vs last {last}", p.peak);
+        assert!(p.upper >= p.peak, "{p:?}");
+        // Falling: no floor (the peak is the level).
+        let mut g = Forecaster::new(Method::Naive, 0.9, 15.0);
+        for i in 0..12u64 {
+            g.observe(i as f64 * 15.0, 30.0 - i as f64);
+        }
+        let p = g.predict(60.0, 15.0).unwrap();
+        assert!((p.peak - p.level).abs() < 1e-9, "{p:?}");
+    }
+
     #[test]
     fn step_series_adapts_within_a_few_steps() {
         for method in [Method::Naive, Method::Ets, Method::Auto] {

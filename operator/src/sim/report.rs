@@ -237,7 +237,7 @@ first minute.
 (arrival and served rate over its last sync interval, queue depth, in-flight requests, p95 TTFT, \
 desired/ready replicas).
 - **Tidal**: the `tidal_operator::autoscaler` core as it stands in this checkout, every {:.0} s, \
-method Auto, quantile {:.2}, horizon = observed ready time (cold start), scale-down window {:.0} s, \
+method Auto, quantile {:.2}, horizon = observed ready time (cold start), configured scale-down window {:.0} s (the core shortens it to 2 × (horizon + interval) once it forecasts), \
 SLO p95 TTFT {:.1} s; replicas that become ready are reported as `ready_times_s`.
 - **HPA**: 15 s sync, metric = arrival rate per replica, tolerance 0.1, 300 s scale-down \
 stabilisation (max recommendation in the window), scale-up at most max(100 %, 4 pods) per sync.
