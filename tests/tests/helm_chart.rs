@@ -89,14 +89,6 @@ impl Drop for TempDir {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// A child process killed (and reaped) on drop.
 struct Killed(Child);
 
@@ -575,7 +567,7 @@ fn start_prometheus(rules: &Path, scrape_configs: Value) -> Prometheus {
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
-    let port = free_port();
+    let port = tidal_e2e::processes::free_port();
     let log = std::fs::File::create(dir.0.join("prometheus.log")).unwrap();
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config_path.display()))
@@ -1190,7 +1182,7 @@ async fn the_chart_rbac_is_enough_for_the_real_operator() {
     let deploy = get(&ctx, "deployment", RELEASE, true).expect("the chart's Deployment");
     let container = &deploy["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["args"], json!(["run"]));
-    let port = free_port();
+    let port = tidal_e2e::processes::free_port();
     let identity = format!("helm-rbac-{}", std::process::id());
     let mut cmd = Command::new(&operator);
     cmd.arg("run")

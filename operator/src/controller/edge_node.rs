@@ -395,7 +395,7 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
 
     let current = en.status.clone().unwrap_or_default();
     let (replicas, services) = services_on(&state.deployments, &name);
-    let now = Time(Timestamp::from_second(Timestamp::now().as_second()).expect("valid time"));
+    let now = super::now();
     let status = EdgeNodeStatus {
         observed_generation: en.metadata.generation,
         phase: assessment.phase,

@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -21,7 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use super::Context;
+use super::{Context, now};
 use crate::children::{
     self, Children, EdgeFacts, FIELD_MANAGER, LABEL_SERVICE, Observed, SpecError, compute_status,
     invalid_spec_status,
@@ -123,12 +121,6 @@ async fn reconcile(tis: Arc<InferenceService>, state: Arc<State>) -> Result<Acti
         .metrics
         .observe_reconcile(CONTROLLER, start.elapsed(), reason);
     result
-}
-
-fn now() -> Time {
-    // Whole seconds: metav1.Time serialises with second precision, so comparing a computed
-    // status with the stored one must not differ in sub-second digits.
-    Time(Timestamp::from_second(Timestamp::now().as_second()).expect("valid time"))
 }
 
 async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action> {

@@ -12,6 +12,15 @@ use kube::runtime::events::Reporter;
 use crate::children::BuildConfig;
 use crate::metrics::Metrics;
 
+/// Now, in whole seconds: metav1.Time serialises with second precision, so a computed status
+/// compares equal to the stored one (and an unchanged reconcile writes nothing).
+pub fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    use k8s_openapi::jiff::Timestamp;
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Timestamp::from_second(Timestamp::now().as_second()).expect("valid time"),
+    )
+}
+
 /// What every controller shares.
 #[derive(Clone)]
 pub struct Context {

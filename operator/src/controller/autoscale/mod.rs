@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -98,10 +97,6 @@ impl Loop {
 
 fn unix_now() -> f64 {
     Timestamp::now().as_millisecond() as f64 / 1000.0
-}
-
-fn now_time() -> Time {
-    Time(Timestamp::from_second(Timestamp::now().as_second()).expect("valid time"))
 }
 
 /// Runs the loop until `shutdown` resolves. Only the leader runs it.
@@ -497,7 +492,7 @@ async fn write_status(
     // A fresh read: conditions are merged, not overwritten with a stale copy.
     let fresh = api.get_status(name).await?;
     let current = fresh.status.unwrap_or_default();
-    let now = now_time();
+    let now = super::now();
     let mut conds = vec![match snapshot {
         Ok(_) if decision.metrics_available => DesiredCondition::new(
             ct::METRICS_AVAILABLE,
