@@ -68,6 +68,15 @@ pub struct RunArgs {
     /// Seconds a new replica is assumed to need to become ready, until one has been measured.
     #[arg(long, env = "TIDAL_DEFAULT_READY_SECONDS", default_value_t = 60.0)]
     pub default_ready_seconds: f64,
+    /// Reconciles each controller runs at once (0: unbounded). Bounds the burst of API
+    /// requests when thousands of objects change together (start-up, an edge region going
+    /// offline).
+    #[arg(long, env = "TIDAL_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+    pub max_concurrent_reconciles: u16,
+    /// Milliseconds an object's reconcile waits for further changes to it before running, so a
+    /// burst of updates (a rollout's status changes) costs one reconcile.
+    #[arg(long, env = "TIDAL_RECONCILE_DEBOUNCE_MS", default_value_t = 200)]
+    pub reconcile_debounce_ms: u64,
     /// Do not run the autoscaler (replicas then follow the spec).
     #[arg(long, env = "TIDAL_DISABLE_AUTOSCALER")]
     pub disable_autoscaler: bool,

@@ -147,6 +147,8 @@ pub struct Metrics {
     /// API writes the controllers made (what "a reconcile with nothing to change writes
     /// nothing" is measured by).
     pub api_writes: Family<WriteLabels, Counter>,
+    /// Applies not sent because the cached child already holds the desired state.
+    pub applies_skipped: Family<ControllerLabels, Counter>,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
     pub autoscaler: AutoscalerMetrics,
@@ -165,6 +167,7 @@ impl Default for Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 14))
             });
         let api_writes = Family::<WriteLabels, Counter>::default();
+        let applies_skipped = Family::<ControllerLabels, Counter>::default();
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciliations run", reconciles.clone());
         registry.register(
@@ -183,6 +186,11 @@ impl Default for Metrics {
             api_writes.clone(),
         );
         registry.register(
+            "applies_skipped",
+            "Server-side applies not sent: the cached child already matched",
+            applies_skipped.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica is the leader",
             leader.clone(),
@@ -194,6 +202,7 @@ impl Default for Metrics {
             reconcile_errors,
             reconcile_duration,
             api_writes,
+            applies_skipped,
             leader,
         }
     }
@@ -220,6 +229,12 @@ impl Metrics {
                 .get_or_create(&ErrorLabels { controller, reason })
                 .inc();
         }
+    }
+
+    pub fn apply_skipped(&self, controller: &'static str) {
+        self.applies_skipped
+            .get_or_create(&ControllerLabels { controller })
+            .inc();
     }
 
     pub fn write(&self, controller: &'static str, kind: &'static str) {

@@ -73,6 +73,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             rate_window: args.rate_window.clone(),
             default_ready_time_s: args.default_ready_seconds,
         };
+        c.controller_config = kube::runtime::controller::Config::default()
+            .concurrency(args.max_concurrent_reconciles)
+            .debounce(std::time::Duration::from_millis(args.reconcile_debounce_ms));
     }
 
     // `shutdown` flips on SIGTERM; everything stops from it.

@@ -20,8 +20,13 @@ pub fn free_port() -> u16 {
 /// Builds a workspace binary once per test binary with the cargo running the tests.
 pub(crate) fn cargo_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The same profile as this binary: its directory is where the result is looked up.
+    let mut args = vec!["build", "-p", package, "--bin", bin];
+    if !cfg!(debug_assertions) {
+        args.push("--release");
+    }
     let status = Command::new(cargo)
-        .args(["build", "-p", package, "--bin", bin])
+        .args(&args)
         .current_dir(repo_root())
         .status()
         .expect("run cargo build");

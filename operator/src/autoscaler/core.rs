@@ -297,8 +297,16 @@ impl Autoscaler {
         let by_forecast =
             replicas_for(expected + extra, cap).max(replicas_for(upper + extra, ceiling));
         let drain_s = horizon.max(self.config.interval_s).max(1.0);
-        let drain_rps = sample.arrival_rps + sample.queue_depth / drain_s;
-        let by_queue = replicas_for(drain_rps, cap);
+        // The measured arrivals already include an offline site's failed-over load, so the
+        // backlog is sized without the pre-scaled `extra`.
+        let backlog = Backlog::new(
+            sample,
+            expected,
+            facts.cloud,
+            ceiling,
+            self.config.slo.ttft_p95_s,
+        );
+        let by_queue = backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
         let mut reason = format!("forecast p{q} {upper:.1} rps over {horizon:.0} s ({method:?})");
         if extra > 0.0 {
             reason.push_str(&format!(
@@ -315,14 +323,16 @@ impl Autoscaler {
                 self.capacity.slo_factor()
             ));
         }
-        let recommended = if by_queue > by_forecast {
-            reason.push_str(&format!(
-                "; queue {:.0} needs {by_queue} to drain within {drain_s:.0} s",
-                sample.queue_depth
-            ));
-            by_queue
-        } else {
-            by_forecast
+        let recommended = match backlog {
+            Some(b) if by_queue > by_forecast => {
+                reason.push_str(&format!(
+                    "; queue {:.0} (projected {:.0} when new replicas are ready) needs {by_queue} to drain within {drain_s:.0} s",
+                    sample.queue_depth,
+                    b.projected(horizon)
+                ));
+                by_queue
+            }
+            _ => by_forecast,
         };
         // The forecast's upper bound already covers the horizon, so the scale-down window need
         // not be longer than the horizon (plus one interval) once a forecast exists.
@@ -376,6 +386,7 @@ impl Autoscaler {
             }
         }
         let behavior = self.config.behavior;
+        let slo_ttft = self.config.slo.ttft_p95_s;
         let prescale = self.config.prescale_cloud_for_edge;
         let interval = self.config.interval_s;
         let q = (self.config.quantile * 100.0).round();
@@ -407,27 +418,38 @@ impl Autoscaler {
                 }) if load.arrival_rps.is_finite() => {
                     let pred = site.forecaster.predict(horizon, interval);
                     let upper = pred.map_or(load.arrival_rps, |p| p.upper);
-                    site.last_load = Some(pred.map_or(load.arrival_rps, |p| p.peak));
+                    let expected = pred.map_or(load.arrival_rps, |p| p.peak);
+                    site.last_load = Some(expected);
                     let cap = site.capacity.effective();
-                    let n = replicas_for(upper, cap);
-                    let queue = if load.queue_depth.is_finite() {
-                        load.queue_depth.max(0.0)
-                    } else {
-                        0.0
-                    };
+                    let ceiling = site.capacity.ceiling();
+                    // The same sizing as the cloud tier: expected demand at the target, the
+                    // upper quantile within the real capacity, a backlog projected over the
+                    // horizon.
+                    let n = replicas_for(expected, cap).max(replicas_for(upper, ceiling));
                     let drain_s = horizon.max(interval).max(1.0);
-                    let by_queue = replicas_for(load.arrival_rps + queue / drain_s, cap);
+                    let backlog = Backlog::new(&load, expected, counts, ceiling, slo_ttft);
+                    let by_queue =
+                        backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
                     let mut reason = format!(
                         "forecast p{q} {upper:.1} rps over {horizon:.0} s / {cap:.1} rps per replica = {n}"
                     );
-                    let rec = if by_queue > n {
-                        reason.push_str(&format!(
-                            "; queue {queue:.0} needs {by_queue} to drain within {drain_s:.0} s"
-                        ));
-                        by_queue
-                    } else {
-                        n
+                    let rec = match backlog {
+                        Some(b) if by_queue > n => {
+                            reason.push_str(&format!(
+                                "; queue {:.0} (projected {:.0} when new replicas are ready) needs {by_queue} to drain within {drain_s:.0} s",
+                                load.queue_depth,
+                                b.projected(horizon)
+                            ));
+                            by_queue
+                        }
+                        _ => n,
                     };
+                    let mut behavior = behavior;
+                    if pred.is_some() {
+                        let short = horizon + interval;
+                        behavior.down_window_s =
+                            behavior.down_window_s.min(short * DOWN_WINDOW_HORIZONS);
+                    }
                     let s = site.stabilizer.apply(
                         now_s,
                         rec,
@@ -564,6 +586,62 @@ fn replicas_for(rps: f64, per_replica: f64) -> u32 {
     (rps / per_replica - 1e-9)
         .ceil()
         .clamp(0.0, f64::from(u32::MAX)) as u32
+}
+
+/// A backlog: queued work the ready replicas cannot clear within the TTFT objective.
+///
+/// Why: a queue that small is normal batching and says nothing the forecast does not; one that
+/// large means requests are already late, and it keeps growing until new replicas are ready
+/// (one horizon away), so it is sized from where it will be then, not from where it is now.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Backlog {
+    queue: f64,
+    /// The demand to serve besides the backlog: the larger of the measured and expected rates.
+    demand: f64,
+    /// What the replicas serve while new ones start: ready ones now, pending ones on average
+    /// halfway through the horizon.
+    serving: f64,
+}
+
+impl Backlog {
+    /// `None` when the queue is not a backlog (or the sample is not usable).
+    fn new(
+        sample: &TierSample,
+        expected: f64,
+        counts: ReplicaCounts,
+        ceiling: f64,
+        ttft_slo_s: Option<f64>,
+    ) -> Option<Backlog> {
+        let queue = sample.queue_depth;
+        if !queue.is_finite() || !sample.arrival_rps.is_finite() || !ceiling.is_finite() {
+            return None;
+        }
+        let ready = f64::from(counts.ready);
+        // Work the ready replicas clear within the SLO; without a TTFT SLO, half a request each.
+        let normal = match ttft_slo_s.filter(|s| s.is_finite() && *s > 0.0) {
+            Some(slo) => ready.max(1.0) * ceiling * slo,
+            None => 0.5 * ready,
+        };
+        if queue < normal.max(1.0) {
+            return None;
+        }
+        let pending = f64::from(counts.desired.saturating_sub(counts.ready));
+        Some(Backlog {
+            queue,
+            demand: sample.arrival_rps.max(expected).max(0.0),
+            serving: (ready + 0.5 * pending) * ceiling,
+        })
+    }
+
+    /// The queue when replicas asked for now are ready, `horizon_s` from now.
+    fn projected(&self, horizon_s: f64) -> f64 {
+        self.queue + (self.demand - self.serving).max(0.0) * horizon_s
+    }
+
+    /// The rate that serves the demand and drains the projected queue within `drain_s`.
+    fn rps(&self, horizon_s: f64, drain_s: f64) -> f64 {
+        self.demand + self.projected(horizon_s) / drain_s.max(1.0)
+    }
 }
 
 #[cfg(test)]
@@ -880,6 +958,87 @@ mod tests {
         // (50 + 900 / 45) / 10 = 7.
         assert_eq!(d.cloud.replicas, 7, "{:?}", d.cloud);
         assert!(d.cloud.reason.contains("queue 900"), "{}", d.cloud.reason);
+    }
+
+    /// Steady 20 rps on 2 replicas, then one interval at 40 rps that left `queue` waiting.
+    fn after_a_burst(queue: f64, desired: u32) -> Decision {
+        let mut a = Autoscaler::new(config());
+        let mut f = facts(2);
+        for i in 0..20 {
+            let t = i as f64 * 15.0;
+            let d = a.step(t, Some(&snapshot(t, 20.0)), &f);
+            apply(&mut f, &d);
+        }
+        f.cloud = ReplicaCounts { desired, ready: 2 };
+        let t = 20.0 * 15.0;
+        let mut s = snapshot(t, 40.0);
+        s.cloud = Some(TierSample {
+            queue_depth: queue,
+            served_rps: 20.0,
+            ..tier(40.0, 0.5)
+        });
+        a.step(t, Some(&s), &f)
+    }
+
+    #[test]
+    fn backlog_is_sized_from_where_it_will_be_when_new_replicas_are_ready() {
+        // 300 queued, 40 rps arriving, 2 x 10 rps serving: by the time new replicas are ready
+        // (45 s) the queue is 300 + 20 x 45 = 1200; serving 40 rps and draining that within
+        // 45 s needs 40 + 1200 / 45 = 66.7 rps = 7 replicas (the queue as it is now: 5).
+        let d = after_a_burst(300.0, 2);
+        assert_eq!(d.cloud.replicas, 7, "{:?}", d.cloud);
+        assert!(
+            d.cloud.reason.contains("projected 1200"),
+            "{}",
+            d.cloud.reason
+        );
+        // Replicas already pending serve half the horizon: 2 + 4 / 2 replicas = 40 rps, so the
+        // queue stops growing and is drained as it is.
+        let d = after_a_burst(300.0, 6);
+        assert!(
+            d.cloud.reason.contains("projected 300"),
+            "{}",
+            d.cloud.reason
+        );
+    }
+
+    #[test]
+    fn a_queue_within_the_slo_is_not_a_backlog() {
+        // 2 ready replicas clear 2 x 10 rps x 1 s (the TTFT SLO) = 20 requests in time: a queue
+        // of 15 is normal, and the forecast alone decides.
+        let d = after_a_burst(15.0, 2);
+        assert!(!d.cloud.reason.contains("queue"), "{}", d.cloud.reason);
+        let b = Backlog::new(
+            &TierSample {
+                queue_depth: 15.0,
+                ..tier(40.0, 0.5)
+            },
+            30.0,
+            ReplicaCounts {
+                desired: 2,
+                ready: 2,
+            },
+            10.0,
+            Some(1.0),
+        );
+        assert_eq!(b, None);
+        // Without a TTFT SLO, more than half a request per ready replica is a backlog.
+        let b = Backlog::new(
+            &TierSample {
+                queue_depth: 15.0,
+                ..tier(40.0, 0.5)
+            },
+            30.0,
+            ReplicaCounts {
+                desired: 2,
+                ready: 2,
+            },
+            10.0,
+            None,
+        )
+        .unwrap();
+        assert_eq!(b.demand, 40.0);
+        assert!((b.projected(45.0) - (15.0 + 20.0 * 45.0)).abs() < 1e-9);
     }
 
     #[test]

@@ -230,6 +230,8 @@ pub(crate) fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
 
 /// Samples behind the short-window trend floor.
 const TREND_SAMPLES: usize = 8;
+/// The trend floor needs a slope at least this many standard errors above zero.
+const TREND_MIN_T: f64 = 2.0;
 
 /// Bounded history, cached models and calibration of one demand series.
 #[derive(Clone, Debug)]
@@ -558,6 +560,20 @@ impl Forecaster {
         }
         let slope = sxy / sxx;
         let v = mv + slope * (t - mt);
+        // Why: on a flat but noisy series half of all 8-sample slopes are positive, and the
+        // line projected a horizon ahead turns that noise into a standing margin; only a rise
+        // that stands out of the noise (slope >= TREND_MIN_T standard errors) is a ramp.
+        let ss: f64 = pts
+            .iter()
+            .map(|&(x, y)| {
+                let e = y - (mv + slope * (x - mt));
+                e * e
+            })
+            .sum();
+        let se = (ss / (k - 2.0) / sxx).sqrt();
+        if se.is_nan() || slope < TREND_MIN_T * se {
+            return None;
+        }
         (slope > 0.0 && v.is_finite()).then_some(v)
     }
 
@@ -736,6 +752,54 @@ mod tests {
         }
         let p = g.predict(60.0, 15.0).unwrap();
         assert!((p.peak - p.level).abs() < 1e-9, "{p:?}");
+    }
+
+    /// The trend floor follows a real ramp at every step, but a flat noisy series only rarely
+    /// (a bare "slope > 0" rule would fire on about half of its windows).
+    #[test]
+    fn trend_floor_needs_a_rise_that_stands_out_of_the_noise() {
+        let (mut flat, mut ramp) = (
+            Forecaster::new(Method::Naive, 0.9, 15.0),
+            Forecaster::new(Method::Naive, 0.9, 15.0),
+        );
+        let (mut flat_hits, mut positive_slopes, mut ramp_hits, mut windows) = (0, 0, 0, 0);
+        for i in 0..400u64 {
+            let t = i as f64 * 15.0;
+            flat.observe(t, 100.0 + 10.0 * noise(i));
+            ramp.observe(t, 100.0 + 2.0 * i as f64 + 2.0 * noise(i + 1000));
+            if i + 1 < TREND_SAMPLES as u64 {
+                continue;
+            }
+            windows += 1;
+            let pts: Vec<f64> = flat
+                .fine
+                .iter()
+                .rev()
+                .take(TREND_SAMPLES)
+                .map(|p| p.1)
+                .collect();
+            // Newest first: a positive slope means the first half is above the second.
+            let half = TREND_SAMPLES / 2;
+            let (newer, older): (f64, f64) = (pts[..half].iter().sum(), pts[half..].iter().sum());
+            if newer > older {
+                positive_slopes += 1;
+            }
+            if flat.trend_at(t + 60.0).is_some() {
+                flat_hits += 1;
+            }
+            if ramp
+                .trend_at(t + 60.0)
+                .is_some_and(|v| v > 100.0 + 2.0 * i as f64)
+            {
+                ramp_hits += 1;
+            }
+        }
+        assert_eq!(ramp_hits, windows);
+        assert!(
+            positive_slopes * 10 > windows * 3,
+            "{positive_slopes} of {windows}"
+        );
+        assert!(flat_hits * 10 < windows, "{flat_hits} of {windows}");
     }
 
     #[test]

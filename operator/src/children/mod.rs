@@ -1,12 +1,14 @@
 //! Desired state: the Kubernetes objects an InferenceService should own, built by pure
 //! functions from the spec and what is known about EdgeNodes (no client, no I/O).
 
+mod applied;
 mod labels;
 mod placement;
 mod selection;
 mod status;
 mod workload;
 
+pub use applied::{ANNOTATION_APPLIED_HASH, stamp, up_to_date, why_apply};
 pub use labels::*;
 pub use placement::*;
 pub use selection::matches as selector_matches;
@@ -40,7 +42,7 @@ impl Default for BuildConfig {
 }
 
 /// What the controller knows about one EdgeNode.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct EdgeFacts {
     /// The EdgeNode's name.
     pub name: String,

@@ -54,45 +54,42 @@ fn edge_deployments() -> watcher::Config {
     watcher::Config::default().labels(&format!("{LABEL_TIER}=edge"))
 }
 
+/// A reflector on `api` whose store the reconciler reads and whose events trigger it.
+fn cached<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(api, cfg))
+        .default_backoff()
+        .touched_objects();
+    (store, stream)
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let client = ctx.client.clone();
-
-    let (deployments, writer) = reflector::store::<Deployment>();
-    let deploy_reflector = reflector::reflector(
-        writer,
-        watcher(ctx.scoped_api::<Deployment>(), edge_deployments()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(|_| futures::future::ready(()));
-    let deploy_task = tokio::spawn(deploy_reflector);
-
-    let (nodes, writer) = reflector::store::<Node>();
-    let node_task = tokio::spawn(
-        reflector::reflector(
-            writer,
-            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
-        )
-        .default_backoff()
-        .touched_objects()
-        .for_each(|_| futures::future::ready(())),
-    );
-    let (leases, writer) = reflector::store::<Lease>();
-    let lease_task = tokio::spawn(
-        reflector::reflector(
-            writer,
-            watcher(
-                Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .touched_objects()
-        .for_each(|_| futures::future::ready(())),
+    // One watch per kind, shared by the caches and the triggers.
+    let (deployments, dep_stream) = cached(ctx.scoped_api::<Deployment>(), edge_deployments());
+    let (nodes, node_stream) = cached(Api::<Node>::all(client.clone()), Default::default());
+    let (leases, lease_stream) = cached(
+        Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE),
+        Default::default(),
     );
     // graceful_shutdown_on wants a Sync future; a watch receiver is one whatever `shutdown` is.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -104,24 +101,11 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    // A reconcile before the caches are filled would report existing Nodes as missing.
-    let synced = async {
-        let _ = tokio::join!(nodes.wait_until_ready(), leases.wait_until_ready());
-    };
-    tokio::select! {
-        _ = synced => {}
-        _ = stopped(stop_rx.clone()) => {
-            for t in [node_task, lease_task, deploy_task, stop_task] {
-                t.abort();
-            }
-            return;
-        }
-    }
-
     let controller = Controller::new(
         Api::<EdgeNode>::all(client.clone()),
         watcher::Config::default(),
-    );
+    )
+    .with_config(ctx.controller_config.clone());
     let by_node = controller.store();
     let by_lease = controller.store();
     let state = Arc::new(State {
@@ -133,26 +117,18 @@ pub async fn run(
         leases,
     });
     controller
-        .watches(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default(),
-            move |node| {
-                let name = node.name_any();
-                refs(&by_node, |en| {
-                    edge::refers_to_node(en, &name, Some(node.labels()))
-                })
-            },
-        )
+        .watches_stream(node_stream, move |node| {
+            let name = node.name_any();
+            refs(&by_node, |en| {
+                edge::refers_to_node(en, &name, Some(node.labels()))
+            })
+        })
         // Every renewal: lastHeartbeat moves, and a late heartbeat recovers without waiting.
-        .watches(
-            Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE),
-            watcher::Config::default(),
-            move |lease| {
-                let name = lease.name_any();
-                refs(&by_lease, |en| edge::refers_to_node(en, &name, None))
-            },
-        )
-        .watches(ctx.scoped_api::<Deployment>(), edge_deployments(), |d| {
+        .watches_stream(lease_stream, move |lease| {
+            let name = lease.name_any();
+            refs(&by_lease, |en| edge::refers_to_node(en, &name, None))
+        })
+        .watches_stream(dep_stream, |d| {
             d.labels()
                 .get(LABEL_EDGE_NODE)
                 .map(|en| ObjectRef::<EdgeNode>::new(en))
@@ -169,9 +145,6 @@ pub async fn run(
             futures::future::ready(())
         })
         .await;
-    deploy_task.abort();
-    node_task.abort();
-    lease_task.abort();
     stop_task.abort();
 }
 
@@ -194,6 +167,10 @@ fn error_policy(_en: Arc<EdgeNode>, err: &Error, _state: Arc<State>) -> Action {
 pub const FINALIZER: &str = "tidal.rs/node-labels";
 
 async fn reconcile(en: Arc<EdgeNode>, state: Arc<State>) -> Result<Action> {
+    // Both the status and the finalizer's label cleanup read the caches.
+    if !synced(&state) {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let start = Instant::now();
     let api = Api::<EdgeNode>::all(state.ctx.client.clone());
     let result = finalizer(&api, FINALIZER, en, |event| async {
@@ -276,6 +253,19 @@ fn services_on(deployments: &Store<Deployment>, name: &str) -> (i32, Vec<EdgeSer
     (services.iter().map(|s| s.replicas).sum(), services)
 }
 
+/// Whether the Node, Lease and Deployment caches have had their first full list: a reconcile
+/// before that would report existing Nodes as missing.
+fn synced(state: &State) -> bool {
+    use futures::FutureExt;
+    [
+        state.nodes.wait_until_ready().boxed(),
+        state.leases.wait_until_ready().boxed(),
+        state.deployments.wait_until_ready().boxed(),
+    ]
+    .into_iter()
+    .all(|f| matches!(f.now_or_never(), Some(Ok(()))))
+}
+
 async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
     let ctx = &state.ctx;
     let name = en.name_any();
@@ -314,15 +304,20 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
         .ok()
         .and_then(|r| candidates.iter().find(|n| n.name_any() == *r));
 
-    let renew_time = node
+    let lease_spec = node
         .and_then(|n| {
             state
                 .leases
                 .get(&ObjectRef::new(&n.name_any()).within(NODE_LEASE_NAMESPACE))
         })
-        .and_then(|l| l.spec.clone())
-        .and_then(|s| s.renew_time)
+        .and_then(|l| l.spec.clone());
+    let renew_time = lease_spec
+        .as_ref()
+        .and_then(|s| s.renew_time.clone())
         .map(|t| t.0);
+    let lease_duration_seconds = lease_spec
+        .and_then(|s| s.lease_duration_seconds)
+        .and_then(|d| u32::try_from(d).ok());
 
     // Another EdgeNode already on this Node: report it instead of fighting over its label.
     let claimed_by = node.and_then(|n| {
@@ -350,6 +345,7 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
             (Err(e), _) => Err(e),
         },
         renew_time,
+        lease_duration_seconds,
         now: Timestamp::now(),
         heartbeat_timeout_seconds: en.spec.offline_policy.heartbeat_timeout_seconds,
         cordoned: en.spec.cordoned,

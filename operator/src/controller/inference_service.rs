@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -17,7 +17,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Context, now};
 use crate::children::{
@@ -32,7 +32,61 @@ const CONTROLLER: &str = "inferenceservice";
 struct State {
     ctx: Arc<Context>,
     edge_nodes: Store<EdgeNode>,
+    /// Children from caches: no-op applies are skipped and pruning needs no LIST.
+    deployments: Store<Deployment>,
+    services: Store<Service>,
+    config_maps: Store<ConfigMap>,
     recorder: Recorder,
+}
+
+impl State {
+    /// Whether every cache has had its first full list: before that, missing EdgeNodes would
+    /// prune edge tiers and missing children would be applied needlessly.
+    fn synced(&self) -> bool {
+        use futures::FutureExt;
+        [
+            self.edge_nodes.wait_until_ready().boxed(),
+            self.deployments.wait_until_ready().boxed(),
+            self.services.wait_until_ready().boxed(),
+            self.config_maps.wait_until_ready().boxed(),
+        ]
+        .into_iter()
+        .all(|f| matches!(f.now_or_never(), Some(Ok(()))))
+    }
+}
+
+/// What an InferenceService's output depends on from an EdgeNode: other changes (the
+/// heartbeat timestamp in its status) trigger no reconcile.
+fn edge_facts_hash(en: &EdgeNode) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    EdgeFacts::from_edge_node(en).hash(&mut h);
+    en.metadata.deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
+/// A reflector on `api` whose store the reconciler reads and whose events trigger it.
+fn cached<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(api, cfg))
+        .default_backoff()
+        .touched_objects();
+    (store, stream)
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -42,41 +96,34 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let children_cfg = watcher::Config::default().labels(LABEL_SERVICE);
-    // EdgeNode facts come from a cache, not a LIST per reconcile (thousands of edge sites).
-    let (edge_nodes, writer) = reflector::store::<EdgeNode>();
-    let en_reflector = reflector::reflector(
-        writer,
-        watcher(
-            Api::<EdgeNode>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(|_| futures::future::ready(()));
-    let en_task = tokio::spawn(en_reflector);
+    // One watch per kind, shared by the caches and the triggers.
+    let (edge_nodes, en_stream) = cached(Api::<EdgeNode>::all(client.clone()), Default::default());
+    let (deployments, dep_stream) = cached(ctx.scoped_api::<Deployment>(), children_cfg.clone());
+    let (services_cache, svc_stream) = cached(ctx.scoped_api::<Service>(), children_cfg.clone());
+    let (config_maps, cm_stream) = cached(ctx.scoped_api::<ConfigMap>(), children_cfg);
 
     let controller = Controller::new(
         ctx.scoped_api::<InferenceService>(),
         watcher::Config::default(),
-    );
+    )
+    .with_config(ctx.controller_config.clone());
     let services = controller.store();
-    let state_ctx = ctx.clone();
     let state = Arc::new(State {
         recorder: Recorder::new(client.clone(), ctx.reporter.clone()),
         ctx,
         edge_nodes,
+        deployments,
+        services: services_cache,
+        config_maps,
     });
     controller
-        .owns(state_ctx.scoped_api::<Deployment>(), children_cfg.clone())
-        .owns(state_ctx.scoped_api::<Service>(), children_cfg.clone())
-        .owns(state_ctx.scoped_api::<ConfigMap>(), children_cfg)
-        // An EdgeNode changing (phase, labels) re-reconciles the services whose edge tier
-        // selects it. A service that selected it before a label change is reconciled by its
-        // own periodic requeue (and prunes the site then).
-        .watches(
-            Api::<EdgeNode>::all(client),
-            watcher::Config::default(),
+        .owns_stream(dep_stream)
+        .owns_stream(svc_stream)
+        .owns_stream(cm_stream)
+        // An EdgeNode changing what the services see of it (phase, labels, node) re-reconciles
+        // the services whose edge tier selects it or runs on it.
+        .watches_stream(
+            en_stream.predicate_filter(edge_facts_hash, Default::default()),
             move |en| {
                 let labels = en.metadata.labels.clone().unwrap_or_default();
                 services
@@ -104,7 +151,6 @@ pub async fn run(
             futures::future::ready(())
         })
         .await;
-    en_task.abort();
 }
 
 fn error_policy(_tis: Arc<InferenceService>, err: &Error, _state: Arc<State>) -> Action {
@@ -131,6 +177,9 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
         .ok_or(Error::MissingField("metadata.namespace"))?;
     if tis.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change()); // owner references let the GC remove children
+    }
+    if !state.synced() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let edge: Vec<EdgeFacts> = state
         .edge_nodes
@@ -166,21 +215,34 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-async fn apply<K>(api: &Api<K>, obj: &K, state: &State) -> Result<K>
+/// Server-side applies `desired` unless the cached child already holds it; returns the
+/// child as applied or cached.
+async fn apply<K>(api: &Api<K>, desired: &K, cache: &Store<K>, state: &State) -> Result<Arc<K>>
 where
-    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
-    let name = obj
+    let mut desired = desired.clone();
+    children::stamp(&mut desired);
+    let name = desired
         .meta()
         .name
         .clone()
         .ok_or(Error::MissingField("metadata.name"))?;
+    let key = ObjectRef::<K>::new(&name).within(desired.meta().namespace.as_deref().unwrap_or(""));
+    if let Some(live) = cache.get(&key) {
+        match children::why_apply(&desired, &live) {
+            None => {
+                state.ctx.metrics.apply_skipped(CONTROLLER);
+                return Ok(live);
+            }
+            Some(why) => debug!(kind = K::kind(&()).as_ref(), %name, %why, "applying"),
+        }
+    }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let applied = api.patch(&name, &pp, &Patch::Apply(obj)).await?;
-    // Counted as a write request; the API server persists nothing (resourceVersion stays)
-    // when the applied fields are unchanged.
+    let applied = api.patch(&name, &pp, &Patch::Apply(&desired)).await?;
+    // Counted as a write request even when the API server persists nothing.
     state.ctx.metrics.write(CONTROLLER, "apply");
-    Ok(applied)
+    Ok(Arc::new(applied))
 }
 
 async fn apply_children(children: &Children, ns: &str, state: &State) -> Result<Observed> {
@@ -188,19 +250,19 @@ async fn apply_children(children: &Children, ns: &str, state: &State) -> Result<
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     // The plan first: new shards must be known before the router reads it.
     for cm in &children.config_maps {
-        apply(&cms, cm, state).await?;
+        apply(&cms, cm, &state.config_maps, state).await?;
     }
     let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let mut observed = Observed::new();
     for w in &children.workloads {
         if let Some(svc) = &w.service {
-            apply(&svcs, svc, state).await?;
+            apply(&svcs, svc, &state.services, state).await?;
         }
-        let applied = apply(&deps, &w.deployment, state).await?;
-        let st = applied.status.unwrap_or_default();
+        let applied = apply(&deps, &w.deployment, &state.deployments, state).await?;
+        let st = applied.status.clone().unwrap_or_default();
         observed.insert(
-            applied.metadata.name.unwrap_or_default(),
+            applied.name_any(),
             (st.replicas.unwrap_or(0), st.ready_replicas.unwrap_or(0)),
         );
     }
@@ -208,22 +270,21 @@ async fn apply_children(children: &Children, ns: &str, state: &State) -> Result<
 }
 
 /// Deletes children of this service that the desired state no longer has (a removed shard,
-/// an EdgeNode no longer selected). Only objects this service controls are touched.
+/// an EdgeNode no longer selected). Only objects this service controls are touched; they are
+/// found in the caches, not by listing.
 async fn prune(tis: &InferenceService, ns: &str, children: &Children, state: &State) -> Result<()> {
     let (deps, svcs, cms) = children.names();
-    let lp = ListParams::default().labels(&format!("{LABEL_SERVICE}={}", tis.name_any()));
-    let uid = tis.metadata.uid.clone();
-    prune_kind::<Deployment>(state, ns, &lp, &deps, &uid).await?;
-    prune_kind::<Service>(state, ns, &lp, &svcs, &uid).await?;
-    prune_kind::<ConfigMap>(state, ns, &lp, &cms, &uid).await
+    prune_kind(tis, ns, &state.deployments, &deps, state).await?;
+    prune_kind(tis, ns, &state.services, &svcs, state).await?;
+    prune_kind(tis, ns, &state.config_maps, &cms, state).await
 }
 
 async fn prune_kind<K>(
-    state: &State,
+    tis: &InferenceService,
     ns: &str,
-    lp: &ListParams,
+    cache: &Store<K>,
     keep: &[String],
-    uid: &Option<String>,
+    state: &State,
 ) -> Result<()>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -233,18 +294,26 @@ where
 {
     let api: Api<K> = Api::namespaced(state.ctx.client.clone(), ns);
     let keep: BTreeSet<&String> = keep.iter().collect();
-    for obj in api.list_metadata(lp).await?.items {
-        let owned = obj
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true));
-        let name = obj.metadata.name.clone().unwrap_or_default();
-        if owned && !keep.contains(&name) {
-            info!(%name, kind = K::kind(&()).as_ref(), "pruning child no longer desired");
-            api.delete(&name, &DeleteParams::background()).await?;
-            state.ctx.metrics.write(CONTROLLER, "delete");
+    let name = tis.name_any();
+    let uid = tis.metadata.uid.as_ref();
+    let stale = cache.state_filter(|obj| {
+        obj.meta().namespace.as_deref() == Some(ns)
+            && obj.labels().get(LABEL_SERVICE) == Some(&name)
+            && obj.meta().deletion_timestamp.is_none()
+            && !keep.contains(&obj.name_any())
+            && obj
+                .owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid && o.controller == Some(true))
+    });
+    for obj in stale {
+        let child = obj.name_any();
+        info!(name = %child, kind = K::kind(&()).as_ref(), "pruning child no longer desired");
+        match api.delete(&child, &DeleteParams::background()).await {
+            Ok(_) => state.ctx.metrics.write(CONTROLLER, "delete"),
+            // Already gone (the cache lags the API server).
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -457,9 +526,24 @@ mod tests {
         let state = State {
             recorder: Recorder::new(client, ctx.reporter.clone()),
             ctx,
-            edge_nodes: reflector::store::<EdgeNode>().0,
+            edge_nodes: synced_store(),
+            deployments: synced_store(),
+            services: synced_store(),
+            config_maps: synced_store(),
         };
         (Arc::new(state), calls)
+    }
+
+    /// An empty cache that has had its first list.
+    fn synced_store<K>() -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let (store, mut writer) = reflector::store::<K>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        std::mem::forget(writer); // a dropped writer would fail wait_until_ready
+        store
     }
 
     fn moe_without_num_experts() -> InferenceService {

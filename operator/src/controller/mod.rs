@@ -33,6 +33,8 @@ pub struct Context {
     pub namespace: Option<String>,
     /// The autoscaler loop's settings.
     pub autoscale: autoscale::Settings,
+    /// Concurrency and debounce of the controllers' reconcile queues.
+    pub controller_config: kube::runtime::controller::Config,
 }
 
 impl Context {
@@ -64,6 +66,7 @@ impl Context {
             },
             namespace: None,
             autoscale: autoscale::Settings::default(),
+            controller_config: Default::default(),
         })
     }
 }

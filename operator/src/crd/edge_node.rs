@@ -141,7 +141,7 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct OfflinePolicy {
     /// Seconds without a Node Lease renewal before the site counts as Offline (it is Degraded
-    /// from a third of that).
+    /// once its Lease has expired, and not before a third of that).
     #[serde(default = "default_heartbeat_timeout")]
     #[schemars(range(min = 10, max = 86400))]
     pub heartbeat_timeout_seconds: u32,
@@ -166,7 +166,7 @@ impl Default for OfflinePolicy {
 
 /// Phase of an edge site.
 #[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default,
 )]
 pub enum EdgePhase {
     /// The Node heartbeats and is Ready.

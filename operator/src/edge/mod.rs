@@ -103,6 +103,9 @@ pub struct Observation {
     pub node: Result<NodeFacts, Unresolved>,
     /// `spec.renewTime` of the Node's Lease in kube-node-lease, if the Lease exists.
     pub renew_time: Option<Timestamp>,
+    /// `spec.leaseDurationSeconds` of that Lease: the holder is alive until renewTime plus
+    /// this (a kubelet renews every quarter of it).
+    pub lease_duration_seconds: Option<u32>,
     pub now: Timestamp,
     pub heartbeat_timeout_seconds: u32,
     pub cordoned: bool,
@@ -115,9 +118,10 @@ pub struct Observation {
 }
 
 /// How long a reported `lastHeartbeat` may lag the Lease while the node is healthy: the
-/// heartbeat timeout, and at least a minute.
+/// heartbeat timeout, and at least five minutes, as a kubelet reports an unchanged Node
+/// status (`nodeStatusReportFrequency`). At 2,000 sites a minute would be 33 writes/s.
 pub fn heartbeat_report_interval(heartbeat_timeout_seconds: u32) -> SignedDuration {
-    SignedDuration::from_secs(i64::from(heartbeat_timeout_seconds.max(60)))
+    SignedDuration::from_secs(i64::from(heartbeat_timeout_seconds.max(300)))
 }
 
 /// The computed state of an EdgeNode.
@@ -150,7 +154,11 @@ fn to_std(d: SignedDuration) -> Duration {
 /// result is the same on every reconcile until a fact changes (and nothing is rewritten).
 pub fn assess(obs: &Observation) -> Assessment {
     let timeout = SignedDuration::from_secs(i64::from(obs.heartbeat_timeout_seconds));
-    let late_after = timeout / 3;
+    // Late once the Lease itself has expired, and not before a third of the timeout: a renewal
+    // a few seconds behind on a busy API server is not a degraded site (and flapping phases
+    // would rewrite thousands of statuses and re-reconcile every service on them).
+    let lease = SignedDuration::from_secs(i64::from(obs.lease_duration_seconds.unwrap_or(0)));
+    let late_after = (timeout / 3).max(lease).min(timeout);
     let node_name = obs.node.as_ref().ok().map(|n| n.name.clone());
 
     // The heartbeat only counts for a Node that exists.

@@ -37,6 +37,7 @@ fn obs(now: i64) -> Observation {
     Observation {
         node: Ok(node()),
         renew_time: Some(t(0)),
+        lease_duration_seconds: None,
         now: t(now),
         heartbeat_timeout_seconds: TIMEOUT,
         cordoned: false,
@@ -113,6 +114,24 @@ fn exactly_a_third_is_still_ready_and_just_after_is_degraded() {
     let hb = cond(&a, "Heartbeat");
     assert!(hb.status, "late is not yet lost");
     assert_eq!(hb.reason, reason::HEARTBEAT_LATE);
+}
+
+#[test]
+fn an_unexpired_lease_is_not_late() {
+    // A 20 s Lease renewed at t(0) is valid until t(20), past a third of the 30 s timeout.
+    let with_lease = |now| Observation {
+        lease_duration_seconds: Some(20),
+        ..obs(now)
+    };
+    assert_eq!(assess(&with_lease(15)).phase, EdgePhase::Ready);
+    assert_eq!(assess(&with_lease(21)).phase, EdgePhase::Degraded);
+    assert_eq!(assess(&with_lease(31)).phase, EdgePhase::Offline);
+    // A Lease longer than the timeout does not postpone Offline.
+    let long = Observation {
+        lease_duration_seconds: Some(300),
+        ..obs(31)
+    };
+    assert_eq!(assess(&long).phase, EdgePhase::Offline);
 }
 
 #[test]

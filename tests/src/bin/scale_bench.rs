@@ -18,6 +18,8 @@ use tidal_operator::crd::{EdgeNode, InferenceService};
 
 const NS: &str = "tidal-scale-bench";
 const CONCURRENCY: usize = 16;
+/// Seconds of steady state measured after convergence.
+const STEADY_SECONDS: u64 = 60;
 
 fn metric_lines(port: u16) -> String {
     let out = Command::new("curl")
@@ -101,6 +103,8 @@ async fn main() {
     let edge_nodes = args.first().copied().unwrap_or(2000);
     let services = args.get(1).copied().unwrap_or(500);
     let env = tidal_e2e::control_plane().expect("the local control plane");
+    // Built first: a build must not overlap the measured phase.
+    let operator = tidal_e2e::operator_binary();
     let client = tidal_e2e::client(&env).await;
     let ctx = tidal_e2e::TestCtx {
         env: env.clone(),
@@ -122,6 +126,16 @@ async fn main() {
             "metadata": {"name": format!("bench-edge-{i}"), "annotations": {"kwok.x-k8s.io/node": "fake"},
                 "labels": {"tidal.rs/tier": "edge", "tidal.rs/bench": "true", "kubernetes.io/hostname": format!("bench-edge-{i}")}},
             "status": {"allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"}, "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"}}
+        }))
+        .unwrap()
+    })
+    .await;
+    // Cloud capacity for one cloud replica per service (110 pods per Node, as a kubelet).
+    create_all(Api::<Node>::all(client.clone()), services / 100 + 1, |i| {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("bench-cloud-{i}"), "annotations": {"kwok.x-k8s.io/node": "fake"},
+                "labels": {"tidal.rs/tier": "cloud", "tidal.rs/bench": "true", "kubernetes.io/hostname": format!("bench-cloud-{i}")}},
+            "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110"}, "capacity": {"cpu": "64", "memory": "512Gi", "pods": "110"}}
         }))
         .unwrap()
     })
@@ -159,7 +173,7 @@ async fn main() {
         .unwrap()
         .port();
     let mut op = env
-        .command(tidal_e2e::operator_binary().to_str().unwrap())
+        .command(operator.to_str().unwrap())
         .args([
             "run",
             "--no-leader-election",
@@ -174,10 +188,18 @@ async fn main() {
     let pid = op.id();
     let start = Instant::now();
     let tis_api = Api::<InferenceService>::namespaced(client.clone(), NS);
-    let expected_edge = format!("{0}/{0}", edge_nodes / services.max(1));
+    let per_service = edge_nodes / services.max(1);
+    let expected_edge = format!("{per_service}/{per_service}");
+    let desired_edge = format!("/{per_service}");
+    // Two milestones: every child applied and reported (the operator's work), and every
+    // replica ready (also the controller-manager, scheduler and kwok's).
+    let mut applied_at = None;
     let converged = loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let list = tis_api.list(&ListParams::default()).await.unwrap();
+        let Ok(list) = tis_api.list(&ListParams::default()).await else {
+            eprintln!("list failed (API server busy); retrying");
+            continue;
+        };
         let done = list
             .items
             .iter()
@@ -189,9 +211,29 @@ async fn main() {
                 })
             })
             .count();
+        let applied = list
+            .items
+            .iter()
+            .filter(|t| {
+                t.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == t.metadata.generation
+                        && s.cloud_ready.as_deref().is_some_and(|c| c.ends_with("/1"))
+                        && s.edge_ready
+                            .as_deref()
+                            .is_some_and(|e| e.ends_with(&desired_edge))
+                })
+            })
+            .count();
+        if applied == services && applied_at.is_none() {
+            applied_at = Some(start.elapsed());
+        }
+        let m = metric_lines(port);
         eprintln!(
-            "{:>5.0}s: {done}/{services} converged",
-            start.elapsed().as_secs_f64()
+            "{:>5.0}s: {applied}/{services} applied, {done}/{services} ready; operator: {:.0} reconciles, {:.0} writes, {:.0} errors",
+            start.elapsed().as_secs_f64(),
+            sum(&m, "tidal_operator_reconciles_total{"),
+            sum(&m, "tidal_operator_api_writes_total{"),
+            sum(&m, "tidal_operator_reconcile_errors_total{"),
         );
         if done == services {
             break start.elapsed();
@@ -200,9 +242,37 @@ async fn main() {
             panic!("did not converge in 30 minutes");
         }
     };
-    // Let the steady state show: a few more seconds of no-op reconciles.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The steady state: heartbeats and periodic resyncs go on, nothing should be written
+    // but the coarsened EdgeNode heartbeats.
+    let before = metric_lines(port);
+    tokio::time::sleep(Duration::from_secs(STEADY_SECONDS)).await;
     let text = metric_lines(port);
+    let steady = |t: &str| {
+        (
+            sum(t, "tidal_operator_reconciles_total{"),
+            sum(t, "tidal_operator_api_writes_total{"),
+        )
+    };
+    let (r0, w0) = steady(&before);
+    let (r1, w1) = steady(&text);
+    let skipped = sum(&text, "tidal_operator_applies_skipped_total{");
+    // Steady-state writes by controller and kind.
+    let by_kind = |t: &str| -> BTreeMap<String, f64> {
+        t.lines()
+            .filter_map(|l| l.strip_prefix("tidal_operator_api_writes_total"))
+            .filter_map(|l| {
+                let (labels, v) = l.rsplit_once(' ')?;
+                Some((labels.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    let (k0, k1) = (by_kind(&before), by_kind(&text));
+    let steady_kinds: Vec<String> = k1
+        .iter()
+        .map(|(k, v)| (k, v - k0.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .map(|(k, d)| format!("{k} {d:.0}"))
+        .collect();
     let rss = peak_rss_mib(pid);
     let mut rows = BTreeMap::new();
     for c in ["inferenceservice", "edgenode"] {
@@ -227,12 +297,26 @@ async fn main() {
     let _ = op.kill();
     let _ = op.wait();
 
-    println!("| edge nodes | services | time to converge | operator peak RSS |");
-    println!("| --- | --- | --- | --- |");
     println!(
-        "| {edge_nodes} | {services} | {:.1} s | {rss:.0} MiB |",
+        "| edge nodes | services | children applied | every replica ready | operator peak RSS |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| {edge_nodes} | {services} | {:.1} s | {:.1} s | {rss:.0} MiB |",
+        applied_at.unwrap_or(converged).as_secs_f64(),
         converged.as_secs_f64()
     );
+    println!();
+    println!(
+        "Steady state after convergence ({STEADY_SECONDS} s): {:.0} reconciles, {:.0} API writes; \
+         server-side applies skipped because the cached child matched: {skipped:.0} in the whole run.",
+        r1 - r0,
+        w1 - w0
+    );
+    if !steady_kinds.is_empty() {
+        println!();
+        println!("Steady-state writes by kind: {}", steady_kinds.join(", "));
+    }
     println!();
     println!(
         "| controller | reconciles | API writes | writes/reconcile | p50 reconcile | p99 reconcile |"
