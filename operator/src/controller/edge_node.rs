@@ -17,13 +17,13 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::warn;
 
-use super::Context;
+use super::{Context, cached};
 use crate::children::{FIELD_MANAGER, LABEL_EDGE_NODE, LABEL_SERVICE, LABEL_TIER};
 use crate::crd::{EdgeNode, EdgeNodeStatus, EdgePhase, EdgeServiceRef, merge_conditions};
 use crate::edge::{self, NodeFacts, Observation};
@@ -52,30 +52,6 @@ struct State {
 
 fn edge_deployments() -> watcher::Config {
     watcher::Config::default().labels(&format!("{LABEL_TIER}=edge"))
-}
-
-/// A reflector on `api` whose store the reconciler reads and whose events trigger it.
-fn cached<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-) -> (
-    Store<K>,
-    impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
-)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(writer, watcher(api, cfg))
-        .default_backoff()
-        .touched_objects();
-    (store, stream)
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -256,14 +232,7 @@ fn services_on(deployments: &Store<Deployment>, name: &str) -> (i32, Vec<EdgeSer
 /// Whether the Node, Lease and Deployment caches have had their first full list: a reconcile
 /// before that would report existing Nodes as missing.
 fn synced(state: &State) -> bool {
-    use futures::FutureExt;
-    [
-        state.nodes.wait_until_ready().boxed(),
-        state.leases.wait_until_ready().boxed(),
-        state.deployments.wait_until_ready().boxed(),
-    ]
-    .into_iter()
-    .all(|f| matches!(f.now_or_never(), Some(Ok(()))))
+    super::synced(&state.nodes) && super::synced(&state.leases) && super::synced(&state.deployments)
 }
 
 async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {

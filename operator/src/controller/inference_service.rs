@@ -12,14 +12,14 @@ use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use super::{Context, now};
+use super::{Context, cached, now};
 use crate::children::{
     self, Children, EdgeFacts, FIELD_MANAGER, LABEL_SERVICE, Observed, SpecError, compute_status,
     invalid_spec_status,
@@ -43,15 +43,10 @@ impl State {
     /// Whether every cache has had its first full list: before that, missing EdgeNodes would
     /// prune edge tiers and missing children would be applied needlessly.
     fn synced(&self) -> bool {
-        use futures::FutureExt;
-        [
-            self.edge_nodes.wait_until_ready().boxed(),
-            self.deployments.wait_until_ready().boxed(),
-            self.services.wait_until_ready().boxed(),
-            self.config_maps.wait_until_ready().boxed(),
-        ]
-        .into_iter()
-        .all(|f| matches!(f.now_or_never(), Some(Ok(()))))
+        super::synced(&self.edge_nodes)
+            && super::synced(&self.deployments)
+            && super::synced(&self.services)
+            && super::synced(&self.config_maps)
     }
 }
 
@@ -63,30 +58,6 @@ fn edge_facts_hash(en: &EdgeNode) -> Option<u64> {
     EdgeFacts::from_edge_node(en).hash(&mut h);
     en.metadata.deletion_timestamp.is_some().hash(&mut h);
     Some(h.finish())
-}
-
-/// A reflector on `api` whose store the reconciler reads and whose events trigger it.
-fn cached<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-) -> (
-    Store<K>,
-    impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
-)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(writer, watcher(api, cfg))
-        .default_backoff()
-        .touched_objects();
-    (store, stream)
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -539,7 +510,7 @@ mod tests {
     where
         K: Resource<DynamicType = ()> + Clone + 'static,
     {
-        let (store, mut writer) = reflector::store::<K>();
+        let (store, mut writer) = kube::runtime::reflector::store::<K>();
         writer.apply_watcher_event(&watcher::Event::Init);
         writer.apply_watcher_event(&watcher::Event::InitDone);
         std::mem::forget(writer); // a dropped writer would fail wait_until_ready

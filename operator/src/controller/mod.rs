@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use kube::Client;
 use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::children::BuildConfig;
 use crate::metrics::Metrics;
@@ -19,6 +21,41 @@ pub fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         Timestamp::from_second(Timestamp::now().as_second()).expect("valid time"),
     )
+}
+
+/// A reflector on `api` whose store the reconciler reads and whose events trigger it: one
+/// watch per kind feeds both.
+pub(crate) fn cached<K>(
+    api: kube::Api<K>,
+    cfg: watcher::Config,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(api, cfg))
+        .default_backoff()
+        .touched_objects();
+    (store, stream)
+}
+
+/// Whether `store` has had its first full list (without waiting for it).
+pub(crate) fn synced<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures::FutureExt;
+    matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
 }
 
 /// What every controller shares.
