@@ -862,42 +862,44 @@ async fn promql_of_rules_and_dashboards_runs_on_a_real_prometheus() {
         );
         assert!(s["metric"].get("exported_namespace").is_none());
     }
-    // Rates need two samples in their window.
-    eventually("rates have data", CONVERGE, || async {
-        let r = prom.query("rate(tidal_worker_requests_total[1m]) > 0")?;
-        if r.is_empty() {
-            Err("no rate yet".into())
-        } else {
-            Ok(())
-        }
-    })
-    .await;
-
-    let mut failures = Vec::new();
-    for (what, expr) in &rule_exprs {
-        if let Err(e) = prom.query(expr) {
-            failures.push(format!("{what}: {e}\n  {expr}"));
-        }
-    }
-    // Dashboard queries must also find data: their metric and label names match what the
-    // workers and the operator export.
-    for (path, d) in &dashboards {
-        for (what, expr) in dashboard_expressions(d) {
-            let q = substitute_grafana_variables(&expr);
-            match prom.query(&q) {
-                Err(e) => failures.push(format!("{}: {what}: {e}\n  {q}", path.display())),
-                Ok(r) if r.is_empty() => {
-                    failures.push(format!("{}: {what}: no data\n  {q}", path.display()))
-                }
-                Ok(_) => {}
+    // Every rule must evaluate and every dashboard query must find data: their metric and
+    // label names match what the workers and the operator export. Retried until then, since
+    // rates need two samples of each target in their window and targets are scraped at
+    // different offsets.
+    let check_all = || {
+        let mut failures = Vec::new();
+        for (what, expr) in &rule_exprs {
+            if let Err(e) = prom.query(expr) {
+                failures.push(format!("{what}: {e}\n  {expr}"));
             }
         }
-    }
-    assert!(
-        failures.is_empty(),
-        "PromQL failures:\n{}",
-        failures.join("\n")
-    );
+        for (path, d) in &dashboards {
+            for (what, expr) in dashboard_expressions(d) {
+                let q = substitute_grafana_variables(&expr);
+                match prom.query(&q) {
+                    Err(e) => failures.push(format!("{}: {what}: {e}\n  {q}", path.display())),
+                    Ok(r) if r.is_empty() => {
+                        failures.push(format!("{}: {what}: no data\n  {q}", path.display()))
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        failures
+    };
+    eventually(
+        "every rule and dashboard query has data",
+        CONVERGE,
+        || async {
+            let failures = check_all();
+            if failures.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("PromQL failures:\n{}", failures.join("\n")))
+            }
+        },
+    )
+    .await;
 
     // A recording rule aggregates by the labels the scrape config produces.
     let r = prom
