@@ -1008,35 +1008,24 @@ mod tests {
         // of 15 is normal, and the forecast alone decides.
         let d = after_a_burst(15.0, 2);
         assert!(!d.cloud.reason.contains("queue"), "{}", d.cloud.reason);
-        let b = Backlog::new(
-            &TierSample {
-                queue_depth: 15.0,
-                ..tier(40.0, 0.5)
-            },
-            30.0,
-            ReplicaCounts {
-                desired: 2,
-                ready: 2,
-            },
-            10.0,
-            Some(1.0),
-        );
-        assert_eq!(b, None);
+        let backlog = |ttft_slo| {
+            Backlog::new(
+                &TierSample {
+                    queue_depth: 15.0,
+                    ..tier(40.0, 0.5)
+                },
+                30.0,
+                ReplicaCounts {
+                    desired: 2,
+                    ready: 2,
+                },
+                10.0,
+                ttft_slo,
+            )
+        };
+        assert_eq!(backlog(Some(1.0)), None);
         // Without a TTFT SLO, more than half a request per ready replica is a backlog.
-        let b = Backlog::new(
-            &TierSample {
-                queue_depth: 15.0,
-                ..tier(40.0, 0.5)
-            },
-            30.0,
-            ReplicaCounts {
-                desired: 2,
-                ready: 2,
-            },
-            10.0,
-            None,
-        )
-        .unwrap();
+        let b = backlog(None).unwrap();
         assert_eq!(b.demand, 40.0);
         assert!((b.projected(45.0) - (15.0 + 20.0 * 45.0)).abs() < 1e-9);
     }

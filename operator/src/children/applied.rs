@@ -45,16 +45,9 @@ fn applied_hash(meta: &ObjectMeta) -> Option<&String> {
     meta.annotations.as_ref()?.get(ANNOTATION_APPLIED_HASH)
 }
 
-/// Whether applying the stamped `desired` over `live` would change nothing: same applied hash,
-/// and every value `desired` sets is present in `live` (the server may add defaults).
-pub fn up_to_date<K>(desired: &K, live: &K) -> bool
-where
-    K: kube::Resource + Serialize,
-{
-    why_apply(desired, live).is_none()
-}
-
-/// Why `desired` must be applied over `live` (the first difference found), or `None`.
+/// Why the stamped `desired` must be applied over `live` (the first difference found), or
+/// `None` when applying it would change nothing: same applied hash, and every value `desired`
+/// sets is present in `live` (the server may add defaults).
 pub fn why_apply<K>(desired: &K, live: &K) -> Option<String>
 where
     K: kube::Resource + Serialize,
@@ -120,6 +113,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    fn up_to_date(desired: &ConfigMap, live: &ConfigMap) -> bool {
+        why_apply(desired, live).is_none()
+    }
 
     fn cm(data: Value) -> ConfigMap {
         serde_json::from_value(json!({

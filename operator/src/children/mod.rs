@@ -8,7 +8,7 @@ mod selection;
 mod status;
 mod workload;
 
-pub use applied::{ANNOTATION_APPLIED_HASH, stamp, up_to_date, why_apply};
+pub use applied::{ANNOTATION_APPLIED_HASH, stamp, why_apply};
 pub use labels::*;
 pub use placement::*;
 pub use selection::matches as selector_matches;

@@ -72,6 +72,17 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// A kwok-managed Node of `tier` with 110 pods of capacity, as a kubelet has.
+fn fake_node(name: &str, tier: &str, cpu: &str, memory: &str) -> Node {
+    let resources = json!({"cpu": cpu, "memory": memory, "pods": "110"});
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
+            "labels": {"tidal.rs/tier": tier, "tidal.rs/bench": "true", "kubernetes.io/hostname": name}},
+        "status": {"allocatable": resources, "capacity": resources}
+    }))
+    .unwrap()
+}
+
 async fn create_all<K, F>(api: Api<K>, n: usize, make: F)
 where
     K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -122,22 +133,12 @@ async fn main() {
     eprintln!("creating {edge_nodes} fake Nodes and EdgeNodes");
     let t = Instant::now();
     create_all(Api::<Node>::all(client.clone()), edge_nodes, |i| {
-        serde_json::from_value(json!({
-            "metadata": {"name": format!("bench-edge-{i}"), "annotations": {"kwok.x-k8s.io/node": "fake"},
-                "labels": {"tidal.rs/tier": "edge", "tidal.rs/bench": "true", "kubernetes.io/hostname": format!("bench-edge-{i}")}},
-            "status": {"allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"}, "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"}}
-        }))
-        .unwrap()
+        fake_node(&format!("bench-edge-{i}"), "edge", "8", "16Gi")
     })
     .await;
     // Cloud capacity for one cloud replica per service (110 pods per Node, as a kubelet).
     create_all(Api::<Node>::all(client.clone()), services / 100 + 1, |i| {
-        serde_json::from_value(json!({
-            "metadata": {"name": format!("bench-cloud-{i}"), "annotations": {"kwok.x-k8s.io/node": "fake"},
-                "labels": {"tidal.rs/tier": "cloud", "tidal.rs/bench": "true", "kubernetes.io/hostname": format!("bench-cloud-{i}")}},
-            "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110"}, "capacity": {"cpu": "64", "memory": "512Gi", "pods": "110"}}
-        }))
-        .unwrap()
+        fake_node(&format!("bench-cloud-{i}"), "cloud", "64", "512Gi")
     })
     .await;
     create_all(Api::<EdgeNode>::all(client.clone()), edge_nodes, |i| {
