@@ -323,17 +323,17 @@ impl Autoscaler {
                 self.capacity.slo_factor()
             ));
         }
-        let recommended = match backlog {
+        match backlog {
             Some(b) if by_queue > by_forecast => {
                 reason.push_str(&format!(
                     "; queue {:.0} (projected {:.0} when new replicas are ready) needs {by_queue} to drain within {drain_s:.0} s",
                     sample.queue_depth,
                     b.projected(horizon)
                 ));
-                by_queue
             }
-            _ => by_forecast,
-        };
+            Some(_) => reason.push_str("; holding while the queued backlog drains"),
+            None => {}
+        }
         // The forecast's upper bound already covers the horizon, so the scale-down window need
         // not be longer than the horizon (plus one interval) once a forecast exists.
         let mut behavior = self.config.behavior;
@@ -341,9 +341,10 @@ impl Autoscaler {
             let short = horizon + self.config.interval_s;
             behavior.down_window_s = behavior.down_window_s.min(short * DOWN_WINDOW_HORIZONS);
         }
-        let s = self.stabilizer.apply(
+        let s = self.stabilizer.apply_with_backlog(
             now_s,
-            recommended,
+            by_forecast,
+            backlog.map(|_| by_queue),
             facts.cloud.desired,
             &behavior,
             self.config.cloud,
@@ -433,26 +434,27 @@ impl Autoscaler {
                     let mut reason = format!(
                         "forecast p{q} {upper:.1} rps over {horizon:.0} s / {cap:.1} rps per replica = {n}"
                     );
-                    let rec = match backlog {
+                    match backlog {
                         Some(b) if by_queue > n => {
                             reason.push_str(&format!(
                                 "; queue {:.0} (projected {:.0} when new replicas are ready) needs {by_queue} to drain within {drain_s:.0} s",
                                 load.queue_depth,
                                 b.projected(horizon)
                             ));
-                            by_queue
                         }
-                        _ => n,
-                    };
+                        Some(_) => reason.push_str("; holding while the queued backlog drains"),
+                        None => {}
+                    }
                     let mut behavior = behavior;
                     if pred.is_some() {
                         let short = horizon + interval;
                         behavior.down_window_s =
                             behavior.down_window_s.min(short * DOWN_WINDOW_HORIZONS);
                     }
-                    let s = site.stabilizer.apply(
+                    let s = site.stabilizer.apply_with_backlog(
                         now_s,
-                        rec,
+                        n,
+                        backlog.map(|_| by_queue),
                         counts.desired,
                         &behavior,
                         edge_cfg.per_site,
@@ -958,6 +960,43 @@ mod tests {
         // (50 + 900 / 45) / 10 = 7.
         assert_eq!(d.cloud.replicas, 7, "{:?}", d.cloud);
         assert!(d.cloud.reason.contains("queue 900"), "{}", d.cloud.reason);
+    }
+
+    #[test]
+    fn replicas_added_for_a_backlog_go_once_it_is_drained() {
+        let mut a = Autoscaler::new(config());
+        let mut f = facts(5);
+        for i in 0..20 {
+            let t = i as f64 * 15.0;
+            let d = a.step(t, Some(&snapshot(t, 50.0)), &f);
+            apply(&mut f, &d);
+        }
+        let queued = |t: f64, queue: f64| {
+            let mut s = snapshot(t, 50.0);
+            s.cloud = Some(TierSample {
+                queue_depth: queue,
+                ..tier(50.0, 0.5)
+            });
+            s
+        };
+        let t = 20.0 * 15.0;
+        let d = a.step(t, Some(&queued(t, 900.0)), &f);
+        assert_eq!(d.cloud.replicas, 7, "{:?}", d.cloud);
+        apply(&mut f, &d);
+        // Still a backlog (200 > 7 replicas x 10 rps x 1 s), which 6 replicas would drain:
+        // nothing scales down while it drains.
+        let d = a.step(t + 15.0, Some(&queued(t + 15.0, 200.0)), &f);
+        assert_eq!(d.cloud.replicas, 7, "{:?}", d.cloud);
+        apply(&mut f, &d);
+        // Drained: back to what the demand needs (50 rps over the capacity, which the queued
+        // intervals taught to be a little under 10), not held at 7 for the scale-down window
+        // (which remembers demand-driven recommendations only).
+        let d = a.step(t + 30.0, Some(&queued(t + 30.0, 0.0)), &f);
+        assert!(d.cloud.replicas < 7, "{:?}", d.cloud);
+        let by_forecast = format!("per replica = {}", d.cloud.replicas);
+        assert!(d.cloud.reason.contains(&by_forecast), "{:?}", d.cloud);
+        assert!(!d.cloud.reason.contains("queue"), "{:?}", d.cloud);
+        assert!(d.cloud.limited.is_none(), "{:?}", d.cloud);
     }
 
     /// Steady 20 rps on 2 replicas, then one interval at 40 rps that left `queue` waiting.

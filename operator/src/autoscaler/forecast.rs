@@ -228,8 +228,10 @@ pub(crate) fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     }
 }
 
-/// Samples behind the short-window trend floor.
+/// Samples behind the short-window trend floor (at most).
 const TREND_SAMPLES: usize = 8;
+/// Fewest samples for a trend floor: a service's first minutes are often its steepest ramp.
+const TREND_MIN_SAMPLES: usize = 4;
 /// The trend floor needs a slope at least this many standard errors above zero.
 const TREND_MIN_T: f64 = 2.0;
 
@@ -512,6 +514,18 @@ impl Forecaster {
             point = p;
         }
 
+        // The seasonal path is known per coarse bucket (its centre): a step between buckets
+        // would only show a fraction of itself within a short horizon, so the peak looks
+        // half a bucket further.
+        if method == Method::Mstl
+            && let Some(path) = &path
+        {
+            let t = t_last + horizon_s + 0.5 * COARSE_BUCKET_S;
+            let p = level + path.at(t) - base;
+            if p.is_finite() {
+                peak = peak.max(p);
+            }
+        }
         // Short-window trend: models fitted on a long window (or the naive one while history is
         // short) lag a ramp; while the last samples rise, their linear trend projected over the
         // horizon is a floor on the peak.
@@ -543,38 +557,24 @@ impl Forecaster {
     /// rises; `None` otherwise.
     fn trend_at(&self, t: f64) -> Option<f64> {
         let n = self.fine.len();
-        if n < TREND_SAMPLES {
+        if n < TREND_MIN_SAMPLES {
             return None;
         }
-        let pts: Vec<(f64, f64)> = self.fine.iter().skip(n - TREND_SAMPLES).copied().collect();
-        let k = pts.len() as f64;
-        let mt = pts.iter().map(|p| p.0).sum::<f64>() / k;
-        let mv = pts.iter().map(|p| p.1).sum::<f64>() / k;
-        let (mut sxy, mut sxx) = (0.0, 0.0);
-        for &(x, y) in &pts {
-            sxy += (x - mt) * (y - mv);
-            sxx += (x - mt) * (x - mt);
-        }
-        if sxx <= 0.0 {
-            return None;
-        }
-        let slope = sxy / sxx;
-        let v = mv + slope * (t - mt);
+        let pts: Vec<(f64, f64)> = self
+            .fine
+            .iter()
+            .skip(n.saturating_sub(TREND_SAMPLES))
+            .copied()
+            .collect();
+        let line = Line::fit(&pts)?;
         // Why: on a flat but noisy series half of all 8-sample slopes are positive, and the
         // line projected a horizon ahead turns that noise into a standing margin; only a rise
         // that stands out of the noise (slope >= TREND_MIN_T standard errors) is a ramp.
-        let ss: f64 = pts
-            .iter()
-            .map(|&(x, y)| {
-                let e = y - (mv + slope * (x - mt));
-                e * e
-            })
-            .sum();
-        let se = (ss / (k - 2.0) / sxx).sqrt();
-        if se.is_nan() || slope < TREND_MIN_T * se {
+        if line.slope < TREND_MIN_T * line.se {
             return None;
         }
-        (slope > 0.0 && v.is_finite()).then_some(v)
+        let v = line.at(t);
+        (line.slope > 0.0 && v.is_finite()).then_some(v)
     }
 
     /// Offsets of the upper and lower bounds from the point forecast.
@@ -598,6 +598,48 @@ impl Forecaster {
             let z = normal_quantile(self.quantile);
             (z * sd, -z * sd)
         }
+    }
+}
+
+/// A least-squares line through (time, value) points, with its slope's standard error.
+struct Line {
+    mt: f64,
+    mv: f64,
+    slope: f64,
+    se: f64,
+}
+
+impl Line {
+    /// `None` for fewer than 3 points, equal times, or a non-finite fit.
+    fn fit(pts: &[(f64, f64)]) -> Option<Line> {
+        if pts.len() < 3 {
+            return None;
+        }
+        let k = pts.len() as f64;
+        let mt = pts.iter().map(|p| p.0).sum::<f64>() / k;
+        let mv = pts.iter().map(|p| p.1).sum::<f64>() / k;
+        let (mut sxy, mut sxx) = (0.0, 0.0);
+        for &(x, y) in pts {
+            sxy += (x - mt) * (y - mv);
+            sxx += (x - mt) * (x - mt);
+        }
+        if sxx <= 0.0 {
+            return None;
+        }
+        let slope = sxy / sxx;
+        let ss: f64 = pts
+            .iter()
+            .map(|&(x, y)| {
+                let e = y - (mv + slope * (x - mt));
+                e * e
+            })
+            .sum();
+        let se = (ss / (k - 2.0) / sxx).sqrt();
+        (slope.is_finite() && se.is_finite()).then_some(Line { mt, mv, slope, se })
+    }
+
+    fn at(&self, t: f64) -> f64 {
+        self.mv + self.slope * (t - self.mt)
     }
 }
 
@@ -745,6 +787,19 @@ mod tests {
         assert_eq!(p.method, Method::Naive);
         assert!(p.peak >= last + 3.0, "peak {} vs last {last}", p.peak);
         assert!(p.upper >= p.peak, "{p:?}");
+        // A service's first minute: four samples of a steep ramp already set a floor; three
+        // do not (too few to tell a ramp from noise).
+        let first = [1.6, 2.3, 3.6, 5.2];
+        let mut h = Forecaster::new(Method::Auto, 0.9, 15.0);
+        for (i, v) in first.iter().enumerate() {
+            h.observe(i as f64 * 15.0, *v);
+            let p = h.predict(60.0, 15.0).unwrap();
+            if i < 3 {
+                assert!((p.peak - p.level).abs() < 1e-9, "{i}: {p:?}");
+            } else {
+                assert!(p.peak > 8.0, "{p:?}");
+            }
+        }
         // Falling: no floor (the peak is the level).
         let mut g = Forecaster::new(Method::Naive, 0.9, 15.0);
         for i in 0..12u64 {
@@ -752,6 +807,27 @@ mod tests {
         }
         let p = g.predict(60.0, 15.0).unwrap();
         assert!((p.peak - p.level).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn seasonal_step_is_seen_before_the_bucket_boundary() {
+        // 100 rps until noon, 300 rps after, every day; 15 s samples. At 11:59 on day 3 the
+        // next minute still falls in the low bucket, but the seasonal model knows the step
+        // that follows: the peak must look past the bucket boundary.
+        let mut f = Forecaster::new(Method::Auto, 0.9, 15.0);
+        let end = 2.0 * 86400.0 + 43140.0;
+        let mut t = 0.0;
+        let mut i = 0u64;
+        while t <= end {
+            let v = if t % 86400.0 < 43200.0 { 100.0 } else { 300.0 };
+            f.observe(t, v + noise(i));
+            t += 15.0;
+            i += 1;
+        }
+        let p = f.predict(60.0, 15.0).unwrap();
+        assert_eq!(p.method, Method::Mstl);
+        assert!(p.level < 110.0, "{p:?}");
+        assert!(p.peak > 200.0, "{p:?}");
     }
 
     /// The trend floor follows a real ramp at every step, but a flat noisy series only rarely

@@ -108,6 +108,38 @@ impl Stabilizer {
             },
         }
     }
+
+    /// [`Stabilizer::apply`] for the `steady` recommendation (from the demand forecast), plus
+    /// a transient one while a backlog is queued (`backlog`: the replicas that drain it).
+    /// The backlog's replicas are not remembered by the scale-down window: they exist to drain
+    /// a queue, and once it is drained, holding them for a whole window buys nothing (the
+    /// window guards against noisy demand, which the steady recommendation carries). While a
+    /// backlog is queued nothing scales down.
+    pub fn apply_with_backlog(
+        &mut self,
+        now_s: f64,
+        steady: u32,
+        backlog: Option<u32>,
+        current: u32,
+        behavior: &Behavior,
+        bounds: Bounds,
+    ) -> Stabilized {
+        let mut s = self.apply(now_s, steady, current, behavior, bounds);
+        let Some(drain) = backlog else {
+            return s;
+        };
+        let hi = bounds.max.max(bounds.min);
+        let mut want = drain.min(hi).max(current.min(hi));
+        if want > current && behavior.up_max_step > 0 {
+            want = want.min(current.saturating_add(behavior.up_max_step));
+        }
+        if want > s.replicas {
+            s.replicas = want;
+            s.limited =
+                (want < drain.min(hi)).then(|| format!("up step limit {}", behavior.up_max_step));
+        }
+        s
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +180,28 @@ mod tests {
         }
         let d = s.apply(t + 15.0, 2, cur, &b, B);
         assert_eq!(d.replicas, 2);
+    }
+
+    #[test]
+    fn backlog_replicas_are_not_remembered_by_the_down_window() {
+        let b = behavior(300.0, 4, 0);
+        let mut s = Stabilizer::new();
+        assert_eq!(s.apply_with_backlog(0.0, 5, None, 5, &b, B).replicas, 5);
+        // A backlog wants 12: up at most 4 per decision, and it says so.
+        let r = s.apply_with_backlog(15.0, 5, Some(12), 5, &b, B);
+        assert_eq!(r.replicas, 9);
+        assert_eq!(r.limited.as_deref(), Some("up step limit 4"));
+        // While the backlog is queued nothing scales down, even if fewer would drain it.
+        let r = s.apply_with_backlog(30.0, 5, Some(7), 9, &b, B);
+        assert_eq!(r.replicas, 9);
+        // Drained: straight back to the highest demand recommendation in the window (6).
+        assert_eq!(s.apply_with_backlog(45.0, 6, None, 9, &b, B).replicas, 6);
+        assert_eq!(s.apply_with_backlog(60.0, 4, None, 6, &b, B).replicas, 6);
+        // Bounds still apply to a backlog.
+        assert_eq!(
+            s.apply_with_backlog(75.0, 4, Some(50), 19, &b, B).replicas,
+            20
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tidal_operator::sim::engine::Outage;
 use tidal_operator::sim::synthetic::{Pattern, Synthetic};
 use tidal_operator::sim::tidal::TidalOptions;
 use tidal_operator::sim::trace::{self, Trace};
-use tidal_operator::sim::{ModelOptions, PolicyKind, Scenario, plot, report, run_scenario};
+use tidal_operator::sim::{ModelOptions, PolicyKind, Scenario, plot, report, run_scenario, sweep};
 
 #[derive(Parser)]
 #[command(
@@ -155,6 +155,21 @@ struct Common {
     /// Tidal's scale-down stabilisation window in seconds.
     #[arg(long, env = "TIDAL_SIM_TIDAL_DOWN_WINDOW_S", default_value_t = 300.0)]
     tidal_down_window_s: f64,
+    /// Target utilisations every policy is also replayed at, for the comparison at matched
+    /// cost and SLO.
+    #[arg(
+        long,
+        env = "TIDAL_SIM_SWEEP_UTILIZATIONS",
+        value_delimiter = ',',
+        default_values_t = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
+    )]
+    sweep_utilizations: Vec<f64>,
+    /// Skip the matched comparison (one run per policy only).
+    #[arg(long, env = "TIDAL_SIM_NO_SWEEP")]
+    no_sweep: bool,
+    /// Threads for the sweep (default: the available cores).
+    #[arg(long, env = "TIDAL_SIM_THREADS")]
+    threads: Option<usize>,
 }
 
 fn parse_outage(s: &str) -> Result<Outage, String> {
@@ -243,6 +258,7 @@ impl Common {
 
 fn scenario(
     trace: Trace,
+    common: &Common,
     model: &ModelOptions,
     tidal: &TidalOptions,
     policies: &[PolicyKind],
@@ -254,7 +270,21 @@ fn scenario(
         .setup(&trace)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("trace {name}"))?;
-    let sc = run_scenario(trace, setup, policies, tidal, variants);
+    let sweep = (!common.no_sweep && !common.sweep_utilizations.is_empty()).then(|| {
+        let threads = common.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        sweep(
+            &trace,
+            &setup,
+            policies,
+            tidal,
+            &common.sweep_utilizations,
+            threads,
+        )
+    });
+    let mut sc = run_scenario(trace, setup, policies, tidal, variants);
+    sc.curves = sweep.unwrap_or_default();
     eprintln!(
         "{name}: simulated in {:.1} s",
         start.elapsed().as_secs_f64()
@@ -270,6 +300,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     };
     let sc = scenario(
         trace,
+        &a.common,
         &a.common.model(),
         &a.common.tidal(),
         &a.policies,
@@ -341,10 +372,19 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| p.display().to_string())
     };
     let mut sections = Vec::new();
+    let mut verdicts = Vec::new();
     for (t, m) in traces {
-        let sc = scenario(t, &m, &tidal, &PolicyKind::ALL, &a.common.variants())?;
+        let sc = scenario(
+            t,
+            &a.common,
+            &m,
+            &tidal,
+            &PolicyKind::ALL,
+            &a.common.variants(),
+        )?;
         let svg = plots.join(format!("{}.svg", sc.trace.name));
         plot::plot_scenario(&sc, &svg)?;
+        verdicts.extend(report::verdict(&sc));
         sections.push(report::section(&sc, Some(&rel(&svg))));
     }
     let command = bench_command(&a);
@@ -352,6 +392,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let doc = report::bench_document(
         &command,
         &report::assumptions(&model, &tidal),
+        (!verdicts.is_empty())
+            .then(|| report::verdict_table(&verdicts))
+            .as_deref(),
         &sections,
         analysis.as_deref(),
     );

@@ -7,10 +7,12 @@
 //! - [`cluster`]: one scaling target (replicas, cold start, FIFO queue, TTFT).
 //! - [`policy`], [`baselines`], [`tidal`]: the policies under test.
 //! - [`engine`]: the replay loop; [`metrics`]: scores; [`report`], [`plot`]: output.
+//! - [`frontier`]: policies compared at matched cost and SLO over a swept target utilisation.
 
 pub mod baselines;
 pub mod cluster;
 pub mod engine;
+pub mod frontier;
 pub mod metrics;
 pub mod plot;
 pub mod policy;
@@ -27,6 +29,7 @@ use std::str::FromStr;
 use self::baselines::{AiBrix, Hpa, Kpa};
 use self::cluster::ReplicaModel;
 use self::engine::{EdgeSetup, Outage, RunResult, SimSetup};
+use self::frontier::{Curve, Point};
 use self::metrics::Summary;
 use self::policy::{PerTarget, Policy, TargetSpec};
 use self::tidal::{TidalOptions, TidalPolicy};
@@ -222,6 +225,8 @@ pub struct Scenario {
     pub summaries: Vec<Summary>,
     /// Per-tick arrivals the cloud tier received.
     pub cloud_arrivals: Vec<f64>,
+    /// Each policy swept over target utilisations (empty unless [`sweep`] was run).
+    pub curves: Vec<Curve>,
 }
 
 /// The name of a Tidal variant in reports: `tidal-q<quantile>`.
@@ -259,5 +264,73 @@ pub fn run_scenario(
         runs,
         summaries,
         cloud_arrivals,
+        curves: Vec::new(),
     }
+}
+
+/// `setup` with every policy's target load per replica at `utilization` of the replica's
+/// capacity; the cluster itself (capacity, cold start, SLO) is unchanged.
+pub fn at_utilization(setup: &SimSetup, utilization: f64) -> SimSetup {
+    let target = setup.model.capacity_rps * utilization;
+    let mut s = setup.clone();
+    s.cloud.target_rps_per_replica = target;
+    if let Some(e) = s.edge.as_mut() {
+        e.spec.target_rps_per_replica = target;
+    }
+    s
+}
+
+/// Replays `trace` under each policy at each target utilisation, on up to `threads` threads;
+/// one [`Curve`] per policy, points in the order of `utilizations`.
+pub fn sweep(
+    trace: &Trace,
+    setup: &SimSetup,
+    policies: &[PolicyKind],
+    tidal: &TidalOptions,
+    utilizations: &[f64],
+    threads: usize,
+) -> Vec<Curve> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let (cloud_arrivals, _) = engine::route(trace, setup.edge.as_ref());
+    let jobs: Vec<(usize, usize)> = (0..policies.len())
+        .flat_map(|p| (0..utilizations.len()).map(move |u| (p, u)))
+        .collect();
+    let results: Mutex<Vec<Option<Point>>> = Mutex::new(vec![None; jobs.len()]);
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, jobs.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(p, u)) = jobs.get(i) else { break };
+                    let s = at_utilization(setup, utilizations[u]);
+                    let mut policy = policies[p].build(&s, tidal);
+                    let run = engine::simulate(trace, &s, policy.as_mut());
+                    let sum = metrics::summarize(&run, &cloud_arrivals, trace.tick_s);
+                    let point = Point {
+                        utilization: utilizations[u],
+                        attainment: sum.slo_attainment,
+                        replica_seconds: sum.replica_seconds,
+                    };
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(point);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    policies
+        .iter()
+        .enumerate()
+        .map(|(p, kind)| Curve {
+            policy: kind.name().to_string(),
+            points: jobs
+                .iter()
+                .zip(&results)
+                .filter(|((jp, _), _)| *jp == p)
+                .filter_map(|(_, r)| *r)
+                .collect(),
+        })
+        .collect()
 }

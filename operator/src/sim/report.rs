@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::autoscaler::Method;
 
+use super::frontier;
 use super::metrics::Summary;
 use super::tidal::TidalOptions;
 use super::{ModelOptions, Scenario};
@@ -143,10 +144,156 @@ pub fn table(summaries: &[Summary]) -> String {
     out
 }
 
-/// A scenario's section: header, table, plot link.
+fn miss_ratio(att: f64, base: f64) -> f64 {
+    let (a, b) = (1.0 - att, 1.0 - base);
+    if b.abs() < 1e-12 {
+        if a.abs() < 1e-12 { 1.0 } else { f64::INFINITY }
+    } else {
+        a / b
+    }
+}
+
+fn opt_ratio(x: Option<f64>) -> String {
+    match x {
+        Some(v) if v.is_infinite() => "∞".into(),
+        Some(v) => format!("{v:.2}"),
+        None => "–".into(),
+    }
+}
+
+/// Tidal against the best baseline on one scenario, at the shared target and matched.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    pub trace: String,
+    /// Tidal's misses and replica-seconds ÷ the best baseline's, all at the shared target.
+    pub misses: f64,
+    pub cost: f64,
+    /// Tidal's misses at the best baseline's cost ÷ the fewest any baseline has at that cost.
+    pub misses_at_equal_cost: Option<f64>,
+    /// Tidal's replica-seconds for the best baseline's attainment ÷ the fewest any baseline
+    /// needs for it.
+    pub cost_at_equal_slo: Option<f64>,
+}
+
+impl Verdict {
+    /// Better or equal on both matched axes.
+    pub fn wins(&self) -> bool {
+        self.misses_at_equal_cost.is_some_and(|m| m <= 1.0 + 1e-9)
+            && self.cost_at_equal_slo.is_some_and(|c| c <= 1.0 + 1e-9)
+    }
+}
+
+/// The reference of the matched comparison: the best baseline at the shared target.
+fn reference(sc: &Scenario) -> Option<(&Summary, Vec<frontier::Matched>)> {
+    let best = best_baseline(&sc.summaries)?;
+    if sc.curves.is_empty() {
+        return None;
+    }
+    let m = frontier::matched(&sc.curves, best.replica_seconds, best.slo_attainment);
+    Some((best, m))
+}
+
+/// Tidal vs the best baseline on `sc` (`None` without a Tidal run or a baseline).
+pub fn verdict(sc: &Scenario) -> Option<Verdict> {
+    let best = best_baseline(&sc.summaries)?;
+    let tidal = sc.summaries.iter().find(|s| s.policy == "tidal")?;
+    let (mut misses_at_equal_cost, mut cost_at_equal_slo) = (None, None);
+    if let Some((_, m)) = reference(sc) {
+        let (base_att, base_cost) = frontier::best_baseline(&m);
+        if let Some(t) = m.iter().find(|x| x.policy == "tidal") {
+            misses_at_equal_cost = t
+                .attainment_at_cost
+                .zip(base_att)
+                .map(|(a, b)| miss_ratio(a, b));
+            cost_at_equal_slo = t.cost_at_attainment.zip(base_cost).map(|(a, b)| a / b);
+        }
+    }
+    Some(Verdict {
+        trace: sc.trace.name.clone(),
+        misses: miss_ratio(tidal.slo_attainment, best.slo_attainment),
+        cost: tidal.replica_seconds / best.replica_seconds.max(1e-12),
+        misses_at_equal_cost,
+        cost_at_equal_slo,
+    })
+}
+
+/// The matched comparison of one scenario (needs its swept curves).
+pub fn matched_table(sc: &Scenario) -> Option<String> {
+    let (best, m) = reference(sc)?;
+    let (base_att, base_cost) = frontier::best_baseline(&m);
+    let us: Vec<String> = sc.curves[0]
+        .points
+        .iter()
+        .map(|p| format!("{:.0}", p.utilization * 100.0))
+        .collect();
+    let mut out = format!(
+        "Matched: every policy replayed at target utilisations {} %; reference = {} at the shared \
+         target ({:.0} replica-s, {:.2} % SLO attainment): the best a policy does at a swept \
+         setting or between two neighbouring ones (linear in the utilisation); ratios are to the \
+         best baseline on that axis.\n\n\
+         | policy | SLO attainment at {:.0} replica-s | misses ÷ best baseline | replica-s for {:.2} % | cost ÷ best baseline |\n\
+         | --- | --- | --- | --- | --- |\n",
+        us.join(", "),
+        best.policy,
+        best.replica_seconds,
+        best.slo_attainment * 100.0,
+        best.replica_seconds,
+        best.slo_attainment * 100.0,
+    );
+    for x in &m {
+        let att = x
+            .attainment_at_cost
+            .map_or("– (costs more at every setting)".into(), |a| {
+                format!("{:.2} %", a * 100.0)
+            });
+        let cost = x
+            .cost_at_attainment
+            .map_or("– (not reached)".into(), |c| format!("{c:.0}"));
+        let mr = x
+            .attainment_at_cost
+            .zip(base_att)
+            .map(|(a, b)| miss_ratio(a, b));
+        let cr = x.cost_at_attainment.zip(base_cost).map(|(a, b)| a / b);
+        let _ = writeln!(
+            out,
+            "| {} | {att} | {} | {cost} | {} |",
+            x.policy,
+            opt_ratio(mr),
+            opt_ratio(cr)
+        );
+    }
+    Some(out)
+}
+
+/// One row per scenario: Tidal ÷ best baseline at the shared target and matched.
+pub fn verdict_table(verdicts: &[Verdict]) -> String {
+    let mut out = String::from(
+        "| trace | misses ÷ best baseline | cost ÷ best baseline | misses at equal cost ÷ | cost at equal SLO ÷ | better on both (matched) |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for v in verdicts {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} | {} | {} | {} |",
+            v.trace,
+            opt_ratio(Some(v.misses)),
+            v.cost,
+            opt_ratio(v.misses_at_equal_cost),
+            opt_ratio(v.cost_at_equal_slo),
+            if v.wins() { "yes" } else { "no" }
+        );
+    }
+    out
+}
+
+/// A scenario's section: header, table, matched table, plot link.
 pub fn section(sc: &Scenario, plot_link: Option<&str>) -> String {
     let mut s = format!("### {}\n\n{}\n\n", sc.trace.name, scenario_header(sc));
     s.push_str(&table(&sc.summaries));
+    if let Some(m) = matched_table(sc) {
+        s.push('\n');
+        s.push_str(&m);
+    }
     if let Some(link) = plot_link {
         let _ = write!(s, "\nPlot: [{link}]({link})\n");
     }
@@ -155,7 +302,8 @@ pub fn section(sc: &Scenario, plot_link: Option<&str>) -> String {
 
 /// Every policy's sync points as CSV (`policy,time_s,cloud_desired,cloud_ready,edge_desired,
 /// cloud_arrival_rps,cloud_queue,misses_so_far`), then Tidal's forecasts
-/// (`forecast,made_at_s,target_s,predicted,lower,upper`), for looking into a run.
+/// (`forecast,made_at_s,target_s,predicted,lower,upper`), then the swept points
+/// (`sweep,utilization,slo_attainment,replica_seconds`), for looking into a run.
 pub fn timeseries_csv(sc: &Scenario) -> String {
     let mut s = String::from(
         "policy,time_s,cloud_desired,cloud_ready,edge_desired,cloud_arrival_rps,cloud_queue,misses_so_far\n",
@@ -183,6 +331,16 @@ pub fn timeseries_csv(sc: &Scenario) -> String {
                 s,
                 "{},{},{},{:.4},{:.4},{:.4}",
                 r.policy, f.made_at_s, f.target_s, f.predicted, f.lower, f.upper
+            );
+        }
+    }
+    s.push_str("sweep,utilization,slo_attainment,replica_seconds\n");
+    for c in &sc.curves {
+        for p in &c.points {
+            let _ = writeln!(
+                s,
+                "{},{:.3},{:.6},{:.0}",
+                c.policy, p.utilization, p.attainment, p.replica_seconds
             );
         }
     }
@@ -251,6 +409,12 @@ cold start ahead (only when the trend rises).
 - **Forecast MAPE / PI coverage** (Tidal only): each forecast's point value and interval at its \
 horizon vs the cloud arrival rate measured over the sync interval ending at the target time; \
 targets with an actual below 5 % of the trace's mean rate are skipped.
+- **Matched comparison**: the shared target favours whoever over-provisions (more SLO) or \
+under-provisions (less cost), so every policy is also replayed with its target utilisation \
+swept, and compared at the best baseline's cost (SLO attainment reached for that many \
+replica-seconds) and at its SLO attainment (replica-seconds needed): the best the policy does \
+at a swept setting, or at a utilisation between two neighbouring settings (linear). Tidal *wins* a scenario when it is \
+at least as good as every baseline on both.
 - **`tidal-q<quantile>` rows** (when asked for): the same core with another provisioning \
 quantile, for tuning; never counted as a baseline.
 - **Limits of the model**: service is deterministic (fluid), so there is no queueing delay \
@@ -298,6 +462,7 @@ License texts: `shared/traces/LICENSES/`.
 pub fn bench_document(
     command: &str,
     assumptions: &str,
+    summary: Option<&str>,
     sections: &[String],
     analysis: Option<&str>,
 ) -> String {
@@ -318,6 +483,16 @@ pub fn bench_document(
     s.push('\n');
     s.push_str(ANALYSIS_END);
     s.push_str("\n\n## Results\n\n");
+    if let Some(summary) = summary {
+        s.push_str(
+            "Tidal ÷ the best baseline per scenario: first at the shared target utilisation, then \
+             matched (each policy's target utilisation swept; Tidal's misses at the best \
+             baseline's cost and its cost at the best baseline's SLO attainment, each ÷ the best \
+             any baseline does there).\n\n",
+        );
+        s.push_str(summary);
+        s.push('\n');
+    }
     for sec in sections {
         s.push_str(sec);
         s.push('\n');
@@ -374,7 +549,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tidal-sim-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("B.md");
-        let doc = bench_document("cmd", "model", &[], Some("Tidal wins here."));
+        let doc = bench_document("cmd", "model", None, &[], Some("Tidal wins here."));
         std::fs::write(&path, &doc).unwrap();
         assert_eq!(
             existing_analysis(&path).as_deref(),
