@@ -93,6 +93,50 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// Sends `rps` completions per second to model `model`, spread over the worker base URLs in
+/// `targets`, until `stop` or `max_requests` have been sent (bounded). Returns how many
+/// answered 2xx.
+pub fn completion_load(
+    targets: Vec<String>,
+    model: &str,
+    rps: f64,
+    max_requests: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let model = model.to_string();
+    tokio::spawn(async move {
+        let client = http_client();
+        let ok = Arc::new(AtomicU64::new(0));
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
+        let mut inflight = Vec::new();
+        for i in 0..max_requests {
+            tick.tick().await;
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let url = format!("{}/v1/completions", targets[i as usize % targets.len()]);
+            let req = client
+                .post(url)
+                .json(&serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 2}))
+                .timeout(Duration::from_secs(30));
+            let ok = ok.clone();
+            inflight.push(tokio::spawn(async move {
+                if let Ok(r) = req.send().await
+                    && r.status().is_success()
+                {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in inflight {
+            let _ = t.await;
+        }
+        ok.load(Ordering::Relaxed)
+    })
+}
+
 async fn wait_http_ok(what: &str, url: String) {
     let client = http_client();
     eventually(what, Duration::from_secs(60), || {

@@ -5,60 +5,20 @@
 //! after the scale-down stabilisation window.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Event;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
-use tidal_e2e::processes::{Prometheus, start_worker, write_fixture};
+use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture};
 use tidal_e2e::{CONVERGE, RunningOperator, TestCtx, eventually, install_crds};
 use tidal_operator::controller::autoscale::Settings;
 use tidal_operator::crd::InferenceService;
 
 const SERVICE: &str = "chat";
 const DEPLOYMENT: &str = "chat-cloud";
-
-/// Sends `rps` completions per second, spread over `targets`, until `stop` (at most
-/// `max_requests`). Returns how many answered 200.
-fn load(
-    targets: Vec<String>,
-    rps: f64,
-    max_requests: u64,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let client = tidal_e2e::processes::http_client();
-        let ok = Arc::new(AtomicU64::new(0));
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
-        let mut inflight = Vec::new();
-        for i in 0..max_requests {
-            tick.tick().await;
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let url = format!("{}/v1/completions", targets[i as usize % targets.len()]);
-            let req = client
-                .post(url)
-                .json(&json!({"model": SERVICE, "prompt": "hello", "max_tokens": 2}))
-                .timeout(Duration::from_secs(30));
-            let ok = ok.clone();
-            inflight.push(tokio::spawn(async move {
-                if let Ok(r) = req.send().await
-                    && r.status().is_success()
-                {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
-        for t in inflight {
-            let _ = t.await;
-        }
-        ok.load(Ordering::Relaxed)
-    })
-}
 
 async fn replicas(api: &Api<Deployment>) -> Result<i32, String> {
     let d = api.get(DEPLOYMENT).await.map_err(|e| e.to_string())?;
@@ -162,8 +122,9 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
     eprintln!("[autoscaler] load step");
     // A load step: 4 requests/s against 1 rps per replica.
     let stop = Arc::new(AtomicBool::new(false));
-    let generator = load(
+    let generator = completion_load(
         vec![w1.base_url(), w2.base_url()],
+        SERVICE,
         4.0,
         4 * 120,
         stop.clone(),

@@ -1,0 +1,257 @@
+//! A live expert-placement rollout end to end: a real MoE `tidal-worker` under load exports
+//! per-expert token counts, a real Prometheus scrapes them, and the operator's autoscaler
+//! plans a new placement (hot experts get redundant copies in the spare slots) and rolls it
+//! out on the local control plane: shards warm the new experts, the router's plan switches,
+//! then shards drop what they lost.
+//!
+//! Checked all along, from what the API server shows: every expert the router's plan sends to
+//! a shard is held by every ready pod of that shard (so no routed request can fail), and the
+//! phases come in order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture};
+use tidal_e2e::{RunningOperator, TestCtx, install_crds};
+use tidal_operator::children::ANNOTATION_HELD_EXPERTS;
+use tidal_operator::controller::autoscale::Settings;
+use tidal_operator::crd::InferenceService;
+
+const SERVICE: &str = "moe";
+const SHARDS: u32 = 2;
+/// The `mixtral` fixture's expert count.
+const EXPERTS: u32 = 4;
+
+fn parse_held(s: &str) -> BTreeSet<u32> {
+    s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        && p.metadata.deletion_timestamp.is_none()
+}
+
+/// What the API server shows at one moment.
+struct Observed {
+    /// (version, phase) of `status.placement`.
+    phase: Option<(u32, String)>,
+    /// Shard -> experts the router's plan (the ConfigMap) sends to it.
+    routed: BTreeMap<u32, BTreeSet<u32>>,
+    /// Shard -> what each of its ready pods holds.
+    ready_pods: BTreeMap<u32, Vec<(String, BTreeSet<u32>)>>,
+}
+
+async fn observe(
+    services: &Api<InferenceService>,
+    cms: &Api<ConfigMap>,
+    deps: &Api<Deployment>,
+    pods: &Api<Pod>,
+) -> Result<Observed, String> {
+    let err = |e: kube::Error| e.to_string();
+    let tis = services.get(SERVICE).await.map_err(err)?;
+    let phase = tis
+        .status
+        .and_then(|s| s.placement)
+        .map(|p| (p.version, p.phase));
+    let cm = cms
+        .get(&format!("{SERVICE}-placement"))
+        .await
+        .map_err(err)?;
+    let plan: serde_json::Value = serde_json::from_str(
+        cm.data
+            .as_ref()
+            .and_then(|d| d.get("plan.json"))
+            .ok_or("no plan.json")?,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut routed = BTreeMap::new();
+    for s in plan["shards"].as_array().ok_or("no shards in the plan")? {
+        let k = s["shard"].as_u64().ok_or("shard without an index")? as u32;
+        let experts: BTreeSet<u32> = s["experts"]
+            .as_array()
+            .ok_or("shard without experts")?
+            .iter()
+            .filter_map(|e| e.as_u64().map(|e| e as u32))
+            .collect();
+        routed.insert(k, experts);
+    }
+    let mut ready_pods = BTreeMap::new();
+    for k in 0..SHARDS {
+        let dep = deps
+            .get(&format!("{SERVICE}-experts-{k}"))
+            .await
+            .map_err(err)?;
+        let selector = dep
+            .spec
+            .and_then(|s| s.selector.match_labels)
+            .ok_or("shard Deployment without a selector")?
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(err)?;
+        let held = list
+            .items
+            .iter()
+            .filter(|p| is_ready(p))
+            .map(|p| {
+                let held = p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_HELD_EXPERTS))
+                    .map(|s| parse_held(s))
+                    .unwrap_or_default();
+                (p.metadata.name.clone().unwrap_or_default(), held)
+            })
+            .collect();
+        ready_pods.insert(k, held);
+    }
+    Ok(Observed {
+        phase,
+        routed,
+        ready_pods,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_expert() {
+    let Some(ctx) = TestCtx::new("expert-rollout").await else {
+        return;
+    };
+    install_crds(&ctx).await;
+
+    // A real MoE worker (full role: it runs every expert and counts tokens per expert).
+    let model = tempfile::tempdir().unwrap();
+    write_fixture(model.path(), "mixtral");
+    let worker = start_worker(model.path(), SERVICE).await;
+    let labels = json!({
+        "namespace": ctx.namespace,
+        "tidal_inference_service": SERVICE,
+        "tidal_tier": "cloud",
+        "tidal_role": "full",
+    });
+    let prom = Prometheus::start(&[(vec![format!("127.0.0.1:{}", worker.port)], labels)]).await;
+    let _operator = RunningOperator::start_with(
+        &ctx,
+        Some(Settings {
+            enabled: true,
+            prometheus_url: None,
+            rate_window: "10s".into(),
+            default_ready_time_s: 5.0,
+        }),
+    );
+    let tis: InferenceService = serde_json::from_value(json!({
+        "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
+        "metadata": {"name": SERVICE, "namespace": ctx.namespace},
+        "spec": {
+            "model": {"uri": model.path().display().to_string(), "architecture": "mixtral",
+                      "numExperts": EXPERTS},
+            "cloud": {"minReplicas": 1, "maxReplicas": 2,
+                      "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+                      "experts": {"shards": SHARDS, "minReplicasPerShard": 1,
+                                  "maxReplicasPerShard": 2, "placement": "Balanced",
+                                  "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}},
+            "autoscaling": {
+                "prometheusUrl": prom.url(),
+                "intervalSeconds": 5,
+                "targetRpsPerReplica": 1.0,
+                "forecast": {"method": "Naive", "horizonSeconds": 10},
+            }
+        }
+    }))
+    .unwrap();
+    let services = ctx.api::<InferenceService>();
+    services.create(&PostParams::default(), &tis).await.unwrap();
+
+    // Bounded load (at most 2 rps for 4 minutes) so the worker reports expert tokens.
+    let stop = Arc::new(AtomicBool::new(false));
+    let generator = completion_load(vec![worker.base_url()], SERVICE, 2.0, 2 * 240, stop.clone());
+
+    let (cms, deps, pods) = (
+        ctx.api::<ConfigMap>(),
+        ctx.api::<Deployment>(),
+        ctx.api::<Pod>(),
+    );
+    // Poll until a plan past the initial one is Active, checking the routing invariant at
+    // every observation and recording the phases of that plan.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut phases: Vec<(u32, String)> = Vec::new();
+    let mut checks = 0usize;
+    let mut last_err = String::new();
+    let final_plan = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no new placement became Active; phases seen {phases:?}; last: {last_err}"
+        );
+        match observe(&services, &cms, &deps, &pods).await {
+            Ok(o) => {
+                for (k, routed) in &o.routed {
+                    for (pod, held) in o.ready_pods.get(k).into_iter().flatten() {
+                        assert!(
+                            routed.is_subset(held),
+                            "shard {k}: the router's plan sends {routed:?} but ready pod {pod} \
+                             holds {held:?} (phase {:?})",
+                            o.phase
+                        );
+                        checks += 1;
+                    }
+                }
+                if let Some(p) = &o.phase
+                    && phases.last() != Some(p)
+                {
+                    phases.push(p.clone());
+                }
+                // The first plan from measured load fills the spare slots with redundant
+                // copies of hot experts: more routed entries than experts.
+                let entries: usize = o.routed.values().map(BTreeSet::len).sum();
+                match &o.phase {
+                    Some((v, phase))
+                        if *v >= 1 && phase == "Active" && entries > EXPERTS as usize =>
+                    {
+                        break o;
+                    }
+                    _ => last_err = format!("{:?}, {entries} routed entries", o.phase),
+                }
+            }
+            Err(e) => last_err = e,
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    let served = generator.await.unwrap();
+    assert!(served > 0, "the worker answered the load");
+
+    // Every expert is still routed somewhere, and the new plan went through every stage.
+    let all: BTreeSet<u32> = final_plan.routed.values().flatten().copied().collect();
+    assert_eq!(all, (0..EXPERTS).collect(), "{:?}", final_plan.routed);
+    let version = final_plan.phase.as_ref().unwrap().0;
+    let of_version: Vec<&str> = phases
+        .iter()
+        .filter(|(v, _)| *v == version)
+        .map(|(_, p)| p.as_str())
+        .collect();
+    assert_eq!(
+        of_version,
+        vec!["Warming", "Switching", "Active"],
+        "phases of plan {version}: {phases:?}"
+    );
+    assert!(checks > 0, "ready shard pods were checked");
+    eprintln!(
+        "[expert-rollout] plan {version} active: {:?}; phases {phases:?}; {checks} pod checks",
+        final_plan.routed
+    );
+}
