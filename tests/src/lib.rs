@@ -312,6 +312,20 @@ impl RunningOperator {
         }
     }
 
+    /// Starts the controller and the autoscaler loop with settings fit for tests: rates over
+    /// 10 s (Prometheus scrapes every second) and a 5 s ready time until pods are seen.
+    pub fn start_autoscaling(ctx: &TestCtx) -> RunningOperator {
+        Self::start_with(
+            ctx,
+            Some(tidal_operator::controller::autoscale::Settings {
+                enabled: true,
+                prometheus_url: None,
+                rate_window: "10s".into(),
+                default_ready_time_s: 5.0,
+            }),
+        )
+    }
+
     /// How many reconciliations it has run.
     pub fn reconciles(&self) -> u64 {
         let text = self.metrics.render();
@@ -321,6 +335,35 @@ impl RunningOperator {
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+
+    /// Stops it and waits until it has finished.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// The EdgeNode controller (cluster-wide) running in the test process.
+pub struct EdgeNodeController {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EdgeNodeController {
+    pub fn start(ctx: &TestCtx) -> EdgeNodeController {
+        use tidal_operator::controller::{Context, edge_node};
+        let c = Context::new(
+            ctx.client.clone(),
+            tidal_operator::children::BuildConfig::default(),
+            tidal_operator::metrics::Metrics::shared(),
+            Some(format!("e2e-{}", ctx.namespace)),
+        );
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(edge_node::run(c, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        EdgeNodeController { stop, task }
     }
 
     /// Stops it and waits until it has finished.
@@ -399,6 +442,33 @@ pub mod kwok {
     use super::{CONVERGE, TestCtx, eventually};
 
     const PARTITION_HOLDER: &str = "tidal-e2e-partition";
+
+    /// Edge sites: for each (node, site) a kwok Node labelled `tidal.rs/tier=edge` and an
+    /// EdgeNode of the same name in `pool` (label `pool`), offline after 36 s without a
+    /// heartbeat. The guards delete the Nodes.
+    pub async fn edge_sites(
+        ctx: &TestCtx,
+        pool: &str,
+        sites: &[(&str, &str)],
+    ) -> Vec<ClusterGuard> {
+        use tidal_operator::crd::EdgeNode;
+        let mut guards = Vec::new();
+        for (node, site) in sites {
+            guards.push(create_node(ctx, node, json!({"tidal.rs/tier": "edge"})).await);
+            let en: EdgeNode = serde_json::from_value(json!({
+                "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
+                "metadata": {"name": node, "labels": {"pool": pool}},
+                "spec": {"nodeName": node, "site": site,
+                         "offlinePolicy": {"heartbeatTimeoutSeconds": 36}}
+            }))
+            .expect("valid EdgeNode");
+            Api::<EdgeNode>::all(ctx.client.clone())
+                .create(&PostParams::default(), &en)
+                .await
+                .expect("create EdgeNode");
+        }
+        guards
+    }
 
     /// A fake Node kwok manages, with the given labels (deleted when the guard drops).
     pub async fn create_node(ctx: &TestCtx, name: &str, labels: serde_json::Value) -> ClusterGuard {

@@ -14,7 +14,6 @@ use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture};
 use tidal_e2e::{CONVERGE, RunningOperator, TestCtx, eventually, install_crds};
-use tidal_operator::controller::autoscale::Settings;
 use tidal_operator::crd::InferenceService;
 
 const SERVICE: &str = "chat";
@@ -76,15 +75,7 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
     .await;
 
     eprintln!("[autoscaler] starting the operator");
-    let operator = RunningOperator::start_with(
-        &ctx,
-        Some(Settings {
-            enabled: true,
-            prometheus_url: None,
-            rate_window: "10s".into(),
-            default_ready_time_s: 5.0,
-        }),
-    );
+    let operator = RunningOperator::start_autoscaling(&ctx);
     let tis: InferenceService = serde_json::from_value(json!({
         "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
         "metadata": {"name": SERVICE, "namespace": ctx.namespace},

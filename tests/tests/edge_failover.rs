@@ -3,14 +3,12 @@
 //! reports the site offline and moves its replicas to the cloud; when it returns, back again.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
-use tidal_e2e::{CONVERGE, RunningOperator, TestCtx, eventually, install_crds, kwok};
-use tidal_operator::children::BuildConfig;
-use tidal_operator::controller::{Context, edge_node};
-use tidal_operator::crd::{EdgeNode, InferenceService};
-use tidal_operator::metrics::Metrics;
+use tidal_e2e::{
+    CONVERGE, EdgeNodeController, RunningOperator, TestCtx, eventually, install_crds, kwok,
+};
+use tidal_operator::crd::InferenceService;
 
 #[tokio::test]
 async fn offline_edge_site_fails_over_to_cloud_and_back() {
@@ -20,33 +18,11 @@ async fn offline_edge_site_fails_over_to_cloud_and_back() {
     install_crds(&ctx).await;
     let run = ctx.namespace.clone();
     let pool = format!("pool-{run}");
-    let mut guards = Vec::new();
-    for site in ["a", "b"] {
-        let node = format!("{run}-{site}");
-        guards.push(kwok::create_node(&ctx, &node, json!({"tidal.rs/tier": "edge"})).await);
-        let en: EdgeNode = serde_json::from_value(json!({
-            "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
-            "metadata": {"name": node, "labels": {"pool": pool}},
-            "spec": {"nodeName": node, "site": format!("site-{site}"), "offlinePolicy": {"heartbeatTimeoutSeconds": 36}}
-        }))
-        .unwrap();
-        Api::<EdgeNode>::all(ctx.client.clone())
-            .create(&PostParams::default(), &en)
-            .await
-            .unwrap();
-    }
+    let (node_a, node_b) = (format!("{run}-a"), format!("{run}-b"));
+    let guards = kwok::edge_sites(&ctx, &pool, &[(&node_a, "site-a"), (&node_b, "site-b")]).await;
 
     // The EdgeNode controller (cluster-wide) next to the namespaced InferenceService controller.
-    let en_ctx = Context::new(
-        ctx.client.clone(),
-        BuildConfig::default(),
-        Metrics::shared(),
-        Some(format!("e2e-{run}")),
-    );
-    let (stop_en, mut stop_rx) = tokio::sync::watch::channel(false);
-    let en_task = tokio::spawn(edge_node::run(en_ctx, async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    }));
+    let en = EdgeNodeController::start(&ctx);
     let op = RunningOperator::start(&ctx);
 
     let tis: InferenceService = serde_json::from_value(json!({
@@ -148,7 +124,6 @@ async fn offline_edge_site_fails_over_to_cloud_and_back() {
     );
 
     op.stop().await;
-    let _ = stop_en.send(true);
-    let _ = en_task.await;
+    en.stop().await;
     drop(guards);
 }

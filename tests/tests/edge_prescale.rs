@@ -12,12 +12,10 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture};
-use tidal_e2e::{CONVERGE, RunningOperator, TestCtx, eventually, install_crds, kwok};
-use tidal_operator::children::BuildConfig;
-use tidal_operator::controller::autoscale::Settings;
-use tidal_operator::controller::{Context, edge_node};
-use tidal_operator::crd::{EdgeNode, InferenceService};
-use tidal_operator::metrics::Metrics;
+use tidal_e2e::{
+    CONVERGE, EdgeNodeController, RunningOperator, TestCtx, eventually, install_crds, kwok,
+};
+use tidal_operator::crd::InferenceService;
 
 const SERVICE: &str = "nearby";
 
@@ -43,31 +41,9 @@ async fn an_offline_busy_site_prescales_the_cloud_by_its_forecast_load() {
     let run = ctx.namespace.clone();
     let pool = format!("pool-{run}");
     let nodes = [format!("{run}-a"), format!("{run}-b")];
-    let mut guards = Vec::new();
-    for (node, site) in nodes.iter().zip(["a", "b"]) {
-        guards.push(kwok::create_node(&ctx, node, json!({"tidal.rs/tier": "edge"})).await);
-        let en: EdgeNode = serde_json::from_value(json!({
-            "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
-            "metadata": {"name": node, "labels": {"pool": pool}},
-            "spec": {"nodeName": node, "site": format!("site-{site}"),
-                     "offlinePolicy": {"heartbeatTimeoutSeconds": 36}}
-        }))
-        .unwrap();
-        Api::<EdgeNode>::all(ctx.client.clone())
-            .create(&PostParams::default(), &en)
-            .await
-            .unwrap();
-    }
-    let en_ctx = Context::new(
-        ctx.client.clone(),
-        BuildConfig::default(),
-        Metrics::shared(),
-        Some(format!("e2e-{run}")),
-    );
-    let (stop_en, mut stop_rx) = tokio::sync::watch::channel(false);
-    let en_task = tokio::spawn(edge_node::run(en_ctx, async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    }));
+    let guards =
+        kwok::edge_sites(&ctx, &pool, &[(&nodes[0], "site-a"), (&nodes[1], "site-b")]).await;
+    let en = EdgeNodeController::start(&ctx);
 
     // One real worker per target: the cloud tier and each site.
     let model = tempfile::tempdir().unwrap();
@@ -102,15 +78,7 @@ async fn an_offline_busy_site_prescales_the_cloud_by_its_forecast_load() {
         ),
     ])
     .await;
-    let _operator = RunningOperator::start_with(
-        &ctx,
-        Some(Settings {
-            enabled: true,
-            prometheus_url: None,
-            rate_window: "10s".into(),
-            default_ready_time_s: 5.0,
-        }),
-    );
+    let _operator = RunningOperator::start_autoscaling(&ctx);
     let tis: InferenceService = serde_json::from_value(json!({
         "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
         "metadata": {"name": SERVICE, "namespace": ctx.namespace},
@@ -194,7 +162,6 @@ async fn an_offline_busy_site_prescales_the_cloud_by_its_forecast_load() {
         g.await.unwrap();
     }
     kwok::reconnect(&ctx, &nodes[0], &holder).await;
-    let _ = stop_en.send(true);
-    let _ = en_task.await;
+    en.stop().await;
     drop(guards);
 }

@@ -21,7 +21,6 @@ use serde_json::json;
 use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture};
 use tidal_e2e::{RunningOperator, TestCtx, install_crds};
 use tidal_operator::children::ANNOTATION_HELD_EXPERTS;
-use tidal_operator::controller::autoscale::Settings;
 use tidal_operator::crd::InferenceService;
 
 const SERVICE: &str = "moe";
@@ -145,15 +144,7 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
         "tidal_role": "full",
     });
     let prom = Prometheus::start(&[(vec![format!("127.0.0.1:{}", worker.port)], labels)]).await;
-    let _operator = RunningOperator::start_with(
-        &ctx,
-        Some(Settings {
-            enabled: true,
-            prometheus_url: None,
-            rate_window: "10s".into(),
-            default_ready_time_s: 5.0,
-        }),
-    );
+    let _operator = RunningOperator::start_autoscaling(&ctx);
     let tis: InferenceService = serde_json::from_value(json!({
         "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
         "metadata": {"name": SERVICE, "namespace": ctx.namespace},

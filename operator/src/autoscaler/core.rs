@@ -942,28 +942,7 @@ mod tests {
     }
 
     #[test]
-    fn queue_build_up_scales_up_at_once() {
-        let mut a = Autoscaler::new(config());
-        let mut f = facts(5);
-        for i in 0..20 {
-            let t = i as f64 * 15.0;
-            let d = a.step(t, Some(&snapshot(t, 50.0)), &f);
-            apply(&mut f, &d);
-        }
-        let t = 20.0 * 15.0;
-        let mut s = snapshot(t, 50.0);
-        s.cloud = Some(TierSample {
-            queue_depth: 900.0,
-            ..tier(50.0, 0.5)
-        });
-        let d = a.step(t, Some(&s), &f);
-        // (50 + 900 / 45) / 10 = 7.
-        assert_eq!(d.cloud.replicas, 7, "{:?}", d.cloud);
-        assert!(d.cloud.reason.contains("queue 900"), "{}", d.cloud.reason);
-    }
-
-    #[test]
-    fn replicas_added_for_a_backlog_go_once_it_is_drained() {
+    fn queue_build_up_scales_up_at_once_and_those_replicas_go_once_it_is_drained() {
         let mut a = Autoscaler::new(config());
         let mut f = facts(5);
         for i in 0..20 {
@@ -981,7 +960,9 @@ mod tests {
         };
         let t = 20.0 * 15.0;
         let d = a.step(t, Some(&queued(t, 900.0)), &f);
+        // (50 + 900 / 45) / 10 = 7.
         assert_eq!(d.cloud.replicas, 7, "{:?}", d.cloud);
+        assert!(d.cloud.reason.contains("queue 900"), "{}", d.cloud.reason);
         apply(&mut f, &d);
         // Still a backlog (200 > 7 replicas x 10 rps x 1 s), which 6 replicas would drain:
         // nothing scales down while it drains.
