@@ -323,24 +323,15 @@ impl Autoscaler {
                 self.capacity.slo_factor()
             ));
         }
-        match backlog {
-            Some(b) if by_queue > by_forecast => {
-                reason.push_str(&format!(
-                    "; queue {:.0} (projected {:.0} when new replicas are ready) needs {by_queue} to drain within {drain_s:.0} s",
-                    sample.queue_depth,
-                    b.projected(horizon)
-                ));
-            }
-            Some(_) => reason.push_str("; holding while the queued backlog drains"),
-            None => {}
+        if let Some(b) = &backlog {
+            reason.push_str(&b.note(by_queue, by_forecast, horizon, drain_s));
         }
-        // The forecast's upper bound already covers the horizon, so the scale-down window need
-        // not be longer than the horizon (plus one interval) once a forecast exists.
-        let mut behavior = self.config.behavior;
-        if pred.is_some() {
-            let short = horizon + self.config.interval_s;
-            behavior.down_window_s = behavior.down_window_s.min(short * DOWN_WINDOW_HORIZONS);
-        }
+        let behavior = down_window_for(
+            self.config.behavior,
+            pred.is_some(),
+            horizon,
+            self.config.interval_s,
+        );
         let s = self.stabilizer.apply_with_backlog(
             now_s,
             by_forecast,
@@ -434,23 +425,10 @@ impl Autoscaler {
                     let mut reason = format!(
                         "forecast p{q} {upper:.1} rps over {horizon:.0} s / {cap:.1} rps per replica = {n}"
                     );
-                    match backlog {
-                        Some(b) if by_queue > n => {
-                            reason.push_str(&format!(
-                                "; queue {:.0} (projected {:.0} when new replicas are ready) needs {by_queue} to drain within {drain_s:.0} s",
-                                load.queue_depth,
-                                b.projected(horizon)
-                            ));
-                        }
-                        Some(_) => reason.push_str("; holding while the queued backlog drains"),
-                        None => {}
+                    if let Some(b) = &backlog {
+                        reason.push_str(&b.note(by_queue, n, horizon, drain_s));
                     }
-                    let mut behavior = behavior;
-                    if pred.is_some() {
-                        let short = horizon + interval;
-                        behavior.down_window_s =
-                            behavior.down_window_s.min(short * DOWN_WINDOW_HORIZONS);
-                    }
+                    let behavior = down_window_for(behavior, pred.is_some(), horizon, interval);
                     let s = site.stabilizer.apply_with_backlog(
                         now_s,
                         n,
@@ -590,6 +568,21 @@ fn replicas_for(rps: f64, per_replica: f64) -> u32 {
         .clamp(0.0, f64::from(u32::MAX)) as u32
 }
 
+/// `behavior` with its scale-down window cut to [`DOWN_WINDOW_HORIZONS`] x (horizon +
+/// interval) once a forecast exists: its upper bound already covers the horizon.
+fn down_window_for(
+    mut behavior: Behavior,
+    forecasting: bool,
+    horizon_s: f64,
+    interval_s: f64,
+) -> Behavior {
+    if forecasting {
+        let short = horizon_s + interval_s;
+        behavior.down_window_s = behavior.down_window_s.min(short * DOWN_WINDOW_HORIZONS);
+    }
+    behavior
+}
+
 /// A backlog: queued work the ready replicas cannot clear within the TTFT objective.
 ///
 /// Why: a queue that small is normal batching and says nothing the forecast does not; one that
@@ -638,6 +631,20 @@ impl Backlog {
     /// The queue when replicas asked for now are ready, `horizon_s` from now.
     fn projected(&self, horizon_s: f64) -> f64 {
         self.queue + (self.demand - self.serving).max(0.0) * horizon_s
+    }
+
+    /// What the decision's reason says of the backlog: what draining it needs when that is
+    /// more than the `steady` (forecast) recommendation, else that scale-down waits for it.
+    fn note(&self, by_queue: u32, steady: u32, horizon_s: f64, drain_s: f64) -> String {
+        if by_queue > steady {
+            format!(
+                "; queue {:.0} (projected {:.0} when new replicas are ready) needs {by_queue} to drain within {drain_s:.0} s",
+                self.queue,
+                self.projected(horizon_s)
+            )
+        } else {
+            "; holding while the queued backlog drains".into()
+        }
     }
 
     /// The rate that serves the demand and drains the projected queue within `drain_s`.

@@ -40,16 +40,17 @@ fn methods(m: &[(Method, f64)]) -> String {
         .join(", ")
 }
 
-fn ratio(a: f64, b: f64) -> String {
+/// `a / b`, with 0 / 0 = 1 (both perfect) and x / 0 = ∞.
+fn div(a: f64, b: f64) -> f64 {
     if b.abs() < 1e-12 {
-        if a.abs() < 1e-12 {
-            "1.00".into()
-        } else {
-            "∞".into()
-        }
+        if a.abs() < 1e-12 { 1.0 } else { f64::INFINITY }
     } else {
-        format!("{:.2}", a / b)
+        a / b
     }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    opt_ratio(Some(div(a, b)))
 }
 
 fn duration(s: f64) -> String {
@@ -114,7 +115,7 @@ pub fn table(summaries: &[Summary]) -> String {
     for s in summaries {
         let (miss_r, cost_r) = match best {
             Some(b) => (
-                ratio(1.0 - s.slo_attainment, 1.0 - b.slo_attainment),
+                opt_ratio(Some(miss_ratio(s.slo_attainment, b.slo_attainment))),
                 ratio(s.replica_seconds, b.replica_seconds),
             ),
             None => ("–".into(), "–".into()),
@@ -144,13 +145,9 @@ pub fn table(summaries: &[Summary]) -> String {
     out
 }
 
+/// Misses (1 - attainment) as a ratio to the base's.
 fn miss_ratio(att: f64, base: f64) -> f64 {
-    let (a, b) = (1.0 - att, 1.0 - base);
-    if b.abs() < 1e-12 {
-        if a.abs() < 1e-12 { 1.0 } else { f64::INFINITY }
-    } else {
-        a / b
-    }
+    div(1.0 - att, 1.0 - base)
 }
 
 fn opt_ratio(x: Option<f64>) -> String {
@@ -211,7 +208,7 @@ pub fn verdict(sc: &Scenario) -> Option<Verdict> {
     Some(Verdict {
         trace: sc.trace.name.clone(),
         misses: miss_ratio(tidal.slo_attainment, best.slo_attainment),
-        cost: tidal.replica_seconds / best.replica_seconds.max(1e-12),
+        cost: div(tidal.replica_seconds, best.replica_seconds),
         misses_at_equal_cost,
         cost_at_equal_slo,
     })
