@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::capacity::Capacity;
 use super::forecast::{Forecaster, Prediction, normal_quantile, quantile_sorted};
 use super::planner;
+use super::queueing;
 use super::stabilize::Stabilizer;
 use super::types::*;
 
@@ -30,6 +31,11 @@ const MAX_MODELLED_SITES: usize = 16;
 const PLAN_HYSTERESIS: f64 = 0.10;
 /// Scale-down window, in (horizon + interval)s, once a forecast exists.
 const DOWN_WINDOW_HORIZONS: f64 = 2.0;
+/// p95 TTFT samples kept; their lowest is the TTFT with no queue (what the wait budget is
+/// left from).
+const TTFT_SAMPLES_KEPT: usize = 20;
+/// The TTFT objective is a p95: waits may exceed its budget 5 % of the time.
+const SLO_QUANTILE: f64 = 0.95;
 /// EWMA weight of one per-expert sample.
 const EXPERT_ALPHA: f64 = 0.3;
 
@@ -61,6 +67,8 @@ pub struct Autoscaler {
     capacity: Capacity,
     stabilizer: Stabilizer,
     ready_times: VecDeque<f64>,
+    /// Recent cloud p95 TTFT samples.
+    ttft: VecDeque<f64>,
     sites: BTreeMap<String, Site>,
     experts: Option<Experts>,
     /// Time of the last snapshot whose data was recorded.
@@ -81,6 +89,7 @@ impl Autoscaler {
             capacity: Capacity::new(config.target_rps_per_replica),
             stabilizer: Stabilizer::new(),
             ready_times: VecDeque::new(),
+            ttft: VecDeque::new(),
             sites: BTreeMap::new(),
             experts,
             last_snapshot_s: None,
@@ -186,6 +195,12 @@ impl Autoscaler {
             self.cloud.observe(snap.time_s, cloud.arrival_rps);
             self.capacity
                 .observe(&cloud, facts.cloud.ready, &self.config.slo);
+            if let Some(t) = cloud.ttft_p95_s.filter(|t| t.is_finite() && *t >= 0.0) {
+                if self.ttft.len() == TTFT_SAMPLES_KEPT {
+                    self.ttft.pop_front();
+                }
+                self.ttft.push_back(t);
+            }
         }
         let pred = self.cloud.predict(horizon, self.config.interval_s);
         let cloud_decision =
@@ -296,6 +311,8 @@ impl Autoscaler {
         // what a replica really serves.
         let by_forecast =
             replicas_for(expected + extra, cap).max(replicas_for(upper + extra, ceiling));
+        let queueing = self.queueing_headroom(expected + extra);
+        let by_forecast = by_forecast.max(queueing.map_or(0, |q| q.replicas));
         let drain_s = horizon.max(self.config.interval_s).max(1.0);
         // The measured arrivals already include an offline site's failed-over load, so the
         // backlog is sized without the pre-scaled `extra`.
@@ -315,6 +332,9 @@ impl Autoscaler {
             ));
         }
         reason.push_str(&format!(" / {cap:.1} rps per replica = {by_forecast}"));
+        if let Some(q) = queueing.filter(|q| q.replicas == by_forecast) {
+            reason.push_str(&q.note());
+        }
         if (cap - self.capacity.prior()).abs() > 1e-6 * self.capacity.prior() {
             reason.push_str(&format!(
                 " (capacity: prior {:.1}, learned {:.1}, SLO factor {:.2})",
@@ -558,6 +578,55 @@ impl Autoscaler {
     }
 }
 
+/// Replicas that keep queueing within the TTFT objective (see [`queueing`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct QueueingHeadroom {
+    replicas: u32,
+    budget_s: f64,
+    dispersion: f64,
+}
+
+impl QueueingHeadroom {
+    fn note(&self) -> String {
+        format!(
+            " (queueing: {:.2} s of the TTFT SLO left for waiting, arrival dispersion {:.1})",
+            self.budget_s, self.dispersion
+        )
+    }
+}
+
+impl Autoscaler {
+    /// `None` without a TTFT objective or a TTFT sample, or when the TTFT with no queue
+    /// already takes the whole objective (nothing scaling does can fix that; the SLO factor
+    /// reacts to it).
+    fn queueing_headroom(&self, rate: f64) -> Option<QueueingHeadroom> {
+        // What a replica really serves, as far as saturation has shown (the target until then:
+        // conservative).
+        let per_replica = self.capacity.ceiling();
+        let slo = self
+            .config
+            .slo
+            .ttft_p95_s
+            .filter(|s| s.is_finite() && *s > 0.0)?;
+        let base = self.ttft.iter().copied().min_by(f64::total_cmp)?;
+        let budget_s = slo - base;
+        if budget_s <= 0.0 {
+            return None;
+        }
+        let samples = self.cloud.recent(queueing::VARIANCE_SAMPLES);
+        let variance = queueing::arrival_variance(&samples)
+            .unwrap_or(rate)
+            .max(rate);
+        let miss = 1.0 - SLO_QUANTILE;
+        let need = queueing::slo_capacity(rate, variance, budget_s, miss);
+        Some(QueueingHeadroom {
+            replicas: replicas_for(need, per_replica),
+            budget_s,
+            dispersion: if rate > 0.0 { variance / rate } else { 1.0 },
+        })
+    }
+}
+
 /// Replicas needed to carry `rps` at `per_replica` each.
 fn replicas_for(rps: f64, per_replica: f64) -> u32 {
     if !rps.is_finite() || rps <= 0.0 || !per_replica.is_finite() || per_replica <= 0.0 {
@@ -717,10 +786,19 @@ mod tests {
         }
     }
 
+    /// A sample without a TTFT measurement, so without queueing headroom: tests of the other
+    /// parts see round numbers.
+    fn untimed(rps: f64) -> TierSample {
+        TierSample {
+            ttft_p95_s: None,
+            ..tier(rps, 0.5)
+        }
+    }
+
     fn snapshot(t: f64, cloud: f64) -> Snapshot {
         Snapshot {
             time_s: t,
-            cloud: Some(tier(cloud, 0.5)),
+            cloud: Some(untimed(cloud)),
             ..Default::default()
         }
     }
@@ -939,12 +1017,67 @@ mod tests {
         let (bad, cap_bad) = run_slo(2.0);
         assert!((cap_ok - 10.0).abs() < 1e-9);
         assert!(cap_bad < 0.8 * cap_ok, "{cap_bad}");
-        assert_eq!(ok.cloud.replicas, 5);
+        // 50 rps / 10 = 5, plus one for queueing within the 0.5 s the TTFT leaves for waiting.
+        assert_eq!(ok.cloud.replicas, 6, "{}", ok.cloud.reason);
         assert!(bad.cloud.replicas > ok.cloud.replicas, "{:?}", bad.cloud);
         assert!(
             bad.cloud.reason.contains("SLO factor"),
             "{}",
             bad.cloud.reason
+        );
+    }
+
+    /// Steady 36 rps whose TTFT with no queue is `base_ttft`, under `slo` (p95 TTFT).
+    fn run_queueing(base_ttft: f64, slo: Option<f64>) -> Decision {
+        let mut c = config();
+        c.slo.ttft_p95_s = slo;
+        let mut a = Autoscaler::new(c);
+        let mut f = facts(4);
+        let mut d = None;
+        for i in 0..20 {
+            let t = i as f64 * 15.0;
+            let mut s = snapshot(t, 36.0);
+            s.cloud = Some(tier(
+                36.0 + noise(i),
+                base_ttft + 0.05 * noise(i + 100).abs(),
+            ));
+            let dec = a.step(t, Some(&s), &f);
+            apply(&mut f, &dec);
+            d = Some(dec);
+        }
+        d.unwrap()
+    }
+
+    #[test]
+    fn queueing_headroom_grows_as_the_wait_budget_shrinks() {
+        // 36 rps at 10 rps per replica: 4 replicas by the forecast alone.
+        let plain = run_queueing(0.2, None);
+        assert_eq!(plain.cloud.replicas, 4, "{}", plain.cloud.reason);
+        assert!(!plain.cloud.reason.contains("queueing"));
+        // Short prompts leave 0.8 s of a 1 s SLO for waiting; long ones 0.2 s, and waits within
+        // 0.2 s at 95 % need more spare capacity.
+        let short = run_queueing(0.2, Some(1.0));
+        let long = run_queueing(0.8, Some(1.0));
+        assert!(short.cloud.replicas >= 4, "{}", short.cloud.reason);
+        assert!(
+            long.cloud.replicas > short.cloud.replicas,
+            "{}",
+            long.cloud.reason
+        );
+        assert!(
+            long.cloud
+                .reason
+                .contains("s of the TTFT SLO left for waiting"),
+            "{}",
+            long.cloud.reason
+        );
+        // A TTFT with no queue over the SLO leaves nothing to size for: scaling cannot fix it
+        // (the SLO factor reacts to the breach instead).
+        let over = run_queueing(1.2, Some(1.0));
+        assert!(
+            !over.cloud.reason.contains("queueing"),
+            "{}",
+            over.cloud.reason
         );
     }
 
@@ -961,7 +1094,7 @@ mod tests {
             let mut s = snapshot(t, 50.0);
             s.cloud = Some(TierSample {
                 queue_depth: queue,
-                ..tier(50.0, 0.5)
+                ..untimed(50.0)
             });
             s
         };
@@ -1002,7 +1135,7 @@ mod tests {
         s.cloud = Some(TierSample {
             queue_depth: queue,
             served_rps: 20.0,
-            ..tier(40.0, 0.5)
+            ..untimed(40.0)
         });
         a.step(t, Some(&s), &f)
     }

@@ -300,6 +300,12 @@ impl Forecaster {
         self.level
     }
 
+    /// The last `n` fine samples `(time_s, value)`, oldest first.
+    pub fn recent(&self, n: usize) -> Vec<(f64, f64)> {
+        let skip = self.fine.len().saturating_sub(n);
+        self.fine.iter().skip(skip).copied().collect()
+    }
+
     /// Number of complete coarse buckets held.
     pub fn coarse_len(&self) -> usize {
         self.coarse.len()

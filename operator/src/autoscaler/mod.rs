@@ -8,13 +8,15 @@
 //!
 //! One job per module: [`forecast`] (bounded history, cached augurs models, conformal
 //! intervals), [`capacity`] (capacity per replica, learned and SLO-corrected), [`stabilize`]
-//! (windows, step limits, bounds), [`planner`] (expert placement and shard replicas), and
+//! (windows, step limits, bounds), [`queueing`] (headroom for waits within the TTFT SLO),
+//! [`planner`] (expert placement and shard replicas), and
 //! [`core`] (the stateful step tying them together).
 
 pub mod capacity;
 pub mod core;
 pub mod forecast;
 pub mod planner;
+pub mod queueing;
 pub mod stabilize;
 pub mod types;
 
