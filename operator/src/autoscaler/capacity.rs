@@ -81,6 +81,13 @@ impl Capacity {
 
     /// Learns from one interval's sample with `ready` replicas serving it.
     pub fn observe(&mut self, s: &TierSample, ready: u32, slo: &Slo) {
+        self.observe_with(s, ready, slo, false);
+    }
+
+    /// Like [`Capacity::observe`]; `bursts_explain` says the arrivals were too bursty for
+    /// `ready` replicas to keep queueing within the SLO (see `queueing`): a breach then says
+    /// nothing about what one replica serves.
+    pub fn observe_with(&mut self, s: &TierSample, ready: u32, slo: &Slo, bursts_explain: bool) {
         let finite = s.arrival_rps.is_finite() && s.served_rps.is_finite();
         // Over a window in which the replica count changed, divide by the larger count: the
         // estimate errs low (more replicas), never high.
@@ -112,7 +119,7 @@ impl Capacity {
                 // for the load and no backlog is left: arrivals above the capacity we had
                 // (under-provisioning) or a queue still draining explain it otherwise.
                 let provisioned = self.effective() * ready_f;
-                if !saturated && s.arrival_rps <= provisioned * 1.05 {
+                if !saturated && !bursts_explain && s.arrival_rps <= provisioned * 1.05 {
                     self.slo_factor = (self.slo_factor * BREACH_DECREASE).max(FACTOR_MIN);
                     self.breaches += 1;
                 }
@@ -212,6 +219,9 @@ mod tests {
         assert_eq!(c.effective(), low);
         let factor = c.slo_factor();
         c.observe(&sample(30.0, 30.0, 50.0, 2.0), 4, &slo());
+        assert_eq!(c.slo_factor(), factor);
+        // Arrivals too bursty for the replicas there were: not the estimate's fault either.
+        c.observe_with(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo(), true);
         assert_eq!(c.slo_factor(), factor);
         let low = c.effective();
         // Comfortably under the SLO: slow recovery, capped at the learned value.

@@ -193,14 +193,20 @@ impl Autoscaler {
 
         if fresh {
             self.cloud.observe(snap.time_s, cloud.arrival_rps);
-            self.capacity
-                .observe(&cloud, facts.cloud.ready, &self.config.slo);
             if let Some(t) = cloud.ttft_p95_s.filter(|t| t.is_finite() && *t >= 0.0) {
                 if self.ttft.len() == TTFT_SAMPLES_KEPT {
                     self.ttft.pop_front();
                 }
                 self.ttft.push_back(t);
             }
+            // A breach while the replicas there were could not absorb the measured bursts is
+            // explained by the bursts (the queueing headroom sizes for them), not by replicas
+            // serving less than thought.
+            let bursts_explain = self
+                .queueing_headroom(cloud.arrival_rps)
+                .is_some_and(|q| q.replicas > facts.cloud.ready);
+            self.capacity
+                .observe_with(&cloud, facts.cloud.ready, &self.config.slo, bursts_explain);
         }
         let pred = self.cloud.predict(horizon, self.config.interval_s);
         let cloud_decision =
