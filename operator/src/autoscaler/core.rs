@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::capacity::Capacity;
 use super::forecast::{Forecaster, Prediction, normal_quantile, quantile_sorted};
 use super::planner;
-use super::queueing;
+use super::queueing::{Headroom, VARIANCE_SAMPLES, WaitBudget};
 use super::stabilize::Stabilizer;
 use super::types::*;
 
@@ -31,11 +31,6 @@ const MAX_MODELLED_SITES: usize = 16;
 const PLAN_HYSTERESIS: f64 = 0.10;
 /// Scale-down window, in (horizon + interval)s, once a forecast exists.
 const DOWN_WINDOW_HORIZONS: f64 = 2.0;
-/// p95 TTFT samples kept; their lowest is the TTFT with no queue (what the wait budget is
-/// left from).
-const TTFT_SAMPLES_KEPT: usize = 20;
-/// The TTFT objective is a p95: waits may exceed its budget 5 % of the time.
-const SLO_QUANTILE: f64 = 0.95;
 /// EWMA weight of one per-expert sample.
 const EXPERT_ALPHA: f64 = 0.3;
 
@@ -45,8 +40,21 @@ struct Site {
     forecaster: Forecaster,
     capacity: Capacity,
     stabilizer: Stabilizer,
+    waits: WaitBudget,
     /// Highest point forecast of the last step the site was online.
     last_load: Option<f64>,
+}
+
+impl Site {
+    /// Like [`Autoscaler::queueing_headroom`], for this site.
+    fn headroom(&self, slo_s: Option<f64>, rate: f64) -> Option<Headroom> {
+        self.waits.headroom(
+            slo_s,
+            rate,
+            &self.forecaster.recent(VARIANCE_SAMPLES),
+            self.capacity.ceiling(),
+        )
+    }
 }
 
 /// State of the expert shards.
@@ -68,7 +76,7 @@ pub struct Autoscaler {
     stabilizer: Stabilizer,
     ready_times: VecDeque<f64>,
     /// Recent cloud p95 TTFT samples.
-    ttft: VecDeque<f64>,
+    waits: WaitBudget,
     sites: BTreeMap<String, Site>,
     experts: Option<Experts>,
     /// Time of the last snapshot whose data was recorded.
@@ -89,7 +97,7 @@ impl Autoscaler {
             capacity: Capacity::new(config.target_rps_per_replica),
             stabilizer: Stabilizer::new(),
             ready_times: VecDeque::new(),
-            ttft: VecDeque::new(),
+            waits: WaitBudget::default(),
             sites: BTreeMap::new(),
             experts,
             last_snapshot_s: None,
@@ -119,6 +127,17 @@ impl Autoscaler {
         for (t, v) in pts {
             s.forecaster.observe(t, v);
         }
+    }
+
+    /// The cloud tier's queueing headroom at arrival `rate`, in replicas of what one really
+    /// serves as far as saturation has shown (the target until then: conservative).
+    fn queueing_headroom(&self, rate: f64) -> Option<Headroom> {
+        self.waits.headroom(
+            self.config.slo.ttft_p95_s,
+            rate,
+            &self.cloud.recent(VARIANCE_SAMPLES),
+            self.capacity.ceiling(),
+        )
     }
 
     /// The capacity per cloud replica the decisions use now (learned prior x SLO factor).
@@ -158,6 +177,7 @@ impl Autoscaler {
             forecaster: Forecaster::new(method, q, dt),
             capacity: Capacity::new(prior),
             stabilizer: Stabilizer::new(),
+            waits: WaitBudget::default(),
             last_load: None,
         })
     }
@@ -193,12 +213,7 @@ impl Autoscaler {
 
         if fresh {
             self.cloud.observe(snap.time_s, cloud.arrival_rps);
-            if let Some(t) = cloud.ttft_p95_s.filter(|t| t.is_finite() && *t >= 0.0) {
-                if self.ttft.len() == TTFT_SAMPLES_KEPT {
-                    self.ttft.pop_front();
-                }
-                self.ttft.push_back(t);
-            }
+            self.waits.observe(cloud.ttft_p95_s);
             // A breach while the replicas there were could not absorb the measured bursts is
             // explained by the bursts (the queueing headroom sizes for them), not by replicas
             // serving less than thought.
@@ -399,7 +414,12 @@ impl Autoscaler {
                     let slo = self.config.slo;
                     let site = self.site_mut(name);
                     site.forecaster.observe(snap.time_s, load.arrival_rps);
-                    site.capacity.observe(&load, ready, &slo);
+                    site.waits.observe(load.ttft_p95_s);
+                    let bursts_explain = site
+                        .headroom(slo.ttft_p95_s, load.arrival_rps)
+                        .is_some_and(|h| h.replicas > ready);
+                    site.capacity
+                        .observe_with(&load, ready, &slo, bursts_explain);
                 }
             }
         }
@@ -444,6 +464,8 @@ impl Autoscaler {
                     // upper quantile within the real capacity, a backlog projected over the
                     // horizon.
                     let n = replicas_for(expected, cap).max(replicas_for(upper, ceiling));
+                    let queueing = site.headroom(slo_ttft, expected);
+                    let n = n.max(queueing.map_or(0, |h| h.replicas));
                     let drain_s = horizon.max(interval).max(1.0);
                     let backlog = Backlog::new(&load, expected, counts, ceiling, slo_ttft);
                     let by_queue =
@@ -451,6 +473,9 @@ impl Autoscaler {
                     let mut reason = format!(
                         "forecast p{q} {upper:.1} rps over {horizon:.0} s / {cap:.1} rps per replica = {n}"
                     );
+                    if let Some(h) = queueing.filter(|h| h.replicas == n) {
+                        reason.push_str(&h.note());
+                    }
                     if let Some(b) = &backlog {
                         reason.push_str(&b.note(by_queue, n, horizon, drain_s));
                     }
@@ -581,55 +606,6 @@ impl Autoscaler {
             })
             .collect();
         (decisions, plan)
-    }
-}
-
-/// Replicas that keep queueing within the TTFT objective (see [`queueing`]).
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct QueueingHeadroom {
-    replicas: u32,
-    budget_s: f64,
-    dispersion: f64,
-}
-
-impl QueueingHeadroom {
-    fn note(&self) -> String {
-        format!(
-            " (queueing: {:.2} s of the TTFT SLO left for waiting, arrival dispersion {:.1})",
-            self.budget_s, self.dispersion
-        )
-    }
-}
-
-impl Autoscaler {
-    /// `None` without a TTFT objective or a TTFT sample, or when the TTFT with no queue
-    /// already takes the whole objective (nothing scaling does can fix that; the SLO factor
-    /// reacts to it).
-    fn queueing_headroom(&self, rate: f64) -> Option<QueueingHeadroom> {
-        // What a replica really serves, as far as saturation has shown (the target until then:
-        // conservative).
-        let per_replica = self.capacity.ceiling();
-        let slo = self
-            .config
-            .slo
-            .ttft_p95_s
-            .filter(|s| s.is_finite() && *s > 0.0)?;
-        let base = self.ttft.iter().copied().min_by(f64::total_cmp)?;
-        let budget_s = slo - base;
-        if budget_s <= 0.0 {
-            return None;
-        }
-        let samples = self.cloud.recent(queueing::VARIANCE_SAMPLES);
-        let variance = queueing::arrival_variance(&samples)
-            .unwrap_or(rate)
-            .max(rate);
-        let miss = 1.0 - SLO_QUANTILE;
-        let need = queueing::slo_capacity(rate, variance, budget_s, miss);
-        Some(QueueingHeadroom {
-            replicas: replicas_for(need, per_replica),
-            budget_s,
-            dispersion: if rate > 0.0 { variance / rate } else { 1.0 },
-        })
     }
 }
 
@@ -965,14 +941,14 @@ mod tests {
                 "edge-a".into(),
                 SiteSample {
                     online,
-                    load: online.then(|| tier(20.0, 0.5)),
+                    load: online.then(|| untimed(20.0)),
                 },
             );
             s.edge.insert(
                 "edge-b".into(),
                 SiteSample {
                     online: true,
-                    load: Some(tier(10.0, 0.5)),
+                    load: Some(untimed(10.0)),
                 },
             );
             let dec = a.step(t, Some(&s), &f);
@@ -1052,6 +1028,38 @@ mod tests {
             d = Some(dec);
         }
         d.unwrap()
+    }
+
+    #[test]
+    fn edge_sites_get_queueing_headroom_too() {
+        let mut a = Autoscaler::new(config());
+        let mut f = facts(4);
+        f.edge.insert(
+            "edge-a".into(),
+            ReplicaCounts {
+                desired: 2,
+                ready: 2,
+            },
+        );
+        let mut d = None;
+        for i in 0..20 {
+            let t = i as f64 * 15.0;
+            let mut s = snapshot(t, 36.0);
+            // 8 rps at 5 rps per replica: 2 by the forecast; 0.2 s left of the 1 s SLO.
+            s.edge.insert(
+                "edge-a".into(),
+                SiteSample {
+                    online: true,
+                    load: Some(tier(8.0, 0.8)),
+                },
+            );
+            let dec = a.step(t, Some(&s), &f);
+            apply(&mut f, &dec);
+            d = Some(dec);
+        }
+        let e = &d.unwrap().edge["edge-a"];
+        assert!(e.replicas > 2, "{e:?}");
+        assert!(e.reason.contains("queueing"), "{}", e.reason);
     }
 
     #[test]

@@ -16,8 +16,81 @@
 //! The variance is measured over the last few minutes, so while bursts keep coming it holds a
 //! reserve even between them, and the reserve goes once they stop.
 
+use std::collections::VecDeque;
+
 /// Samples the arrival variance is measured over (the most recent ones).
 pub const VARIANCE_SAMPLES: usize = 20;
+/// p95 TTFT samples kept; their lowest is the TTFT with no queue (what the wait budget is
+/// left from).
+const TTFT_SAMPLES_KEPT: usize = 20;
+/// The TTFT objective is a p95: waits may exceed its budget 5 % of the time.
+const SLO_QUANTILE: f64 = 0.95;
+
+/// Replicas that keep queueing within the TTFT objective, and why.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Headroom {
+    pub replicas: u32,
+    /// Seconds of the TTFT objective left for waiting.
+    pub budget_s: f64,
+    /// Arrival variance over rate (1 = Poisson).
+    pub dispersion: f64,
+}
+
+impl Headroom {
+    /// What a decision's reason says when this decided it.
+    pub fn note(&self) -> String {
+        format!(
+            " (queueing: {:.2} s of the TTFT SLO left for waiting, arrival dispersion {:.1})",
+            self.budget_s, self.dispersion
+        )
+    }
+}
+
+/// One target's recent p95 TTFT samples, for the wait budget.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WaitBudget {
+    ttft: VecDeque<f64>,
+}
+
+impl WaitBudget {
+    /// Records one interval's p95 TTFT (missing or non-finite ones are skipped).
+    pub fn observe(&mut self, ttft_p95_s: Option<f64>) {
+        if let Some(t) = ttft_p95_s.filter(|t| t.is_finite() && *t >= 0.0) {
+            if self.ttft.len() == TTFT_SAMPLES_KEPT {
+                self.ttft.pop_front();
+            }
+            self.ttft.push_back(t);
+        }
+    }
+
+    /// The replicas of `per_replica` requests/s each that keep waits within what the TTFT
+    /// with no queue leaves of `slo_s`, at arrival `rate` with the variance of `recent` rate
+    /// samples. `None` without an objective or a TTFT sample, or when the TTFT with no queue
+    /// already takes the whole objective (scaling cannot fix that; the SLO factor reacts).
+    pub fn headroom(
+        &self,
+        slo_s: Option<f64>,
+        rate: f64,
+        recent: &[(f64, f64)],
+        per_replica: f64,
+    ) -> Option<Headroom> {
+        let slo = slo_s.filter(|s| s.is_finite() && *s > 0.0)?;
+        let base = self.ttft.iter().copied().min_by(f64::total_cmp)?;
+        let budget_s = slo - base;
+        if budget_s <= 0.0 || !(per_replica.is_finite() && per_replica > 0.0) {
+            return None;
+        }
+        let variance = arrival_variance(recent).unwrap_or(rate).max(rate);
+        let need = slo_capacity(rate, variance, budget_s, 1.0 - SLO_QUANTILE);
+        Some(Headroom {
+            replicas: (need / per_replica - 1e-9)
+                .ceil()
+                .clamp(0.0, f64::from(u32::MAX)) as u32,
+            budget_s,
+            dispersion: if rate > 0.0 { variance / rate } else { 1.0 },
+        })
+    }
+}
 
 /// The capacity (requests/s, all replicas together) that keeps waits over `budget_s` to a
 /// fraction `miss` of the time at arrival `rate` whose count grows in variance by `variance`
@@ -85,6 +158,33 @@ mod tests {
         let c = slo_capacity(rate, v, b, miss);
         let p = (-2.0 * (c - rate) * c * b / v).exp();
         assert!((p - miss).abs() < 1e-9, "{p}");
+    }
+
+    #[test]
+    fn the_budget_is_left_from_the_lowest_recent_ttft() {
+        let mut w = WaitBudget::default();
+        let steady: Vec<(f64, f64)> = (0..20).map(|i| (f64::from(i) * 15.0, 3.9)).collect();
+        assert_eq!(
+            w.headroom(Some(2.0), 3.9, &steady, 0.8),
+            None,
+            "no TTFT yet"
+        );
+        for t in [1.4, 0.9, f64::NAN, 1.1] {
+            w.observe(Some(t));
+        }
+        w.observe(None);
+        let h = w.headroom(Some(2.0), 3.9, &steady, 0.8).unwrap();
+        assert!((h.budget_s - 1.1).abs() < 1e-9, "{h:?}");
+        // 3.9 rps needs 5 replicas of 0.8; waits within 1.1 s at 95 % need two more.
+        assert_eq!(h.replicas, 7, "{h:?}");
+        assert_eq!(h.dispersion, 1.0);
+        assert!(h.note().contains("1.10 s of the TTFT SLO left"));
+        assert_eq!(w.headroom(None, 3.9, &steady, 0.8), None, "no objective");
+        assert_eq!(
+            w.headroom(Some(0.8), 3.9, &steady, 0.8),
+            None,
+            "no budget left"
+        );
     }
 
     #[test]
