@@ -978,19 +978,29 @@ mod tests {
         }
     }
 
-    fn run_slo(ttft: f64) -> (Decision, f64) {
-        let mut a = Autoscaler::new(config());
-        let mut f = facts(5);
+    /// Steps `a` every 15 s on `snap(i, t)` for 20 steps, applying each decision; the last.
+    fn run_20(
+        a: &mut Autoscaler,
+        mut f: ClusterFacts,
+        snap: impl Fn(u64, f64) -> Snapshot,
+    ) -> Decision {
         let mut d = None;
         for i in 0..20 {
             let t = i as f64 * 15.0;
-            let mut s = snapshot(t, 50.0);
-            s.cloud = Some(tier(50.0, ttft));
-            let dec = a.step(t, Some(&s), &f);
+            let dec = a.step(t, Some(&snap(i, t)), &f);
             apply(&mut f, &dec);
             d = Some(dec);
         }
-        (d.unwrap(), a.effective_capacity())
+        d.unwrap()
+    }
+
+    fn run_slo(ttft: f64) -> (Decision, f64) {
+        let mut a = Autoscaler::new(config());
+        let d = run_20(&mut a, facts(5), |_, t| Snapshot {
+            cloud: Some(tier(50.0, ttft)),
+            ..snapshot(t, 50.0)
+        });
+        (d, a.effective_capacity())
     }
 
     #[test]
@@ -1014,50 +1024,34 @@ mod tests {
         let mut c = config();
         c.slo.ttft_p95_s = slo;
         let mut a = Autoscaler::new(c);
-        let mut f = facts(4);
-        let mut d = None;
-        for i in 0..20 {
-            let t = i as f64 * 15.0;
-            let mut s = snapshot(t, 36.0);
-            s.cloud = Some(tier(
+        run_20(&mut a, facts(4), |i, t| Snapshot {
+            cloud: Some(tier(
                 36.0 + noise(i),
                 base_ttft + 0.05 * noise(i + 100).abs(),
-            ));
-            let dec = a.step(t, Some(&s), &f);
-            apply(&mut f, &dec);
-            d = Some(dec);
-        }
-        d.unwrap()
+            )),
+            ..snapshot(t, 36.0)
+        })
     }
 
     #[test]
     fn edge_sites_get_queueing_headroom_too() {
         let mut a = Autoscaler::new(config());
         let mut f = facts(4);
-        f.edge.insert(
-            "edge-a".into(),
-            ReplicaCounts {
-                desired: 2,
-                ready: 2,
-            },
-        );
-        let mut d = None;
-        for i in 0..20 {
-            let t = i as f64 * 15.0;
-            let mut s = snapshot(t, 36.0);
-            // 8 rps at 5 rps per replica: 2 by the forecast; 0.2 s left of the 1 s SLO.
-            s.edge.insert(
-                "edge-a".into(),
-                SiteSample {
-                    online: true,
-                    load: Some(tier(8.0, 0.8)),
-                },
-            );
-            let dec = a.step(t, Some(&s), &f);
-            apply(&mut f, &dec);
-            d = Some(dec);
-        }
-        let e = &d.unwrap().edge["edge-a"];
+        let two = ReplicaCounts {
+            desired: 2,
+            ready: 2,
+        };
+        f.edge.insert("edge-a".into(), two);
+        // 8 rps at 5 rps per replica: 2 by the forecast; 0.2 s left of the 1 s SLO.
+        let site = SiteSample {
+            online: true,
+            load: Some(tier(8.0, 0.8)),
+        };
+        let d = run_20(&mut a, f, |_, t| Snapshot {
+            edge: [("edge-a".to_string(), site)].into(),
+            ..snapshot(t, 36.0)
+        });
+        let e = &d.edge["edge-a"];
         assert!(e.replicas > 2, "{e:?}");
         assert!(e.reason.contains("queueing"), "{}", e.reason);
     }
