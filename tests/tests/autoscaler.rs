@@ -2,7 +2,8 @@
 //! scraping them, and the operator (controller + autoscaler loop) on the local control plane.
 //! A load step raises the Deployment's replicas; with Prometheus stopped nothing scales down
 //! and `MetricsAvailable` turns False; once metrics return and the load is gone, replicas fall
-//! after the scale-down stabilisation window.
+//! after the scale-down stabilisation window. Under load, the decision sizes queueing headroom
+//! from the TTFT the workers measure.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,6 +88,7 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
                 "prometheusUrl": prom.url(),
                 "intervalSeconds": 5,
                 "targetRpsPerReplica": 1.0,
+                "slo": {"ttftP95Ms": 1000},
                 "forecast": {"method": "Naive", "horizonSeconds": 10},
                 "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": 4},
                 "scaleDown": {"stabilizationWindowSeconds": 20, "maxStep": 6},
@@ -138,6 +140,19 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
         reason.contains("cloud"),
         "decision reason names the tier: {reason}"
     );
+    // The workers' p95 TTFT (from their histograms, through Prometheus) sets how much of the
+    // 1 s objective is left for queueing, and the decision sizes spare capacity for it.
+    eventually(
+        "a decision under load sizes queueing headroom from the measured TTFT",
+        CONVERGE,
+        || async {
+            let (_, _, _, why) = autoscaler_state(&services).await?;
+            why.contains("queueing within the TTFT SLO needs")
+                .then_some(())
+                .ok_or(why)
+        },
+    )
+    .await;
     let events: Api<Event> = ctx.api();
     let scaled = events
         .list(&ListParams::default())

@@ -329,11 +329,11 @@ impl Autoscaler {
         let expected = pred.map_or(sample.arrival_rps, |p| p.peak);
         let ceiling = self.capacity.ceiling();
         // The expected demand at the target (utilisation headroom), the upper quantile within
-        // what a replica really serves.
-        let by_forecast =
+        // what a replica really serves, and spare capacity for queueing within the TTFT SLO.
+        let forecast_only =
             replicas_for(expected + extra, cap).max(replicas_for(upper + extra, ceiling));
         let queueing = self.queueing_headroom(expected + extra);
-        let by_forecast = by_forecast.max(queueing.map_or(0, |q| q.replicas));
+        let by_demand = forecast_only.max(queueing.map_or(0, |q| q.replicas));
         let drain_s = horizon.max(self.config.interval_s).max(1.0);
         // The measured arrivals already include an offline site's failed-over load, so the
         // backlog is sized without the pre-scaled `extra`.
@@ -352,10 +352,7 @@ impl Autoscaler {
                 offline.join(", ")
             ));
         }
-        reason.push_str(&format!(" / {cap:.1} rps per replica = {by_forecast}"));
-        if let Some(q) = queueing.filter(|q| q.replicas == by_forecast) {
-            reason.push_str(&q.note());
-        }
+        reason.push_str(&format!(" / {cap:.1} rps per replica = {forecast_only}"));
         if (cap - self.capacity.prior()).abs() > 1e-6 * self.capacity.prior() {
             reason.push_str(&format!(
                 " (capacity: prior {:.1}, learned {:.1}, SLO factor {:.2})",
@@ -364,8 +361,11 @@ impl Autoscaler {
                 self.capacity.slo_factor()
             ));
         }
+        if let Some(q) = &queueing {
+            reason.push_str(&q.note());
+        }
         if let Some(b) = &backlog {
-            reason.push_str(&b.note(by_queue, by_forecast, horizon, drain_s));
+            reason.push_str(&b.note(by_queue, by_demand, horizon, drain_s));
         }
         let behavior = down_window_for(
             self.config.behavior,
@@ -375,7 +375,7 @@ impl Autoscaler {
         );
         let s = self.stabilizer.apply_with_backlog(
             now_s,
-            by_forecast,
+            by_demand,
             backlog.map(|_| by_queue),
             facts.cloud.desired,
             &behavior,
@@ -463,17 +463,18 @@ impl Autoscaler {
                     // The same sizing as the cloud tier: expected demand at the target, the
                     // upper quantile within the real capacity, a backlog projected over the
                     // horizon.
-                    let n = replicas_for(expected, cap).max(replicas_for(upper, ceiling));
+                    let forecast_only =
+                        replicas_for(expected, cap).max(replicas_for(upper, ceiling));
                     let queueing = site.headroom(slo_ttft, expected);
-                    let n = n.max(queueing.map_or(0, |h| h.replicas));
+                    let n = forecast_only.max(queueing.map_or(0, |h| h.replicas));
                     let drain_s = horizon.max(interval).max(1.0);
                     let backlog = Backlog::new(&load, expected, counts, ceiling, slo_ttft);
                     let by_queue =
                         backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
                     let mut reason = format!(
-                        "forecast p{q} {upper:.1} rps over {horizon:.0} s / {cap:.1} rps per replica = {n}"
+                        "forecast p{q} {upper:.1} rps over {horizon:.0} s / {cap:.1} rps per replica = {forecast_only}"
                     );
-                    if let Some(h) = queueing.filter(|h| h.replicas == n) {
+                    if let Some(h) = &queueing {
                         reason.push_str(&h.note());
                     }
                     if let Some(b) = &backlog {
@@ -1073,9 +1074,7 @@ mod tests {
             long.cloud.reason
         );
         assert!(
-            long.cloud
-                .reason
-                .contains("s of the TTFT SLO left for waiting"),
+            long.cloud.reason.contains("s of it left for waiting"),
             "{}",
             long.cloud.reason
         );

@@ -37,11 +37,12 @@ pub struct Headroom {
 }
 
 impl Headroom {
-    /// What a decision's reason says when this decided it.
+    /// What a decision's reason says of it (always, so the floor shows even when the
+    /// forecast asks for more).
     pub fn note(&self) -> String {
         format!(
-            " (queueing: {:.2} s of the TTFT SLO left for waiting, arrival dispersion {:.1})",
-            self.budget_s, self.dispersion
+            "; queueing within the TTFT SLO needs {} ({:.2} s of it left for waiting, arrival dispersion {:.1})",
+            self.replicas, self.budget_s, self.dispersion
         )
     }
 }
@@ -178,7 +179,11 @@ mod tests {
         // 3.9 rps needs 5 replicas of 0.8; waits within 1.1 s at 95 % need two more.
         assert_eq!(h.replicas, 7, "{h:?}");
         assert_eq!(h.dispersion, 1.0);
-        assert!(h.note().contains("1.10 s of the TTFT SLO left"));
+        assert!(
+            h.note().contains("needs 7 (1.10 s of it left for waiting"),
+            "{}",
+            h.note()
+        );
         assert_eq!(w.headroom(None, 3.9, &steady, 0.8), None, "no objective");
         assert_eq!(
             w.headroom(Some(0.8), 3.9, &steady, 0.8),

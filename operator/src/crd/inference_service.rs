@@ -388,7 +388,9 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_interval")]
     #[schemars(range(min = 5, max = 3600))]
     pub interval_seconds: u32,
-    /// Service-level objectives; breaching them corrects the capacity estimate.
+    /// Service-level objectives: the autoscaler keeps enough spare capacity for queueing to stay
+    /// within what the TTFT with no queue leaves of `ttftP95Ms`, and a breach it cannot explain
+    /// by bursty arrivals lowers its capacity estimate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo: Option<SloSpec>,
     /// Requests per second one cloud replica sustains within the SLO (refined online).
