@@ -4,6 +4,16 @@
 
 use super::types::{Slo, TierSample};
 
+/// Replicas needed to carry `rps` at `per_replica` each (0 for nothing or nonsense).
+pub fn replicas_for(rps: f64, per_replica: f64) -> u32 {
+    if !rps.is_finite() || rps <= 0.0 || !per_replica.is_finite() || per_replica <= 0.0 {
+        return 0;
+    }
+    (rps / per_replica - 1e-9)
+        .ceil()
+        .clamp(0.0, f64::from(u32::MAX)) as u32
+}
+
 /// Learned capacity stays within these multiples of the prior.
 const LEARN_MIN: f64 = 0.25;
 const LEARN_MAX: f64 = 4.0;
@@ -79,15 +89,10 @@ impl Capacity {
         (self.learned.max(self.prior) * self.slo_factor).max(self.effective())
     }
 
-    /// Learns from one interval's sample with `ready` replicas serving it.
-    pub fn observe(&mut self, s: &TierSample, ready: u32, slo: &Slo) {
-        self.observe_with(s, ready, slo, false);
-    }
-
-    /// Like [`Capacity::observe`]; `bursts_explain` says the arrivals were too bursty for
-    /// `ready` replicas to keep queueing within the SLO (see `queueing`): a breach then says
-    /// nothing about what one replica serves.
-    pub fn observe_with(&mut self, s: &TierSample, ready: u32, slo: &Slo, bursts_explain: bool) {
+    /// Learns from one interval's sample with `ready` replicas serving it. `bursts_explain`
+    /// says the arrivals were too bursty for `ready` replicas to keep queueing within the SLO
+    /// (see `queueing`): a breach then says nothing about what one replica serves.
+    pub fn observe(&mut self, s: &TierSample, ready: u32, slo: &Slo, bursts_explain: bool) {
         let finite = s.arrival_rps.is_finite() && s.served_rps.is_finite();
         // Over a window in which the replica count changed, divide by the larger count: the
         // estimate errs low (more replicas), never high.
@@ -174,11 +179,11 @@ mod tests {
         let mut c = Capacity::new(10.0);
         for _ in 0..50 {
             // 4 replicas saturated, serving 24 rps: 6 per replica.
-            c.observe(&sample(40.0, 24.0, 20.0, 0.5), 4, &Slo::default());
+            c.observe(&sample(40.0, 24.0, 20.0, 0.5), 4, &Slo::default(), false);
         }
         assert!((c.learned() - 6.0).abs() < 0.1, "{}", c.learned());
         for _ in 0..100 {
-            c.observe(&sample(1.0, 0.1, 20.0, 0.5), 4, &Slo::default());
+            c.observe(&sample(1.0, 0.1, 20.0, 0.5), 4, &Slo::default(), false);
         }
         assert!(
             (c.learned() - 2.5).abs() < 1e-9,
@@ -187,7 +192,7 @@ mod tests {
         );
         // Unsaturated, no queue: low throughput says nothing.
         let before = c.learned();
-        c.observe(&sample(1.0, 1.0, 0.0, 0.5), 4, &Slo::default());
+        c.observe(&sample(1.0, 1.0, 0.0, 0.5), 4, &Slo::default(), false);
         assert_eq!(c.learned(), before);
     }
 
@@ -197,7 +202,7 @@ mod tests {
         // stay at 8 (the headroom), while the tail may use the real 10.
         let mut c = Capacity::new(8.0);
         for _ in 0..50 {
-            c.observe(&sample(60.0, 40.0, 20.0, 0.5), 4, &Slo::default());
+            c.observe(&sample(60.0, 40.0, 20.0, 0.5), 4, &Slo::default(), false);
         }
         assert!((c.learned() - 10.0).abs() < 0.1, "{}", c.learned());
         assert!((c.effective() - 8.0).abs() < 1e-9, "{}", c.effective());
@@ -208,27 +213,27 @@ mod tests {
     fn breach_lowers_and_recovery_is_slow() {
         let mut c = Capacity::new(10.0);
         // Provisioned: 30 rps on 4 replicas of 10; still breaching.
-        c.observe(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo());
+        c.observe(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo(), false);
         assert!((c.effective() - 8.5).abs() < 1e-9, "{}", c.effective());
-        c.observe(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo());
+        c.observe(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo(), false);
         let low = c.effective();
         assert!(low < 8.5);
         // Under-provisioned breach (arrivals above capacity), or a backlog still draining:
         // not the estimate's fault.
-        c.observe(&sample(100.0, 30.0, 0.0, 2.0), 4, &slo());
+        c.observe(&sample(100.0, 30.0, 0.0, 2.0), 4, &slo(), false);
         assert_eq!(c.effective(), low);
         let factor = c.slo_factor();
-        c.observe(&sample(30.0, 30.0, 50.0, 2.0), 4, &slo());
+        c.observe(&sample(30.0, 30.0, 50.0, 2.0), 4, &slo(), false);
         assert_eq!(c.slo_factor(), factor);
         // Arrivals too bursty for the replicas there were: not the estimate's fault either.
-        c.observe_with(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo(), true);
+        c.observe(&sample(30.0, 30.0, 0.0, 2.0), 4, &slo(), true);
         assert_eq!(c.slo_factor(), factor);
         let low = c.effective();
         // Comfortably under the SLO: slow recovery, capped at the learned value.
-        c.observe(&sample(10.0, 10.0, 0.0, 0.2), 4, &slo());
+        c.observe(&sample(10.0, 10.0, 0.0, 0.2), 4, &slo(), false);
         assert!(c.effective() > low && c.effective() < low * 1.05);
         for _ in 0..500 {
-            c.observe(&sample(10.0, 10.0, 0.0, 0.2), 4, &slo());
+            c.observe(&sample(10.0, 10.0, 0.0, 0.2), 4, &slo(), false);
         }
         assert!((c.effective() - c.learned()).abs() < 1e-9 && c.slo_factor() == 1.0);
     }

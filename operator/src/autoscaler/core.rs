@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::capacity::Capacity;
+use super::capacity::{Capacity, replicas_for};
 use super::forecast::{Forecaster, Prediction, normal_quantile, quantile_sorted};
 use super::planner;
 use super::queueing::{Headroom, VARIANCE_SAMPLES, WaitBudget};
@@ -45,16 +45,42 @@ struct Site {
     last_load: Option<f64>,
 }
 
-impl Site {
-    /// Like [`Autoscaler::queueing_headroom`], for this site.
-    fn headroom(&self, slo_s: Option<f64>, rate: f64) -> Option<Headroom> {
-        self.waits.headroom(
-            slo_s,
-            rate,
-            &self.forecaster.recent(VARIANCE_SAMPLES),
-            self.capacity.ceiling(),
-        )
-    }
+/// The queueing headroom of one target (the cloud tier or a site) at arrival `rate`, in
+/// replicas of what one really serves as far as saturation has shown (the target until then:
+/// conservative).
+fn headroom(
+    waits: &WaitBudget,
+    forecaster: &Forecaster,
+    capacity: &Capacity,
+    slo: &Slo,
+    rate: f64,
+) -> Option<Headroom> {
+    waits.headroom(
+        slo.ttft_p95_s,
+        rate,
+        &forecaster.recent(VARIANCE_SAMPLES),
+        capacity.ceiling(),
+    )
+}
+
+/// Records one target's interval: its demand, its TTFT and what it says of the capacity.
+fn record(
+    forecaster: &mut Forecaster,
+    waits: &mut WaitBudget,
+    capacity: &mut Capacity,
+    time_s: f64,
+    sample: &TierSample,
+    ready: u32,
+    slo: &Slo,
+) {
+    forecaster.observe(time_s, sample.arrival_rps);
+    waits.observe(sample.ttft_p95_s);
+    // A breach while the replicas there were could not absorb the measured bursts is explained
+    // by the bursts (the queueing headroom sizes for them), not by replicas serving less than
+    // thought.
+    let bursts_explain = headroom(waits, forecaster, capacity, slo, sample.arrival_rps)
+        .is_some_and(|h| h.replicas > ready);
+    capacity.observe(sample, ready, slo, bursts_explain);
 }
 
 /// State of the expert shards.
@@ -129,17 +155,6 @@ impl Autoscaler {
         }
     }
 
-    /// The cloud tier's queueing headroom at arrival `rate`, in replicas of what one really
-    /// serves as far as saturation has shown (the target until then: conservative).
-    fn queueing_headroom(&self, rate: f64) -> Option<Headroom> {
-        self.waits.headroom(
-            self.config.slo.ttft_p95_s,
-            rate,
-            &self.cloud.recent(VARIANCE_SAMPLES),
-            self.capacity.ceiling(),
-        )
-    }
-
     /// The capacity per cloud replica the decisions use now (learned prior x SLO factor).
     pub fn effective_capacity(&self) -> f64 {
         self.capacity.effective()
@@ -212,16 +227,15 @@ impl Autoscaler {
         let (edge, extra, offline) = self.edge_decisions(now_s, snap, facts, horizon, fresh);
 
         if fresh {
-            self.cloud.observe(snap.time_s, cloud.arrival_rps);
-            self.waits.observe(cloud.ttft_p95_s);
-            // A breach while the replicas there were could not absorb the measured bursts is
-            // explained by the bursts (the queueing headroom sizes for them), not by replicas
-            // serving less than thought.
-            let bursts_explain = self
-                .queueing_headroom(cloud.arrival_rps)
-                .is_some_and(|q| q.replicas > facts.cloud.ready);
-            self.capacity
-                .observe_with(&cloud, facts.cloud.ready, &self.config.slo, bursts_explain);
+            record(
+                &mut self.cloud,
+                &mut self.waits,
+                &mut self.capacity,
+                snap.time_s,
+                &cloud,
+                facts.cloud.ready,
+                &self.config.slo,
+            );
         }
         let pred = self.cloud.predict(horizon, self.config.interval_s);
         let cloud_decision =
@@ -332,7 +346,13 @@ impl Autoscaler {
         // what a replica really serves, and spare capacity for queueing within the TTFT SLO.
         let forecast_only =
             replicas_for(expected + extra, cap).max(replicas_for(upper + extra, ceiling));
-        let queueing = self.queueing_headroom(expected + extra);
+        let queueing = headroom(
+            &self.waits,
+            &self.cloud,
+            &self.capacity,
+            &self.config.slo,
+            expected + extra,
+        );
         let by_demand = forecast_only.max(queueing.map_or(0, |q| q.replicas));
         let drain_s = horizon.max(self.config.interval_s).max(1.0);
         // The measured arrivals already include an offline site's failed-over load, so the
@@ -413,18 +433,20 @@ impl Autoscaler {
                     let ready = facts.edge.get(name).map_or(0, |c| c.ready);
                     let slo = self.config.slo;
                     let site = self.site_mut(name);
-                    site.forecaster.observe(snap.time_s, load.arrival_rps);
-                    site.waits.observe(load.ttft_p95_s);
-                    let bursts_explain = site
-                        .headroom(slo.ttft_p95_s, load.arrival_rps)
-                        .is_some_and(|h| h.replicas > ready);
-                    site.capacity
-                        .observe_with(&load, ready, &slo, bursts_explain);
+                    record(
+                        &mut site.forecaster,
+                        &mut site.waits,
+                        &mut site.capacity,
+                        snap.time_s,
+                        &load,
+                        ready,
+                        &slo,
+                    );
                 }
             }
         }
         let behavior = self.config.behavior;
-        let slo_ttft = self.config.slo.ttft_p95_s;
+        let slo = self.config.slo;
         let prescale = self.config.prescale_cloud_for_edge;
         let interval = self.config.interval_s;
         let q = (self.config.quantile * 100.0).round();
@@ -465,10 +487,16 @@ impl Autoscaler {
                     // horizon.
                     let forecast_only =
                         replicas_for(expected, cap).max(replicas_for(upper, ceiling));
-                    let queueing = site.headroom(slo_ttft, expected);
+                    let queueing = headroom(
+                        &site.waits,
+                        &site.forecaster,
+                        &site.capacity,
+                        &slo,
+                        expected,
+                    );
                     let n = forecast_only.max(queueing.map_or(0, |h| h.replicas));
                     let drain_s = horizon.max(interval).max(1.0);
-                    let backlog = Backlog::new(&load, expected, counts, ceiling, slo_ttft);
+                    let backlog = Backlog::new(&load, expected, counts, ceiling, slo.ttft_p95_s);
                     let by_queue =
                         backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
                     let mut reason = format!(
@@ -608,16 +636,6 @@ impl Autoscaler {
             .collect();
         (decisions, plan)
     }
-}
-
-/// Replicas needed to carry `rps` at `per_replica` each.
-fn replicas_for(rps: f64, per_replica: f64) -> u32 {
-    if !rps.is_finite() || rps <= 0.0 || !per_replica.is_finite() || per_replica <= 0.0 {
-        return 0;
-    }
-    (rps / per_replica - 1e-9)
-        .ceil()
-        .clamp(0.0, f64::from(u32::MAX)) as u32
 }
 
 /// `behavior` with its scale-down window cut to [`DOWN_WINDOW_HORIZONS`] x (horizon +

@@ -18,6 +18,8 @@
 
 use std::collections::VecDeque;
 
+use super::capacity::replicas_for;
+
 /// Samples the arrival variance is measured over (the most recent ones).
 pub const VARIANCE_SAMPLES: usize = 20;
 /// p95 TTFT samples kept; their lowest is the TTFT with no queue (what the wait budget is
@@ -84,9 +86,7 @@ impl WaitBudget {
         let variance = arrival_variance(recent).unwrap_or(rate).max(rate);
         let need = slo_capacity(rate, variance, budget_s, 1.0 - SLO_QUANTILE);
         Some(Headroom {
-            replicas: (need / per_replica - 1e-9)
-                .ceil()
-                .clamp(0.0, f64::from(u32::MAX)) as u32,
+            replicas: replicas_for(need, per_replica),
             budget_s,
             dispersion: if rate > 0.0 { variance / rate } else { 1.0 },
         })

@@ -177,18 +177,23 @@ pub struct Verdict {
     pub at_cheapest: Option<(f64, Option<f64>)>,
 }
 
+/// A ratio to the best baseline that is at least as good (up to rounding).
+fn no_worse(ratio: f64) -> bool {
+    ratio <= 1.0 + 1e-9
+}
+
 impl Verdict {
     /// Better or equal on both matched axes.
     pub fn wins(&self) -> bool {
-        self.misses_at_equal_cost.is_some_and(|m| m <= 1.0 + 1e-9)
-            && self.cost_at_equal_slo.is_some_and(|c| c <= 1.0 + 1e-9)
+        self.misses_at_equal_cost.is_some_and(no_worse)
+            && self.cost_at_equal_slo.is_some_and(no_worse)
     }
 
     /// Tidal's cheapest setting is better or equal on both axes than every baseline re-tuned to
     /// its cost and to its attainment.
     pub fn wins_at_cheapest(&self) -> bool {
         self.at_cheapest
-            .is_some_and(|(m, c)| m <= 1.0 + 1e-9 && c.is_none_or(|c| c <= 1.0 + 1e-9))
+            .is_some_and(|(m, c)| no_worse(m) && c.is_none_or(no_worse))
     }
 }
 
