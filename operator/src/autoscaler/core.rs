@@ -353,7 +353,9 @@ impl Autoscaler {
             &self.config.slo,
             expected + extra,
         );
-        let by_demand = forecast_only.max(queueing.map_or(0, |q| q.replicas));
+        let steady = forecast_only.max(queueing.map_or(0, |q| q.replicas));
+        let kept = kept_for_now(pred, cap, facts.cloud.desired);
+        let by_demand = steady.max(kept);
         let drain_s = horizon.max(self.config.interval_s).max(1.0);
         // The measured arrivals already include an offline site's failed-over load, so the
         // backlog is sized without the pre-scaled `extra`.
@@ -365,7 +367,10 @@ impl Autoscaler {
             self.config.slo.ttft_p95_s,
         );
         let by_queue = backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
-        let mut reason = format!("forecast p{q} {upper:.1} rps over {horizon:.0} s ({method:?})");
+        let mut reason = format!(
+            "forecast p{q} {upper:.1} rps over {horizon:.0} s ({method:?}{})",
+            persistence_note(pred, horizon)
+        );
         if extra > 0.0 {
             reason.push_str(&format!(
                 " + {extra:.1} rps pre-scaled for offline edge site(s) {}",
@@ -384,6 +389,7 @@ impl Autoscaler {
         if let Some(q) = &queueing {
             reason.push_str(&q.note());
         }
+        reason.push_str(&kept_note(pred, kept, steady));
         if let Some(b) = &backlog {
             reason.push_str(&b.note(by_queue, by_demand, horizon, drain_s));
         }
@@ -494,17 +500,21 @@ impl Autoscaler {
                         &slo,
                         expected,
                     );
-                    let n = forecast_only.max(queueing.map_or(0, |h| h.replicas));
+                    let steady = forecast_only.max(queueing.map_or(0, |h| h.replicas));
+                    let kept = kept_for_now(pred, cap, counts.desired);
+                    let n = steady.max(kept);
                     let drain_s = horizon.max(interval).max(1.0);
                     let backlog = Backlog::new(&load, expected, counts, ceiling, slo.ttft_p95_s);
                     let by_queue =
                         backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
                     let mut reason = format!(
-                        "forecast p{q} {upper:.1} rps over {horizon:.0} s / {cap:.1} rps per replica = {forecast_only}"
+                        "forecast p{q} {upper:.1} rps over {horizon:.0} s{} / {cap:.1} rps per replica = {forecast_only}",
+                        persistence_note(pred, horizon)
                     );
                     if let Some(h) = &queueing {
                         reason.push_str(&h.note());
                     }
+                    reason.push_str(&kept_note(pred, kept, steady));
                     if let Some(b) = &backlog {
                         reason.push_str(&b.note(by_queue, n, horizon, drain_s));
                     }
@@ -635,6 +645,37 @@ impl Autoscaler {
             })
             .collect();
         (decisions, plan)
+    }
+}
+
+/// The replicas the demand measured now keeps busy at the target, never more than there are.
+///
+/// Why: the forecast may expect a burst to be over by the time new replicas would be ready and
+/// order none for it, but replicas already serving it are needed until it is: this floor only
+/// holds scale-down back, it never scales up.
+fn kept_for_now(pred: Option<Prediction>, cap: f64, desired: u32) -> u32 {
+    pred.map_or(0, |p| replicas_for(p.level, cap)).min(desired)
+}
+
+/// What the reason says of that floor, when it is above the `steady` recommendation.
+fn kept_note(pred: Option<Prediction>, kept: u32, steady: u32) -> String {
+    match pred {
+        Some(p) if kept > steady => {
+            format!("; keeping {kept} for the {:.1} rps measured now", p.level)
+        }
+        _ => String::new(),
+    }
+}
+
+/// What the reason says of how much of the level lasts to the horizon, when measured.
+fn persistence_note(pred: Option<Prediction>, horizon_s: f64) -> String {
+    match pred.and_then(|p| p.persistence.map(|x| (p.level, x))) {
+        Some((level, x)) => format!(
+            "; level {level:.1} rps, 5-min mean {:.1}, {:.0} % of the difference lasts {horizon_s:.0} s",
+            x.mean,
+            100.0 * x.beta
+        ),
+        None => String::new(),
     }
 }
 
@@ -995,6 +1036,45 @@ mod tests {
             assert_eq!(d.edge["edge-c"].replicas, 3);
             assert!(d.edge["edge-c"].reason.contains("no metrics"));
         }
+    }
+
+    /// Bursts shorter than the horizon: the core orders no replicas that would only be ready
+    /// once a burst is over, but keeps those already serving one.
+    #[test]
+    fn short_bursts_are_not_chased_but_replicas_serving_one_stay() {
+        let mut cfg = config();
+        // No scale-down window: only the floor for the demand measured now holds replicas.
+        cfg.behavior.down_window_s = 0.0;
+        let mut a = Autoscaler::new(cfg);
+        let mut f = facts(1);
+        // 2 rps with a 30 s burst of 40 rps every 6 minutes; horizon 45 s.
+        let rate = |i: u64| if i % 24 >= 22 { 40.0 } else { 2.0 };
+        let mut step = |i: u64, f: &mut ClusterFacts| {
+            let t = i as f64 * 15.0;
+            let d = a.step(t, Some(&snapshot(t, rate(i) + 0.1 * noise(i))), f);
+            apply(f, &d);
+            d
+        };
+        for i in 0..166 {
+            step(i, &mut f);
+        }
+        // The first sample of a burst: 40 rps would need 4 replicas at the target.
+        let d = step(166, &mut f);
+        assert!(d.cloud.replicas <= 2, "{:?}", d.cloud);
+        assert!(
+            d.cloud.reason.contains("of the difference lasts"),
+            "{}",
+            d.cloud.reason
+        );
+        // Had 6 replicas been serving it, the burst's second sample keeps 3 (its ~26 rps level
+        // at 10 rps each) instead of going down to what the forecast wants.
+        f.cloud = ReplicaCounts {
+            desired: 6,
+            ready: 6,
+        };
+        let d = step(167, &mut f);
+        assert_eq!(d.cloud.replicas, 3, "{:?}", d.cloud);
+        assert!(d.cloud.reason.contains("keeping 3"), "{}", d.cloud.reason);
     }
 
     /// Steps `a` every 15 s on `snap(i, t)` for 20 steps, applying each decision; the last.

@@ -7,9 +7,10 @@
 //! the coarse series), so a step costs microseconds between refits.
 //!
 //! A fitted model contributes the *shape* of the forecast: the point forecast is the current
-//! level (a short EWMA of the fine samples) plus the model's predicted change from now to the
-//! target time. This keeps the forecast anchored to what is measured now even when the model is
-//! a few minutes old. The prediction interval is conformal: the empirical quantiles of the
+//! level (a short EWMA of the fine samples), less what of its deviation from the recent mean
+//! will be gone by the horizon (bursts; see [`super::level`]), plus the model's predicted change
+//! from now to the target time. This keeps the forecast anchored to what is measured now even
+//! when the model is a few minutes old. The prediction interval is conformal: the empirical quantiles of the
 //! errors this forecaster actually made at the horizon, once enough have been seen, and
 //! `z * recent std dev` before that.
 
@@ -20,6 +21,7 @@ use augurs::ets::{AutoETS, FittedAutoETS};
 use augurs::mstl::{FittedTrendModel, MSTLModel, TrendModel};
 use augurs::{Fit, Forecast, Predict};
 
+use super::level::{Persistence, smooth};
 use super::types::Method;
 
 /// Fine samples kept (seconds).
@@ -44,8 +46,6 @@ const SEASONS_S: [f64; 2] = [86400.0, 7.0 * 86400.0];
 const RESIDUALS_MAX: usize = 256;
 /// Errors needed before the conformal interval replaces the std-dev one.
 const RESIDUALS_MIN: usize = 20;
-/// Time constant of the level EWMA (seconds).
-const LEVEL_TAU_S: f64 = 30.0;
 /// Most steps evaluated up to the horizon.
 const MAX_STEPS: usize = 240;
 
@@ -54,6 +54,9 @@ const MAX_STEPS: usize = 240;
 pub struct Prediction {
     /// The smoothed demand now.
     pub level: f64,
+    /// How much of the level's deviation from the recent mean lasts to the horizon (`None`
+    /// while unmeasured: all of it is taken to last).
+    pub persistence: Option<Persistence>,
     /// Point forecast at the horizon.
     pub point: f64,
     /// Highest point forecast over the steps up to the horizon.
@@ -340,10 +343,7 @@ impl Forecaster {
             }
         }
         self.level = Some(match (self.level, self.last_t) {
-            (Some(l), Some(lt)) => {
-                let a = (1.0 - (-(t - lt) / LEVEL_TAU_S).exp()).clamp(0.3, 1.0);
-                l + a * (v - l)
-            }
+            (Some(l), Some(lt)) => smooth(l, v, t - lt),
             _ => v,
         });
         self.last_t = Some(t);
@@ -507,15 +507,18 @@ impl Forecaster {
         }
 
         let base = path.as_ref().map_or(0.0, |p| p.at(t_last));
-        let mut point = level;
-        let mut peak = level;
+        // The model's path starts from what of the level lasts to the horizon (see `level`).
+        let persistence = self.persistence(horizon_s);
+        let anchor = persistence.map_or(level, |p| p.anchor(level));
+        let mut point = anchor;
+        let mut peak = anchor;
         for k in 1..=steps {
             let t = t_last + k as f64 * step_s;
             let p = match &path {
-                Some(path) => level + path.at(t) - base,
-                None => level,
+                Some(path) => anchor + path.at(t) - base,
+                None => anchor,
             };
-            let p = if p.is_finite() { p.max(0.0) } else { level };
+            let p = if p.is_finite() { p.max(0.0) } else { anchor };
             peak = peak.max(p);
             point = p;
         }
@@ -527,16 +530,16 @@ impl Forecaster {
             && let Some(path) = &path
         {
             let t = t_last + horizon_s + 0.5 * COARSE_BUCKET_S;
-            let p = level + path.at(t) - base;
+            let p = anchor + path.at(t) - base;
             if p.is_finite() {
                 peak = peak.max(p);
             }
         }
         // Short-window trend: models fitted on a long window (or the naive one while history is
         // short) lag a ramp; while the last samples rise, their linear trend projected over the
-        // horizon is a floor on the peak.
+        // horizon is a floor on the peak (as much of it as rises usually last).
         if let Some(trend) = self.trend_at(t_last + horizon_s) {
-            peak = peak.max(trend);
+            peak = peak.max(persistence.map_or(trend, |p| p.anchor(trend)));
         }
         let (hi, lo) = self.interval_offsets();
         let upper = (point + hi.max(0.0)).max(peak).max(0.0);
@@ -551,12 +554,20 @@ impl Forecaster {
         let finite = |x: f64| if x.is_finite() { x } else { level };
         Some(Prediction {
             level,
+            persistence,
             point: finite(point),
             peak: finite(peak),
             lower: finite(lower),
             upper: finite(upper),
             method,
         })
+    }
+
+    /// How much of a deviation from the recent mean lasts `horizon_s`, measured on the samples
+    /// an ETS fit sees.
+    fn persistence(&self, horizon_s: f64) -> Option<Persistence> {
+        let lag = (horizon_s / self.dt).round().max(1.0) as usize;
+        Persistence::measure(&self.recent(ETS_MAX_SAMPLES), lag)
     }
 
     /// The least-squares line through the last [`TREND_SAMPLES`] samples at time `t`, when it
@@ -813,6 +824,30 @@ mod tests {
         }
         let p = g.predict(60.0, 15.0).unwrap();
         assert!((p.peak - p.level).abs() < 1e-9, "{p:?}");
+    }
+
+    /// Bursts shorter than the horizon: right after one, the forecast at the horizon is near the
+    /// usual demand, not the burst; a change that lasts (a step held for 20 minutes) is
+    /// followed as before.
+    #[test]
+    fn bursts_shorter_than_the_horizon_are_not_forecast_to_last() {
+        let mut bursty = Forecaster::new(Method::Auto, 0.9, 15.0);
+        let mut steps = Forecaster::new(Method::Auto, 0.9, 15.0);
+        // 40 minutes: 2 rps with a 30 s burst of 40 rps every 3 minutes, ending on a burst;
+        // and 20-minute steps between 40 and 2 rps, ending 30 s into a step up.
+        for i in 0..160u64 {
+            let t = i as f64 * 15.0;
+            bursty.observe(t, if (i + 10) % 12 < 2 { 40.0 } else { 2.0 } + noise(i));
+            let step = if ((i + 82) / 80) % 2 == 1 { 40.0 } else { 2.0 };
+            steps.observe(t, step + noise(i));
+        }
+        let b = bursty.predict(75.0, 15.0).unwrap();
+        let s = steps.predict(75.0, 15.0).unwrap();
+        assert!(b.level > 20.0 && s.level > 20.0, "{b:?} {s:?}");
+        assert!(b.persistence.unwrap().beta < 0.2, "{b:?}");
+        assert!(b.point < 10.0 && b.peak < 10.0, "{b:?}");
+        assert!(s.persistence.unwrap().beta > 0.8, "{s:?}");
+        assert!(s.peak > 0.8 * s.level, "{s:?}");
     }
 
     #[test]

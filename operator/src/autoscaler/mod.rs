@@ -7,7 +7,7 @@
 //! The types in [`types`] are the contract between the three; add fields, never rename.
 //!
 //! One job per module: [`forecast`] (bounded history, cached augurs models, conformal
-//! intervals), [`capacity`] (capacity per replica, learned and SLO-corrected), [`stabilize`]
+//! intervals), [`level`] (the smoothed demand now and how much of it lasts a horizon), [`capacity`] (capacity per replica, learned and SLO-corrected), [`stabilize`]
 //! (windows, step limits, bounds), [`queueing`] (headroom for waits within the TTFT SLO),
 //! [`planner`] (expert placement and shard replicas), and
 //! [`core`] (the stateful step tying them together).
@@ -15,6 +15,7 @@
 pub mod capacity;
 pub mod core;
 pub mod forecast;
+pub mod level;
 pub mod planner;
 pub mod queueing;
 pub mod stabilize;

@@ -468,13 +468,29 @@ async fn publish(
     let event = Event {
         type_,
         reason: reason.into(),
-        note: Some(note),
+        note: Some(fit_note(note)),
         action: action.into(),
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, &tis.object_ref(&())).await {
         warn!(error = %e, "failed to publish event");
     }
+}
+
+/// The API server rejects an Event whose note is over 1 kB (and the Event is lost): a long
+/// decision reason (many offline sites, every term noted) is cut at a character boundary.
+fn fit_note(mut note: String) -> String {
+    const MAX: usize = 1024;
+    const MORE: &str = " …";
+    if note.len() > MAX {
+        let mut end = MAX - MORE.len();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str(MORE);
+    }
+    note
 }
 
 fn round2(x: f64) -> f64 {
@@ -691,5 +707,22 @@ fn record_metrics(
     }
     if let Some(p) = &decision.plan {
         m.plan_imbalance.get_or_create(&svc).set(p.imbalance);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_note;
+
+    #[test]
+    fn event_notes_fit_the_api_limit() {
+        assert_eq!(fit_note("short".into()), "short");
+        let exact = "x".repeat(1024);
+        assert_eq!(fit_note(exact.clone()), exact);
+        // Multi-byte characters straddling the cut are not split.
+        let long = "é".repeat(700);
+        let cut = fit_note(long);
+        assert!(cut.len() <= 1024, "{}", cut.len());
+        assert!(cut.ends_with(" …") && cut.starts_with("éé"));
     }
 }
