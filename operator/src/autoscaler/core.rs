@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use super::capacity::{Capacity, replicas_for};
 use super::forecast::{Forecaster, Prediction, normal_quantile, quantile_sorted};
+use super::level::MEAN_SAMPLES;
 use super::planner;
 use super::queueing::{Headroom, VARIANCE_SAMPLES, WaitBudget};
 use super::stabilize::Stabilizer;
@@ -369,7 +370,7 @@ impl Autoscaler {
         let by_queue = backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
         let mut reason = format!(
             "forecast p{q} {upper:.1} rps over {horizon:.0} s ({method:?}{})",
-            persistence_note(pred, horizon)
+            persistence_note(pred, horizon, self.config.interval_s)
         );
         if extra > 0.0 {
             reason.push_str(&format!(
@@ -509,7 +510,7 @@ impl Autoscaler {
                         backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
                     let mut reason = format!(
                         "forecast p{q} {upper:.1} rps over {horizon:.0} s{} / {cap:.1} rps per replica = {forecast_only}",
-                        persistence_note(pred, horizon)
+                        persistence_note(pred, horizon, interval)
                     );
                     if let Some(h) = &queueing {
                         reason.push_str(&h.note());
@@ -667,11 +668,13 @@ fn kept_note(pred: Option<Prediction>, kept: u32, steady: u32) -> String {
     }
 }
 
-/// What the reason says of how much of the level lasts to the horizon, when measured.
-fn persistence_note(pred: Option<Prediction>, horizon_s: f64) -> String {
+/// What the reason says of how much of the level lasts to the horizon, when measured
+/// (samples every `interval_s`).
+fn persistence_note(pred: Option<Prediction>, horizon_s: f64, interval_s: f64) -> String {
     match pred.and_then(|p| p.persistence.map(|x| (p.level, x))) {
         Some((level, x)) => format!(
-            "; level {level:.1} rps, 5-min mean {:.1}, {:.0} % of the difference lasts {horizon_s:.0} s",
+            "; level {level:.1} rps, {:.0} s mean {:.1}, {:.0} % of the difference lasts {horizon_s:.0} s",
+            MEAN_SAMPLES as f64 * interval_s,
             x.mean,
             100.0 * x.beta
         ),
