@@ -337,37 +337,23 @@ impl Autoscaler {
         extra: f64,
         offline: &[String],
     ) -> TargetDecision {
-        let cap = self.capacity.effective();
         let q = (self.config.quantile * 100.0).round();
-        let upper = pred.map_or(sample.arrival_rps, |p| p.upper);
         let method = pred.map_or(Method::Naive, |p| p.method);
-        let expected = pred.map_or(sample.arrival_rps, |p| p.peak);
-        let ceiling = self.capacity.ceiling();
-        // The expected demand at the target (utilisation headroom), the upper quantile within
-        // what a replica really serves, and spare capacity for queueing within the TTFT SLO.
-        let forecast_only =
-            replicas_for(expected + extra, cap).max(replicas_for(upper + extra, ceiling));
-        let queueing = headroom(
-            &self.waits,
-            &self.cloud,
-            &self.capacity,
+        let z = Sizing::new(
+            Target {
+                forecaster: &self.cloud,
+                waits: &self.waits,
+                capacity: &self.capacity,
+            },
             &self.config.slo,
-            expected + extra,
-        );
-        let steady = forecast_only.max(queueing.map_or(0, |q| q.replicas));
-        let kept = kept_for_now(pred, cap, facts.cloud.desired);
-        let by_demand = steady.max(kept);
-        let drain_s = horizon.max(self.config.interval_s).max(1.0);
-        // The measured arrivals already include an offline site's failed-over load, so the
-        // backlog is sized without the pre-scaled `extra`.
-        let backlog = Backlog::new(
+            self.config.interval_s,
             sample,
-            expected,
+            pred,
             facts.cloud,
-            ceiling,
-            self.config.slo.ttft_p95_s,
+            horizon,
+            extra,
         );
-        let by_queue = backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
+        let (upper, cap) = (z.upper, z.cap);
         let mut reason = format!(
             "forecast p{q} {upper:.1} rps over {horizon:.0} s ({method:?}{})",
             persistence_note(pred, horizon, self.config.interval_s)
@@ -378,7 +364,10 @@ impl Autoscaler {
                 offline.join(", ")
             ));
         }
-        reason.push_str(&format!(" / {cap:.1} rps per replica = {forecast_only}"));
+        reason.push_str(&format!(
+            " / {cap:.1} rps per replica = {}",
+            z.forecast_only
+        ));
         if (cap - self.capacity.prior()).abs() > 1e-6 * self.capacity.prior() {
             reason.push_str(&format!(
                 " (capacity: prior {:.1}, learned {:.1}, SLO factor {:.2})",
@@ -387,33 +376,13 @@ impl Autoscaler {
                 self.capacity.slo_factor()
             ));
         }
-        if let Some(q) = &queueing {
-            reason.push_str(&q.note());
-        }
-        reason.push_str(&kept_note(pred, kept, steady));
-        if let Some(b) = &backlog {
-            reason.push_str(&b.note(by_queue, by_demand, horizon, drain_s));
-        }
-        let behavior = down_window_for(
-            self.config.behavior,
-            pred.is_some(),
-            horizon,
-            self.config.interval_s,
-        );
-        let s = self.stabilizer.apply_with_backlog(
-            now_s,
-            by_demand,
-            backlog.map(|_| by_queue),
-            facts.cloud.desired,
-            &behavior,
-            self.config.cloud,
-        );
-        TargetDecision {
-            replicas: s.replicas,
-            previous: facts.cloud.desired,
+        z.decide(
             reason,
-            limited: s.limited,
-        }
+            &mut self.stabilizer,
+            now_s,
+            self.config.behavior,
+            self.config.cloud,
+        )
     }
 
     /// Decisions for the sites the service runs on, the load to add to the cloud, and the
@@ -484,56 +453,36 @@ impl Autoscaler {
                     load: Some(load),
                 }) if load.arrival_rps.is_finite() => {
                     let pred = site.forecaster.predict(horizon, interval);
-                    let upper = pred.map_or(load.arrival_rps, |p| p.upper);
-                    let expected = pred.map_or(load.arrival_rps, |p| p.peak);
-                    site.last_load = Some(expected);
-                    let cap = site.capacity.effective();
-                    let ceiling = site.capacity.ceiling();
-                    // The same sizing as the cloud tier: expected demand at the target, the
-                    // upper quantile within the real capacity, a backlog projected over the
-                    // horizon.
-                    let forecast_only =
-                        replicas_for(expected, cap).max(replicas_for(upper, ceiling));
-                    let queueing = headroom(
-                        &site.waits,
-                        &site.forecaster,
-                        &site.capacity,
+                    // The same sizing as the cloud tier, on the site's own state.
+                    let z = Sizing::new(
+                        Target {
+                            forecaster: &site.forecaster,
+                            waits: &site.waits,
+                            capacity: &site.capacity,
+                        },
                         &slo,
-                        expected,
+                        interval,
+                        &load,
+                        pred,
+                        counts,
+                        horizon,
+                        0.0,
                     );
-                    let steady = forecast_only.max(queueing.map_or(0, |h| h.replicas));
-                    let kept = kept_for_now(pred, cap, counts.desired);
-                    let n = steady.max(kept);
-                    let drain_s = horizon.max(interval).max(1.0);
-                    let backlog = Backlog::new(&load, expected, counts, ceiling, slo.ttft_p95_s);
-                    let by_queue =
-                        backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap));
-                    let mut reason = format!(
-                        "forecast p{q} {upper:.1} rps over {horizon:.0} s{} / {cap:.1} rps per replica = {forecast_only}",
-                        persistence_note(pred, horizon, interval)
+                    site.last_load = Some(z.expected);
+                    let reason = format!(
+                        "forecast p{q} {:.1} rps over {horizon:.0} s{} / {:.1} rps per replica = {}",
+                        z.upper,
+                        persistence_note(pred, horizon, interval),
+                        z.cap,
+                        z.forecast_only
                     );
-                    if let Some(h) = &queueing {
-                        reason.push_str(&h.note());
-                    }
-                    reason.push_str(&kept_note(pred, kept, steady));
-                    if let Some(b) = &backlog {
-                        reason.push_str(&b.note(by_queue, n, horizon, drain_s));
-                    }
-                    let behavior = down_window_for(behavior, pred.is_some(), horizon, interval);
-                    let s = site.stabilizer.apply_with_backlog(
-                        now_s,
-                        n,
-                        backlog.map(|_| by_queue),
-                        counts.desired,
-                        &behavior,
-                        edge_cfg.per_site,
-                    );
-                    TargetDecision {
-                        replicas: s.replicas,
-                        previous: counts.desired,
+                    z.decide(
                         reason,
-                        limited: s.limited,
-                    }
+                        &mut site.stabilizer,
+                        now_s,
+                        behavior,
+                        edge_cfg.per_site,
+                    )
                 }
                 _ => held(format!(
                     "no metrics for this site: hold at {}",
@@ -646,6 +595,125 @@ impl Autoscaler {
             })
             .collect();
         (decisions, plan)
+    }
+}
+
+/// One target's state the sizing reads: the cloud tier's or a site's.
+struct Target<'a> {
+    forecaster: &'a Forecaster,
+    waits: &'a WaitBudget,
+    capacity: &'a Capacity,
+}
+
+/// One target's replica sizing for one step (the cloud tier or a site).
+struct Sizing {
+    pred: Option<Prediction>,
+    horizon: f64,
+    interval_s: f64,
+    drain_s: f64,
+    /// Desired replicas now.
+    current: u32,
+    /// The forecast's upper quantile and expected (peak) demand.
+    upper: f64,
+    expected: f64,
+    /// Capacity per replica at the target utilisation.
+    cap: f64,
+    /// The expected demand at the target and the upper quantile within what a replica really
+    /// serves.
+    forecast_only: u32,
+    /// Spare capacity for queueing within the TTFT SLO.
+    queueing: Option<Headroom>,
+    /// The floor for the demand measured now (scale-down only).
+    kept: u32,
+    /// `forecast_only` and `queueing` together.
+    steady: u32,
+    backlog: Option<Backlog>,
+    /// The replicas that drain the backlog (0 without one).
+    by_queue: u32,
+}
+
+impl Sizing {
+    /// `extra`: load pre-scaled onto this target (an offline site's), on top of its forecast.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        t: Target<'_>,
+        slo: &Slo,
+        interval_s: f64,
+        sample: &TierSample,
+        pred: Option<Prediction>,
+        counts: ReplicaCounts,
+        horizon: f64,
+        extra: f64,
+    ) -> Sizing {
+        let cap = t.capacity.effective();
+        let ceiling = t.capacity.ceiling();
+        let upper = pred.map_or(sample.arrival_rps, |p| p.upper);
+        let expected = pred.map_or(sample.arrival_rps, |p| p.peak);
+        let forecast_only =
+            replicas_for(expected + extra, cap).max(replicas_for(upper + extra, ceiling));
+        let queueing = headroom(t.waits, t.forecaster, t.capacity, slo, expected + extra);
+        let steady = forecast_only.max(queueing.map_or(0, |q| q.replicas));
+        let drain_s = horizon.max(interval_s).max(1.0);
+        // The measured arrivals already include an offline site's failed-over load, so the
+        // backlog is sized without the pre-scaled `extra`.
+        let backlog = Backlog::new(sample, expected, counts, ceiling, slo.ttft_p95_s);
+        Sizing {
+            pred,
+            horizon,
+            interval_s,
+            drain_s,
+            current: counts.desired,
+            upper,
+            expected,
+            cap,
+            forecast_only,
+            queueing,
+            kept: kept_for_now(pred, cap, counts.desired),
+            steady,
+            backlog,
+            by_queue: backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap)),
+        }
+    }
+
+    /// The demand-driven recommendation (what the scale-down window remembers).
+    fn by_demand(&self) -> u32 {
+        self.steady.max(self.kept)
+    }
+
+    /// The decision: `reason` (what the caller says of the forecast) with the queueing, floor
+    /// and backlog notes, and the recommendation through the target's stabiliser.
+    fn decide(
+        self,
+        mut reason: String,
+        stabilizer: &mut Stabilizer,
+        now_s: f64,
+        behavior: Behavior,
+        bounds: Bounds,
+    ) -> TargetDecision {
+        let by_demand = self.by_demand();
+        if let Some(q) = &self.queueing {
+            reason.push_str(&q.note());
+        }
+        reason.push_str(&kept_note(self.pred, self.kept, self.steady));
+        if let Some(b) = &self.backlog {
+            reason.push_str(&b.note(self.by_queue, by_demand, self.horizon, self.drain_s));
+        }
+        let behavior =
+            down_window_for(behavior, self.pred.is_some(), self.horizon, self.interval_s);
+        let s = stabilizer.apply_with_backlog(
+            now_s,
+            by_demand,
+            self.backlog.map(|_| self.by_queue),
+            self.current,
+            &behavior,
+            bounds,
+        );
+        TargetDecision {
+            replicas: s.replicas,
+            previous: self.current,
+            reason,
+            limited: s.limited,
+        }
     }
 }
 
