@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local control plane's binaries from their Go modules (tools/*/go.mod) into
 # $HOME/.cache/tidal/bin/<name>-<version>-<go>/, skipping every tool already in the cache.
-# Usage: build.sh [kubernetes|etcd|kwok|helm|all]
+# Usage: build.sh [kubernetes|etcd|kwok|helm|all] | [kubernetes-node|containerd|cni|coredns|registry|crane|nodes]
+# `all` is the control plane; `nodes` what the real nodes need.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -15,8 +16,19 @@ build_into() {
   log "building $(basename "$dir") (cold builds take minutes; cached afterwards)"
   local tmp="$dir.tmp.$$"
   rm -rf "$tmp" && mkdir -p "$tmp"
-  (cd "$LOCAL_DIR/tools/$mod" && go build -trimpath -ldflags "-s -w $ldflags" -o "$tmp/$out" "$@")
+  (cd "$LOCAL_DIR/tools/$mod" && go build -trimpath -ldflags "-s -w $ldflags" -o "$tmp/$out" "$@") &
+  local pid=$! start=$SECONDS rc=0
+  # A line every 30 s, so a cold build is never a silent wait.
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 5
+    if (((SECONDS - start) % 30 < 5)) && ((SECONDS - start >= 30)); then
+      log "  still building $(basename "$dir"): $((SECONDS - start)) s"
+    fi
+  done
+  wait "$pid" || rc=$?
+  [ "$rc" = 0 ] || { rm -rf "$tmp"; log "building $(basename "$dir") failed"; return "$rc"; }
   rm -rf "$dir" && mv "$tmp" "$dir" && touch "$dir/.complete"
+  log "built $(basename "$dir") in $((SECONDS - start)) s"
 }
 
 # mod_info MODULE_DIR MODULE@VERSION FIELD: a field of `go mod download -json`.
@@ -37,6 +49,49 @@ build_kubernetes() {
   build_into "$K8S_BIN" kubernetes "" "$ld" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+}
+
+# kubelet and kube-proxy: the same module and version ldflags as the control plane, a separate
+# cache dir (so adding them never invalidates the control plane's).
+build_kubernetes_node() {
+  local v=${KUBERNETES_VERSION#v} commit date ld=""
+  commit=$(mod_field kubernetes "k8s.io/kubernetes@$KUBERNETES_VERSION" Hash)
+  date=$(mod_field kubernetes "k8s.io/kubernetes@$KUBERNETES_VERSION" Time)
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=${v%%.*}"
+    ld+=" -X $p.gitMinor=$(cut -d. -f2 <<<"$v") -X $p.gitCommit=${commit:-unknown}"
+    ld+=" -X $p.gitTreeState=clean -X $p.buildDate=${date:-1970-01-01T00:00:00Z}"
+  done
+  build_into "$K8S_NODE_BIN" kubernetes "" "$ld" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
+}
+
+build_containerd() {
+  local p=github.com/containerd/containerd/v2
+  build_into "$CONTAINERD_BIN" containerd "" \
+    "-X $p/version.Version=$CONTAINERD_VERSION -X $p/version.Package=$p" \
+    $p/cmd/containerd $p/cmd/containerd-shim-runc-v2 $p/cmd/ctr
+}
+
+build_cni() {
+  local p=github.com/containernetworking/plugins/plugins
+  build_into "$CNI_BIN" cni "" \
+    "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$CNI_PLUGINS_VERSION" \
+    $p/main/bridge $p/main/loopback $p/ipam/host-local $p/meta/portmap
+}
+
+build_coredns() {
+  build_into "$COREDNS_BIN" coredns coredns "" .
+}
+
+build_registry() {
+  build_into "$REGISTRY_BIN" registry registry \
+    "-X github.com/distribution/distribution/v3/version.version=$DISTRIBUTION_VERSION" \
+    github.com/distribution/distribution/v3/cmd/registry
+}
+
+build_crane() {
+  build_into "$CRANE_BIN" crane crane "" github.com/google/go-containerregistry/cmd/crane
 }
 
 build_etcd() {
@@ -70,5 +125,12 @@ case "${1:-all}" in
   kwok) build_kwok ;;
   helm) build_helm ;;
   all) build_etcd; build_kwok; build_helm; build_kubernetes ;;
-  *) echo "usage: $0 [kubernetes|etcd|kwok|helm|all]" >&2; exit 2 ;;
+  kubernetes-node) build_kubernetes_node ;;
+  containerd) build_containerd ;;
+  cni) build_cni ;;
+  coredns) build_coredns ;;
+  registry) build_registry ;;
+  crane) build_crane ;;
+  nodes) build_crane; build_registry; build_cni; build_containerd; build_coredns; build_kubernetes_node ;;
+  *) sed -n '4,6p' "$0" >&2; exit 2 ;;
 esac

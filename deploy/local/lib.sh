@@ -15,6 +15,13 @@ K8S_BIN=$(bin_dir kubernetes "$KUBERNETES_VERSION")
 ETCD_BIN=$(bin_dir etcd "$ETCD_VERSION")
 KWOK_BIN=$(bin_dir kwok "$KWOK_VERSION")
 HELM_BIN=$(bin_dir helm "$HELM_VERSION")
+# Real nodes.
+K8S_NODE_BIN=$(bin_dir kubernetes-node "$KUBERNETES_VERSION")
+CONTAINERD_BIN=$(bin_dir containerd "$CONTAINERD_VERSION")
+CNI_BIN=$(bin_dir cni-plugins "$CNI_PLUGINS_VERSION")
+COREDNS_BIN=$(bin_dir coredns "$COREDNS_VERSION")
+REGISTRY_BIN=$(bin_dir registry "$DISTRIBUTION_VERSION")
+CRANE_BIN=$(bin_dir crane "$CRANE_VERSION")
 export PATH="$K8S_BIN:$ETCD_BIN:$KWOK_BIN:$HELM_BIN:$PATH"
 
 log() { printf '[tidal-local] %s\n' "$*" >&2; }

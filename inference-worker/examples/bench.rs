@@ -248,6 +248,7 @@ async fn main() {
         context: 4096,
         seed: 0,
         shards: 1,
+        hot_experts: Vec::new(),
     };
     eprintln!("generating the checkpoint in {}", dir.path().display());
     tidal_worker::fixture::generate(&spec, dir.path()).unwrap();

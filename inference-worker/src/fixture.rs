@@ -60,6 +60,10 @@ pub struct FixtureSpec {
     /// Split the weights over this many safetensors shards.
     #[arg(long, env = "TIDAL_FIXTURE_SHARDS", default_value_t = 1)]
     pub shards: usize,
+    /// MoE only: bias every layer's router towards these experts (comma-separated ids), so
+    /// per-expert load is strongly skewed whatever the prompt (for placement tests and demos).
+    #[arg(long, env = "TIDAL_FIXTURE_HOT_EXPERTS", value_delimiter = ',')]
+    pub hot_experts: Vec<usize>,
 }
 
 impl Default for FixtureSpec {
@@ -76,6 +80,7 @@ impl Default for FixtureSpec {
             context: 512,
             seed: 0,
             shards: 1,
+            hot_experts: Vec::new(),
         }
     }
 }
@@ -226,6 +231,10 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
         3.0 * s_in,
     )?;
 
+    if spec.arch == FixtureArch::Mixtral && !spec.hot_experts.is_empty() {
+        skew_router(&mut tensors, spec)?;
+    }
+
     let shards = spec.shards.max(1);
     let per = tensors.len().div_ceil(shards);
     for (i, chunk) in tensors.chunks(per).enumerate() {
@@ -283,6 +292,48 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
             "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
         }),
     )?;
+    Ok(())
+}
+
+/// Hidden dimension that carries the router bias.
+const BIAS_DIM: usize = 0;
+
+/// Every token's embedding gets a large constant in one dimension, and every router scores
+/// that dimension high for the hot experts and low for the others: after the RMS norm it
+/// dominates the random part of the gate logits, so top-k picks the hot experts for (nearly)
+/// every token in every layer. Applied after the random draws, so the other weights do not
+/// change.
+fn skew_router(tensors: &mut [(String, Tensor)], spec: &FixtureSpec) -> Result<()> {
+    if let Some(&e) = spec.hot_experts.iter().find(|&&e| e >= spec.experts) {
+        return Err(Error::Other(format!(
+            "hot expert {e} does not exist ({} experts)",
+            spec.experts
+        )));
+    }
+    let h = spec.hidden;
+    for (name, t) in tensors.iter_mut() {
+        let is_embedding = name == "model.embed_tokens.weight";
+        if !is_embedding && !name.ends_with(".block_sparse_moe.gate.weight") {
+            continue;
+        }
+        let (rows, cols) = t.dims2()?;
+        let mut data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        if is_embedding {
+            for r in 0..rows {
+                data[r * cols + BIAS_DIM] = 4.0;
+            }
+        } else {
+            for e in 0..rows {
+                data[e * cols + BIAS_DIM] = if spec.hot_experts.contains(&e) {
+                    3.0
+                } else {
+                    -3.0
+                };
+            }
+        }
+        debug_assert_eq!(cols, h);
+        *t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
+    }
     Ok(())
 }
 

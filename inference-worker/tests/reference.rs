@@ -206,6 +206,43 @@ fn expert_counters_count_top_k_routes_per_token() {
 }
 
 #[test]
+fn hot_expert_fixture_routes_nearly_every_token_to_the_hot_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = FixtureSpec {
+        hot_experts: vec![0, 2],
+        ..FixtureSpec::default()
+    };
+    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    let model = ours(dir.path());
+    let mut cache = model.new_cache();
+    // Any text: bytes of a sentence, then a few decode steps.
+    let prompt: Vec<u32> = "Expert load is skewed whatever the prompt says."
+        .bytes()
+        .map(u32::from)
+        .collect();
+    model.forward(&prompt, &mut cache).unwrap();
+    for t in [101u32, 32, 7] {
+        model.forward(&[t], &mut cache).unwrap();
+    }
+    let counts = model.expert_counts();
+    for layer in 0..spec.layers {
+        let total: u64 = (0..spec.experts).map(|e| counts.get(layer, e)).sum();
+        let hot = counts.get(layer, 0) + counts.get(layer, 2);
+        assert!(
+            hot as f64 >= 0.9 * total as f64,
+            "layer {layer}: {hot} of {total} routes went to experts 0 and 2"
+        );
+    }
+    // An unknown hot expert is an error, not a silently ignored flag.
+    let bad = FixtureSpec {
+        hot_experts: vec![9],
+        ..FixtureSpec::default()
+    };
+    let err = tidal_worker::fixture::generate(&bad, tempfile::tempdir().unwrap().path());
+    assert!(err.unwrap_err().to_string().contains("hot expert 9"));
+}
+
+#[test]
 fn bf16_and_f16_load_and_stay_close_to_f32() {
     let dir = common::fixture(FixtureArch::Mixtral);
     let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();

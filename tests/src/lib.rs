@@ -17,6 +17,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
 pub mod processes;
+pub mod real;
 
 /// Repository root (the workspace), from this crate's manifest dir.
 pub fn repo_root() -> PathBuf {
@@ -377,7 +378,7 @@ impl EdgeNodeController {
 pub fn operator_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| processes::cargo_binary("tidal-operator", "tidal-operator"))
+        .get_or_init(|| processes::cargo_binary("tidal-operator"))
         .clone()
 }
 

@@ -120,7 +120,16 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
         (
             "unsupported model uri",
             tis(with(base(), &["model", "uri"], json!("s3://bucket/model"))),
-            "model uri must be an absolute path, file:///path or hf://org/name",
+            "model uri must be an absolute path, file:///path, hf://org/name",
+        ),
+        (
+            "oci model without a tag or digest",
+            tis(with(
+                base(),
+                &["model", "uri"],
+                json!("oci://registry.example/models/m"),
+            )),
+            "or oci://registry/repository:tag",
         ),
         (
             "edge tier without an EdgeNode selector",
@@ -230,6 +239,20 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     create(&ctx.client, &ctx.namespace, &tis(base()))
         .await
         .expect("base spec is valid");
+    // OCI model artifacts by tag or by digest are valid model URIs.
+    for (i, uri) in [
+        "oci://127.0.0.1:25000/tidal-rs/models/smollm2:0.1.2",
+        "oci://ghcr.io/org/models/mixtral@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut obj = tis(with(base(), &["model", "uri"], json!(uri)));
+        obj.metadata.name = Some(format!("oci-{i}"));
+        create(&ctx.client, &ctx.namespace, &obj)
+            .await
+            .unwrap_or_else(|e| panic!("{uri}: {e}"));
+    }
 }
 
 #[tokio::test]

@@ -6,7 +6,9 @@
 //!
 //! Checked all along, from what the API server shows: every expert the router's plan sends to
 //! a shard is held by every ready pod of that shard (so no routed request can fail), and the
-//! phases come in order.
+//! phases come in order. The fixture's router is biased towards experts 0 and 2, which the
+//! initial (balanced) placement puts on the same shard, so a redundant plan is certain on any
+//! machine; a failure says whether no plan came or a rollout was abandoned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
-use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture};
+use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture_with};
 use tidal_e2e::{RunningOperator, TestCtx, install_crds};
 use tidal_operator::children::ANNOTATION_HELD_EXPERTS;
 use tidal_operator::crd::InferenceService;
@@ -27,6 +29,8 @@ const SERVICE: &str = "moe";
 const SHARDS: u32 = 2;
 /// The `mixtral` fixture's expert count.
 const EXPERTS: u32 = 4;
+/// The experts the fixture's router prefers: both on shard 0 in the balanced initial placement.
+const HOT: &str = "0,2";
 
 fn parse_held(s: &str) -> BTreeSet<u32> {
     s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
@@ -44,6 +48,9 @@ fn is_ready(p: &Pod) -> bool {
 struct Observed {
     /// (version, phase) of `status.placement`.
     phase: Option<(u32, String)>,
+    /// `status.placement.message` and `status.lastDecision.reason`.
+    message: Option<String>,
+    decision: Option<String>,
     /// Shard -> experts the router's plan (the ConfigMap) sends to it.
     routed: BTreeMap<u32, BTreeSet<u32>>,
     /// Shard -> what each of its ready pods holds.
@@ -58,10 +65,10 @@ async fn observe(
 ) -> Result<Observed, String> {
     let err = |e: kube::Error| e.to_string();
     let tis = services.get(SERVICE).await.map_err(err)?;
-    let phase = tis
-        .status
-        .and_then(|s| s.placement)
-        .map(|p| (p.version, p.phase));
+    let status = tis.status.unwrap_or_default();
+    let decision = status.last_decision.map(|d| d.reason);
+    let message = status.placement.as_ref().and_then(|p| p.message.clone());
+    let phase = status.placement.map(|p| (p.version, p.phase));
     let cm = cms
         .get(&format!("{SERVICE}-placement"))
         .await
@@ -121,6 +128,8 @@ async fn observe(
     }
     Ok(Observed {
         phase,
+        message,
+        decision,
         routed,
         ready_pods,
     })
@@ -128,14 +137,22 @@ async fn observe(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_expert() {
+    let t0 = Instant::now();
+    let step = |what: &str| {
+        eprintln!(
+            "[expert-rollout] {:>5.1} s: {what}",
+            t0.elapsed().as_secs_f64()
+        )
+    };
     let Some(ctx) = TestCtx::new("expert-rollout").await else {
         return;
     };
     install_crds(&ctx).await;
+    step("control plane and CRDs");
 
     // A real MoE worker (full role: it runs every expert and counts tokens per expert).
     let model = tempfile::tempdir().unwrap();
-    write_fixture(model.path(), "mixtral");
+    write_fixture_with(model.path(), "mixtral", &["--hot-experts", HOT]);
     let worker = start_worker(model.path(), SERVICE).await;
     let labels = json!({
         "namespace": ctx.namespace,
@@ -144,6 +161,7 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
         "tidal_role": "full",
     });
     let prom = Prometheus::start(&[(vec![format!("127.0.0.1:{}", worker.port)], labels)]).await;
+    step("worker and Prometheus up");
     let _operator = RunningOperator::start_autoscaling(&ctx);
     let tis: InferenceService = serde_json::from_value(json!({
         "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
@@ -181,15 +199,32 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
     // every observation and recording the phases of that plan.
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut phases: Vec<(u32, String)> = Vec::new();
+    let mut messages: Vec<String> = Vec::new();
     let mut checks = 0usize;
     let mut last_err = String::new();
+    let mut last_decision = None;
     let final_plan = loop {
-        assert!(
-            Instant::now() < deadline,
-            "no new placement became Active; phases seen {phases:?}; last: {last_err}"
-        );
+        if Instant::now() >= deadline {
+            // Say which went wrong: no plan at all, or one that never finished.
+            match phases.iter().find(|(v, _)| *v >= 2) {
+                None => panic!(
+                    "the planner never proposed a new placement in 240 s (load on experts {HOT} \
+                     should make one certain); last decision: {last_decision:?}; last: {last_err}"
+                ),
+                Some(_) => panic!(
+                    "a new placement was proposed but never became Active; phases seen \
+                     {phases:?}; messages {messages:?}; last: {last_err}"
+                ),
+            }
+        }
         match observe(&services, &cms, &deps, &pods).await {
             Ok(o) => {
+                last_decision = o.decision.clone();
+                if let Some(m) = &o.message
+                    && messages.last() != Some(m)
+                {
+                    messages.push(m.clone());
+                }
                 for (k, routed) in &o.routed {
                     for (pod, held) in o.ready_pods.get(k).into_iter().flatten() {
                         assert!(
@@ -204,6 +239,17 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
                 if let Some(p) = &o.phase
                     && phases.last() != Some(p)
                 {
+                    // A plan that started warming must switch before another replaces it.
+                    if let Some((v, prev)) = phases.last()
+                        && prev == "Warming"
+                        && p.0 > *v
+                    {
+                        panic!(
+                            "plan {v} was abandoned while Warming: plan {} ({}) replaced it; \
+                             phases {phases:?}; messages {messages:?}",
+                            p.0, p.1
+                        );
+                    }
                     phases.push(p.clone());
                 }
                 // The first plan from measured load fills the spare slots with redundant
@@ -222,8 +268,10 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    step("the new plan is Active");
     stop.store(true, Ordering::Relaxed);
     let served = generator.await.unwrap();
+    step("load stopped");
     assert!(served > 0, "the worker answered the load");
 
     // Every expert is still routed somewhere, and the new plan went through every stage.
@@ -241,6 +289,22 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
         "phases of plan {version}: {phases:?}"
     );
     assert!(checks > 0, "ready shard pods were checked");
+    // The plan says why it was made: a clear gain over the placement in force.
+    let why = final_plan.message.clone().unwrap_or_default();
+    assert!(why.contains("imbalance"), "plan message: {why:?}");
+    // The hot experts got the redundant copies.
+    for hot in [0u32, 2] {
+        let holders = final_plan
+            .routed
+            .values()
+            .filter(|e| e.contains(&hot))
+            .count();
+        assert_eq!(
+            holders, SHARDS as usize,
+            "expert {hot}: {:?}",
+            final_plan.routed
+        );
+    }
     eprintln!(
         "[expert-rollout] plan {version} active: {:?}; phases {phases:?}; {checks} pod checks",
         final_plan.routed

@@ -54,7 +54,7 @@ fn full_role_pods_start_with_arguments_the_worker_accepts() {
                     .clone()
                     .unwrap()
                     .into_iter()
-                    .map(|a| a.replace("$(POD_IP)", "10.1.2.3"));
+                    .map(|a| a.replace("$(POD_IP)", "198.18.0.23"));
                 let cli = tidal_worker::cli::Cli::try_parse_from(
                     std::iter::once("tidal-worker".to_string()).chain(args),
                 )
@@ -67,7 +67,7 @@ fn full_role_pods_start_with_arguments_the_worker_accepts() {
                 let tidal_worker::cli::Command::Serve(serve) = cli.command else {
                     panic!("not serve")
                 };
-                assert_eq!(serve.listen.to_string(), "10.1.2.3:8080");
+                assert_eq!(serve.listen.to_string(), "198.18.0.23:8080");
                 assert_eq!(
                     serve.model,
                     tis.spec

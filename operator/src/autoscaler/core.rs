@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::capacity::{Capacity, replicas_for};
 use super::forecast::{Forecaster, Prediction, normal_quantile, quantile_sorted};
 use super::level::MEAN_SAMPLES;
+use super::plan_gate::PlanGate;
 use super::planner;
 use super::queueing::{Headroom, VARIANCE_SAMPLES, WaitBudget};
 use super::stabilize::Stabilizer;
@@ -28,8 +29,6 @@ use super::types::*;
 const READY_TIMES_KEPT: usize = 50;
 /// With more edge sites than this, sites use the naive forecaster (cost bound).
 const MAX_MODELLED_SITES: usize = 16;
-/// A new placement is emitted only when it lowers the imbalance by more than this fraction.
-const PLAN_HYSTERESIS: f64 = 0.10;
 /// Scale-down window, in (horizon + interval)s, once a forecast exists.
 const DOWN_WINDOW_HORIZONS: f64 = 2.0;
 /// EWMA weight of one per-expert sample.
@@ -92,6 +91,8 @@ struct Experts {
     seen: bool,
     /// The placement in force (the last plan emitted).
     placement: Option<Vec<Vec<u32>>>,
+    /// When a better placement has been seen long enough to be worth a rollout.
+    gate: PlanGate,
     stabilizers: Vec<Stabilizer>,
 }
 
@@ -117,6 +118,7 @@ impl Autoscaler {
             var: vec![0.0; e.num_experts as usize],
             seen: false,
             placement: None,
+            gate: PlanGate::default(),
             stabilizers: vec![Stabilizer::new(); e.shards as usize],
         });
         Autoscaler {
@@ -557,17 +559,36 @@ impl Autoscaler {
             target,
             budget,
         );
-        let in_force = ex
-            .placement
-            .clone()
-            .map(|p| planner::evaluate(p, &loads, cfg.per_shard, target, budget));
-        let (adopted, plan) = match in_force {
-            Some(cur) if candidate.imbalance >= cur.imbalance * (1.0 - PLAN_HYSTERESIS) => {
-                (cur, None)
+        // The cluster's placement when the caller knows it (a rollout's target while one is in
+        // progress), else the last plan this core emitted.
+        let (in_force, stage) = match &facts.placement {
+            Some(p) if p.shards.len() == s => (Some(p.shards.clone()), p.stage),
+            _ => (ex.placement.clone(), Stage::Settled),
+        };
+        let in_force =
+            in_force.map(|p| planner::evaluate(p, &loads, cfg.per_shard, target, budget));
+        let verdict = match &in_force {
+            Some(cur) if cur.shards == candidate.shards => {
+                ex.gate.judge(stage, 1.0, 1.0, fresh);
+                None
             }
-            _ => {
+            Some(cur) => ex
+                .gate
+                .judge(stage, cur.imbalance, candidate.imbalance, fresh),
+            None => Some(format!(
+                "first plan from measured load: imbalance {:.2}",
+                candidate.imbalance
+            )),
+        };
+        let (adopted, plan) = match (in_force, verdict) {
+            (Some(cur), None) => (cur, None),
+            (_, why) => {
                 ex.placement = Some(candidate.shards.clone());
-                (candidate.clone(), Some(candidate))
+                let plan = ExpertPlan {
+                    reason: why.unwrap_or_default(),
+                    ..candidate.clone()
+                };
+                (candidate, Some(plan))
             }
         };
         let shard_loads = planner::shard_loads(&adopted.shards, &loads);

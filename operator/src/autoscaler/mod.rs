@@ -9,13 +9,15 @@
 //! One job per module: [`forecast`] (bounded history, cached augurs models, conformal
 //! intervals), [`level`] (the smoothed demand now and how much of it lasts a horizon), [`capacity`] (capacity per replica, learned and SLO-corrected), [`stabilize`]
 //! (windows, step limits, bounds), [`queueing`] (headroom for waits within the TTFT SLO),
-//! [`planner`] (expert placement and shard replicas), and
+//! [`planner`] (expert placement and shard replicas), [`plan_gate`] (when a new placement may
+//! replace the one in force or a rollout in progress), and
 //! [`core`] (the stateful step tying them together).
 
 pub mod capacity;
 pub mod core;
 pub mod forecast;
 pub mod level;
+pub mod plan_gate;
 pub mod planner;
 pub mod queueing;
 pub mod stabilize;

@@ -196,6 +196,7 @@ pub fn evaluate(
         shards: placement,
         replicas: r,
         imbalance,
+        reason: String::new(),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+pub use super::plan_gate::Stage;
+
 /// Forecasting method (mirrors the CRD's `forecast.method`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Method {
@@ -135,6 +137,18 @@ pub struct ClusterFacts {
     pub shards: Vec<ReplicaCounts>,
     /// Seconds new replicas took from creation to Ready, observed since the last step.
     pub ready_times_s: Vec<f64>,
+    /// The expert placement the cluster has (disaggregated experts only). `None`: the core
+    /// takes its own last plan as in force (the simulator, unit tests).
+    pub placement: Option<PlacementFacts>,
+}
+
+/// The expert placement as the cluster has it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct PlacementFacts {
+    /// Where routing is heading: a rollout's target while one is in progress, else what the
+    /// router uses. Indexed by shard.
+    pub shards: Vec<Vec<u32>>,
+    pub stage: Stage,
 }
 
 /// The forecast behind a decision (cloud tier demand, requests per second).
@@ -172,6 +186,8 @@ pub struct ExpertPlan {
     pub replicas: Vec<u32>,
     /// max / mean of the predicted load per replica (1.0 = perfectly balanced).
     pub imbalance: f64,
+    /// Why it was emitted (set on plans in `Decision::plan`).
+    pub reason: String,
 }
 
 /// The output of one step.

@@ -13,7 +13,7 @@ pub use labels::*;
 pub use placement::*;
 pub use selection::matches as selector_matches;
 pub use status::*;
-pub use workload::WorkerArgs;
+pub use workload::{MODEL_MOUNT, WorkerArgs, oci_model_reference};
 
 use std::collections::BTreeMap;
 
@@ -237,6 +237,7 @@ pub fn desired_children(
                 &base,
                 &kind,
                 desired,
+                &edge.model.uri,
                 args,
                 edge.resources.clone(),
                 site.node_name
@@ -322,6 +323,7 @@ pub fn desired_children(
                 &base,
                 &kind,
                 desired,
+                &spec.model.uri,
                 args,
                 experts.resources.clone(),
                 cloud.node_selector.clone(),
@@ -368,6 +370,7 @@ pub fn desired_children(
         &base,
         &cloud_kind,
         cloud_desired,
+        &spec.model.uri,
         args,
         cloud.resources.clone(),
         cloud.node_selector.clone(),

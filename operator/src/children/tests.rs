@@ -124,6 +124,66 @@ fn dense_cloud_example_builds_one_hardened_full_worker() {
 }
 
 #[test]
+fn an_oci_model_is_mounted_read_only_as_an_image_volume_in_every_role() {
+    let (mut svcs, _) = load_example("moe-experts.yaml");
+    let uri = "oci://127.0.0.1:25000/tidal-rs/models/smollm2-moe:0.1.0";
+    svcs[0].spec.model.uri = uri.into();
+    let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
+    assert!(c.workloads.len() >= 2, "router and shards");
+    for w in &c.workloads {
+        let a = args(w);
+        assert!(
+            a.windows(2).any(|p| p == ["--model", MODEL_MOUNT]),
+            "{:?}: {a:?}",
+            w.kind
+        );
+        let pod = w
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let vol = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "model")
+            .expect("model volume");
+        let img = vol.image.as_ref().unwrap();
+        assert_eq!(
+            img.reference.as_deref(),
+            Some("127.0.0.1:25000/tidal-rs/models/smollm2-moe:0.1.0")
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "model")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (MODEL_MOUNT, Some(true))
+        );
+    }
+    // A path model gets no image volume.
+    let (svcs, _) = load_example("dense-cloud.yaml");
+    let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
+    let pod = c.workloads[0]
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    assert!(pod.volumes.iter().flatten().all(|v| v.name != "model"));
+}
+
+#[test]
 fn moe_example_builds_router_shards_and_placement() {
     let (svcs, _) = load_example("moe-experts.yaml");
     let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
@@ -396,6 +456,7 @@ fn an_autoscaled_placement_drives_the_plan_and_rolls_shards_that_must_load_exper
             shard: k,
             experts: vec![k, k + 4],
             held: vec![k, k + 4],
+            target: None,
         })
         .collect();
     shards[0].held = vec![0, 1, 4];
@@ -404,6 +465,7 @@ fn an_autoscaled_placement_drives_the_plan_and_rolls_shards_that_must_load_exper
             version: 2,
             phase: "Warming".into(),
             shards: shards.clone(),
+            message: None,
         }),
         ..Default::default()
     });

@@ -7,9 +7,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -39,8 +39,22 @@ pub struct WorkerArgs {
     pub env: Vec<(String, String)>,
 }
 
+/// Where an `oci://` model is mounted in the worker (an image volume, read-only).
+pub const MODEL_MOUNT: &str = "/models/model";
+
+/// The image reference of an `oci://` model URI.
+pub fn oci_model_reference(uri: &str) -> Option<&str> {
+    uri.strip_prefix("oci://")
+}
+
 impl WorkerArgs {
     fn model(uri: &str, dtype: &str, role: &str) -> Self {
+        // An OCI artifact reaches the pod as an image volume; the worker reads the files.
+        let uri = if oci_model_reference(uri).is_some() {
+            MODEL_MOUNT
+        } else {
+            uri
+        };
         let args = [
             "serve",
             "--model",
@@ -123,7 +137,7 @@ fn volume(name: &str, mount: &str, source: Volume) -> (Volume, VolumeMount) {
         VolumeMount {
             name: name.into(),
             mount_path: mount.into(),
-            read_only: Some(name == "placement"),
+            read_only: Some(name == "placement" || name == "model"),
             ..Default::default()
         },
     )
@@ -145,6 +159,7 @@ pub(super) fn deployment(
     base: &Base,
     kind: &ChildKind,
     replicas: i32,
+    model_uri: &str,
     args: WorkerArgs,
     resources: Option<ResourceRequirements>,
     node_selector: Option<BTreeMap<String, String>>,
@@ -165,6 +180,21 @@ pub(super) fn deployment(
                 config_map: Some(ConfigMapVolumeSource {
                     name: cm.into(),
                     ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ));
+    }
+    if let Some(reference) = oci_model_reference(model_uri) {
+        // Modelcar style: the checkpoint is an OCI artifact the kubelet pulls and mounts like
+        // an image, so models move through registries, mirrors and caches like images do.
+        vols.push(volume(
+            "model",
+            MODEL_MOUNT,
+            Volume {
+                image: Some(ImageVolumeSource {
+                    reference: Some(reference.into()),
+                    pull_policy: Some("IfNotPresent".into()),
                 }),
                 ..Default::default()
             },

@@ -290,6 +290,14 @@ where
     Ok(())
 }
 
+/// Status fields only the autoscaler writes (this controller reads them).
+const AUTOSCALER_OWNED_STATUS: &[&str] = &[
+    "placement",
+    "lastForecast",
+    "lastDecision",
+    "autoscaledReplicas",
+];
+
 async fn write_status(
     tis: &InferenceService,
     ns: &str,
@@ -300,6 +308,14 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<InferenceService> = Api::namespaced(state.ctx.client.clone(), ns);
+    let mut status = serde_json::to_value(&status)?;
+    // The autoscaler owns these; a merge patch from this (possibly stale) copy would undo its
+    // writes, e.g. put back a placement rollout stage it has already moved past.
+    if let Some(obj) = status.as_object_mut() {
+        for key in AUTOSCALER_OWNED_STATUS {
+            obj.remove(*key);
+        }
+    }
     let patch = serde_json::json!({ "status": status });
     api.patch_status(
         &tis.name_any(),

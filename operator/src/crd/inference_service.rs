@@ -97,9 +97,12 @@ pub struct InferenceServiceSpec {
 pub struct ModelSpec {
     /// Where the worker loads the checkpoint from (Hugging Face layout: config.json,
     /// *.safetensors, tokenizer.json): an absolute path (e.g. on a PVC mounted at /models),
-    /// `file:///path`, or `hf://org/name[@revision]` (downloaded by the worker at start).
-    #[x_kube(validation = Rule::new("self.startsWith('/') || self.startsWith('file:///') || self.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$')")
-        .message("model uri must be an absolute path, file:///path or hf://org/name[@revision]"))]
+    /// `file:///path`, `hf://org/name[@revision]` (downloaded by the worker at start), or
+    /// `oci://registry/repository:tag` — an OCI artifact whose files are the checkpoint, pulled
+    /// by the kubelet and mounted read-only as an image volume (modelcar style).
+    #[x_kube(validation = Rule::new("self.startsWith('/') || self.startsWith('file:///') || self.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$') || self.matches('^oci://[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|@sha256:[a-f0-9]{64})$')")
+        .message("model uri must be an absolute path, file:///path, hf://org/name[@revision] or oci://registry/repository:tag (or @sha256:digest)"))]
+    #[schemars(length(min = 1, max = 1024))]
     pub uri: String,
     /// Model family: `mixtral` (MoE), or the dense `llama`, `mistral`, `qwen2`.
     pub architecture: Architecture,
@@ -301,8 +304,9 @@ pub struct EdgeTier {
 #[serde(rename_all = "camelCase")]
 pub struct EdgeModel {
     /// Checkpoint location, as for `model.uri`.
-    #[x_kube(validation = Rule::new("self.startsWith('/') || self.startsWith('file:///') || self.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$')")
-        .message("edge model uri must be an absolute path, file:///path or hf://org/name[@revision]"))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') || self.startsWith('file:///') || self.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$') || self.matches('^oci://[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|@sha256:[a-f0-9]{64})$')")
+        .message("edge model uri must be an absolute path, file:///path, hf://org/name[@revision] or oci://registry/repository:tag (or @sha256:digest)"))]
+    #[schemars(length(min = 1, max = 1024))]
     pub uri: String,
     /// Model family.
     pub architecture: Architecture,
@@ -552,6 +556,9 @@ pub struct PlacementStatus {
     pub phase: String,
     /// One entry per shard.
     pub shards: Vec<ShardPlacement>,
+    /// Why this plan was made, or why the rollout before it was superseded or settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One shard of a placement plan.
@@ -563,6 +570,10 @@ pub struct ShardPlacement {
     pub experts: Vec<u32>,
     /// Experts this shard loads (a superset of `experts` during a rollout).
     pub held: Vec<u32>,
+    /// While `Warming`: the experts the router will send to this shard once every shard
+    /// holds them. Kept in status so a restarted or new leader finishes the rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<u32>>,
 }
 
 /// Replicas of one Deployment.

@@ -139,6 +139,7 @@ impl Policy for TidalPolicy {
                 .collect::<BTreeMap<_, _>>(),
             shards: vec![],
             ready_times_s,
+            placement: None,
         };
         let d = self.core.step(obs.time_s, Some(&snapshot), &facts);
         Action {

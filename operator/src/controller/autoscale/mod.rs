@@ -69,6 +69,8 @@ impl Default for Settings {
 /// One service's loop state.
 struct Loop {
     config: Config,
+    /// The service's uid: one deleted and created again under its name starts afresh.
+    uid: Option<String>,
     core: Autoscaler,
     next_due: Instant,
     backfilled: bool,
@@ -81,10 +83,11 @@ struct Loop {
 }
 
 impl Loop {
-    fn new(config: Config) -> Self {
+    fn new(config: Config, uid: Option<String>) -> Self {
         Loop {
             core: Autoscaler::new(config.clone()),
             config,
+            uid,
             next_due: Instant::now(),
             backfilled: false,
             seen_pods: HashSet::new(),
@@ -137,13 +140,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 continue;
             };
             live.insert(key.clone());
+            let uid = tis.metadata.uid.clone();
             let l = loops
                 .entry(key.clone())
-                .or_insert_with(|| Loop::new(cfg.clone()));
-            if l.config != cfg {
-                // New settings: a fresh core, history read back from Prometheus again.
+                .or_insert_with(|| Loop::new(cfg.clone(), uid.clone()));
+            if l.config != cfg || l.uid != uid {
+                // New settings (or a new object): a fresh core, history read back again.
                 info!(service = %key, "autoscaling settings changed; restarting its loop");
-                *l = Loop::new(cfg);
+                *l = Loop::new(cfg, uid);
             }
             if l.next_due <= Instant::now() {
                 l.next_due = Instant::now() + Duration::from_secs_f64(l.config.interval_s);
@@ -285,7 +289,7 @@ async fn tick_one(
     let shards = l.config.experts.as_ref().map(|x| x.shards).unwrap_or(0);
 
     let deps = read_deployments(&deps_api, &name).await?;
-    let facts = ClusterFacts {
+    let mut facts = ClusterFacts {
         cloud: deps.counts(&cloud_kind.name(&name)),
         edge: sites
             .keys()
@@ -300,7 +304,17 @@ async fn tick_one(
             .map(|k| deps.counts(&ChildKind::ExpertShard(k).name(&name)))
             .collect(),
         ready_times_s: new_ready_times(&pods_api, &name, &mut l.seen_pods).await,
+        placement: None,
     };
+    // The placement in force (or being rolled out): the core judges new plans against it.
+    let placement_now = l.config.experts.as_ref().map(|x| {
+        l.rollout.current(
+            status.placement.as_ref(),
+            x,
+            tis.spec.cloud.experts.as_ref().map(|e| e.placement),
+        )
+    });
+    facts.placement = placement_now.as_ref().map(rollout::facts);
 
     // The snapshot, or why there is none.
     let scope = Scope {
@@ -366,12 +380,10 @@ async fn tick_one(
     let shards_ready: Vec<Option<String>> = (0..shards)
         .map(|k| deps.rolled_out_holding(&ChildKind::ExpertShard(k).name(&name)))
         .collect();
-    let placement = l.config.experts.as_ref().and_then(|x| {
+    let placement = placement_now.as_ref().and_then(|current| {
         l.rollout.advance(
-            status.placement.as_ref(),
+            current,
             decision.plan.as_ref(),
-            x,
-            tis.spec.cloud.experts.as_ref().map(|e| e.placement),
             &shards_ready,
             Instant::now(),
             Duration::from_secs_f64(l.config.interval_s.max(30.0)),
@@ -387,6 +399,9 @@ async fn tick_one(
         placement.as_ref(),
     )
     .await?;
+    if let Some(p) = &placement {
+        l.rollout.wrote(p);
+    }
     ctx.metrics.write("autoscaler", "status");
 
     // Scale subresource writes (after status, so the controller applies the same numbers).
@@ -427,6 +442,19 @@ async fn tick_one(
             "Autoscaled",
             action,
             format!("{} {from} -> {to}: {reason}", target_label(kind)),
+        )
+        .await;
+        ctx.metrics.write("autoscaler", "event");
+    }
+    if let Some(p) = &placement {
+        let why = p.message.as_deref().unwrap_or("");
+        publish(
+            recorder,
+            tis,
+            EventType::Normal,
+            "ExpertPlacement",
+            p.phase.as_str(),
+            format!("plan {} {}: {why}", p.version, p.phase),
         )
         .await;
         ctx.metrics.write("autoscaler", "event");
