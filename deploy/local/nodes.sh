@@ -254,14 +254,16 @@ node_down() { # node_down SPEC: kubelet, the pods' processes, containerd, mounts
     kill -9 "$pid" 2>/dev/null || true
   done
   # Whatever is left in the node's cgroups (containers whose shim is gone).
-  for pid in $(cat /sys/fs/cgroup/pids/"$name"/cgroup.procs /sys/fs/cgroup/pids/"$name"/*/cgroup.procs \
-    /sys/fs/cgroup/pids/"$name"/*/*/cgroup.procs /sys/fs/cgroup/pids/"$name"/*/*/*/cgroup.procs 2>/dev/null); do
-    kill -9 "$pid" 2>/dev/null || true
+  local procs
+  for _ in 1 2 3; do
+    procs=$(find /sys/fs/cgroup/pids/"$name" -name cgroup.procs -exec cat {} + 2>/dev/null || true)
+    [ -z "$procs" ] && break
+    for pid in $procs; do kill -9 "$pid" 2>/dev/null || true; done
+    sleep 0.5
   done
-  sleep 0.5
   # Mounts under the node's state (rootfs, shm, netns, volumes), deepest first.
   if [ -d "$dir" ]; then
-    findmnt -rn -o TARGET | grep -F "$dir/" | sort -r | while read -r m; do
+    { findmnt -rn -o TARGET | grep -F "$dir/" || true; } | sort -r | while read -r m; do
       umount -l "$m" 2>/dev/null || true
     done
   fi
@@ -305,7 +307,7 @@ kube_proxy_down() {
     for c in $(iptables -t "$t" -S 2>/dev/null | awk '/^-N CNI-/{print $2}'); do
       iptables -t "$t" -F "$c" 2>/dev/null || true
     done
-    iptables -t "$t" -S 2>/dev/null | grep -- '-j CNI-' | sed 's/^-A/-D/' | while read -r r; do
+    { iptables -t "$t" -S 2>/dev/null | grep -- '-j CNI-' || true; } | sed 's/^-A/-D/' | while read -r r; do
       # shellcheck disable=SC2086
       iptables -t "$t" $r 2>/dev/null || true
     done
