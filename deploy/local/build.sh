@@ -36,17 +36,21 @@ mod_field() {
   (cd "$LOCAL_DIR/tools/$1" && go mod download -json "$2") | sed -n "s/.*\"$3\": \"\(.*\)\".*/\1/p" | head -n1
 }
 
-build_kubernetes() {
-  local v=${KUBERNETES_VERSION#v} commit date ld=""
+# The same variables hack/lib/version.sh sets, so `kubectl version` prints the real version.
+k8s_ldflags() {
+  local v=${KUBERNETES_VERSION#v} commit date ld="" p
   commit=$(mod_field kubernetes "k8s.io/kubernetes@$KUBERNETES_VERSION" Hash)
   date=$(mod_field kubernetes "k8s.io/kubernetes@$KUBERNETES_VERSION" Time)
-  # The same variables hack/lib/version.sh sets, so `kubectl version` prints the real version.
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=${v%%.*}"
     ld+=" -X $p.gitMinor=$(cut -d. -f2 <<<"$v") -X $p.gitCommit=${commit:-unknown}"
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=${date:-1970-01-01T00:00:00Z}"
   done
-  build_into "$K8S_BIN" kubernetes "" "$ld" \
+  echo "$ld"
+}
+
+build_kubernetes() {
+  build_into "$K8S_BIN" kubernetes "" "$(k8s_ldflags)" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
 }
@@ -54,15 +58,7 @@ build_kubernetes() {
 # kubelet and kube-proxy: the same module and version ldflags as the control plane, a separate
 # cache dir (so adding them never invalidates the control plane's).
 build_kubernetes_node() {
-  local v=${KUBERNETES_VERSION#v} commit date ld=""
-  commit=$(mod_field kubernetes "k8s.io/kubernetes@$KUBERNETES_VERSION" Hash)
-  date=$(mod_field kubernetes "k8s.io/kubernetes@$KUBERNETES_VERSION" Time)
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=${v%%.*}"
-    ld+=" -X $p.gitMinor=$(cut -d. -f2 <<<"$v") -X $p.gitCommit=${commit:-unknown}"
-    ld+=" -X $p.gitTreeState=clean -X $p.buildDate=${date:-1970-01-01T00:00:00Z}"
-  done
-  build_into "$K8S_NODE_BIN" kubernetes "" "$ld" \
+  build_into "$K8S_NODE_BIN" kubernetes "" "$(k8s_ldflags)" \
     k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
 }
 
