@@ -28,11 +28,29 @@ pub(crate) fn cargo_binary(bin: &str) -> PathBuf {
     if !cfg!(debug_assertions) {
         args.push("--release");
     }
-    let status = Command::new(cargo)
-        .args(&args)
-        .current_dir(repo_root())
-        .status()
-        .expect("run cargo build");
+    let mut cmd = Command::new(cargo);
+    cmd.args(&args).current_dir(repo_root());
+    // Not the variables cargo set for this test run (package name, manifest, binaries): crates
+    // that read them at compile time would otherwise be rebuilt for every test binary.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&&*k)
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    let status = cmd.status().expect("run cargo build");
     assert!(status.success(), "building {bin} failed");
     let exe = std::env::current_exe().expect("own path");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
