@@ -18,13 +18,10 @@ pub fn free_port() -> u16 {
 }
 
 /// Builds a workspace binary once per test binary with the cargo running the tests.
-pub(crate) fn cargo_binary(bin: &str) -> PathBuf {
+pub(crate) fn cargo_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // Exactly what `tidal-local test` runs (`cargo test --workspace`), without running it: the
-    // same feature unification, so the binaries it built are reused (a no-op), never rebuilt
-    // with another feature set (`cargo build -p X` would relink X and its dependencies).
     // The same profile as this binary: its directory is where the result is looked up.
-    let mut args = vec!["test", "--workspace", "--no-run", "--locked", "--quiet"];
+    let mut args = vec!["build", "-p", package, "--bin", bin];
     if !cfg!(debug_assertions) {
         args.push("--release");
     }
@@ -63,7 +60,9 @@ pub(crate) fn cargo_binary(bin: &str) -> PathBuf {
 /// The `tidal-worker` binary.
 pub fn worker_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| cargo_binary("tidal-worker")).clone()
+    BUILT
+        .get_or_init(|| cargo_binary("tidal-worker", "tidal-worker"))
+        .clone()
 }
 
 /// Writes a tiny random checkpoint (the worker's own fixture generator) into `dir`.
