@@ -301,6 +301,12 @@ kube_proxy_down() {
   stop kube-proxy
   # Removes the KUBE-* chains it made.
   [ -x "$K8S_NODE_BIN/kube-proxy" ] && "$K8S_NODE_BIN/kube-proxy" --cleanup >/dev/null 2>&1
+  # The kubelets' own chains (kube-proxy --cleanup leaves them).
+  iptables -D INPUT -j KUBE-FIREWALL 2>/dev/null || true
+  iptables -D OUTPUT -j KUBE-FIREWALL 2>/dev/null || true
+  iptables -F KUBE-FIREWALL 2>/dev/null || true
+  iptables -X KUBE-FIREWALL 2>/dev/null || true
+  for t in filter nat mangle; do iptables -t "$t" -X KUBE-KUBELET-CANARY 2>/dev/null || true; done
   # The portmap plugin's chains (only present when a pod used a hostPort).
   local t c
   for t in nat filter; do
