@@ -12,7 +12,8 @@
 #                            a model directory (config.json, *.safetensors, tokenizer.json) as
 #                            an OCI artifact for `model.uri: oci://...` (mounted as an image
 #                            volume); pushed as $REGISTRY/REPO:TAG
-#   build.sh toolbox         Debian's busybox-static as a small image for in-cluster checks
+#   build.sh toolbox         a small image for in-cluster checks: busybox's shell and probe
+#                            (deploy/local/tools/probe: DNS lookups and HTTP calls)
 #   build.sh sizes           print each image's compressed size
 #
 # Images are pushed as $REGISTRY/<path>; the nodes' containerd resolves ghcr.io through the
@@ -187,7 +188,7 @@ push_model() {
 }
 
 build_toolbox() {
-  local ref=$REGISTRY/tidal-local/toolbox:2 tmp deb
+  local ref=$REGISTRY/tidal-local/toolbox:3 tmp deb
   present "$ref" && return 0
   tmp=$(mktemp -d)
   (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root busybox-static 2>/dev/null ||
@@ -196,16 +197,16 @@ build_toolbox() {
   dpkg-deb -x "$deb" "$tmp/pkg"
   mkdir -p "$tmp/rootfs/bin" "$tmp/rootfs/tmp"
   install -m 0755 "$tmp/pkg/bin/busybox" "$tmp/rootfs/bin/busybox"
-  for a in sh wget nslookup sleep cat echo; do ln -s busybox "$tmp/rootfs/bin/$a"; done
+  for a in sh sleep cat echo; do ln -s busybox "$tmp/rootfs/bin/$a"; done
+  # The client: busybox's wget and nslookup go through static glibc's NSS, which crashes in
+  # pods; probe is pure Go (its own resolver), static, from deploy/local/tools/probe.
+  (cd "$ROOT/deploy/local/tools/probe" &&
+    CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$tmp/rootfs/bin/probe" .)
   chmod 1777 "$tmp/rootfs/tmp"
-  # Static glibc still loads the NSS modules to resolve names (wget): they come with the base
-  # layer's libc; without them it crashes.
-  mkdir -p "$tmp/rootfs/etc"
-  printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$tmp/rootfs/etc/nsswitch.conf"
   tar_dir "$tmp/rootfs" "$tmp/toolbox.tar"
-  image "$ref" "$(base_layer)" "$tmp/toolbox.tar" -- --entrypoint /bin/sh --user 65532:65532 \
+  image "$ref" "$tmp/toolbox.tar" -- --entrypoint /bin/sh --user 65532:65532 \
     --label "org.opencontainers.image.title=toolbox" \
-    --label "org.opencontainers.image.description=Debian's busybox-static, for in-cluster checks"
+    --label "org.opencontainers.image.description=busybox's shell and Tidal's probe client, for in-cluster checks"
   rm -rf "$tmp"
 }
 
@@ -226,5 +227,5 @@ case "${1:-}" in
   model) push_model "$2" "$3" ;;
   toolbox) build_toolbox ;;
   sizes) sizes ;;
-  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,21p' "$0" >&2; exit 2 ;;
 esac

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local control plane's binaries from their Go modules (tools/*/go.mod) into
 # $HOME/.cache/tidal/bin/<name>-<version>-<go>/, skipping every tool already in the cache.
-# Usage: build.sh [kubernetes|etcd|kwok|helm|all] | [kubernetes-node|containerd|cni|coredns|registry|crane|nodes]
+# Usage: build.sh [kubernetes|etcd|kwok|helm|all] |
+#        [kubernetes-node|containerd|cni|coredns|registry|crane|prometheus|nodes]
 # `all` is the control plane; `nodes` what the real nodes need.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -90,6 +91,16 @@ build_crane() {
   build_into "$CRANE_BIN" crane crane "" github.com/google/go-containerregistry/cmd/crane
 }
 
+# Only Kubernetes discovery (the tags of Prometheus' plugins/); no embedded web UI (its assets
+# are built with npm, not in the module): the HTTP API, which the operator and tests use.
+build_prometheus() {
+  local v=github.com/prometheus/common/version
+  GOFLAGS="$GOFLAGS -tags=remove_all_sd,enable_kubernetes_sd" \
+    build_into "$PROMETHEUS_BIN" prometheus prometheus \
+    "-X $v.Version=$PROMETHEUS_VERSION -X $v.Branch=HEAD -X $v.BuildUser=tidal-local" \
+    github.com/prometheus/prometheus/cmd/prometheus
+}
+
 build_etcd() {
   local commit
   commit=$(mod_field etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" Hash)
@@ -127,6 +138,8 @@ case "${1:-all}" in
   coredns) build_coredns ;;
   registry) build_registry ;;
   crane) build_crane ;;
-  nodes) build_crane; build_registry; build_cni; build_containerd; build_coredns; build_kubernetes_node ;;
-  *) sed -n '4,6p' "$0" >&2; exit 2 ;;
+  prometheus) build_prometheus ;;
+  nodes) build_crane; build_registry; build_cni; build_containerd; build_coredns; build_prometheus
+    build_kubernetes_node ;;
+  *) sed -n '4,7p' "$0" >&2; exit 2 ;;
 esac

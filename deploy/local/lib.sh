@@ -22,6 +22,7 @@ CNI_BIN=$(bin_dir cni-plugins "$CNI_PLUGINS_VERSION")
 COREDNS_BIN=$(bin_dir coredns "$COREDNS_VERSION")
 REGISTRY_BIN=$(bin_dir registry "$DISTRIBUTION_VERSION")
 CRANE_BIN=$(bin_dir crane "$CRANE_VERSION")
+PROMETHEUS_BIN=$(bin_dir prometheus "$PROMETHEUS_VERSION")
 export PATH="$K8S_BIN:$ETCD_BIN:$KWOK_BIN:$HELM_BIN:$PATH"
 
 log() { printf '[tidal-local] %s\n' "$*" >&2; }

@@ -19,6 +19,9 @@ DNS_SERVICE_IP=198.19.0.10
 CLUSTER_DOMAIN=cluster.local
 REGISTRY_PORT=${TIDAL_REGISTRY_PORT:-25000}
 REGISTRY=127.0.0.1:$REGISTRY_PORT
+# Prometheus for the real nodes: on the node network so the operator's pods reach it too.
+PROMETHEUS_PORT=${TIDAL_PROMETHEUS_PORT:-29090}
+PROMETHEUS_URL=http://$APISERVER_ADDR:$PROMETHEUS_PORT
 NODES_DIR=$STATE/nodes
 # name:index:tier — index i gives the address .1i, pod subnet 198.18.i.0/24, bridge tidal-br<i>,
 # and the kubelet's ports.
@@ -238,10 +241,58 @@ serializeImagePulls: false
 maxPods: 60
 registerNode: true
 EOF
+  kubelet_start "$1"
+}
+
+kubelet_start() { # kubelet_start SPEC (its config written by node_up)
+  local name idx tier dir
+  name=$(node_field "$1" 1) idx=$(node_field "$1" 2) tier=$(node_field "$1" 3)
+  dir=$NODES_DIR/$name
   start "kubelet-$name" "$K8S_NODE_BIN/kubelet" --config "$dir/kubelet.yaml" \
     --kubeconfig "$dir/kubelet.kubeconfig" --root-dir "$dir/kubelet" --cert-dir "$dir/pki" \
-    --hostname-override "$name" --node-ip "$addr" \
+    --hostname-override "$name" --node-ip "$(node_addr "$idx")" \
     --node-labels "tidal.rs/tier=$tier,topology.kubernetes.io/region=local-$tier" --v 1
+}
+
+# --- an edge site cut off --------------------------------------------------------------------
+# What a site losing its uplink looks like from the cloud: its kubelet stops heartbeating
+# (stopped; the pods keep running under containerd, as on a cut-off site) and nothing crosses
+# between its pod subnet and the rest (the host, Prometheus and the other node included).
+CUT_RULES=("FORWARD -s @NET@" "FORWARD -d @NET@" "OUTPUT -d @NET@" "INPUT -s @NET@")
+
+node_spec() { # node_spec NAME: the REAL_NODES entry
+  local n
+  for n in "${REAL_NODES[@]}"; do [ "$(node_field "$n" 1)" = "$1" ] && { echo "$n"; return 0; }; done
+  log "no real node named $1"; exit 1
+}
+
+edge_cut() { # edge_cut NAME
+  local spec net r
+  spec=$(node_spec "$1")
+  net=$(node_subnet "$(node_field "$spec" 2)")
+  stop "kubelet-$1"
+  for r in "${CUT_RULES[@]}"; do
+    # shellcheck disable=SC2086
+    iptables -C ${r//@NET@/$net} -m comment --comment tidal-local-cut -j DROP 2>/dev/null ||
+      iptables -I ${r//@NET@/$net} -m comment --comment tidal-local-cut -j DROP
+  done
+  log "$1 cut off: kubelet stopped, $net unreachable"
+}
+
+cut_rules_remove() { # cut_rules_remove SUBNET
+  local r
+  for r in "${CUT_RULES[@]}"; do
+    # shellcheck disable=SC2086
+    while iptables -D ${r//@NET@/$1} -m comment --comment tidal-local-cut -j DROP 2>/dev/null; do :; done
+  done
+}
+
+edge_restore() { # edge_restore NAME
+  local spec
+  spec=$(node_spec "$1")
+  cut_rules_remove "$(node_subnet "$(node_field "$spec" 2)")"
+  kubelet_start "$spec"
+  log "$1 restored: kubelet started, $net reachable"
 }
 
 node_down() { # node_down SPEC: kubelet, the pods' processes, containerd, mounts, cgroups
@@ -330,6 +381,40 @@ coredns_up() {
     kubectl --kubeconfig "$KUBECONFIG_PATH" apply -f - >/dev/null
 }
 
+# Prometheus as the chart's scrape config says (kubernetes_sd_configs, role pod), from the host:
+# api_server and a token for a user that may only list/watch pods are added to each entry.
+# Scrapes every 5 s so the autoscaler sees a load step quickly; the chart's recording rules.
+prometheus_up() {
+  local dir=$NODES_DIR/prometheus
+  mkdir -p "$dir/data"
+  kubectl --kubeconfig "$KUBECONFIG_PATH" apply -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "tidal-local:prometheus"}
+rules:
+  - {apiGroups: [""], resources: [pods], verbs: [get, list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "tidal-local:prometheus"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "tidal-local:prometheus"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "tidal-local:prometheus"}]
+EOF
+  token_for tidal-local:prometheus >"$dir/token"
+  chmod 600 "$dir/token"
+  {
+    printf 'global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n'
+    printf 'rule_files: [%s]\n' "$LOCAL_DIR/../../charts/tidal/files/rules/tidal.rules.yaml"
+    printf 'scrape_configs:\n'
+    sed -e 's/^/  /' -e "s|^      - role: pod\$|&\n        api_server: $APISERVER_URL\n        authorization: {credentials_file: $dir/token}\n        tls_config: {ca_file: $PKI/ca.crt}|" \
+      "$LOCAL_DIR/../../charts/tidal/files/prometheus/scrape-configs.yaml"
+  } >"$dir/prometheus.yml"
+  start prometheus "$PROMETHEUS_BIN/prometheus" --config.file "$dir/prometheus.yml" \
+    --storage.tsdb.path "$dir/data" --storage.tsdb.retention.time 1d \
+    --web.listen-address "$APISERVER_ADDR:$PROMETHEUS_PORT" --web.enable-lifecycle
+  wait_for prometheus prometheus curl -fsS "$PROMETHEUS_URL/-/ready"
+}
+
 # real_nodes_schedulable true|false: uncordon or cordon the real nodes that exist.
 real_nodes_schedulable() {
   local n verb=cordon
@@ -345,7 +430,7 @@ real_nodes_schedulable() {
 # --- commands --------------------------------------------------------------------------------
 nodes_up() {
   for b in "$K8S_NODE_BIN/kubelet" "$CONTAINERD_BIN/containerd" "$CNI_BIN/bridge" \
-    "$REGISTRY_BIN/registry" "$CRANE_BIN/crane" "$COREDNS_BIN/coredns"; do
+    "$REGISTRY_BIN/registry" "$CRANE_BIN/crane" "$COREDNS_BIN/coredns" "$PROMETHEUS_BIN/prometheus"; do
     [ -x "$b" ] || { log "$b is not built: run '$0 setup --nodes' first"; exit 1; }
   done
   for t in runc iptables; do
@@ -369,11 +454,14 @@ nodes_up() {
   coredns_up
   wait_for "CoreDNS Ready" "kubelet-tidal-cloud" kubectl --kubeconfig "$KUBECONFIG_PATH" \
     -n kube-system rollout status deploy/coredns --timeout=1s
-  log "real nodes up: $(echo $names)"
+  prometheus_up
+  log "real nodes up: $(echo $names); Prometheus at $PROMETHEUS_URL"
 }
 
 nodes_down() {
   local n
+  for n in "${REAL_NODES[@]}"; do cut_rules_remove "$(node_subnet "$(node_field "$n" 2)")"; done
+  stop prometheus
   stop kube-proxy
   for n in "${REAL_NODES[@]}"; do node_down "$n"; done
   kube_proxy_down

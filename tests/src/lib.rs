@@ -378,7 +378,7 @@ impl EdgeNodeController {
 pub fn operator_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| processes::cargo_binary("tidal-operator", "tidal-operator"))
+        .get_or_init(|| processes::cargo_binary("tidal-operator"))
         .clone()
 }
 

@@ -17,11 +17,18 @@ pub fn free_port() -> u16 {
         .expect("a free port on 127.0.0.1")
 }
 
-/// Builds a workspace binary once per test binary with the cargo running the tests.
-pub(crate) fn cargo_binary(package: &str, bin: &str) -> PathBuf {
+/// A workspace binary, made up to date once per test binary by the cargo running the tests.
+///
+/// Not `cargo build -p PACKAGE`: that resolves features without the dev-dependencies and
+/// relinks the binary the workspace's test build already made (minutes per test binary, and
+/// the next `cargo test` relinks it back). `cargo test --workspace --no-run` is exactly the
+/// build `cargo test --workspace` (and `tidal-local test`) did: a no-op after it, and after
+/// any narrower run it brings every workspace binary up to date (the packages' integration
+/// tests make cargo link their binaries).
+pub(crate) fn cargo_binary(bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // The same profile as this binary: its directory is where the result is looked up.
-    let mut args = vec!["build", "-p", package, "--bin", bin];
+    let mut args = vec!["test", "--workspace", "--no-run", "--quiet"];
     if !cfg!(debug_assertions) {
         args.push("--release");
     }
@@ -47,22 +54,26 @@ pub(crate) fn cargo_binary(package: &str, bin: &str) -> PathBuf {
             cmd.env_remove(&key);
         }
     }
-    let status = cmd.status().expect("run cargo build");
+    let status = cmd.status().expect("run cargo test --no-run");
     assert!(status.success(), "building {bin} failed");
     let exe = std::env::current_exe().expect("own path");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    dir.join(bin)
+    let path = dir.join(bin);
+    assert!(
+        path.is_file(),
+        "{} is missing after `cargo test --workspace --no-run`",
+        path.display()
+    );
+    path
 }
 
 /// The `tidal-worker` binary.
 pub fn worker_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| cargo_binary("tidal-worker", "tidal-worker"))
-        .clone()
+    BUILT.get_or_init(|| cargo_binary("tidal-worker")).clone()
 }
 
 /// Writes a tiny random checkpoint (the worker's own fixture generator) into `dir`.
@@ -117,9 +128,17 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// Sends `rps` completions per second to model `model`, spread over the worker base URLs in
-/// `targets`, until `stop` or `max_requests` have been sent (bounded). Returns how many
-/// answered 2xx.
+/// What a load generator saw: requests sent, answered with 2xx, and why the others failed.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub sent: u64,
+    pub ok: u64,
+    /// One line per failed request (status and body, or the client error), in order.
+    pub failures: Vec<String>,
+}
+
+/// Sends `rps` completion requests per second, round-robin over `targets`, until `stop` is
+/// set or `max_requests` were sent; returns how many succeeded.
 pub fn completion_load(
     targets: Vec<String>,
     model: &str,
@@ -127,16 +146,40 @@ pub fn completion_load(
     max_requests: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<u64> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    let report = load_with_report(targets, model, rps, max_requests, stop);
+    tokio::spawn(async move { report.await.map(|r| r.ok).unwrap_or(0) })
+}
+
+/// [`completion_load`] that reports every request's outcome.
+pub fn load_with_report(
+    targets: Vec<String>,
+    model: &str,
+    rps: f64,
+    max_requests: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<LoadReport> {
+    let rate = std::sync::Arc::new(std::sync::atomic::AtomicU64::new((rps * 1000.0) as u64));
+    variable_load(targets, model, rate, max_requests, stop)
+}
+
+/// [`load_with_report`] at a rate the caller may change while it runs (`rate`: requests per
+/// second × 1000, read before each request).
+pub fn variable_load(
+    targets: Vec<String>,
+    model: &str,
+    rate: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    max_requests: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<LoadReport> {
+    use std::sync::atomic::Ordering;
     let model = model.to_string();
     tokio::spawn(async move {
         let client = http_client();
-        let ok = Arc::new(AtomicU64::new(0));
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
         let mut inflight = Vec::new();
+        let mut sent = 0;
         for i in 0..max_requests {
-            tick.tick().await;
+            let rps = rate.load(Ordering::Relaxed).max(1) as f64 / 1000.0;
+            tokio::time::sleep(Duration::from_secs_f64(1.0 / rps)).await;
             if stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -145,19 +188,30 @@ pub fn completion_load(
                 .post(url)
                 .json(&serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 2}))
                 .timeout(Duration::from_secs(30));
-            let ok = ok.clone();
+            sent += 1;
             inflight.push(tokio::spawn(async move {
-                if let Ok(r) = req.send().await
-                    && r.status().is_success()
-                {
-                    ok.fetch_add(1, Ordering::Relaxed);
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => {
+                        let status = r.status();
+                        Err(format!("{status}: {}", r.text().await.unwrap_or_default()))
+                    }
+                    Err(e) => Err(format!("{e:?}")),
                 }
             }));
         }
+        let mut report = LoadReport {
+            sent,
+            ..Default::default()
+        };
         for t in inflight {
-            let _ = t.await;
+            match t.await {
+                Ok(Ok(())) => report.ok += 1,
+                Ok(Err(why)) => report.failures.push(why),
+                Err(e) => report.failures.push(format!("task: {e}")),
+            }
         }
-        ok.load(Ordering::Relaxed)
+        report
     })
 }
 

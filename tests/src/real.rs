@@ -81,8 +81,9 @@ pub fn push_model(dir: &Path, repo_tag: &str) -> String {
     format!("oci://{}/{repo_tag}", registry())
 }
 
-/// A pod from the toolbox image (busybox) that runs `script` once on `node`; returns its log
-/// when it succeeded, panics with the log when it failed.
+/// A pod from the toolbox image (busybox's shell and `probe`: `probe lookup HOST`,
+/// `probe http [-d JSON] URL`) that runs `script` once on `node`; returns its log when it
+/// succeeded, panics with the log when it failed.
 pub async fn run_in_pod(ctx: &TestCtx, name: &str, node: &str, script: &str) -> String {
     let pods = ctx.api::<Pod>();
     let pod: Pod = serde_json::from_value(json!({
@@ -96,7 +97,7 @@ pub async fn run_in_pod(ctx: &TestCtx, name: &str, node: &str, script: &str) -> 
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
                 "name": "toolbox",
-                "image": format!("{}/tidal-local/toolbox:2", registry()),
+                "image": format!("{}/tidal-local/toolbox:3", registry()),
                 "command": ["/bin/sh", "-c", script],
                 "securityContext": {"allowPrivilegeEscalation": false,
                                     "readOnlyRootFilesystem": true,
@@ -151,4 +152,34 @@ pub async fn ready_pods(ctx: &TestCtx, ns: &str, selector: &str) -> Vec<(String,
             )
         })
         .collect()
+}
+
+/// The real nodes' Prometheus (`tidal-local nodes`: the chart's scrape config, Kubernetes
+/// discovery), on the node network so pods reach it as well as the host.
+pub fn prometheus_url() -> String {
+    format!(
+        "http://198.18.255.1:{}",
+        std::env::var("TIDAL_PROMETHEUS_PORT").unwrap_or_else(|_| "29090".into())
+    )
+}
+
+/// The result vector of an instant PromQL query against [`prometheus_url`].
+pub async fn prom_query(query: &str) -> Result<Vec<serde_json::Value>, String> {
+    let body: serde_json::Value = crate::processes::http_client()
+        .get(format!("{}/api/v1/query", prometheus_url()))
+        .query(&[("query", query)])
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    if body["status"] != "success" {
+        return Err(format!("query {query}: {body}"));
+    }
+    Ok(body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
 }

@@ -100,6 +100,15 @@ fn dense_cloud_example_builds_one_hardened_full_worker() {
         Some(&["ALL".to_string()][..])
     );
     assert!(ctr.readiness_probe.is_some() && ctr.liveness_probe.is_some());
+    // Terminating workers keep serving until endpoints drop them, within the grace period.
+    let sleep = ctr
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.sleep.as_ref())
+        .expect("a preStop sleep");
+    assert!(sleep.seconds > 0);
+    assert!(pod.termination_grace_period_seconds.unwrap() > sleep.seconds + 30);
     assert_eq!(
         pod.node_selector.as_ref().unwrap()["tidal.rs/tier"],
         "cloud"

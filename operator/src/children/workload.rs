@@ -7,9 +7,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Toleration,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -20,6 +21,9 @@ use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec};
 
 /// Where the placement ConfigMap is mounted in router and expert pods.
 pub const PLACEMENT_DIR: &str = "/etc/tidal/placement";
+/// How long a terminating worker keeps serving before SIGTERM: long enough for kube-proxy and
+/// the routers to stop sending it requests once its pod is terminating.
+pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 
 /// What every child of one InferenceService shares.
 pub(super) struct Base<'a> {
@@ -245,6 +249,18 @@ pub(super) fn deployment(
         readiness_probe: Some(probe("/ready", 5, 3)),
         liveness_probe: Some(probe("/health", 10, 6)),
         startup_probe: Some(probe("/health", 5, 120)),
+        // SIGTERM makes the worker refuse new generations, while kube-proxy and routers may
+        // still send it some until the EndpointSlice drops the pod: wait that out first, so a
+        // scale-down fails no request. Kubernetes' own sleep (the image has no shell).
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SLEEP_SECONDS,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             read_only_root_filesystem: Some(true),
@@ -294,8 +310,9 @@ pub(super) fn deployment(
                     tolerations,
                     volumes: Some(volumes),
                     automount_service_account_token: Some(false),
-                    // In-flight generations finish on SIGTERM (the worker drains); give them time.
-                    termination_grace_period_seconds: Some(60),
+                    // In-flight generations finish on SIGTERM (the worker drains); give them time
+                    // (the grace period includes the preStop sleep).
+                    termination_grace_period_seconds: Some(60 + PRE_STOP_SLEEP_SECONDS),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
