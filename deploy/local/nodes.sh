@@ -288,9 +288,10 @@ cut_rules_remove() { # cut_rules_remove SUBNET
 }
 
 edge_restore() { # edge_restore NAME
-  local spec
+  local spec net
   spec=$(node_spec "$1")
-  cut_rules_remove "$(node_subnet "$(node_field "$spec" 2)")"
+  net=$(node_subnet "$(node_field "$spec" 2)")
+  cut_rules_remove "$net"
   kubelet_start "$spec"
   log "$1 restored: kubelet started, $net reachable"
 }

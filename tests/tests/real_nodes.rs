@@ -62,6 +62,35 @@ impl Drop for Release {
     }
 }
 
+/// Tests that need `tidal-edge` connected hold this; the one that cuts it off holds it too.
+static EDGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `tidal-local edge cut NODE`; dropping it restores the node (also when the test panics).
+struct Cut(String);
+
+impl Cut {
+    fn edge(node: &str) -> Cut {
+        let out = std::process::Command::new(tidal_e2e::tidal_local())
+            .args(["edge", "cut", node])
+            .output()
+            .expect("run tidal-local edge cut");
+        assert!(
+            out.status.success(),
+            "tidal-local edge cut failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cut(node.to_string())
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(tidal_e2e::tidal_local())
+            .args(["edge", "restore", &self.0])
+            .output();
+    }
+}
+
 /// A test's namespace on the real nodes with the chart installed in it, as a user installs it:
 /// default images (ghcr.io names, served by the local registry as a mirror), two replicas with
 /// leader election, on the cloud node, watching that namespace; `set` adds `--set` values.
@@ -206,6 +235,7 @@ async fn real_node_helm_installed_operator_serves_an_oci_model_through_its_servi
     let body = json!({"model": name, "max_tokens": 4,
                       "messages": [{"role": "user", "content": "Hello"}]})
     .to_string();
+    let edge = EDGE.lock().await;
     let log = run_in_pod(
         &ctx,
         "client",
@@ -219,6 +249,7 @@ async fn real_node_helm_installed_operator_serves_an_oci_model_through_its_servi
         log.contains(&format!("Address: {ip}")),
         "DNS answered the Service's ClusterIP {ip}:\n{log}"
     );
+    drop(edge);
     let in_pod: serde_json::Value = log
         .lines()
         .find_map(|l| serde_json::from_str(l).ok())
@@ -628,4 +659,169 @@ async fn real_node_expert_shard_pod_killed_under_load_fails_no_request() {
             .filter_map(|p| p.metadata.name.clone())
             .collect::<Vec<_>>()
     );
+}
+
+/// A `/v1/completions` answer from the worker at `base` (http://IP:PORT).
+async fn answers(base: &str, model: &str) -> Result<(), String> {
+    let r = tidal_e2e::processes::http_client()
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": model, "prompt": "hello", "max_tokens": 2}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| format!("{base}: {e}"))?;
+    if r.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("{base}: {}", r.status()))
+    }
+}
+
+/// `http://IP:8080` of a Service's ClusterIP, or of a pod.
+async fn base_of_service(ctx: &TestCtx, svc: &str) -> Result<String, String> {
+    let s = ctx
+        .api::<Service>()
+        .get(svc)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ip = s.spec.and_then(|s| s.cluster_ip).ok_or("no ClusterIP")?;
+    Ok(format!("http://{ip}:8080"))
+}
+
+async fn base_of_pod(ctx: &TestCtx, pod: &str) -> Result<String, String> {
+    let p = ctx.api::<Pod>().get(pod).await.map_err(|e| e.to_string())?;
+    let ip = p.status.and_then(|s| s.pod_ip).ok_or("no pod IP")?;
+    Ok(format!("http://{ip}:8080"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
+async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_back() {
+    use tidal_operator::crd::EdgeNode;
+
+    let _edge = EDGE.lock().await;
+    let Some((ctx, _release)) = setup("real-edge", &[]).await else {
+        return;
+    };
+    let ns = ctx.namespace.clone();
+    // The real edge node as an EdgeNode of this test's pool (a cluster-scoped object: named
+    // after the namespace, deleted with the guard).
+    let site = format!("{ns}-site");
+    let edge_nodes: Api<EdgeNode> = Api::all(ctx.client.clone());
+    let en: EdgeNode = serde_json::from_value(json!({
+        "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
+        "metadata": {"name": site, "labels": {"tidal.rs/edge-pool": ns}},
+        "spec": {"nodeName": "tidal-edge", "site": "store-1", "region": "local-edge",
+                 "offlinePolicy": {"heartbeatTimeoutSeconds": 20, "failoverToCloud": true}},
+    }))
+    .unwrap();
+    edge_nodes
+        .create(&PostParams::default(), &en)
+        .await
+        .expect("create EdgeNode");
+    let _site_guard = tidal_e2e::kwok::ClusterGuard::new(&ctx, "edgenode", &site);
+    let name = "assist";
+    let uri = fixture_model(&ctx, "llama");
+    let spec = json!({
+        "model": {"uri": uri, "architecture": "llama"},
+        "cloud": {"minReplicas": 1, "maxReplicas": 2,
+                  "nodeSelector": {"tidal.rs/tier": "cloud"},
+                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+        "edge": {"model": {"uri": uri, "architecture": "llama"},
+                 "edgeNodeSelector": {"matchLabels": {"tidal.rs/edge-pool": ns}},
+                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+    });
+    create_service(&ctx, name, spec).await;
+    let edge_selector =
+        format!("app.kubernetes.io/instance={name},app.kubernetes.io/component=edge");
+    let cloud_selector =
+        format!("app.kubernetes.io/instance={name},app.kubernetes.io/component=cloud");
+    eventually(
+        "an edge pod Ready on tidal-edge, a cloud pod on tidal-cloud",
+        START,
+        || async {
+            let edge = ready_pods(&ctx, &ns, &edge_selector).await;
+            let cloud = ready_pods(&ctx, &ns, &cloud_selector).await;
+            match edge.first() {
+                Some((pod, node)) if node == "tidal-edge" && cloud.len() == 1 => {
+                    answers(&base_of_pod(&ctx, pod).await?, name).await
+                }
+                _ => Err(format!("edge {edge:?}, cloud {cloud:?}")),
+            }
+        },
+    )
+    .await;
+    let phase = |want: &'static str| {
+        let edge_nodes = edge_nodes.clone();
+        let site = site.clone();
+        async move {
+            let en = edge_nodes.get(&site).await.map_err(|e| e.to_string())?;
+            let phase = en
+                .status
+                .map(|s| format!("{:?}", s.phase))
+                .unwrap_or_default();
+            if phase == want {
+                Ok(())
+            } else {
+                Err(format!("phase {phase}"))
+            }
+        }
+    };
+    eventually("EdgeNode Ready", START, || phase("Ready")).await;
+
+    // The site loses its uplink: no heartbeat, nothing reaches its pods.
+    let cut = Cut::edge("tidal-edge");
+    eventually("EdgeNode Offline", START, || phase("Offline")).await;
+    let services = ctx.api::<InferenceService>();
+    eventually(
+        "Degraded, and the edge's replica served by a second cloud pod",
+        START,
+        || async {
+            let st = services
+                .get(name)
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .ok_or("no status")?;
+            let degraded = st.conditions.iter().any(|c| {
+                c.type_ == "Degraded" && c.status == "True" && c.reason == "EdgeSiteOffline"
+            });
+            let cloud = ready_pods(&ctx, &ns, &cloud_selector).await;
+            if degraded && cloud.len() == 2 && cloud.iter().all(|(_, n)| n == "tidal-cloud") {
+                answers(
+                    &base_of_service(&ctx, &format!("{name}-cloud")).await?,
+                    name,
+                )
+                .await
+            } else {
+                Err(format!("degraded {degraded}, cloud {cloud:?}"))
+            }
+        },
+    )
+    .await;
+
+    // Back online: Ready again, the edge pod serves, the cloud returns to its own size.
+    drop(cut);
+    eventually("EdgeNode Ready again", START, || phase("Ready")).await;
+    eventually(
+        "the edge serves again and the cloud shrinks",
+        START,
+        || async {
+            let cloud = ready_pods(&ctx, &ns, &cloud_selector).await;
+            let all_cloud = ctx
+                .api::<Pod>()
+                .list(&ListParams::default().labels(&cloud_selector))
+                .await
+                .map_err(|e| e.to_string())?;
+            let edge = ready_pods(&ctx, &ns, &edge_selector).await;
+            match edge.first() {
+                Some((pod, _)) if cloud.len() == 1 && all_cloud.items.len() == 1 => {
+                    answers(&base_of_pod(&ctx, pod).await?, name).await
+                }
+                _ => Err(format!("edge {edge:?}, cloud {cloud:?}")),
+            }
+        },
+    )
+    .await;
+    eprintln!("[real-edge] {site} went Offline when cut, failed over to the cloud, and came back");
 }
