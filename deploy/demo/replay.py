@@ -7,7 +7,8 @@ way its clients would send it, and records what every request saw.
 - Arrivals: the trace's timestamps (Azure LLM inference trace CSV: TIMESTAMP, ContextTokens,
   GeneratedTokens) over `--window` trace seconds, played `--speed` times faster and thinned
   (seeded) to a mean of `--rps`; prompt length follows ContextTokens (scaled down), max_tokens
-  follows GeneratedTokens (scaled down, capped): the trace's shape at a size 2 CPU cores serve.
+  follows GeneratedTokens (scaled down, capped by `--max-tokens`): the trace's shape at a size
+  2 CPU cores serve. Sampling at temperature 0.3.
 - Clients: a share `--edge-share` of them sit at the edge site and call an edge worker pod
   (addresses from `--edge-pods`, a command printing pod IPs); when it cannot be reached they
   fail over to the cloud URL, as an edge gateway would. The rest call `--cloud`.
@@ -28,8 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import http.client
+import urllib.parse
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -79,15 +80,26 @@ class Edge:
             return f"http://{self.addrs[i % len(self.addrs)]}:8080" if self.addrs else None
 
 
-def call(base, model, prompt, max_tokens, timeout):
-    """One streaming chat completion; (ttft_s, total_s, tokens) or raises."""
+def call(base, model, prompt, max_tokens, timeout, connect_timeout=None):
+    """One streaming chat completion; (ttft_s, total_s, tokens) or raises. `connect_timeout`
+    bounds only reaching the server (an unreachable edge is given up on quickly; a slow answer
+    is waited for)."""
     body = json.dumps({"model": model, "stream": True, "max_tokens": max_tokens,
+                       "temperature": 0.3,
                        "messages": [{"role": "user", "content": prompt}]}).encode()
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
-                                 headers={"content-type": "application/json"})
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port or 80,
+                                      timeout=connect_timeout or timeout)
     start = time.time()
     ttft, tokens = None, 0
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    try:
+        conn.connect()
+        conn.sock.settimeout(timeout)
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read(300).decode(errors='replace')}")
         for line in resp:
             line = line.strip()
             if not line.startswith(b"data:") or line == b"data: [DONE]":
@@ -100,6 +112,8 @@ def call(base, model, prompt, max_tokens, timeout):
                 tokens += 1
                 if ttft is None:
                     ttft = time.time() - start
+    finally:
+        conn.close()
     return ttft if ttft is not None else time.time() - start, time.time() - start, tokens
 
 
@@ -114,6 +128,7 @@ def main():
     ap.add_argument("--speed", type=float, default=2.5)
     ap.add_argument("--rps", type=float, default=1.0, help="mean request rate sent")
     ap.add_argument("--timeout", type=float, default=60)
+    ap.add_argument("--max-tokens", type=int, default=8, help="cap on a request's max_tokens")
     ap.add_argument("--cut-at", type=float)
     ap.add_argument("--cut")
     ap.add_argument("--restore-at", type=float)
@@ -130,7 +145,7 @@ def main():
 
     def one(i, at, ctx_tokens, gen_tokens, at_edge):
         prompt = QUESTIONS[i % len(QUESTIONS)] + " " + FILLER * min(6, ctx_tokens // 300)
-        max_tokens = max(4, min(24, gen_tokens // 16))
+        max_tokens = max(2, min(a.max_tokens, gen_tokens // 32))
         rec = {"i": i, "sent_s": at, "tier": "edge" if at_edge else "cloud",
                "max_tokens": max_tokens, "ok": False, "failover": False}
         targets = []
@@ -143,13 +158,13 @@ def main():
             rec["failover"] = True
         for n, base in enumerate(targets):
             try:
-                # An unreachable edge is given up on quickly; the cloud gets the full timeout.
-                t = 5 if (at_edge and n == 0 and len(targets) > 1) else a.timeout
-                rec["ttft_s"], rec["total_s"], rec["tokens"] = call(base, a.model, prompt,
-                                                                     max_tokens, t)
+                # An unreachable edge is given up on after 3 s of trying to connect.
+                connect = 3 if (at_edge and n == 0 and len(targets) > 1) else None
+                rec["ttft_s"], rec["total_s"], rec["tokens"] = call(
+                    base, a.model, prompt, max_tokens, a.timeout, connect)
                 rec["ok"], rec["served_by"] = True, "edge" if base != a.cloud else "cloud"
                 break
-            except (OSError, urllib.error.URLError, RuntimeError, ValueError) as e:
+            except (OSError, http.client.HTTPException, RuntimeError, ValueError) as e:
                 rec["error"] = f"{type(e).__name__}: {e}"[:200]
                 if n == 0 and len(targets) > 1:
                     rec["failover"] = True
