@@ -446,7 +446,8 @@ pub mod kwok {
 
     /// Edge sites: for each (node, site) a kwok Node labelled `tidal.rs/tier=edge` and an
     /// EdgeNode of the same name in `pool` (label `pool`), offline after 36 s without a
-    /// heartbeat. The guards delete the Nodes.
+    /// heartbeat. The guards delete both (EdgeNodes are cluster-scoped: they outlive the test's
+    /// namespace).
     pub async fn edge_sites(
         ctx: &TestCtx,
         pool: &str,
@@ -467,6 +468,7 @@ pub mod kwok {
                 .create(&PostParams::default(), &en)
                 .await
                 .expect("create EdgeNode");
+            guards.push(ClusterGuard::new(ctx, "edgenode", node));
         }
         guards
     }
