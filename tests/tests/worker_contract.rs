@@ -38,15 +38,7 @@ fn full_role_pods_start_with_arguments_the_worker_accepts() {
                 .iter()
                 .filter(|w| w.kind.role() == "full")
             {
-                let pod = w
-                    .deployment
-                    .spec
-                    .as_ref()
-                    .unwrap()
-                    .template
-                    .spec
-                    .as_ref()
-                    .unwrap();
+                let pod = w.pod_spec();
                 let c = &pod.containers[0];
                 // Kubernetes expands $(POD_IP) from the env var of that name.
                 let args = c

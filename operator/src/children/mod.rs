@@ -18,7 +18,7 @@ pub use workload::{MODEL_MOUNT, WorkerArgs, oci_model_reference};
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::crd::{EdgePhase, InferenceService};
@@ -81,6 +81,17 @@ pub struct Workload {
     pub edge_phase: Option<EdgePhase>,
     /// For expert shards: the experts they hold.
     pub experts: Vec<u32>,
+}
+
+impl Workload {
+    /// The pod spec of its Deployment (the builders always set one).
+    pub fn pod_spec(&self) -> &PodSpec {
+        self.deployment
+            .spec
+            .as_ref()
+            .and_then(|d| d.template.spec.as_ref())
+            .expect("workload Deployments carry a pod spec")
+    }
 }
 
 /// Everything an InferenceService should own.

@@ -38,31 +38,11 @@ fn facts(nodes: &[EdgeNode], phase: EdgePhase) -> Vec<EdgeFacts> {
 }
 
 fn args(w: &Workload) -> Vec<String> {
-    w.deployment
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .args
-        .clone()
-        .unwrap()
+    w.pod_spec().containers[0].args.clone().unwrap()
 }
 
 fn env_of(w: &Workload, name: &str) -> Option<String> {
-    let c = &w
-        .deployment
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0];
+    let c = &w.pod_spec().containers[0];
     c.env
         .iter()
         .flatten()
@@ -90,7 +70,7 @@ fn dense_cloud_example_builds_one_hardened_full_worker() {
     let labels = d.metadata.labels.as_ref().unwrap();
     assert_eq!(labels["app.kubernetes.io/instance"], "llama-chat");
     assert_eq!(labels["app.kubernetes.io/managed-by"], "tidal-operator");
-    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let pod = w.pod_spec();
     let ctr = &pod.containers[0];
     let sc = ctr.security_context.as_ref().unwrap();
     assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -146,15 +126,7 @@ fn an_oci_model_is_mounted_read_only_as_an_image_volume_in_every_role() {
             "{:?}: {a:?}",
             w.kind
         );
-        let pod = w
-            .deployment
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap();
+        let pod = w.pod_spec();
         let vol = pod
             .volumes
             .iter()
@@ -180,15 +152,7 @@ fn an_oci_model_is_mounted_read_only_as_an_image_volume_in_every_role() {
     // A path model gets no image volume.
     let (svcs, _) = load_example("dense-cloud.yaml");
     let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
-    let pod = c.workloads[0]
-        .deployment
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let pod = c.workloads[0].pod_spec();
     assert!(pod.volumes.iter().flatten().all(|v| v.name != "model"));
 }
 
@@ -251,15 +215,7 @@ fn edge_example_pins_one_deployment_per_selected_node_and_fails_over() {
         .filter(|w| matches!(w.kind, ChildKind::Edge(_)))
         .collect();
     assert_eq!(edge.len(), 2);
-    let pod = edge[0]
-        .deployment
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let pod = edge[0].pod_spec();
     assert_eq!(
         pod.node_selector.as_ref().unwrap()["kubernetes.io/hostname"],
         "edge-0"

@@ -349,6 +349,19 @@ mod tests {
 
     const SETTLE: Duration = Duration::from_secs(30);
 
+    /// `t`'s initial placement and the Warming placement its first plan `shards` starts.
+    fn start(
+        t: &mut Tracker,
+        shards: Vec<Vec<u32>>,
+        at: Instant,
+    ) -> (PlacementStatus, PlacementStatus) {
+        let initial = t.current(None, &cfg(), None);
+        let w = t
+            .advance(&initial, Some(&plan(shards)), &[], at, SETTLE)
+            .expect("warming starts");
+        (initial, w)
+    }
+
     #[test]
     fn a_new_plan_warms_then_switches_then_drops() {
         let mut t = Tracker::default();
@@ -417,16 +430,7 @@ mod tests {
     fn a_restarted_operator_finishes_the_rollout_it_finds() {
         let t0 = Instant::now();
         let mut first = Tracker::default();
-        let initial = first.current(None, &cfg(), None);
-        let w = first
-            .advance(
-                &initial,
-                Some(&plan(vec![vec![0, 1, 2], vec![1, 3]])),
-                &[],
-                t0,
-                SETTLE,
-            )
-            .unwrap();
+        let (_, w) = start(&mut first, vec![vec![0, 1, 2], vec![1, 3]], t0);
         // A new leader: no memory, only the status.
         let mut fresh = Tracker::default();
         let current = fresh.current(Some(&w), &cfg(), None);
@@ -467,16 +471,7 @@ mod tests {
     fn a_superseded_rollout_says_so_and_warms_the_new_target() {
         let t0 = Instant::now();
         let mut t = Tracker::default();
-        let initial = t.current(None, &cfg(), None);
-        let w = t
-            .advance(
-                &initial,
-                Some(&plan(vec![vec![0, 1, 2], vec![1, 3]])),
-                &[],
-                t0,
-                SETTLE,
-            )
-            .unwrap();
+        let (_, w) = start(&mut t, vec![vec![0, 1, 2], vec![1, 3]], t0);
         // The same target again is no new rollout.
         assert_eq!(
             t.advance(
@@ -525,16 +520,7 @@ mod tests {
     fn the_placement_written_last_wins_over_a_stale_cache() {
         let t0 = Instant::now();
         let mut t = Tracker::default();
-        let initial = t.current(None, &cfg(), None);
-        let w = t
-            .advance(
-                &initial,
-                Some(&plan(vec![vec![0, 1, 2], vec![3]])),
-                &[],
-                t0,
-                SETTLE,
-            )
-            .unwrap();
+        let (initial, w) = start(&mut t, vec![vec![0, 1, 2], vec![3]], t0);
         t.wrote(&w);
         // The watch cache still shows no placement, or the one before.
         assert_eq!(t.current(None, &cfg(), None), w);
