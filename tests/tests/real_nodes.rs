@@ -241,7 +241,11 @@ async fn real_node_helm_installed_operator_serves_an_oci_model_through_its_servi
         "client",
         "tidal-edge",
         &format!(
-            "probe lookup {host} && probe http -d '{body}' http://{host}:8080/v1/chat/completions"
+            // kube-proxy may program a new Service's rules a moment after its pod is Ready
+            // (CI saw one "connection refused"): retry, as a client would.
+            "probe lookup {host} && for i in 1 2 3 4 5 6 7 8 9 10; do \
+             probe http -d '{body}' http://{host}:8080/v1/chat/completions && exit 0; sleep 3; \
+             done; exit 1"
         ),
     )
     .await;
