@@ -45,7 +45,9 @@ net_up() {
   ip link set "$NODE_BRIDGE" up
   local a
   for a in "$APISERVER_ADDR" $(for n in "${REAL_NODES[@]}"; do node_addr "$(node_field "$n" 2)"; done); do
-    ip -4 addr show dev "$NODE_BRIDGE" | grep -q "inet $a/" || ip addr add "$a/24" dev "$NODE_BRIDGE"
+    # `replace` is idempotent; a `ip addr show | grep -q` check failed under pipefail when grep
+    # quit early and ip died of SIGPIPE, so `add` ran on an assigned address.
+    ip addr replace "$a/24" dev "$NODE_BRIDGE"
   done
 }
 
