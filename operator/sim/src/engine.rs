@@ -1,7 +1,7 @@
 //! The replay loop: routes a trace's arrivals to the cloud and edge sites, advances the
 //! cluster model tick by tick, and asks the policy for replica counts at its sync interval.
 
-use crate::autoscaler::Method;
+use tidal_autoscaler::Method;
 
 use super::cluster::{ReplicaModel, Tier, TierTotals};
 use super::policy::{Observation, Policy, TargetSpec};

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::autoscaler::{
+use tidal_autoscaler::{
     Autoscaler, Behavior, Bounds, ClusterFacts, Config, EdgeConfig, Method, ReplicaCounts,
     SiteSample, Slo, Snapshot,
 };

@@ -263,7 +263,7 @@ impl Scaler for AiBrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autoscaler::TierSample;
+    use tidal_autoscaler::TierSample;
 
     const SPEC: TargetSpec = TargetSpec {
         target_rps_per_replica: 10.0,

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use crate::autoscaler::TierSample;
+use tidal_autoscaler::TierSample;
 
 /// What every replica of a target is like; the same for every policy.
 #[derive(Clone, Copy, Debug, PartialEq)]

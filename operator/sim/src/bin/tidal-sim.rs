@@ -1,16 +1,16 @@
 //! `tidal-sim`: replays request traces through Tidal's autoscaler core and baseline policies on
-//! a simulated cluster (see `tidal_operator::sim`).
+//! a simulated cluster (see the `tidal_sim` library).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use tidal_operator::sim::engine::Outage;
-use tidal_operator::sim::synthetic::{Pattern, Synthetic};
-use tidal_operator::sim::tidal::TidalOptions;
-use tidal_operator::sim::trace::{self, Trace};
-use tidal_operator::sim::{ModelOptions, PolicyKind, Scenario, plot, report, run_scenario, sweep};
+use tidal_sim::engine::Outage;
+use tidal_sim::synthetic::{Pattern, Synthetic};
+use tidal_sim::tidal::TidalOptions;
+use tidal_sim::trace::{self, Trace};
+use tidal_sim::{ModelOptions, PolicyKind, Scenario, plot, report, run_scenario, sweep};
 
 #[derive(Parser)]
 #[command(
@@ -411,7 +411,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
 /// The command line that regenerates the document (from the workspace root).
 fn bench_command(a: &BenchArgs) -> String {
     let mut s = format!(
-        "cargo run -p tidal-operator --bin tidal-sim -- bench --traces-dir {} --out {}",
+        "cargo run -p tidal-sim --bin tidal-sim -- bench --traces-dir {} --out {}",
         a.traces_dir.display(),
         a.out.display()
     );

@@ -1,7 +1,7 @@
 //! Scaling policies the simulator compares: the interface, and the per-target wrapper that
 //! runs one instance of a single-target baseline per scaling target.
 
-use crate::autoscaler::ForecastSummary;
+use tidal_autoscaler::ForecastSummary;
 
 use super::cluster::TargetObs;
 

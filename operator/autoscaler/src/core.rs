@@ -1585,7 +1585,7 @@ mod tests {
         assert!(ours.1 < reactive.1, "ours {ours:?} reactive {reactive:?}");
     }
 
-    /// Informal cost measurement: `cargo test -p tidal-operator --lib autoscaler::core::tests::step_cost -- --ignored --nocapture`.
+    /// Informal cost measurement: `cargo test -p tidal-autoscaler --lib core::tests::step_cost -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn step_cost() {

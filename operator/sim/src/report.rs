@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::autoscaler::Method;
+use tidal_autoscaler::Method;
 
 use super::frontier;
 use super::metrics::Summary;
@@ -449,7 +449,7 @@ first minute.
 {}..{} (edge sites {}..{}); every policy sees only what Prometheus would give the live operator \
 (arrival and served rate over its last sync interval, queue depth, in-flight requests, p95 TTFT, \
 desired/ready replicas).
-- **Tidal**: the `tidal_operator::autoscaler` core as it stands in this checkout, every {:.0} s, \
+- **Tidal**: the `tidal_autoscaler` core as it stands in this checkout, every {:.0} s, \
 method Auto, quantile {:.2}, horizon = observed ready time (cold start), configured scale-down window {:.0} s (the core shortens it to 2 × (horizon + interval) once it forecasts), \
 SLO p95 TTFT {:.1} s; replicas that become ready are reported as `ready_times_s`.
 - **HPA**: 15 s sync, metric = arrival rate per replica, tolerance 0.1, 300 s scale-down \

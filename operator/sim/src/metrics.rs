@@ -1,7 +1,7 @@
 //! What a run is judged by: SLO attainment, cost, scale events, and (for forecasting policies)
 //! forecast accuracy and prediction-interval coverage.
 
-use crate::autoscaler::Method;
+use tidal_autoscaler::Method;
 
 use super::engine::{ForecastPoint, RunResult};
 
@@ -98,7 +98,7 @@ pub fn summarize(run: &RunResult, cloud_arrivals: &[f64], tick_s: f64) -> Summar
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::cluster::TierTotals;
+    use crate::cluster::TierTotals;
 
     fn run(forecasts: Vec<ForecastPoint>) -> RunResult {
         RunResult {
