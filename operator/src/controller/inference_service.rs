@@ -466,50 +466,22 @@ async fn report_invalid(
 mod tests {
     //! Reconcile flows against a mocked API server (tower-test): which requests are made.
 
-    use std::sync::Mutex;
-
-    use http::{Request, Response};
-    use kube::Client;
-    use kube::client::Body;
-    use tower_test::mock;
-
     use super::*;
     use crate::children::BuildConfig;
-    use crate::metrics::Metrics;
-
-    type Calls = Arc<Mutex<Vec<(String, String)>>>;
+    use crate::controller::test_support::{Calls, context, mock_client, synced_store};
 
     /// A mock API server that answers status patches with `object` and every other request
-    /// with its own body, recording method and path.
+    /// with its own body.
     fn mock_state(object: &InferenceService) -> (Arc<State>, Calls) {
-        let object = serde_json::to_vec(object).unwrap();
-        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let calls: Calls = Arc::default();
-        let recorded = calls.clone();
-        tokio::spawn(async move {
-            let mut handle = std::pin::pin!(handle);
-            while let Some((request, send)) = handle.next_request().await {
-                let (parts, body) = request.into_parts();
-                recorded
-                    .lock()
-                    .unwrap()
-                    .push((parts.method.to_string(), parts.uri.path().to_string()));
-                let bytes = body.collect_bytes().await.unwrap();
-                let reply = if parts.uri.path().ends_with("/status") {
-                    object.clone()
-                } else {
-                    bytes.to_vec()
-                };
-                send.send_response(Response::builder().body(Body::from(reply)).unwrap());
+        let object = serde_json::to_value(object).unwrap();
+        let (client, calls) = mock_client(move |call| {
+            if call.path.ends_with("/status") {
+                object.clone()
+            } else {
+                call.body.clone()
             }
         });
-        let client = Client::new(service, "default");
-        let ctx = Context::new(
-            client.clone(),
-            BuildConfig::default(),
-            Metrics::shared(),
-            Some("test".into()),
-        );
+        let ctx = context(client.clone());
         let state = State {
             recorder: Recorder::new(client, ctx.reporter.clone()),
             ctx,
@@ -519,18 +491,6 @@ mod tests {
             config_maps: synced_store(),
         };
         (Arc::new(state), calls)
-    }
-
-    /// An empty cache that has had its first list.
-    fn synced_store<K>() -> Store<K>
-    where
-        K: Resource<DynamicType = ()> + Clone + 'static,
-    {
-        let (store, mut writer) = kube::runtime::reflector::store::<K>();
-        writer.apply_watcher_event(&watcher::Event::Init);
-        writer.apply_watcher_event(&watcher::Event::InitDone);
-        std::mem::forget(writer); // a dropped writer would fail wait_until_ready
-        store
     }
 
     fn moe_without_num_experts() -> InferenceService {
@@ -550,7 +510,12 @@ mod tests {
         let tis = moe_without_num_experts();
         let (state, calls) = mock_state(&tis);
         reconcile_inner(&tis, &state).await.unwrap();
-        let calls = calls.lock().unwrap().clone();
+        let calls: Vec<(String, String)> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| (c.method.clone(), c.path.clone()))
+            .collect();
         assert!(
             calls
                 .iter()

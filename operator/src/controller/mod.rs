@@ -3,6 +3,8 @@
 pub mod autoscale;
 pub mod edge_node;
 pub mod inference_service;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::sync::Arc;
 

@@ -8,35 +8,35 @@
 //! Missing or stale metrics never scale anything: the core holds the last decision and the
 //! `MetricsAvailable` condition says why.
 
+pub mod apply;
 pub mod config;
+pub mod observe;
+pub mod plan;
 pub mod promql;
 pub mod rollout;
 pub mod source;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::ResourceExt;
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource, ResourceExt};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use self::promql::Scope;
-use self::source::{Source, Unavailable};
+use self::observe::Caches;
+use self::plan::{Deployments, Target, Targets, target_label};
 use super::Context;
-use crate::autoscaler::{Autoscaler, ClusterFacts, Config, Decision, ReplicaCounts};
-use crate::children::{ANNOTATION_HELD_EXPERTS, ChildKind, LABEL_SERVICE};
-use crate::crd::{
-    DecisionStatus, DesiredCondition, ForecastStatus, InferenceService, condition_type as ct,
-    merge_conditions,
-};
+use crate::autoscaler::{Autoscaler, Config, Decision};
+use crate::children::{ChildKind, LABEL_SERVICE};
+use crate::crd::InferenceService;
 use crate::error::Result;
 use crate::metrics::{DecisionLabels, ServiceLabels, TargetLabels};
 
@@ -121,6 +121,24 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     .touched_objects()
     .for_each(|_| futures::future::ready(()));
     let refl = tokio::spawn(refl);
+    // The services' Deployments and pods from watch caches, not a LIST per service per tick.
+    let children = watcher::Config::default().labels(LABEL_SERVICE);
+    let (deployments, dep_stream) = super::cached(ctx.scoped_api::<Deployment>(), children.clone());
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(ctx.scoped_api::<Pod>(), children).modify(strip_pod),
+    )
+    .default_backoff()
+    .touched_objects();
+    let caches = Caches {
+        deployments,
+        pods: pod_store,
+    };
+    let watches = [
+        tokio::spawn(dep_stream.for_each(|_| futures::future::ready(()))),
+        tokio::spawn(pod_stream.for_each(|_| futures::future::ready(()))),
+    ];
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let mut loops: HashMap<ObjectRef<InferenceService>, Loop> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -130,6 +148,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
+        }
+        // Before the first full list an empty cache would read as "no replicas".
+        if !super::synced(&caches.deployments) || !super::synced(&caches.pods) {
+            continue;
         }
         let services = store.state();
         let mut due = Vec::new();
@@ -159,10 +181,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             let key = ObjectRef::from_obj(&*tis);
             let l = loops.remove(&key)?;
             let ctx = ctx.clone();
-            let recorder = &recorder;
+            let (recorder, caches) = (&recorder, &caches);
             Some(async move {
                 let mut l = l;
-                if let Err(e) = tick_one(&ctx, recorder, &tis, &mut l).await {
+                if let Err(e) = tick_one(&ctx, caches, recorder, &tis, &mut l).await {
                     warn!(service = %key, error = %e, "autoscaler tick failed");
                     ctx.metrics
                         .observe_reconcile("autoscaler", Duration::ZERO, Some(e.reason()));
@@ -177,210 +199,64 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         loops.extend(done);
     }
     refl.abort();
-}
-
-/// Deployments of one service, by name: (spec replicas, ready, the held-experts annotation
-/// of its pod template when fully rolled out).
-struct Deps(BTreeMap<String, (u32, u32, Option<String>)>);
-
-impl Deps {
-    fn counts(&self, name: &str) -> ReplicaCounts {
-        let (desired, ready) = self.0.get(name).map(|d| (d.0, d.1)).unwrap_or_default();
-        ReplicaCounts { desired, ready }
-    }
-    fn rolled_out_holding(&self, name: &str) -> Option<String> {
-        self.0.get(name).and_then(|d| d.2.clone())
+    for w in watches {
+        w.abort();
     }
 }
 
-async fn read_deployments(api: &Api<Deployment>, service: &str) -> Result<Deps> {
-    let lp = ListParams::default().labels(&format!("{LABEL_SERVICE}={service}"));
-    let mut out = BTreeMap::new();
-    for d in api.list(&lp).await?.items {
-        let spec = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as u32;
-        let st = d.status.clone().unwrap_or_default();
-        let ready = st.ready_replicas.unwrap_or(0).max(0) as u32;
-        let rolled_out = st.observed_generation >= d.metadata.generation
-            && st.updated_replicas.unwrap_or(0).max(0) as u32 == spec
-            && st.replicas.unwrap_or(0).max(0) as u32 == spec
-            && ready == spec;
-        let held = d
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.annotations.as_ref())
-            .and_then(|a| a.get(ANNOTATION_HELD_EXPERTS).cloned())
-            .filter(|_| rolled_out);
-        out.insert(d.name_any(), (spec, ready, held));
-    }
-    Ok(Deps(out))
-}
-
-/// Seconds from creation to Ready of pods that became ready since last asked.
-async fn new_ready_times(api: &Api<Pod>, service: &str, seen: &mut HashSet<String>) -> Vec<f64> {
-    let lp = ListParams::default().labels(&format!("{LABEL_SERVICE}={service}"));
-    let Ok(pods) = api.list(&lp).await else {
-        return vec![];
+/// What the autoscaler keeps of a pod: its identity, labels and conditions (ready times).
+fn strip_pod(pod: &mut Pod) {
+    let m = std::mem::take(&mut pod.metadata);
+    pod.metadata = ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        labels: m.labels,
+        creation_timestamp: m.creation_timestamp,
+        resource_version: m.resource_version,
+        ..Default::default()
     };
-    let mut out = Vec::new();
-    for p in pods.items {
-        let Some(uid) = p.metadata.uid.clone() else {
-            continue;
-        };
-        if seen.contains(&uid) {
-            continue;
-        }
-        let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        let ready_at = p
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
-            .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0));
-        if let (Some(c), Some(r)) = (created, ready_at) {
-            seen.insert(uid);
-            let secs = (r.as_millisecond() - c.as_millisecond()) as f64 / 1000.0;
-            if secs >= 0.0 {
-                out.push(secs);
-            }
-        }
-    }
-    out
+    pod.spec = None;
+    pod.status = pod.status.take().map(|s| PodStatus {
+        conditions: s.conditions.map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    last_transition_time: c.last_transition_time,
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        ..Default::default()
+    });
 }
 
-fn target_label(kind: &ChildKind) -> String {
-    match kind {
-        ChildKind::Cloud | ChildKind::Router => "cloud".into(),
-        ChildKind::Edge(n) => format!("edge/{n}"),
-        ChildKind::ExpertShard(k) => format!("shard/{k}"),
-    }
-}
-
+/// One tick of one service, in three stages: observe (I/O -> facts), decide and plan (pure),
+/// apply (the writes, status first).
 async fn tick_one(
     ctx: &Context,
+    caches: &Caches,
     recorder: &Recorder,
     tis: &InferenceService,
     l: &mut Loop,
 ) -> Result<()> {
     let name = tis.name_any();
-    let ns = tis.namespace().unwrap_or_default();
-    let client = &ctx.client;
-    let deps_api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let tis_api: Api<InferenceService> = Api::namespaced(client.clone(), &ns);
+    let obs = observe::observe(ctx, caches, tis, l).await?;
+    let now = unix_now();
+    let decision = l.core.step(now, obs.snapshot.as_ref().ok(), &obs.facts);
 
-    // Which Deployment is which target.
-    let cloud_kind = if tis.spec.cloud.experts.is_some() {
-        ChildKind::Router
-    } else {
-        ChildKind::Cloud
-    };
-    let status = tis.status.clone().unwrap_or_default();
-    let sites: BTreeMap<String, bool> = status
-        .edge
-        .iter()
-        .map(|e| {
-            (
-                e.edge_node.clone(),
-                e.phase == "Ready" || e.phase == "Degraded",
-            )
+    let targets = plan::targets(&name, &obs.cloud_kind, &decision, &obs.sites_up);
+    // Placement rollout: one stage per tick, gated on the shard Deployments' rollout.
+    let shards = obs.facts.shards.len() as u32;
+    let shards_ready: Vec<Option<String>> = (0..shards)
+        .map(|k| {
+            obs.deployments
+                .rolled_out_holding(&ChildKind::ExpertShard(k).name(&name))
         })
         .collect();
-    let shards = l.config.experts.as_ref().map(|x| x.shards).unwrap_or(0);
-
-    let deps = read_deployments(&deps_api, &name).await?;
-    let mut facts = ClusterFacts {
-        cloud: deps.counts(&cloud_kind.name(&name)),
-        edge: sites
-            .keys()
-            .map(|s| {
-                (
-                    s.clone(),
-                    deps.counts(&ChildKind::Edge(s.clone()).name(&name)),
-                )
-            })
-            .collect(),
-        shards: (0..shards)
-            .map(|k| deps.counts(&ChildKind::ExpertShard(k).name(&name)))
-            .collect(),
-        ready_times_s: new_ready_times(&pods_api, &name, &mut l.seen_pods).await,
-        placement: None,
-    };
-    // The placement in force (or being rolled out): the core judges new plans against it.
-    let placement_now = l.config.experts.as_ref().map(|x| {
-        l.rollout.current(
-            status.placement.as_ref(),
-            x,
-            tis.spec.cloud.experts.as_ref().map(|e| e.placement),
-        )
-    });
-    facts.placement = placement_now.as_ref().map(rollout::facts);
-
-    // The snapshot, or why there is none.
-    let scope = Scope {
-        namespace: ns.clone(),
-        service: name.clone(),
-        window: ctx.autoscale.rate_window.clone(),
-    };
-    let url = tis
-        .spec
-        .autoscaling
-        .as_ref()
-        .and_then(|a| a.prometheus_url.clone())
-        .or_else(|| ctx.autoscale.prometheus_url.clone());
-    let snapshot: std::result::Result<_, Unavailable> = match &url {
-        None => Err(Unavailable {
-            reason: "NoPrometheusUrl",
-            message: "set spec.autoscaling.prometheusUrl or the operator's --prometheus-url".into(),
-        }),
-        Some(url) => match Source::new(url) {
-            Err(e) => Err(e),
-            Ok(src) => {
-                if !l.backfilled {
-                    let now = unix_now() as i64;
-                    if let Ok(h) = src
-                        .history(&scope, now, BACKFILL_SPAN_S, l.config.interval_s)
-                        .await
-                    {
-                        debug!(service = %name, points = h.len(), "history read back");
-                        l.core.backfill(&h);
-                        l.backfilled = true;
-                    }
-                }
-                let experts = l.config.experts.as_ref().map(|x| x.num_experts);
-                src.snapshot(&scope, &sites, experts).await
-            }
-        },
-    };
-    let now = unix_now();
-    let decision = l.core.step(now, snapshot.as_ref().ok(), &facts);
-
-    // Desired replicas per Deployment.
-    let mut desired: BTreeMap<String, (ChildKind, u32, String)> = BTreeMap::new();
-    desired.insert(
-        cloud_kind.name(&name),
-        (
-            cloud_kind.clone(),
-            decision.cloud.replicas,
-            decision.cloud.reason.clone(),
-        ),
-    );
-    for (site, d) in &decision.edge {
-        let k = ChildKind::Edge(site.clone());
-        if sites.get(site).copied().unwrap_or(false) {
-            desired.insert(k.name(&name), (k, d.replicas, d.reason.clone()));
-        }
-    }
-    for (i, d) in decision.shards.iter().enumerate() {
-        let k = ChildKind::ExpertShard(i as u32);
-        desired.insert(k.name(&name), (k, d.replicas, d.reason.clone()));
-    }
-
-    // Placement rollout: one stage per tick, gated on the shard Deployments' rollout.
-    let shards_ready: Vec<Option<String>> = (0..shards)
-        .map(|k| deps.rolled_out_holding(&ChildKind::ExpertShard(k).name(&name)))
-        .collect();
-    let placement = placement_now.as_ref().and_then(|current| {
+    let placement = obs.placement_now.as_ref().and_then(|current| {
         l.rollout.advance(
             current,
             decision.plan.as_ref(),
@@ -389,280 +265,40 @@ async fn tick_one(
             Duration::from_secs_f64(l.config.interval_s.max(30.0)),
         )
     });
-
-    write_status(
-        &tis_api,
-        &name,
+    let status = plan::status_patch(
+        &obs.status,
+        obs.generation,
+        &super::now(),
         &decision,
-        &snapshot,
-        &desired,
+        &obs.snapshot,
+        &targets,
         placement.as_ref(),
-    )
-    .await?;
+    );
+    let scales = plan::scale_writes(&decision, &targets, &obs.deployments);
+    let notes = plan::events(&scales, placement.as_ref(), l.metrics_available, &decision);
+
+    apply::status(ctx, tis, &status).await?;
     if let Some(p) = &placement {
         l.rollout.wrote(p);
     }
-    ctx.metrics.write("autoscaler", "status");
-
-    // Scale subresource writes (after status, so the controller applies the same numbers).
-    let mut changed = Vec::new();
-    if decision.metrics_available {
-        for (dep, (kind, replicas, reason)) in &desired {
-            let current = deps.0.get(dep).map(|d| d.0);
-            if current.is_none() || current == Some(*replicas) {
-                continue;
-            }
-            let patch = serde_json::json!({ "spec": { "replicas": replicas } });
-            let pp = PatchParams {
-                field_manager: Some(AUTOSCALER_MANAGER.into()),
-                ..Default::default()
-            };
-            deps_api
-                .patch_scale(dep, &pp, &Patch::Merge(&patch))
-                .await?;
-            ctx.metrics.write("autoscaler", "scale");
-            changed.push((
-                kind.clone(),
-                dep.clone(),
-                current.unwrap_or(0),
-                *replicas,
-                reason.clone(),
-            ));
-        }
-    }
-
-    // Events and metrics.
-    for (kind, dep, from, to, reason) in &changed {
-        let action = if to > from { "ScaleUp" } else { "ScaleDown" };
-        info!(service = %name, deployment = %dep, from, to, %reason, "autoscaled");
-        publish(
-            recorder,
-            tis,
-            EventType::Normal,
-            "Autoscaled",
-            action,
-            format!("{} {from} -> {to}: {reason}", target_label(kind)),
-        )
-        .await;
-        ctx.metrics.write("autoscaler", "event");
-    }
-    if let Some(p) = &placement {
-        let why = p.message.as_deref().unwrap_or("");
-        publish(
-            recorder,
-            tis,
-            EventType::Normal,
-            "ExpertPlacement",
-            p.phase.as_str(),
-            format!("plan {} {}: {why}", p.version, p.phase),
-        )
-        .await;
-        ctx.metrics.write("autoscaler", "event");
-    }
-    if l.metrics_available != Some(decision.metrics_available) {
-        let (t, reason, note) = if decision.metrics_available {
-            (
-                EventType::Normal,
-                "MetricsAvailable",
-                "metrics are fresh again; autoscaling resumed".to_string(),
-            )
-        } else {
-            (
-                EventType::Warning,
-                "MetricsUnavailable",
-                format!(
-                    "holding replicas: {}",
-                    decision.hold_reason.clone().unwrap_or_default()
-                ),
-            )
-        };
-        if l.metrics_available.is_some() || !decision.metrics_available {
-            publish(recorder, tis, t, reason, "Autoscale", note).await;
-        }
-        l.metrics_available = Some(decision.metrics_available);
-    }
-    record_metrics(ctx, &ns, &name, &decision, &desired, &deps, l, now);
+    apply::scales(ctx, tis, &scales).await?;
+    apply::events(ctx, recorder, tis, &notes).await;
+    l.metrics_available = Some(decision.metrics_available);
+    record_metrics(ctx, tis, &decision, &targets, &obs.deployments, l, now);
     Ok(())
 }
 
-async fn publish(
-    recorder: &Recorder,
-    tis: &InferenceService,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(fit_note(note)),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &tis.object_ref(&())).await {
-        warn!(error = %e, "failed to publish event");
-    }
-}
-
-/// The API server rejects an Event whose note is over 1 kB (and the Event is lost): a long
-/// decision reason (many offline sites, every term noted) is cut at a character boundary.
-fn fit_note(mut note: String) -> String {
-    const MAX: usize = 1024;
-    const MORE: &str = " …";
-    if note.len() > MAX {
-        let mut end = MAX - MORE.len();
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
-        note.push_str(MORE);
-    }
-    note
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-async fn write_status(
-    api: &Api<InferenceService>,
-    name: &str,
-    decision: &Decision,
-    snapshot: &std::result::Result<crate::autoscaler::Snapshot, Unavailable>,
-    desired: &BTreeMap<String, (ChildKind, u32, String)>,
-    placement: Option<&crate::crd::PlacementStatus>,
-) -> Result<()> {
-    // A fresh read: conditions are merged, not overwritten with a stale copy.
-    let fresh = api.get_status(name).await?;
-    let current = fresh.status.unwrap_or_default();
-    let now = super::now();
-    let mut conds = vec![match snapshot {
-        Ok(_) if decision.metrics_available => DesiredCondition::new(
-            ct::METRICS_AVAILABLE,
-            true,
-            "MetricsFresh",
-            "the last Prometheus snapshot was fresh",
-        ),
-        Ok(_) => DesiredCondition::new(
-            ct::METRICS_AVAILABLE,
-            false,
-            "MetricsStale",
-            format!(
-                "holding replicas: {}",
-                decision.hold_reason.clone().unwrap_or_default()
-            ),
-        ),
-        Err(u) => DesiredCondition::new(
-            ct::METRICS_AVAILABLE,
-            false,
-            u.reason,
-            format!("holding replicas: {}", u.message),
-        ),
-    }];
-    let limited: Vec<String> = std::iter::once(("cloud".to_string(), &decision.cloud))
-        .chain(decision.edge.iter().map(|(s, d)| (format!("edge/{s}"), d)))
-        .chain(
-            decision
-                .shards
-                .iter()
-                .enumerate()
-                .map(|(k, d)| (format!("shard/{k}"), d)),
-        )
-        .filter_map(|(t, d)| d.limited.as_ref().map(|why| format!("{t}: {why}")))
-        .collect();
-    conds.push(if limited.is_empty() {
-        DesiredCondition::new(
-            ct::SCALING_LIMITED,
-            false,
-            "WithinLimits",
-            "no bound or step limit held a decision back",
-        )
-    } else {
-        DesiredCondition::new(
-            ct::SCALING_LIMITED,
-            true,
-            "LimitReached",
-            limited.join("; "),
-        )
-    });
-    let conditions = merge_conditions(&current.conditions, &conds, fresh.metadata.generation, &now);
-
-    let mut replicas: BTreeMap<String, Option<i32>> = current
-        .autoscaled_replicas
-        .keys()
-        .filter(|k| !desired.contains_key(*k))
-        .map(|k| (k.clone(), None))
-        .collect();
-    if decision.metrics_available {
-        for (dep, (_, r, _)) in desired {
-            replicas.insert(dep.clone(), Some(*r as i32));
-        }
-    } else {
-        // Holding: keep what was decided before.
-        for (k, v) in &current.autoscaled_replicas {
-            replicas.insert(k.clone(), Some(*v));
-        }
-    }
-    let forecast = decision.forecast.map(|f| ForecastStatus {
-        time: Some(now.clone()),
-        now: round2(f.now),
-        predicted: round2(f.predicted),
-        upper: round2(f.upper),
-        horizon_seconds: f.horizon_s.round().max(0.0) as u32,
-    });
-    let reason = match &decision.hold_reason {
-        Some(h) => format!("holding: {h}"),
-        None => {
-            let mut parts = vec![format!(
-                "cloud {}: {}",
-                decision.cloud.replicas, decision.cloud.reason
-            )];
-            parts.extend(
-                decision
-                    .edge
-                    .iter()
-                    .map(|(s, d)| format!("edge/{s} {}: {}", d.replicas, d.reason)),
-            );
-            parts.extend(
-                decision
-                    .shards
-                    .iter()
-                    .enumerate()
-                    .map(|(k, d)| format!("shard/{k} {}: {}", d.replicas, d.reason)),
-            );
-            parts.join("; ")
-        }
-    };
-    let mut patch = serde_json::json!({
-        "status": {
-            "conditions": conditions,
-            "autoscaledReplicas": replicas,
-            "lastDecision": DecisionStatus { time: Some(now.clone()), reason },
-        }
-    });
-    if let Some(f) = forecast {
-        patch["status"]["lastForecast"] = serde_json::to_value(f)?;
-    }
-    if let Some(p) = placement {
-        patch["status"]["placement"] = serde_json::to_value(p)?;
-    }
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
 fn record_metrics(
     ctx: &Context,
-    ns: &str,
-    name: &str,
+    tis: &InferenceService,
     decision: &Decision,
-    desired: &BTreeMap<String, (ChildKind, u32, String)>,
-    deps: &Deps,
+    targets: &Targets,
+    deps: &Deployments,
     l: &mut Loop,
     now: f64,
 ) {
+    let (ns, name) = (tis.namespace().unwrap_or_default(), tis.name_any());
+    let (ns, name) = (ns.as_str(), name.as_str());
     let m = &ctx.metrics.autoscaler;
     let svc = ServiceLabels {
         namespace: ns.into(),
@@ -677,7 +313,8 @@ fn record_metrics(
         .get_or_create(&svc)
         .set(i64::from(decision.metrics_available));
     let mut direction = "hold";
-    for (dep, (kind, r, _)) in desired {
+    for (dep, Target { kind, replicas, .. }) in targets {
+        let r = replicas;
         let t = target(&target_label(kind));
         m.desired_replicas.get_or_create(&t).set(i64::from(*r));
         let bound = match kind {
@@ -740,17 +377,35 @@ fn record_metrics(
 
 #[cfg(test)]
 mod tests {
-    use super::fit_note;
+    use super::*;
 
     #[test]
-    fn event_notes_fit_the_api_limit() {
-        assert_eq!(fit_note("short".into()), "short");
-        let exact = "x".repeat(1024);
-        assert_eq!(fit_note(exact.clone()), exact);
-        // Multi-byte characters straddling the cut are not split.
-        let long = "é".repeat(700);
-        let cut = fit_note(long);
-        assert!(cut.len() <= 1024, "{}", cut.len());
-        assert!(cut.ends_with(" …") && cut.starts_with("éé"));
+    fn stripped_pods_keep_what_ready_times_need() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "m-cloud-1", "namespace": "prod", "uid": "p1",
+                         "labels": {"tidal.rs/inference-service": "m"},
+                         "annotations": {"big": "x".repeat(4096)},
+                         "creationTimestamp": "2026-12-01T10:00:00Z",
+                         "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"containers": [{"name": "worker", "image": "tidal-worker"}]},
+            "status": {"phase": "Running", "podIP": "198.18.0.7", "conditions": [
+                {"type": "PodScheduled", "status": "True",
+                 "lastTransitionTime": "2026-12-01T10:00:01Z"},
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-01T10:00:42Z",
+                 "message": "ok"}]}
+        }))
+        .unwrap();
+        strip_pod(&mut pod);
+        assert!(pod.spec.is_none() && pod.metadata.annotations.is_none());
+        assert!(pod.metadata.managed_fields.is_none());
+        assert_eq!(pod.labels()["tidal.rs/inference-service"], "m");
+        let conditions = pod.status.as_ref().unwrap().conditions.as_ref().unwrap();
+        assert_eq!(conditions.len(), 1);
+
+        let pods = [Arc::new(pod)];
+        let mut seen = HashSet::new();
+        assert_eq!(observe::new_ready_times(&pods, &mut seen), [42.0]);
+        // Counted once.
+        assert!(observe::new_ready_times(&pods, &mut seen).is_empty());
     }
 }
