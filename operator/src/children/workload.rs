@@ -22,8 +22,9 @@ use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec};
 /// Where the placement ConfigMap is mounted in router and expert pods.
 pub const PLACEMENT_DIR: &str = "/etc/tidal/placement";
 /// How long a terminating worker keeps serving before SIGTERM: long enough for kube-proxy and
-/// the routers to stop sending it requests once its pod is terminating.
-pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+/// the routers to stop sending it requests once its pod is terminating. 5 s was not always
+/// enough on a busy 2-core node (a CI run saw one connection refused after a scale-down).
+pub const PRE_STOP_SLEEP_SECONDS: i64 = 10;
 
 /// What every child of one InferenceService shares.
 pub(super) struct Base<'a> {
