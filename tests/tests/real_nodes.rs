@@ -681,6 +681,80 @@ async fn answers(base: &str, model: &str) -> Result<(), String> {
     }
 }
 
+/// Edge traffic as an edge site's gateway sends it: to the edge pod first and, when that
+/// attempt fails in transport (the site is unreachable: connect timeout, reset, no answer), once
+/// more to the cloud Service, as an EdgeNode with `failoverToCloud` promises. Counts who served.
+#[derive(Default)]
+struct EdgeTraffic {
+    by_edge: AtomicU64,
+    by_cloud: AtomicU64,
+    failed: std::sync::Mutex<Vec<String>>,
+    /// The edge pod's base URL (it may be another pod after the site comes back).
+    edge: std::sync::Mutex<String>,
+}
+
+impl EdgeTraffic {
+    /// One request per second until `stop`; returns when the last one is answered.
+    fn start(
+        self: &Arc<Self>,
+        cloud: String,
+        model: &str,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let model = model.to_string();
+        tokio::spawn(async move {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .expect("http client");
+            let mut inflight = Vec::new();
+            // Bounded: at most 10 minutes of traffic.
+            for _ in 0..600 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let edge = me.edge.lock().unwrap().clone();
+                let (me, client, cloud, model) =
+                    (me.clone(), client.clone(), cloud.clone(), model.clone());
+                inflight.push(tokio::spawn(async move {
+                    let body = json!({"model": model, "prompt": "hello", "max_tokens": 2});
+                    let send = |base: &str| {
+                        client
+                            .post(format!("{base}/v1/completions"))
+                            .json(&body)
+                            .timeout(Duration::from_secs(20))
+                            .send()
+                    };
+                    let outcome = match send(&edge).await {
+                        Ok(r) => Ok((r, &me.by_edge)),
+                        Err(_) => send(&cloud).await.map(|r| (r, &me.by_cloud)),
+                    };
+                    match outcome {
+                        Ok((r, counter)) if r.status().is_success() => {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((r, _)) => me.failed.lock().unwrap().push(r.status().to_string()),
+                        Err(e) => me.failed.lock().unwrap().push(e.to_string()),
+                    }
+                }));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            for t in inflight {
+                let _ = t.await;
+            }
+        })
+    }
+
+    fn served(&self) -> (u64, u64) {
+        (
+            self.by_edge.load(Ordering::Relaxed),
+            self.by_cloud.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// `http://IP:8080` of a Service's ClusterIP, or of a pod.
 async fn base_of_service(ctx: &TestCtx, svc: &str) -> Result<String, String> {
     let s = ctx
@@ -773,6 +847,29 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
     };
     eventually("EdgeNode Ready", START, || phase("Ready")).await;
 
+    // The site's traffic, through a gateway that fails over to the cloud Service.
+    let edge_pod = ready_pods(&ctx, &ns, &edge_selector).await[0].0.clone();
+    let traffic = Arc::new(EdgeTraffic {
+        edge: std::sync::Mutex::new(base_of_pod(&ctx, &edge_pod).await.unwrap()),
+        ..Default::default()
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic.start(
+        base_of_service(&ctx, &format!("{name}-cloud"))
+            .await
+            .unwrap(),
+        name,
+        stop.clone(),
+    );
+    eventually("the edge pod serves the site's traffic", START, || async {
+        match traffic.served() {
+            (edge, _) if edge >= 3 => Ok(()),
+            other => Err(format!("served by (edge, cloud): {other:?}")),
+        }
+    })
+    .await;
+    let (_, cloud_before_cut) = traffic.served();
+
     // The site loses its uplink: no heartbeat, nothing reaches its pods.
     let cut = Cut::edge("tidal-edge");
     eventually("EdgeNode Offline", START, || phase("Offline")).await;
@@ -803,6 +900,13 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
         },
     )
     .await;
+    eventually("the cloud serves the site's traffic", START, || async {
+        match traffic.served() {
+            (_, cloud) if cloud >= cloud_before_cut + 3 => Ok(()),
+            other => Err(format!("served by (edge, cloud): {other:?}")),
+        }
+    })
+    .await;
 
     // Back online: Ready again, the edge pod serves, the cloud returns to its own size.
     drop(cut);
@@ -827,5 +931,33 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
         },
     )
     .await;
-    eprintln!("[real-edge] {site} went Offline when cut, failed over to the cloud, and came back");
+    // The site's traffic returns to its edge pod, and no request was lost on the way.
+    let edge_pod = ready_pods(&ctx, &ns, &edge_selector).await[0].0.clone();
+    *traffic.edge.lock().unwrap() = base_of_pod(&ctx, &edge_pod).await.unwrap();
+    let (edge_before_restore, _) = traffic.served();
+    eventually(
+        "the edge pod serves the site's traffic again",
+        START,
+        || async {
+            match traffic.served() {
+                (edge, _) if edge >= edge_before_restore + 3 => Ok(()),
+                other => Err(format!("served by (edge, cloud): {other:?}")),
+            }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let failed = traffic.failed.lock().unwrap().clone();
+    let (by_edge, by_cloud) = traffic.served();
+    assert!(
+        failed.is_empty(),
+        "failoverToCloud: every request of the site is served, by its edge or the cloud; \
+         {} failed: {failed:?} (edge {by_edge}, cloud {by_cloud})",
+        failed.len()
+    );
+    eprintln!(
+        "[real-edge] {site} went Offline when cut, failed over to the cloud, and came back; \
+         site traffic: {by_edge} by the edge, {by_cloud} by the cloud, none failed"
+    );
 }
