@@ -12,7 +12,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::GenFixture(args) => {
             init_tracing(false);
-            tidal_worker::fixture::generate(&args.spec, &args.out)?;
+            tidal_worker::model::fixture::generate(&args.spec, &args.out)?;
             println!("wrote {}", args.out.display());
             Ok(())
         }

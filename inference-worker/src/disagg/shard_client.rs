@@ -5,7 +5,7 @@
 //! - One persistent HTTP/2 (prior knowledge, h2c) connection per replica,
 //!   multiplexing every concurrent layer message; reconnects on demand.
 //! - Per layer, one message per shard holding the tokens routed to its experts
-//!   ([`crate::wire`]); all shards are called concurrently. An expert listed by
+//!   ([`crate::disagg::wire`]); all shards are called concurrently. An expert listed by
 //!   several shards has its tokens split across them round-robin by the token's
 //!   order among that expert's tokens (deterministic, and every expert's output for
 //!   a row is bitwise independent of the split).
@@ -17,14 +17,14 @@
 //!   each layer call finishes on the table it started with (if that fails and the
 //!   table changed meanwhile, the layer is retried once on the new one).
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::loader::Loaded;
-use crate::metrics::Metrics;
-use crate::model::{ExpertPlacement, Model, RemoteExperts, Routes};
-use crate::placement::{Plan, PlanFile, authority};
-use crate::shard_metrics::ShardMetrics;
-use crate::text::TextCodec;
+use crate::model::loader::Loaded;
+use crate::serve::metrics::Metrics;
+use crate::model::decoder::{ExpertPlacement, Model, RemoteExperts, Routes};
+use crate::disagg::placement::{Plan, PlanFile, authority};
+use crate::disagg::metrics::ShardMetrics;
+use crate::serve::text::TextCodec;
 use bytes::Bytes;
 use candle_core::{DType, Tensor};
 use http_body_util::{BodyExt, Full};
@@ -374,8 +374,8 @@ impl ShardClient {
                 replica.drop_conn().await;
                 return Err(retry(format!("{}: {e}", replica.addr)));
             }
-            let req = hyper::Request::post(format!("http://{}{}", replica.addr, crate::wire::PATH))
-                .header(hyper::header::CONTENT_TYPE, crate::wire::CONTENT_TYPE)
+            let req = hyper::Request::post(format!("http://{}{}", replica.addr, crate::disagg::wire::PATH))
+                .header(hyper::header::CONTENT_TYPE, crate::disagg::wire::CONTENT_TYPE)
                 .body(Full::new(body))
                 .map_err(|e| AttemptError {
                     message: e.to_string(),
@@ -502,7 +502,7 @@ impl ShardClient {
             })?;
             let idx = Tensor::new(rows.as_slice(), xs.device())?;
             let sub = xs.index_select(&idx, 0)?;
-            let body = Bytes::from(crate::wire::encode_request(layer, &sub, rs)?);
+            let body = Bytes::from(crate::disagg::wire::encode_request(layer, &sub, rs)?);
             self.metrics.shards.add_bytes("sent", body.len());
             calls.push(async move {
                 let t0 = Instant::now();
@@ -520,7 +520,7 @@ impl ShardClient {
         for (idx, n, r) in answers {
             let bytes = r?;
             self.metrics.shards.add_bytes("received", bytes.len());
-            let part = crate::wire::decode_response(&bytes, n, hidden, xs.dtype())?;
+            let part = crate::disagg::wire::decode_response(&bytes, n, hidden, xs.dtype())?;
             ys = ys.index_add(&idx, &part, 0)?;
         }
         Ok(ys)
@@ -558,7 +558,7 @@ pub fn load_router(
     client: Arc<ShardClient>,
     warmup_for: Duration,
 ) -> Result<Loaded> {
-    let dir = crate::hub::resolve(source)?;
+    let dir = crate::model::hub::resolve(source)?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     if !cfg.is_moe() {
         return Err(Error::Unsupported(

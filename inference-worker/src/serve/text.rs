@@ -251,7 +251,7 @@ mod tests {
 
     fn codec() -> (tempfile::TempDir, TextCodec) {
         let dir = tempfile::tempdir().unwrap();
-        crate::fixture::build_tokenizer()
+        crate::model::fixture::build_tokenizer()
             .unwrap()
             .save(dir.path().join("tokenizer.json"), false)
             .unwrap();

@@ -1,5 +1,5 @@
 //! The `expert` role: serves the FFNs of the experts that the placement plan gives
-//! to this shard (`POST /v1/experts/forward`, see [`crate::wire`]), plus `/health`,
+//! to this shard (`POST /v1/experts/forward`, see [`crate::disagg::wire`]), plus `/health`,
 //! `/ready` and `/metrics`.
 //!
 //! An expert's weights (all layers) are loaded from the checkpoint when the plan
@@ -10,12 +10,12 @@
 //! assigned are dropped once unused for [`UNLOAD_AFTER`].
 
 use crate::cli::ServeArgs;
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::model::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
-use crate::placement::{Plan, PlanFile};
-use crate::weights::Checkpoint;
+use crate::serve::metrics::Metrics;
+use crate::model::decoder::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
+use crate::disagg::placement::{Plan, PlanFile};
+use crate::model::weights::Checkpoint;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -228,7 +228,7 @@ impl ExpertShard {
     pub fn compute(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, (StatusCode, String)> {
         let bad = |e: Error| (StatusCode::BAD_REQUEST, e.to_string());
         let internal = |e: Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-        let req = crate::wire::decode_request(msg).map_err(bad)?;
+        let req = crate::disagg::wire::decode_request(msg).map_err(bad)?;
         let (_, hidden) = req.xs.dims2().map_err(|e| bad(e.into()))?;
         if req.layer >= self.cfg.num_hidden_layers || hidden != self.cfg.hidden_size {
             return Err((
@@ -277,14 +277,14 @@ impl ExpertShard {
         )
         .and_then(|ys| Ok(ys.to_dtype(in_dtype)?))
         .map_err(internal)?;
-        crate::wire::encode_response(&ys).map_err(internal)
+        crate::disagg::wire::encode_response(&ys).map_err(internal)
     }
 }
 
 /// The expert role's HTTP endpoints.
 pub fn router(shard: Arc<ExpertShard>) -> Router {
     Router::new()
-        .route(crate::wire::PATH, post(forward))
+        .route(crate::disagg::wire::PATH, post(forward))
         .route(
             "/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
@@ -316,7 +316,7 @@ async fn forward(State(shard): State<Arc<ExpertShard>>, body: Bytes) -> Response
         Ok(Ok(bytes)) => {
             shard.metrics.shards.add_bytes("sent", bytes.len());
             (
-                [(axum::http::header::CONTENT_TYPE, crate::wire::CONTENT_TYPE)],
+                [(axum::http::header::CONTENT_TYPE, crate::disagg::wire::CONTENT_TYPE)],
                 bytes,
             )
                 .into_response()
@@ -405,7 +405,7 @@ pub async fn serve(
     let shard_idx = args
         .shard
         .ok_or_else(|| Error::Other("the expert role needs --shard (TIDAL_SHARD)".into()))?;
-    let dtype = crate::model::parse_dtype(&args.dtype)?;
+    let dtype = crate::model::decoder::parse_dtype(&args.dtype)?;
     let plan_file = PlanFile::open(&plan_path)?;
     let bind_err = |source| Error::Bind {
         addr: args.listen,
@@ -419,7 +419,7 @@ pub async fn serve(
     let source = args.model.clone();
     let m = metrics.clone();
     let shard = tokio::task::spawn_blocking(move || {
-        let dir = crate::hub::resolve(&source)?;
+        let dir = crate::model::hub::resolve(&source)?;
         ExpertShard::open(&dir, dtype, shard_idx, m)
     })
     .await

@@ -1,7 +1,7 @@
 //! OpenAI request/response types and request validation.
 
-use crate::sampling::SamplingParams;
-use crate::text::ChatMessage;
+use crate::serve::sampling::SamplingParams;
+use crate::serve::text::ChatMessage;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};

@@ -3,7 +3,7 @@
 //! Weights are shared; the KV cache lives outside the model in a [`KvCache`] per
 //! sequence so that one model can serve many sequences (continuous batching).
 
-use crate::config::{Arch, ModelConfig};
+use crate::model::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -486,7 +486,7 @@ impl Model {
         placement: ExpertPlacement,
     ) -> Result<Self> {
         if let ExpertPlacement::Remote(_) = placement {
-            let index = crate::weights::Checkpoint::open(dir)?;
+            let index = crate::model::weights::Checkpoint::open(dir)?;
             let tensors = index.load_where(|name| !name.contains(".block_sparse_moe.experts."))?;
             let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
             return Self::load_with(cfg, vb, placement);

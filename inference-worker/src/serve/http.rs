@@ -1,14 +1,14 @@
 //! The HTTP API (axum): OpenAI-compatible endpoints, health, readiness, metrics.
 
-use crate::api::{ApiError, ChatRequest, Checked, CompletionRequest, Limits, Usage, parse_json};
-use crate::engine::{EngineHandle, EscalationMark, Event, GenRequest};
-use crate::escalation::{
+use crate::serve::api::{ApiError, ChatRequest, Checked, CompletionRequest, Limits, Usage, parse_json};
+use crate::serve::engine::{EngineHandle, EscalationMark, Event, GenRequest};
+use crate::serve::escalation::{
     Continuation, ESCALATED_FROM_HEADER, ESCALATED_HEADER, ESCALATION_FAILED_HEADER,
     EscalationConfig, Escalator, Forwarded, OnCloudUnavailable, cloud_unavailable_error,
 };
-use crate::metrics::Metrics;
-use crate::model::Model;
-use crate::text::{ChatMessage, TextCodec};
+use crate::serve::metrics::Metrics;
+use crate::model::decoder::Model;
+use crate::serve::text::{ChatMessage, TextCodec};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};

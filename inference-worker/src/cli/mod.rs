@@ -1,10 +1,10 @@
 //! Command line (clap) and the `serve` lifecycle: bind, load, serve, drain on SIGTERM.
 
-use crate::engine::EngineConfig;
+use crate::serve::engine::EngineConfig;
 use crate::error::{Error, Result};
-use crate::fixture::FixtureSpec;
-use crate::metrics::Metrics;
-use crate::server::{AppState, Served, ServerConfig};
+use crate::model::fixture::FixtureSpec;
+use crate::serve::metrics::Metrics;
+use crate::serve::http::{AppState, Served, ServerConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -72,9 +72,9 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "TIDAL_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
-    /// Edge escalation to a cloud endpoint (see crate::escalation).
+    /// Edge escalation to a cloud endpoint (see crate::serve::escalation).
     #[command(flatten)]
-    pub escalation: crate::escalation::EscalationArgs,
+    pub escalation: crate::serve::escalation::EscalationArgs,
     /// Expert placement plan (plan.json) for the router and expert roles; reloaded
     /// when it changes.
     #[arg(long, env = "TIDAL_PLACEMENT_FILE")]
@@ -112,7 +112,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     if args.role == Role::Expert {
-        return crate::expert_server::serve(args, shutdown).await;
+        return crate::disagg::expert_server::serve(args, shutdown).await;
     }
     let plan_path = match (args.role, &args.placement_file) {
         (Role::Router, None) => {
@@ -123,7 +123,7 @@ pub async fn serve(
         (Role::Router, Some(p)) => Some(p.clone()),
         _ => None,
     };
-    let dtype = crate::model::parse_dtype(&args.dtype)?;
+    let dtype = crate::model::decoder::parse_dtype(&args.dtype)?;
     let bind_err = |source| Error::Bind {
         addr: args.listen,
         source,
@@ -151,7 +151,7 @@ pub async fn serve(
     let loader_state = state.clone();
     let shards = match plan_path {
         Some(p) => Some(
-            crate::shard_client::ShardClient::start(&p, Default::default(), metrics.clone())
+            crate::disagg::shard_client::ShardClient::start(&p, Default::default(), metrics.clone())
                 .await?,
         ),
         None => None,
@@ -159,15 +159,15 @@ pub async fn serve(
     let shard_client = shards.clone();
     let load = tokio::task::spawn_blocking(move || match shards {
         Some(client) => {
-            crate::shard_client::load_router(&source, dtype, client, Duration::from_secs(600))
+            crate::disagg::shard_client::load_router(&source, dtype, client, Duration::from_secs(600))
         }
-        None => crate::loader::load(&source, dtype),
+        None => crate::model::loader::load(&source, dtype),
     });
     let loaded = tokio::spawn(async move {
         match load.await {
             Ok(Ok(l)) => {
                 let engine =
-                    crate::engine::spawn(l.model.clone(), l.codec.clone(), engine_cfg, metrics);
+                    crate::serve::engine::spawn(l.model.clone(), l.codec.clone(), engine_cfg, metrics);
                 loader_state.set_served(Served {
                     engine,
                     codec: l.codec,
@@ -181,7 +181,7 @@ pub async fn serve(
         }
     });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = crate::server::router(state.clone());
+    let app = crate::serve::http::router(state.clone());
     let mut server = tokio::spawn(
         axum::serve(listener, app)
             .with_graceful_shutdown(async {

@@ -18,12 +18,12 @@
 //! worker (for an overloaded worker that means the usual 429) and marks the response;
 //! `fail` answers a 503 `cloud_unavailable` error.
 
-use crate::api::{ApiError, Checked};
-use crate::engine::{
+use crate::serve::api::{ApiError, Checked};
+use crate::serve::engine::{
     ConfidenceCheck, EngineHandle, EscalationMark, Event, FinishReason, GenRequest, Handoff,
 };
-use crate::metrics::{EscalationReason, Metrics};
-use crate::text::ChatMessage;
+use crate::serve::metrics::{EscalationReason, Metrics};
+use crate::serve::text::ChatMessage;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use std::sync::Arc;

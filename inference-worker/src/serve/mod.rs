@@ -1,0 +1,9 @@
+//! Serving one model over an OpenAI-compatible HTTP API.
+
+pub mod api;
+pub mod engine;
+pub mod escalation;
+pub mod http;
+pub mod metrics;
+pub mod sampling;
+pub mod text;
