@@ -13,7 +13,7 @@ use crate::cli::ServeArgs;
 use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::serve::metrics::Metrics;
-use crate::model::decoder::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
+use crate::model::moe::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
 use crate::disagg::placement::{Plan, PlanFile};
 use crate::model::weights::Checkpoint;
 use axum::Router;

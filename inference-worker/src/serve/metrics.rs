@@ -1,7 +1,7 @@
 //! Every metric the worker exports. The names are a contract with the autoscaler:
 //! `inference-worker/METRICS.md` documents each one; keep the two in sync.
 
-use crate::model::decoder::ExpertCounts;
+use crate::model::moe::ExpertCounts;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

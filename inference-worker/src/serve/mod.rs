@@ -5,5 +5,6 @@ pub mod engine;
 pub mod escalation;
 pub mod http;
 pub mod metrics;
+pub mod response;
 pub mod sampling;
 pub mod text;
