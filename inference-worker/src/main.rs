@@ -1,4 +1,5 @@
 use clap::Parser;
+use tidal_worker::cli::commands::{gen_fixture::gen_fixture, serve::serve};
 use tidal_worker::cli::{Cli, Command};
 
 #[tokio::main]
@@ -7,13 +8,12 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_json);
-            tidal_worker::cli::serve(args, tidal_worker::cli::shutdown_signal()).await?;
+            serve(args, tidal_worker::cli::commands::serve::shutdown_signal()).await?;
             Ok(())
         }
         Command::GenFixture(args) => {
             init_tracing(false);
-            tidal_worker::model::fixture::generate(&args.spec, &args.out)?;
-            println!("wrote {}", args.out.display());
+            gen_fixture(&args)?;
             Ok(())
         }
     }

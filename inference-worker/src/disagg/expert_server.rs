@@ -9,7 +9,6 @@
 //! since any holder of the weights computes the same result). Experts no longer
 //! assigned are dropped once unused for [`UNLOAD_AFTER`].
 
-use crate::cli::ServeArgs;
 use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::serve::metrics::Metrics;
@@ -27,7 +26,8 @@ use candle_nn::VarBuilder;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::future::{Future, IntoFuture};
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -393,30 +393,39 @@ pub async fn activate(
     Ok(vec![watch, sweep])
 }
 
+/// What [`serve`] needs to run an expert shard (the CLI builds it from its flags).
+#[derive(Debug, Clone)]
+pub struct ExpertServerConfig {
+    /// Local checkpoint directory or `hf://org/name[@revision]`.
+    pub model: String,
+    pub listen: SocketAddr,
+    pub dtype: DType,
+    /// The placement plan (`plan.json`); reloaded when it changes.
+    pub placement_file: PathBuf,
+    /// This shard's index in the placement plan.
+    pub shard: usize,
+    /// How long in-flight requests may run after `shutdown`.
+    pub grace: Duration,
+}
+
 /// `tidal-worker serve --role expert`: binds, loads this shard's experts, serves
 /// until `shutdown`, then drains for up to the grace period.
 pub async fn serve(
-    args: ServeArgs,
+    cfg: ExpertServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let plan_path = args.placement_file.clone().ok_or_else(|| {
-        Error::Other("the expert role needs --placement-file (TIDAL_PLACEMENT_FILE)".into())
-    })?;
-    let shard_idx = args
-        .shard
-        .ok_or_else(|| Error::Other("the expert role needs --shard (TIDAL_SHARD)".into()))?;
-    let dtype = crate::model::decoder::parse_dtype(&args.dtype)?;
-    let plan_file = PlanFile::open(&plan_path)?;
+    let (plan_path, shard_idx, dtype) = (&cfg.placement_file, cfg.shard, cfg.dtype);
+    let plan_file = PlanFile::open(plan_path)?;
     let bind_err = |source| Error::Bind {
-        addr: args.listen,
+        addr: cfg.listen,
         source,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(bind_err)?;
     tracing::info!(addr = %listener.local_addr().map_err(bind_err)?, shard = shard_idx, "expert shard listening");
     let metrics = Arc::new(Metrics::new());
-    let source = args.model.clone();
+    let source = cfg.model.clone();
     let m = metrics.clone();
     let shard = tokio::task::spawn_blocking(move || {
         let dir = crate::model::hub::resolve(&source)?;
@@ -460,7 +469,7 @@ pub async fn serve(
     for t in tasks {
         t.abort();
     }
-    match tokio::time::timeout(Duration::from_secs(args.grace_seconds), &mut server).await {
+    match tokio::time::timeout(cfg.grace, &mut server).await {
         Ok(res) => res
             .map_err(|e| Error::Other(e.to_string()))?
             .map_err(Error::Serve)?,

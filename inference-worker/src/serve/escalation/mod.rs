@@ -22,9 +22,6 @@ pub mod cloud;
 pub mod continuation;
 
 use crate::serve::engine::ConfidenceCheck;
-use crate::serve::metrics::Metrics;
-use cloud::Escalator;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Request header set on every request an edge sends to the cloud. A worker that gets it
@@ -96,83 +93,6 @@ impl EscalationConfig {
             threshold: self.confidence_threshold,
             window: self.confidence_window.max(1),
         })
-    }
-}
-
-fn parse_threshold(s: &str) -> Result<f32, String> {
-    let v: f32 = s.parse().map_err(|e| format!("not a number: {e}"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("must be in [0, 1], got {v}"))
-    }
-}
-
-/// The `serve` flags of edge escalation (each also read from its `TIDAL_*` variable).
-#[derive(Debug, Clone, clap::Args)]
-pub struct EscalationArgs {
-    /// Cloud base URL to escalate requests to (e.g. http://svc-cloud.ns.svc:8080); unset:
-    /// no escalation and the other escalation flags are ignored.
-    #[arg(long, env = "TIDAL_ESCALATE_TO")]
-    pub escalate_to: Option<String>,
-    /// `model` to ask the cloud for; default: the first model the cloud lists.
-    #[arg(long, env = "TIDAL_ESCALATE_MODEL")]
-    pub escalate_model: Option<String>,
-    /// Escalate when the mean max-softmax probability over the last
-    /// --confidence-window generated tokens falls below this (0 never escalates).
-    #[arg(long, env = "TIDAL_CONFIDENCE_THRESHOLD", default_value_t = 0.0, value_parser = parse_threshold)]
-    pub confidence_threshold: f32,
-    /// Generated tokens the confidence is averaged over (checked once that many exist).
-    #[arg(long, env = "TIDAL_CONFIDENCE_WINDOW", default_value_t = 8,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub confidence_window: u64,
-    /// Forward requests to the cloud instead of answering 429 when the queue is full.
-    #[arg(long, env = "TIDAL_ESCALATE_ON_OVERLOAD", default_value_t = false,
-          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
-    pub escalate_on_overload: bool,
-    /// When the cloud cannot be reached: go on locally (and mark the response) or fail.
-    #[arg(
-        long,
-        env = "TIDAL_ON_CLOUD_UNAVAILABLE",
-        value_enum,
-        default_value = "serve-locally"
-    )]
-    pub on_cloud_unavailable: OnCloudUnavailable,
-    /// Limit for connecting to the cloud, in milliseconds.
-    #[arg(
-        long,
-        env = "TIDAL_ESCALATION_CONNECT_TIMEOUT_MS",
-        default_value_t = 2000
-    )]
-    pub escalation_connect_timeout_ms: u64,
-    /// Limit for the cloud's response headers and each read of its stream, in milliseconds.
-    #[arg(
-        long,
-        env = "TIDAL_ESCALATION_READ_TIMEOUT_MS",
-        default_value_t = 30000
-    )]
-    pub escalation_read_timeout_ms: u64,
-}
-
-impl EscalationArgs {
-    /// The validated configuration, or None when no cloud endpoint is set.
-    pub fn to_config(&self) -> crate::Result<Option<EscalationConfig>> {
-        let Some(url) = &self.escalate_to else {
-            return Ok(None);
-        };
-        let config = EscalationConfig {
-            cloud_url: url.clone(),
-            cloud_model: self.escalate_model.clone(),
-            confidence_threshold: self.confidence_threshold,
-            confidence_window: self.confidence_window as usize,
-            on_overload: self.escalate_on_overload,
-            on_cloud_unavailable: self.on_cloud_unavailable,
-            connect_timeout: Duration::from_millis(self.escalation_connect_timeout_ms),
-            read_timeout: Duration::from_millis(self.escalation_read_timeout_ms),
-        };
-        // Fails here, at startup, rather than on the first escalation.
-        Escalator::new(config.clone(), Arc::new(Metrics::new()))?;
-        Ok(Some(config))
     }
 }
 
