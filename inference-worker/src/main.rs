@@ -1,6 +1,7 @@
 use clap::Parser;
 use tidal_worker::cli::commands::{gen_fixture::gen_fixture, serve::serve};
 use tidal_worker::cli::{Cli, Command};
+use tidal_worker::serve::lifecycle::shutdown_signal;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -8,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_json);
-            serve(args, tidal_worker::cli::commands::serve::shutdown_signal()).await?;
+            serve(args, shutdown_signal()).await?;
             Ok(())
         }
         Command::GenFixture(args) => {

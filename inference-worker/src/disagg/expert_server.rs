@@ -11,6 +11,7 @@
 
 use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::serve::lifecycle;
 use crate::serve::metrics::Metrics;
 use crate::model::moe::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
 use crate::disagg::placement::{Plan, PlanFile};
@@ -25,7 +26,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -416,14 +417,8 @@ pub async fn serve(
 ) -> Result<()> {
     let (plan_path, shard_idx, dtype) = (&cfg.placement_file, cfg.shard, cfg.dtype);
     let plan_file = PlanFile::open(plan_path)?;
-    let bind_err = |source| Error::Bind {
-        addr: cfg.listen,
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(bind_err)?;
-    tracing::info!(addr = %listener.local_addr().map_err(bind_err)?, shard = shard_idx, "expert shard listening");
+    let (listener, addr) = lifecycle::bind(cfg.listen).await?;
+    tracing::info!(%addr, shard = shard_idx, "expert shard listening");
     let metrics = Arc::new(Metrics::new());
     let source = cfg.model.clone();
     let m = metrics.clone();
@@ -433,51 +428,13 @@ pub async fn serve(
     })
     .await
     .map_err(|e| Error::Other(format!("the loader panicked: {e}")))??;
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        axum::serve(listener, router(shard.clone()))
-            .with_graceful_shutdown(async {
-                let _ = drain_rx.await;
-            })
-            .into_future(),
-    );
-    let activated = activate(shard.clone(), plan_file);
-    let mut shutdown = Box::pin(shutdown);
-    let mut tasks = vec![];
-    tokio::select! {
-        res = activated => tasks = res?,
-        () = &mut shutdown => {}
-        res = &mut server => {
-            res.map_err(|e| Error::Other(e.to_string()))?.map_err(Error::Serve)?;
-            return Ok(());
+    let app = router(shard.clone());
+    let startup = activate(shard.clone(), plan_file);
+    let on_drain = move |tasks: Option<Vec<tokio::task::JoinHandle<()>>>| {
+        shard.begin_drain();
+        for t in tasks.into_iter().flatten() {
+            t.abort();
         }
-    }
-    if tasks.is_empty() {
-        // Shutdown came first.
-    } else {
-        tokio::select! {
-            () = &mut shutdown => {}
-            res = &mut server => {
-                res.map_err(|e| Error::Other(e.to_string()))?.map_err(Error::Serve)?;
-                return Ok(());
-            }
-        }
-    }
-    tracing::info!("shutdown requested: draining");
-    shard.begin_drain();
-    let _ = drain_tx.send(());
-    for t in tasks {
-        t.abort();
-    }
-    match tokio::time::timeout(cfg.grace, &mut server).await {
-        Ok(res) => res
-            .map_err(|e| Error::Other(e.to_string()))?
-            .map_err(Error::Serve)?,
-        Err(_) => {
-            tracing::warn!("grace period over; exiting with requests still in flight");
-            server.abort();
-        }
-    }
-    tracing::info!("drained; exiting");
-    Ok(())
+    };
+    lifecycle::serve(listener, app, startup, shutdown, cfg.grace, on_drain).await
 }

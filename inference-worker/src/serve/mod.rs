@@ -4,6 +4,7 @@ pub mod api;
 pub mod engine;
 pub mod escalation;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod response;
 pub mod sampling;

@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::serve::engine::EngineConfig;
 use crate::serve::http::{AppState, Served, ServerConfig};
 use crate::serve::metrics::Metrics;
-use std::future::{Future, IntoFuture};
+use crate::serve::lifecycle;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,14 +32,8 @@ pub async fn serve(
         _ => None,
     };
     let dtype = crate::model::decoder::parse_dtype(&args.dtype)?;
-    let bind_err = |source| Error::Bind {
-        addr: args.listen,
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(bind_err)?;
-    tracing::info!(addr = %listener.local_addr().map_err(bind_err)?, "listening");
+    let (listener, addr) = lifecycle::bind(args.listen).await?;
+    tracing::info!(%addr, "listening");
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(
         ServerConfig {
@@ -87,72 +82,20 @@ pub async fn serve(
             Err(e) => Err(Error::Other(format!("the loader panicked: {e}"))),
         }
     });
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let app = crate::serve::http::router(state.clone());
-    let mut server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = drain_rx.await;
-            })
-            .into_future(),
-    );
-    let mut loaded = loaded;
-    let mut load_pending = true;
-    let mut shutdown = Box::pin(shutdown);
-    loop {
-        tokio::select! {
-            // A failed load ends the process: the orchestrator restarts it, with a clear log.
-            res = &mut loaded, if load_pending => {
-                load_pending = false;
-                res.map_err(join_err)??;
-            }
-            res = &mut server => {
-                res.map_err(join_err)?.map_err(Error::Serve)?;
-                return Ok(());
-            }
-            () = &mut shutdown => break,
+    // A failed load ends the process: the orchestrator restarts it, with a clear log.
+    let startup = async move { loaded.await.map_err(join_err)? };
+    let on_drain = move |_: Option<()>| {
+        state.begin_drain();
+        if let Some(c) = &shard_client {
+            // A router still waiting for its shards gives up the warm-up.
+            c.close();
         }
-    }
-    tracing::info!("shutdown requested: draining");
-    state.begin_drain();
-    if let Some(c) = &shard_client {
-        // A router still waiting for its shards gives up the warm-up.
-        c.close();
-    }
-    let _ = drain_tx.send(());
-    match tokio::time::timeout(Duration::from_secs(args.grace_seconds), &mut server).await {
-        Ok(res) => res.map_err(join_err)?.map_err(Error::Serve)?,
-        Err(_) => {
-            tracing::warn!("grace period over; exiting with requests still in flight");
-            server.abort();
-        }
-    }
-    tracing::info!("drained; exiting");
-    Ok(())
+    };
+    let grace = Duration::from_secs(args.grace_seconds);
+    lifecycle::serve(listener, app, startup, shutdown, grace, on_drain).await
 }
 
 fn join_err(e: tokio::task::JoinError) -> Error {
     Error::Other(format!("a server task failed: {e}"))
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => futures::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = futures::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }
