@@ -8,4 +8,5 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod response;
 pub mod sampling;
+pub mod stop;
 pub mod text;

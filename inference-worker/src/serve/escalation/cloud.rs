@@ -4,9 +4,8 @@
 
 use crate::serve::api::{ApiError, Checked};
 use crate::serve::engine::{EscalationMark, Event, FinishReason};
-use crate::serve::escalation::{
-    ESCALATED_FROM_HEADER, EscalationConfig, OnCloudUnavailable, StopScanner,
-};
+use crate::serve::escalation::{ESCALATED_FROM_HEADER, EscalationConfig, OnCloudUnavailable};
+use crate::serve::stop::StopMatcher;
 use crate::serve::metrics::{EscalationReason, Metrics};
 use crate::serve::text::ChatMessage;
 use axum::http::StatusCode;
@@ -164,7 +163,7 @@ impl Escalator {
                         escalator: &this,
                         reason,
                         started,
-                        scanner: StopScanner::new(vec![], String::new()),
+                        scanner: StopMatcher::new(vec![], String::new()),
                         prompt_tokens: None,
                         edge_completion_tokens: 0,
                     };
@@ -246,7 +245,7 @@ pub(super) struct Pump<'a> {
     pub(super) escalator: &'a Escalator,
     pub(super) reason: EscalationReason,
     pub(super) started: Instant,
-    pub(super) scanner: StopScanner,
+    pub(super) scanner: StopMatcher,
     /// The edge's prompt tokens (None: take the cloud's count, for forwarded requests).
     pub(super) prompt_tokens: Option<usize>,
     pub(super) edge_completion_tokens: usize,

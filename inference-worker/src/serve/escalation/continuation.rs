@@ -4,7 +4,8 @@
 use crate::serve::api::Checked;
 use crate::serve::engine::{EngineHandle, EscalationMark, Event, FinishReason, GenRequest, Handoff};
 use crate::serve::escalation::cloud::{Escalator, Pump, sampling_fields};
-use crate::serve::escalation::{OnCloudUnavailable, StopScanner};
+use crate::serve::escalation::OnCloudUnavailable;
+use crate::serve::stop::StopMatcher;
 use crate::serve::metrics::EscalationReason;
 use serde_json::json;
 use std::sync::Arc;
@@ -46,7 +47,7 @@ impl Continuation {
         );
         let remaining = self.max_tokens.saturating_sub(h.completion_tokens).max(1);
         let held_back = h.text.get(h.sent..).unwrap_or_default().to_string();
-        let scanner = StopScanner::new(self.checked.stop.clone(), held_back);
+        let scanner = StopMatcher::new(self.checked.stop.clone(), held_back);
         if tx.is_closed() {
             return; // the client left while the edge was deciding
         }
@@ -94,7 +95,7 @@ impl Continuation {
         &self,
         h: Handoff,
         remaining: usize,
-        mut scanner: StopScanner,
+        mut scanner: StopMatcher,
         tx: &UnboundedSender<Event>,
     ) {
         let mut ids = self.prompt_ids.clone();

@@ -96,77 +96,9 @@ impl EscalationConfig {
     }
 }
 
-/// Applies stop sequences to text that continues text held back at the boundary (a
-/// possible stop prefix the edge had not sent yet).
-pub struct StopScanner {
-    stop: Vec<String>,
-    pending: String,
-}
-
-impl StopScanner {
-    pub fn new(stop: Vec<String>, held_back: String) -> Self {
-        Self {
-            stop,
-            pending: held_back,
-        }
-    }
-
-    /// Appends `text`; returns the text safe to send now and whether a stop sequence
-    /// matched (then the returned text ends right before it and nothing more follows).
-    pub fn push(&mut self, text: &str) -> (String, bool) {
-        self.pending.push_str(text);
-        if let Some(pos) = self
-            .stop
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
-            let out = self.pending[..pos].to_string();
-            self.pending.clear();
-            return (out, true);
-        }
-        let mut keep = 0;
-        for s in &self.stop {
-            for k in (1..s.len()).rev() {
-                if s.is_char_boundary(k) && self.pending.ends_with(&s[..k]) {
-                    keep = keep.max(k);
-                    break;
-                }
-            }
-        }
-        let cut = self.pending.len() - keep;
-        let out: String = self.pending.drain(..cut).collect();
-        (out, false)
-    }
-
-    /// The held-back rest, when the text ends for another reason.
-    pub fn flush(&mut self) -> String {
-        std::mem::take(&mut self.pending)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stop_sequences_straddling_the_boundary_cut_the_text() {
-        // The edge held back "wo" (a prefix of "world"); the cloud continues with "rld!".
-        let mut s = StopScanner::new(vec!["world".into()], "wo".into());
-        assert_eq!(s.push("rl"), (String::new(), false));
-        assert_eq!(s.push("d!"), (String::new(), true));
-
-        let mut s = StopScanner::new(vec!["world".into()], "wo".into());
-        assert_eq!(s.push("n"), ("won".to_string(), false));
-        assert_eq!(s.push("der w"), ("der ".to_string(), false));
-        assert_eq!(s.flush(), "w");
-
-        let mut s = StopScanner::new(vec!["ab".into(), "xyz".into()], String::new());
-        assert_eq!(s.push("1x"), ("1".to_string(), false));
-        assert_eq!(s.push("yab"), ("xy".to_string(), true));
-        let mut s = StopScanner::new(vec![], "kept".into());
-        assert_eq!(s.push("é"), ("kepté".to_string(), false));
-    }
 
     #[test]
     fn threshold_zero_disables_the_check() {
