@@ -1,3 +1,5 @@
+//! The `tidal-worker` binary: parses the command line and runs the command.
+
 use clap::Parser;
 use tidal_worker::cli::commands::{gen_fixture::gen_fixture, serve::serve};
 use tidal_worker::cli::{Cli, Command};

@@ -107,12 +107,16 @@ impl ServeArgs {
     }
     /// The expert role's configuration: needs `--placement-file` and `--shard`.
     pub fn expert_config(&self) -> Result<ExpertServerConfig> {
-        let placement_file = self.placement_file.clone().ok_or_else(|| {
-            Error::Other("the expert role needs --placement-file (TIDAL_PLACEMENT_FILE)".into())
+        let placement_file = self.placement_file.clone().ok_or(Error::MissingFlag {
+            role: "expert",
+            flag: "--placement-file",
+            env: "TIDAL_PLACEMENT_FILE",
         })?;
-        let shard = self
-            .shard
-            .ok_or_else(|| Error::Other("the expert role needs --shard (TIDAL_SHARD)".into()))?;
+        let shard = self.shard.ok_or(Error::MissingFlag {
+            role: "expert",
+            flag: "--shard",
+            env: "TIDAL_SHARD",
+        })?;
         Ok(ExpertServerConfig {
             model: self.model.clone(),
             listen: self.listen,

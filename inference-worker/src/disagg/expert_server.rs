@@ -146,10 +146,10 @@ impl ExpertShard {
             return Ok(());
         }
         if let Some(e) = todo.iter().find(|&&e| e >= self.cfg.num_experts) {
-            return Err(Error::Other(format!(
-                "expert {e} out of range (the model has {})",
-                self.cfg.num_experts
-            )));
+            return Err(Error::ExpertOutOfRange {
+                expert: *e,
+                num_experts: self.cfg.num_experts,
+            });
         }
         let layers = self.cfg.num_hidden_layers;
         let prefixes: HashSet<String> = todo
@@ -272,7 +272,7 @@ impl ExpertShard {
                 slots
                     .get(&e)
                     .map(|s| &s.layers[layer])
-                    .ok_or_else(|| Error::Other(format!("expert {e} is not loaded")))
+                    .ok_or(Error::ExpertNotLoaded(e))
             },
             |e, n| self.counts.add(layer, e, n as u64),
         )
@@ -365,7 +365,7 @@ pub async fn activate(
     let s = shard.clone();
     tokio::task::spawn_blocking(move || s.apply_plan(&plan))
         .await
-        .map_err(|e| Error::Other(format!("loading experts panicked: {e}")))??;
+        .map_err(Error::task("loading experts panicked"))??;
     shard.ready.store(true, Ordering::SeqCst);
     shard.metrics.ready.set(i64::from(shard.is_ready()));
     tracing::info!(shard = shard.shard, experts = ?shard.loaded(), "expert shard ready");
@@ -427,7 +427,7 @@ pub async fn serve(
         ExpertShard::open(&dir, dtype, shard_idx, m)
     })
     .await
-    .map_err(|e| Error::Other(format!("the loader panicked: {e}")))??;
+    .map_err(Error::task("the loader panicked"))??;
     let app = router(shard.clone());
     let startup = activate(shard.clone(), plan_file);
     let on_drain = move |tasks: Option<Vec<tokio::task::JoinHandle<()>>>| {

@@ -106,8 +106,13 @@ impl Replica {
         let stream =
             tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(&self.addr))
                 .await
-                .map_err(|_| Error::Other(format!("connecting to {} timed out", self.addr)))?
-                .map_err(|e| Error::Other(format!("cannot connect to {}: {e}", self.addr)))?;
+                .map_err(|_| Error::ConnectTimeout {
+                    addr: self.addr.clone(),
+                })?
+                .map_err(|source| Error::Connect {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -116,7 +121,10 @@ impl Replica {
                 .max_frame_size(1 << 20)
                 .handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .map_err(|e| Error::Other(format!("HTTP/2 handshake with {}: {e}", self.addr)))?;
+                .map_err(|source| Error::Handshake {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -428,10 +436,7 @@ impl ShardClient {
         let labels = ShardMetrics::shard(pool.shard);
         if n == 0 {
             self.metrics.shards.failures.get_or_create(&labels).inc();
-            return Err(Error::Other(format!(
-                "expert shard {} has no replica (none resolved from the placement plan)",
-                pool.shard
-            )));
+            return Err(Error::NoReplica { shard: pool.shard });
         }
         let start = pool.next.fetch_add(1, Ordering::Relaxed);
         // Replicas not marked down first, in round-robin order, then the others.
@@ -459,11 +464,10 @@ impl ShardClient {
             }
         }
         self.metrics.shards.failures.get_or_create(&labels).inc();
-        Err(Error::Other(format!(
-            "expert shard {} unavailable: {}",
-            pool.shard,
-            errors.join("; ")
-        )))
+        Err(Error::ShardUnavailable {
+            shard: pool.shard,
+            errors: errors.join("; "),
+        })
     }
 
     async fn forward_on(
@@ -481,7 +485,7 @@ impl ShardClient {
             for &(e, w) in r {
                 let holders = routing.holders.get(e).map_or(&[][..], Vec::as_slice);
                 if holders.is_empty() {
-                    return Err(Error::Other(format!(
+                    return Err(Error::PlanMismatch(format!(
                         "placement plan version {} assigns no shard to expert {e}",
                         routing.plan.version
                     )));
@@ -499,7 +503,7 @@ impl ShardClient {
         let mut calls = vec![];
         for (shard, (rows, rs)) in &parts {
             let pool = routing.pools.get(shard).ok_or_else(|| {
-                Error::Other(format!("expert shard {shard} is not in the placement plan"))
+                Error::PlanMismatch(format!("expert shard {shard} is not in the placement plan"))
             })?;
             let idx = Tensor::new(rows.as_slice(), xs.device())?;
             let sub = xs.index_select(&idx, 0)?;

@@ -195,14 +195,13 @@ impl Model {
         for (toks, cache) in batch.iter() {
             let (seq, offset) = (toks.len(), cache.len);
             if seq == 0 {
-                return Err(Error::Other("forward needs at least one token".into()));
+                return Err(Error::EmptyInput);
             }
             if offset + seq > self.cfg.max_position_embeddings {
-                return Err(Error::Other(format!(
-                    "sequence of {} tokens exceeds the context of {}",
-                    offset + seq,
-                    self.cfg.max_position_embeddings
-                )));
+                return Err(Error::ContextExceeded {
+                    tokens: offset + seq,
+                    context: self.cfg.max_position_embeddings,
+                });
             }
             let mask = if seq > 1 {
                 let m: Vec<f32> = (0..seq)

@@ -102,9 +102,10 @@ pub fn run_experts<'a>(
     for (row, r) in routes.iter().enumerate() {
         for &(e, w) in r {
             if e >= num_experts {
-                return Err(Error::Other(format!(
-                    "expert {e} out of range (the model has {num_experts})"
-                )));
+                return Err(Error::ExpertOutOfRange {
+                    expert: e,
+                    num_experts,
+                });
             }
             rows[e].push(row as u32);
             weights[e].push(w);

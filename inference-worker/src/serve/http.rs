@@ -246,13 +246,8 @@ struct Job {
 
 fn queue_full(st: &AppState) -> ApiError {
     ApiError {
-        status: StatusCode::TOO_MANY_REQUESTS,
         message: "the request queue is full; retry later".into(),
-        kind: "rate_limit_error",
-        param: None,
-        code: Some("rate_limit_exceeded"),
-        retry_after: Some(st.config.retry_after_secs),
-        escalation_failed: false,
+        ..ApiError::from_error(&crate::Error::QueueFull, st.config.retry_after_secs)
     }
 }
 
@@ -350,15 +345,8 @@ async fn start(
                 }),
             }
         }
-        Err(other) => Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: other.to_string(),
-            kind: "service_unavailable",
-            param: None,
-            code: None,
-            retry_after: Some(st.config.retry_after_secs),
-            escalation_failed: false,
-        }),
+        // The engine has stopped: 503.
+        Err(other) => Err(ApiError::from_error(&other, st.config.retry_after_secs)),
     }
 }
 

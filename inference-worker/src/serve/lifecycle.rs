@@ -49,7 +49,7 @@ pub async fn serve<T>(
         tokio::select! {
             res = &mut startup, if started.is_none() => started = Some(res?),
             res = &mut server => {
-                res.map_err(server_task)?.map_err(Error::Serve)?;
+                res.map_err(Error::task(SERVER_TASK))?.map_err(Error::Serve)?;
                 return Ok(());
             }
             () = &mut shutdown => break,
@@ -59,7 +59,7 @@ pub async fn serve<T>(
     on_drain(started);
     let _ = drain_tx.send(());
     match tokio::time::timeout(grace, &mut server).await {
-        Ok(res) => res.map_err(server_task)?.map_err(Error::Serve)?,
+        Ok(res) => res.map_err(Error::task(SERVER_TASK))?.map_err(Error::Serve)?,
         Err(_) => {
             tracing::warn!("grace period over; exiting with requests still in flight");
             server.abort();
@@ -69,9 +69,7 @@ pub async fn serve<T>(
     Ok(())
 }
 
-fn server_task(e: tokio::task::JoinError) -> Error {
-    Error::Other(format!("a server task failed: {e}"))
-}
+const SERVER_TASK: &str = "a server task failed";
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {

@@ -1,4 +1,5 @@
-//! Serving one model over an OpenAI-compatible HTTP API.
+//! Serving one model over an OpenAI-compatible HTTP API (and the HTTP lifecycle
+//! every role shares).
 
 pub mod api;
 pub mod engine;

@@ -24,9 +24,11 @@ pub async fn serve(
     }
     let plan_path = match (args.role, &args.placement_file) {
         (Role::Router, None) => {
-            return Err(Error::Other(
-                "the router role needs --placement-file (TIDAL_PLACEMENT_FILE)".into(),
-            ));
+            return Err(Error::MissingFlag {
+                role: "router",
+                flag: "--placement-file",
+                env: "TIDAL_PLACEMENT_FILE",
+            });
         }
         (Role::Router, Some(p)) => Some(p.clone()),
         _ => None,
@@ -79,12 +81,15 @@ pub async fn serve(
                 Ok(())
             }
             Ok(Err(e)) => Err(e),
-            Err(e) => Err(Error::Other(format!("the loader panicked: {e}"))),
+            Err(source) => Err(Error::Task {
+                what: "the loader panicked",
+                source,
+            }),
         }
     });
     let app = crate::serve::http::router(state.clone());
     // A failed load ends the process: the orchestrator restarts it, with a clear log.
-    let startup = async move { loaded.await.map_err(join_err)? };
+    let startup = async move { loaded.await.map_err(Error::task("a server task failed"))? };
     let on_drain = move |_: Option<()>| {
         state.begin_drain();
         if let Some(c) = &shard_client {
@@ -94,8 +99,4 @@ pub async fn serve(
     };
     let grace = Duration::from_secs(args.grace_seconds);
     lifecycle::serve(listener, app, startup, shutdown, grace, on_drain).await
-}
-
-fn join_err(e: tokio::task::JoinError) -> Error {
-    Error::Other(format!("a server task failed: {e}"))
 }

@@ -36,10 +36,10 @@ impl Escalator {
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
             .build()
-            .map_err(|e| crate::Error::Other(format!("cannot build the escalation client: {e}")))?;
+            .map_err(crate::Error::HttpClient)?;
         let base = config.cloud_url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(crate::Error::Other(format!(
+            return Err(crate::Error::InvalidConfig(format!(
                 "--escalate-to must be an http:// or https:// URL, got `{}`",
                 config.cloud_url
             )));
