@@ -17,10 +17,10 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
-use tidal_worker::serve::metrics::Metrics;
+use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::http::{AppState, Served, ServerConfig};
+use tidal_worker::serve::metrics::Metrics;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Parser)]
@@ -78,7 +78,9 @@ fn baseline_tok_s(dir: &std::path::Path, prompt: &[u32], n: usize) -> f64 {
             .unsqueeze(0)
             .unwrap();
         let logits = model.forward(&input, prompt.len() + i).unwrap();
-        next = tidal_worker::serve::sampling::argmax(&logits.flatten_all().unwrap().to_vec1().unwrap());
+        next = tidal_worker::serve::sampling::argmax(
+            &logits.flatten_all().unwrap().to_vec1().unwrap(),
+        );
     }
     n as f64 / start.elapsed().as_secs_f64()
 }
@@ -295,7 +297,9 @@ async fn main() {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, tidal_worker::serve::http::router(state)).await });
+    tokio::spawn(
+        async move { axum::serve(listener, tidal_worker::serve::http::router(state)).await },
+    );
 
     let mut rows = vec![];
     let mut aggs = vec![];

@@ -19,11 +19,11 @@ use clap::Parser;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidal_worker::disagg::expert_server::{ExpertShard, activate};
-use tidal_worker::model::fixture::FixtureSpec;
-use tidal_worker::serve::metrics::Metrics;
-use tidal_worker::model::decoder::Model;
 use tidal_worker::disagg::placement::PlanFile;
 use tidal_worker::disagg::shard_client::{ClientConfig, ShardClient};
+use tidal_worker::model::decoder::Model;
+use tidal_worker::model::fixture::FixtureSpec;
+use tidal_worker::serve::metrics::Metrics;
 
 #[derive(Parser)]
 struct Args {

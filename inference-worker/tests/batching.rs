@@ -4,8 +4,8 @@
 
 use candle_core::DType;
 use tidal_worker::model::config::ModelConfig;
-use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
 use tidal_worker::model::decoder::{KvCache, Model};
+use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
 use tidal_worker::serve::sampling::argmax;
 
 const STEPS: usize = 8;

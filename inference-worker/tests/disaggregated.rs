@@ -13,13 +13,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tidal_worker::serve::engine::EngineConfig;
+use tidal_worker::disagg::shard_client::{ClientConfig, ShardClient};
+use tidal_worker::model::decoder::Model;
 use tidal_worker::model::fixture::FixtureSpec;
 use tidal_worker::model::loader::Loaded;
-use tidal_worker::serve::metrics::Metrics;
-use tidal_worker::model::decoder::Model;
+use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::http::{AppState, Served};
-use tidal_worker::disagg::shard_client::{ClientConfig, ShardClient};
+use tidal_worker::serve::metrics::Metrics;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidal-worker");
 const EXPERTS: usize = 6;

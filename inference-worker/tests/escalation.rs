@@ -10,9 +10,9 @@ use common::{
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use tidal_worker::model::fixture::FixtureSpec;
 use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::escalation::{EscalationConfig, OnCloudUnavailable};
-use tidal_worker::model::fixture::FixtureSpec;
 use tidal_worker::serve::http::ServerConfig;
 
 /// Generated tokens the edge's confidence is averaged over in these tests.

@@ -8,8 +8,8 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mixtral, qwen2};
 use std::path::Path;
 use tidal_worker::model::config::ModelConfig;
-use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
 use tidal_worker::model::decoder::Model;
+use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
 use tidal_worker::serve::sampling::argmax;
 
 const TOL: f32 = 1e-3;

@@ -9,13 +9,13 @@
 //! since any holder of the weights computes the same result). Experts no longer
 //! assigned are dropped once unused for [`UNLOAD_AFTER`].
 
-use crate::model::config::ModelConfig;
+use crate::disagg::placement::{Plan, PlanFile};
 use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::moe::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
+use crate::model::weights::Checkpoint;
 use crate::serve::lifecycle;
 use crate::serve::metrics::Metrics;
-use crate::model::moe::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
-use crate::disagg::placement::{Plan, PlanFile};
-use crate::model::weights::Checkpoint;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -317,7 +317,10 @@ async fn forward(State(shard): State<Arc<ExpertShard>>, body: Bytes) -> Response
         Ok(Ok(bytes)) => {
             shard.metrics.shards.add_bytes("sent", bytes.len());
             (
-                [(axum::http::header::CONTENT_TYPE, crate::disagg::wire::CONTENT_TYPE)],
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    crate::disagg::wire::CONTENT_TYPE,
+                )],
                 bytes,
             )
                 .into_response()

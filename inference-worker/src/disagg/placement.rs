@@ -48,8 +48,8 @@ pub struct Plan {
 
 impl Plan {
     pub fn parse(text: &str) -> Result<Self> {
-        let plan: Plan = serde_json::from_str(text)
-            .map_err(|e| Error::InvalidPlan(e.to_string()))?;
+        let plan: Plan =
+            serde_json::from_str(text).map_err(|e| Error::InvalidPlan(e.to_string()))?;
         plan.validate()?;
         Ok(plan)
     }
@@ -188,8 +188,7 @@ pub struct PlanFile {
 impl PlanFile {
     pub fn open(path: &Path) -> Result<Arc<Self>> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let plan =
-            Plan::parse(&text).map_err(|e| e.in_file(path))?;
+        let plan = Plan::parse(&text).map_err(|e| e.in_file(path))?;
         Ok(Arc::new(Self {
             path: path.to_path_buf(),
             current: RwLock::new((Arc::new(plan), text)),

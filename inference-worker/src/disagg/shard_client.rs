@@ -17,14 +17,14 @@
 //!   each layer call finishes on the table it started with (if that fails and the
 //!   table changed meanwhile, the layer is retried once on the new one).
 
-use crate::model::config::ModelConfig;
-use crate::error::{Error, Result};
-use crate::model::loader::Loaded;
-use crate::serve::metrics::Metrics;
-use crate::model::decoder::Model;
-use crate::model::moe::{ExpertPlacement, RemoteExperts, Routes};
-use crate::disagg::placement::{Plan, PlanFile, authority};
 use crate::disagg::metrics::ShardMetrics;
+use crate::disagg::placement::{Plan, PlanFile, authority};
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::Model;
+use crate::model::loader::Loaded;
+use crate::model::moe::{ExpertPlacement, RemoteExperts, Routes};
+use crate::serve::metrics::Metrics;
 use crate::serve::text::TextCodec;
 use bytes::Bytes;
 use candle_core::{DType, Tensor};
@@ -383,13 +383,20 @@ impl ShardClient {
                 replica.drop_conn().await;
                 return Err(retry(format!("{}: {e}", replica.addr)));
             }
-            let req = hyper::Request::post(format!("http://{}{}", replica.addr, crate::disagg::wire::PATH))
-                .header(hyper::header::CONTENT_TYPE, crate::disagg::wire::CONTENT_TYPE)
-                .body(Full::new(body))
-                .map_err(|e| AttemptError {
-                    message: e.to_string(),
-                    retry: false,
-                })?;
+            let req = hyper::Request::post(format!(
+                "http://{}{}",
+                replica.addr,
+                crate::disagg::wire::PATH
+            ))
+            .header(
+                hyper::header::CONTENT_TYPE,
+                crate::disagg::wire::CONTENT_TYPE,
+            )
+            .body(Full::new(body))
+            .map_err(|e| AttemptError {
+                message: e.to_string(),
+                retry: false,
+            })?;
             let resp = match sender.send_request(req).await {
                 Ok(r) => r,
                 Err(e) => {

@@ -268,4 +268,3 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         ))),
     }
 }
-

@@ -1,7 +1,7 @@
 //! Loading a checkpoint (model + tokenizer) and warming it up.
 
-use crate::model::config::ModelConfig;
 use crate::error::Result;
+use crate::model::config::ModelConfig;
 use crate::model::decoder::Model;
 use crate::serve::text::TextCodec;
 use candle_core::DType;

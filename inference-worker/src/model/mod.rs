@@ -2,9 +2,9 @@
 
 pub mod config;
 pub mod decoder;
-pub mod layers;
 pub mod fixture;
 pub mod hub;
+pub mod layers;
 pub mod loader;
 pub mod moe;
 pub mod weights;

@@ -157,7 +157,11 @@ pub(crate) struct Moe {
 }
 
 impl Moe {
-    pub(crate) fn load(cfg: &ModelConfig, vb: VarBuilder, placement: &ExpertPlacement) -> Result<Self> {
+    pub(crate) fn load(
+        cfg: &ModelConfig,
+        vb: VarBuilder,
+        placement: &ExpertPlacement,
+    ) -> Result<Self> {
         let experts = match placement {
             ExpertPlacement::Local => Experts::Local(
                 (0..cfg.num_experts)
@@ -192,7 +196,12 @@ impl Moe {
 
     /// `xs` is `(rows, hidden)`, possibly from several sequences: the rows routed to
     /// each expert are gathered across all of them so that each expert runs once.
-    pub(crate) fn forward(&self, xs: &Tensor, layer: usize, counts: &ExpertCounts) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        layer: usize,
+        counts: &ExpertCounts,
+    ) -> Result<Tensor> {
         let routes = self.route(xs)?;
         match &self.experts {
             Experts::Local(experts) => run_experts(

@@ -409,7 +409,11 @@ mod tests {
         let stopped = ApiError::from_error(&Error::EngineStopped, 1);
         assert_eq!(
             (stopped.status, stopped.kind, stopped.retry_after),
-            (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", Some(1))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some(1)
+            )
         );
         assert_eq!(stopped.message, "the engine has stopped");
         let long = ApiError::from_error(
@@ -421,7 +425,11 @@ mod tests {
         );
         assert_eq!(
             (long.status, long.code, long.retry_after),
-            (StatusCode::BAD_REQUEST, Some("context_length_exceeded"), None)
+            (
+                StatusCode::BAD_REQUEST,
+                Some("context_length_exceeded"),
+                None
+            )
         );
         let other = ApiError::from_error(&Error::Template("x".into()).in_file("t"), 1);
         assert_eq!(other.status, StatusCode::BAD_REQUEST);

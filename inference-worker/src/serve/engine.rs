@@ -3,8 +3,8 @@
 //! sequence by one token, and drops the ones that finished or whose client left.
 
 use crate::error::{Error, Result};
-use crate::serve::metrics::Metrics;
 use crate::model::decoder::{KvCache, Model};
+use crate::serve::metrics::Metrics;
 use crate::serve::sampling::{Sampler, SamplingParams, max_prob};
 use crate::serve::text::{Detokenizer, Push, TextCodec};
 use std::collections::VecDeque;

@@ -1,6 +1,7 @@
 //! The HTTP API (axum): routes, shared state, and the OpenAI endpoints' request
 //! handling up to a queued generation (see [`super::response`] for the answer).
 
+use crate::model::decoder::Model;
 use crate::serve::api::{ApiError, ChatRequest, Checked, CompletionRequest, Limits, parse_json};
 use crate::serve::engine::{EngineHandle, GenRequest};
 use crate::serve::escalation::cloud::{Escalator, Forwarded, cloud_unavailable_error};
@@ -8,9 +9,8 @@ use crate::serve::escalation::continuation::Continuation;
 use crate::serve::escalation::{
     ESCALATED_FROM_HEADER, ESCALATED_HEADER, EscalationConfig, OnCloudUnavailable,
 };
-use crate::serve::response::{Kind, Started, respond};
 use crate::serve::metrics::Metrics;
-use crate::model::decoder::Model;
+use crate::serve::response::{Kind, Started, respond};
 use crate::serve::text::{ChatMessage, TextCodec};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

@@ -59,7 +59,9 @@ pub async fn serve<T>(
     on_drain(started);
     let _ = drain_tx.send(());
     match tokio::time::timeout(grace, &mut server).await {
-        Ok(res) => res.map_err(Error::task(SERVER_TASK))?.map_err(Error::Serve)?,
+        Ok(res) => res
+            .map_err(Error::task(SERVER_TASK))?
+            .map_err(Error::Serve)?,
         Err(_) => {
             tracing::warn!("grace period over; exiting with requests still in flight");
             server.abort();

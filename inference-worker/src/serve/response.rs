@@ -7,10 +7,10 @@ use crate::serve::escalation::cloud::cloud_unavailable_error;
 use crate::serve::escalation::continuation::Continuation;
 use crate::serve::escalation::{ESCALATED_HEADER, ESCALATION_FAILED_HEADER};
 use crate::serve::http::{AppState, now_secs};
+use axum::Json;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures::Stream;
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -103,7 +103,12 @@ fn set_header(resp: &mut Response, name: &'static str, value: &'static str) {
     );
 }
 
-pub(super) async fn respond(st: &AppState, kind: Kind, checked: &Checked, started: Started) -> Response {
+pub(super) async fn respond(
+    st: &AppState,
+    kind: Kind,
+    checked: &Checked,
+    started: Started,
+) -> Response {
     let Started {
         rx,
         continuation,

@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
-use tidal_worker::serve::metrics::Metrics;
+use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::http::{AppState, Served, ServerConfig};
+use tidal_worker::serve::metrics::Metrics;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -40,9 +40,14 @@ pub async fn start_with(
 ) -> TestServer {
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(config, metrics.clone());
-    let loaded = tidal_worker::model::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
-    let engine =
-        tidal_worker::serve::engine::spawn(loaded.model.clone(), loaded.codec.clone(), engine, metrics);
+    let loaded =
+        tidal_worker::model::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
+    let engine = tidal_worker::serve::engine::spawn(
+        loaded.model.clone(),
+        loaded.codec.clone(),
+        engine,
+        metrics,
+    );
     state.set_served(Served {
         engine,
         codec: loaded.codec,

@@ -6,12 +6,11 @@ use crate::cli::args::{Role, ServeArgs};
 use crate::error::{Error, Result};
 use crate::serve::engine::EngineConfig;
 use crate::serve::http::{AppState, Served, ServerConfig};
-use crate::serve::metrics::Metrics;
 use crate::serve::lifecycle;
+use crate::serve::metrics::Metrics;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-
 
 /// Binds, loads the model in the background (health answers meanwhile), serves until
 /// `shutdown` resolves, then drains for up to the grace period.
@@ -55,23 +54,34 @@ pub async fn serve(
     let loader_state = state.clone();
     let shards = match plan_path {
         Some(p) => Some(
-            crate::disagg::shard_client::ShardClient::start(&p, Default::default(), metrics.clone())
-                .await?,
+            crate::disagg::shard_client::ShardClient::start(
+                &p,
+                Default::default(),
+                metrics.clone(),
+            )
+            .await?,
         ),
         None => None,
     };
     let shard_client = shards.clone();
     let load = tokio::task::spawn_blocking(move || match shards {
-        Some(client) => {
-            crate::disagg::shard_client::load_router(&source, dtype, client, Duration::from_secs(600))
-        }
+        Some(client) => crate::disagg::shard_client::load_router(
+            &source,
+            dtype,
+            client,
+            Duration::from_secs(600),
+        ),
         None => crate::model::loader::load(&source, dtype),
     });
     let loaded = tokio::spawn(async move {
         match load.await {
             Ok(Ok(l)) => {
-                let engine =
-                    crate::serve::engine::spawn(l.model.clone(), l.codec.clone(), engine_cfg, metrics);
+                let engine = crate::serve::engine::spawn(
+                    l.model.clone(),
+                    l.codec.clone(),
+                    engine_cfg,
+                    metrics,
+                );
                 loader_state.set_served(Served {
                     engine,
                     codec: l.codec,

@@ -5,8 +5,8 @@
 use crate::serve::api::{ApiError, Checked};
 use crate::serve::engine::{EscalationMark, Event, FinishReason};
 use crate::serve::escalation::{ESCALATED_FROM_HEADER, EscalationConfig, OnCloudUnavailable};
-use crate::serve::stop::StopMatcher;
 use crate::serve::metrics::{EscalationReason, Metrics};
+use crate::serve::stop::StopMatcher;
 use crate::serve::text::ChatMessage;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
@@ -238,7 +238,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-
 
 /// Turns the cloud's SSE stream into events.
 pub(super) struct Pump<'a> {

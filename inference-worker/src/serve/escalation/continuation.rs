@@ -2,11 +2,13 @@
 //! worker again when the cloud is unavailable and the policy allows it.
 
 use crate::serve::api::Checked;
-use crate::serve::engine::{EngineHandle, EscalationMark, Event, FinishReason, GenRequest, Handoff};
-use crate::serve::escalation::cloud::{Escalator, Pump, sampling_fields};
+use crate::serve::engine::{
+    EngineHandle, EscalationMark, Event, FinishReason, GenRequest, Handoff,
+};
 use crate::serve::escalation::OnCloudUnavailable;
-use crate::serve::stop::StopMatcher;
+use crate::serve::escalation::cloud::{Escalator, Pump, sampling_fields};
 use crate::serve::metrics::EscalationReason;
+use crate::serve::stop::StopMatcher;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
