@@ -17,10 +17,10 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidal_worker::engine::EngineConfig;
-use tidal_worker::fixture::{FixtureArch, FixtureSpec};
-use tidal_worker::metrics::Metrics;
-use tidal_worker::server::{AppState, Served, ServerConfig};
+use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
+use tidal_worker::serve::engine::EngineConfig;
+use tidal_worker::serve::http::{AppState, Served, ServerConfig};
+use tidal_worker::serve::metrics::Metrics;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Parser)]
@@ -70,7 +70,7 @@ fn baseline_tok_s(dir: &std::path::Path, prompt: &[u32], n: usize) -> f64 {
         .unwrap();
     let logits = model.forward(&input, 0).unwrap();
     let mut next =
-        tidal_worker::sampling::argmax(&logits.flatten_all().unwrap().to_vec1().unwrap());
+        tidal_worker::serve::sampling::argmax(&logits.flatten_all().unwrap().to_vec1().unwrap());
     let start = Instant::now();
     for i in 0..n {
         let input = Tensor::new(&[next], &Device::Cpu)
@@ -78,18 +78,20 @@ fn baseline_tok_s(dir: &std::path::Path, prompt: &[u32], n: usize) -> f64 {
             .unsqueeze(0)
             .unwrap();
         let logits = model.forward(&input, prompt.len() + i).unwrap();
-        next = tidal_worker::sampling::argmax(&logits.flatten_all().unwrap().to_vec1().unwrap());
+        next = tidal_worker::serve::sampling::argmax(
+            &logits.flatten_all().unwrap().to_vec1().unwrap(),
+        );
     }
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-fn ours_tok_s(model: &tidal_worker::model::Model, prompt: &[u32], n: usize) -> f64 {
+fn ours_tok_s(model: &tidal_worker::model::decoder::Model, prompt: &[u32], n: usize) -> f64 {
     let mut cache = model.new_cache();
     let logits = model.forward(prompt, &mut cache).unwrap();
-    let mut next = tidal_worker::sampling::argmax(&logits);
+    let mut next = tidal_worker::serve::sampling::argmax(&logits);
     let start = Instant::now();
     for _ in 0..n {
-        next = tidal_worker::sampling::argmax(&model.forward(&[next], &mut cache).unwrap());
+        next = tidal_worker::serve::sampling::argmax(&model.forward(&[next], &mut cache).unwrap());
     }
     n as f64 / start.elapsed().as_secs_f64()
 }
@@ -251,7 +253,7 @@ async fn main() {
         hot_experts: Vec::new(),
     };
     eprintln!("generating the checkpoint in {}", dir.path().display());
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     let prompt_text: String = "The tide comes in. "
         .chars()
         .cycle()
@@ -267,7 +269,7 @@ async fn main() {
 
     eprintln!("baseline: candle-transformers Mixtral, batch 1");
     let base = baseline_tok_s(dir.path(), &prompt_ids, args.tokens);
-    let loaded = tidal_worker::loader::load_dir(dir.path(), DType::F32).unwrap();
+    let loaded = tidal_worker::model::loader::load_dir(dir.path(), DType::F32).unwrap();
     eprintln!("ours, direct, batch 1");
     let direct = ours_tok_s(&loaded.model, &prompt_ids, args.tokens);
 
@@ -279,7 +281,7 @@ async fn main() {
         },
         metrics.clone(),
     );
-    let engine = tidal_worker::engine::spawn(
+    let engine = tidal_worker::serve::engine::spawn(
         loaded.model.clone(),
         loaded.codec.clone(),
         EngineConfig {
@@ -295,7 +297,9 @@ async fn main() {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, tidal_worker::server::router(state)).await });
+    tokio::spawn(
+        async move { axum::serve(listener, tidal_worker::serve::http::router(state)).await },
+    );
 
     let mut rows = vec![];
     let mut aggs = vec![];

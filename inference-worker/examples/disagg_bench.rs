@@ -18,12 +18,12 @@
 use clap::Parser;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidal_worker::expert_server::{ExpertShard, activate};
-use tidal_worker::fixture::FixtureSpec;
-use tidal_worker::metrics::Metrics;
-use tidal_worker::model::Model;
-use tidal_worker::placement::PlanFile;
-use tidal_worker::shard_client::{ClientConfig, ShardClient};
+use tidal_worker::disagg::expert_server::{ExpertShard, activate};
+use tidal_worker::disagg::placement::PlanFile;
+use tidal_worker::disagg::shard_client::{ClientConfig, ShardClient};
+use tidal_worker::model::decoder::Model;
+use tidal_worker::model::fixture::FixtureSpec;
+use tidal_worker::serve::metrics::Metrics;
 
 #[derive(Parser)]
 struct Args {
@@ -106,7 +106,7 @@ fn wire_bytes(m: &Metrics) -> u64 {
         .map(|d| {
             m.shards
                 .wire_bytes
-                .get_or_create(&tidal_worker::shard_metrics::DirectionLabels {
+                .get_or_create(&tidal_worker::disagg::metrics::DirectionLabels {
                     direction: (*d).into(),
                 })
                 .get()
@@ -129,7 +129,7 @@ async fn main() {
         context: 1024,
         ..FixtureSpec::default()
     };
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
 
     // Shards: 4 x 2 experts; shard 0 has two replicas.
     let assignment: [(usize, Vec<usize>, usize); 4] = [
@@ -167,7 +167,7 @@ async fn main() {
         let plan = PlanFile::open(&plan_path).unwrap();
         let tasks = activate(shard.clone(), plan).await.unwrap();
         std::mem::forget(tasks);
-        let app = tidal_worker::expert_server::router(shard);
+        let app = tidal_worker::disagg::expert_server::router(shard);
         tokio::spawn(async move { axum::serve(listener, app).await });
     }
     let metrics = Arc::new(Metrics::new());
@@ -181,14 +181,14 @@ async fn main() {
     let m2 = metrics.clone();
     let rounds = args.rounds.max(1);
     let rows = tokio::task::spawn_blocking(move || {
-        let router = tidal_worker::shard_client::load_router(
+        let router = tidal_worker::disagg::shard_client::load_router(
             &src,
             candle_core::DType::F32,
             client,
             Duration::from_secs(60),
         )
         .unwrap();
-        let full = tidal_worker::loader::load_dir(&d2, candle_core::DType::F32).unwrap();
+        let full = tidal_worker::model::loader::load_dir(&d2, candle_core::DType::F32).unwrap();
         let mut rows = vec![];
         for batch in [1usize, 8, 32] {
             // Warm both once at this batch size.

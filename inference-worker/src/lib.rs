@@ -1,25 +1,17 @@
 //! Tidal's worker: a candle-based model server for Mixtral-family MoE and
 //! Llama/Mistral/Qwen2 dense decoders, with an OpenAI-compatible HTTP API.
+//!
+//! - [`model`]: checkpoints and the decoder itself (config, weights, layers, MoE).
+//! - [`serve`]: serving one model over HTTP (API, batching engine, text, metrics,
+//!   edge escalation, the bind/serve/drain lifecycle).
+//! - [`disagg`]: expert disaggregation (placement plan, wire format, the router's
+//!   shard client, the expert server).
+//! - [`cli`]: the command line and the commands that run it.
 
-pub mod api;
 pub mod cli;
-pub mod config;
-pub mod engine;
+pub mod disagg;
 pub mod error;
-pub mod escalation;
-pub mod expert_server;
-pub mod fixture;
-pub mod hub;
-pub mod loader;
-pub mod metrics;
 pub mod model;
-pub mod placement;
-pub mod sampling;
-pub mod server;
-pub mod shard_client;
-pub mod shard_metrics;
-pub mod text;
-pub mod weights;
-pub mod wire;
+pub mod serve;
 
 pub use error::{Error, Result};

@@ -1,5 +1,9 @@
+//! The `tidal-worker` binary: parses the command line and runs the command.
+
 use clap::Parser;
+use tidal_worker::cli::commands::{gen_fixture::gen_fixture, serve::serve};
 use tidal_worker::cli::{Cli, Command};
+use tidal_worker::serve::lifecycle::shutdown_signal;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -7,13 +11,12 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_json);
-            tidal_worker::cli::serve(args, tidal_worker::cli::shutdown_signal()).await?;
+            serve(args, shutdown_signal()).await?;
             Ok(())
         }
         Command::GenFixture(args) => {
             init_tracing(false);
-            tidal_worker::fixture::generate(&args.spec, &args.out)?;
-            println!("wrote {}", args.out.display());
+            gen_fixture(&args)?;
             Ok(())
         }
     }

@@ -3,10 +3,10 @@
 //! and the other sequences' lengths.
 
 use candle_core::DType;
-use tidal_worker::config::ModelConfig;
-use tidal_worker::fixture::{FixtureArch, FixtureSpec};
-use tidal_worker::model::{KvCache, Model};
-use tidal_worker::sampling::argmax;
+use tidal_worker::model::config::ModelConfig;
+use tidal_worker::model::decoder::{KvCache, Model};
+use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
+use tidal_worker::serve::sampling::argmax;
 
 const STEPS: usize = 8;
 
@@ -48,7 +48,7 @@ fn check(arch: FixtureArch, seed: u64) {
         seed,
         ..FixtureSpec::default()
     };
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
     let model = Model::load_dir(dir.path(), cfg, DType::F32).unwrap();
     let prompts = prompts();
@@ -128,7 +128,7 @@ fn qwen2_batched_decode_matches_solo_bitwise() {
 #[test]
 fn forward_batch_handles_prefill_chunks_and_rejects_empty_input() {
     let dir = tempfile::tempdir().unwrap();
-    tidal_worker::fixture::generate(&FixtureSpec::default(), dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&FixtureSpec::default(), dir.path()).unwrap();
     let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
     let model = Model::load_dir(dir.path(), cfg, DType::F32).unwrap();
     let prompts = prompts();

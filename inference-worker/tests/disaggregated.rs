@@ -13,13 +13,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tidal_worker::engine::EngineConfig;
-use tidal_worker::fixture::FixtureSpec;
-use tidal_worker::loader::Loaded;
-use tidal_worker::metrics::Metrics;
-use tidal_worker::model::Model;
-use tidal_worker::server::{AppState, Served};
-use tidal_worker::shard_client::{ClientConfig, ShardClient};
+use tidal_worker::disagg::shard_client::{ClientConfig, ShardClient};
+use tidal_worker::model::decoder::Model;
+use tidal_worker::model::fixture::FixtureSpec;
+use tidal_worker::model::loader::Loaded;
+use tidal_worker::serve::engine::EngineConfig;
+use tidal_worker::serve::http::{AppState, Served};
+use tidal_worker::serve::metrics::Metrics;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidal-worker");
 const EXPERTS: usize = 6;
@@ -41,7 +41,7 @@ fn fixture() -> tempfile::TempDir {
         seed: 7,
         ..FixtureSpec::default()
     };
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     dir
 }
 
@@ -199,7 +199,7 @@ async fn start_client(plan: &Path, metrics: Arc<Metrics>) -> Arc<ShardClient> {
 async fn load_router(model: &Path, client: Arc<ShardClient>) -> Loaded {
     let dir = model.to_str().unwrap().to_string();
     tokio::task::spawn_blocking(move || {
-        tidal_worker::shard_client::load_router(
+        tidal_worker::disagg::shard_client::load_router(
             &dir,
             candle_core::DType::F32,
             client,
@@ -279,7 +279,7 @@ async fn router_with_shards_matches_full_logits_and_greedy_tokens() {
     );
     assert_eq!(replicas[&2].len(), 2);
     let router = load_router(dir.path(), client.clone()).await;
-    let full = tidal_worker::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
+    let full = tidal_worker::model::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
 
     let (rm, fm) = (router.model.clone(), full.model.clone());
     let ((r_logits, r_tokens), (f_logits, f_tokens)) =
@@ -345,7 +345,7 @@ async fn router_with_shards_matches_full_logits_and_greedy_tokens() {
 /// An in-process router HTTP server on 127.0.0.1.
 async fn serve(loaded: Loaded, metrics: Arc<Metrics>) -> SocketAddr {
     let state = AppState::new(common::server_config(), metrics.clone());
-    let engine = tidal_worker::engine::spawn(
+    let engine = tidal_worker::serve::engine::spawn(
         loaded.model.clone(),
         loaded.codec.clone(),
         EngineConfig {
@@ -361,7 +361,7 @@ async fn serve(loaded: Loaded, metrics: Arc<Metrics>) -> SocketAddr {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = tidal_worker::server::router(state);
+    let app = tidal_worker::serve::http::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
@@ -373,7 +373,7 @@ fn request(i: usize) -> serde_json::Value {
 
 /// Greedy completions from the full role, for comparison.
 async fn expected(model: &Path, n: usize) -> Vec<String> {
-    let full = tidal_worker::loader::load_dir(model, candle_core::DType::F32).unwrap();
+    let full = tidal_worker::model::loader::load_dir(model, candle_core::DType::F32).unwrap();
     let addr = serve(full, Arc::new(Metrics::new())).await;
     let mut out = vec![];
     for i in 0..n {

@@ -10,10 +10,10 @@ use common::{
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tidal_worker::engine::EngineConfig;
-use tidal_worker::escalation::{EscalationConfig, OnCloudUnavailable};
-use tidal_worker::fixture::FixtureSpec;
-use tidal_worker::server::ServerConfig;
+use tidal_worker::model::fixture::FixtureSpec;
+use tidal_worker::serve::engine::EngineConfig;
+use tidal_worker::serve::escalation::{EscalationConfig, OnCloudUnavailable};
+use tidal_worker::serve::http::ServerConfig;
 
 /// Generated tokens the edge's confidence is averaged over in these tests.
 const WINDOW: usize = 4;
@@ -24,7 +24,7 @@ fn fixture(seed: u64) -> tempfile::TempDir {
         seed,
         ..FixtureSpec::default()
     };
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     dir
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use tidal_worker::api::{ChatRequest, CompletionRequest, Limits, parse_json};
+use tidal_worker::serve::api::{ChatRequest, CompletionRequest, Limits, parse_json};
 
 fn limits() -> Limits {
     Limits {
@@ -82,7 +82,7 @@ fn chat_body() -> impl Strategy<Value = Value> {
         })
 }
 
-fn check_chat(body: &[u8]) -> Result<(), tidal_worker::api::ApiError> {
+fn check_chat(body: &[u8]) -> Result<(), tidal_worker::serve::api::ApiError> {
     let req: ChatRequest = parse_json(body)?;
     req.messages()?;
     let c = req.common.check(&limits())?;
@@ -93,7 +93,7 @@ fn check_chat(body: &[u8]) -> Result<(), tidal_worker::api::ApiError> {
     Ok(())
 }
 
-fn assert_openai_error(e: &tidal_worker::api::ApiError) {
+fn assert_openai_error(e: &tidal_worker::serve::api::ApiError) {
     assert!(e.status.is_client_error(), "{e:?}");
     let body = e.body();
     assert!(
@@ -134,7 +134,7 @@ fn live_server_survives_arbitrary_requests() {
         .unwrap();
     let server = rt.block_on(common::start(
         Default::default(),
-        tidal_worker::server::ServerConfig {
+        tidal_worker::serve::http::ServerConfig {
             max_tokens: 4,
             ..common::server_config()
         },

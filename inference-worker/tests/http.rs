@@ -7,8 +7,8 @@ use common::{
     start_with,
 };
 use serde_json::{Value, json};
-use tidal_worker::engine::EngineConfig;
-use tidal_worker::server::ServerConfig;
+use tidal_worker::serve::engine::EngineConfig;
+use tidal_worker::serve::http::ServerConfig;
 
 fn greedy_completion(prompt: &str, max_tokens: u32) -> Value {
     json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
@@ -497,13 +497,13 @@ async fn draining_turns_readiness_false_and_refuses_new_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_a_model_is_served() {
-    let state = tidal_worker::server::AppState::new(
+    let state = tidal_worker::serve::http::AppState::new(
         server_config(),
-        std::sync::Arc::new(tidal_worker::metrics::Metrics::new()),
+        std::sync::Arc::new(tidal_worker::serve::metrics::Metrics::new()),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = tidal_worker::server::router(state.clone());
+    let app = tidal_worker::serve::http::router(state.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     assert_eq!(http(addr, "GET", "/health", b"").await.status, 200);
     assert_eq!(http(addr, "GET", "/ready", b"").await.status, 503);

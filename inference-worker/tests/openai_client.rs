@@ -4,7 +4,7 @@
 mod common;
 
 use std::process::Command;
-use tidal_worker::engine::EngineConfig;
+use tidal_worker::serve::engine::EngineConfig;
 
 fn python() -> &'static str {
     if Command::new("python3").arg("--version").output().is_ok() {

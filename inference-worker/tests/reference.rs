@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mixtral, qwen2};
 use std::path::Path;
-use tidal_worker::config::ModelConfig;
-use tidal_worker::fixture::{FixtureArch, FixtureSpec};
-use tidal_worker::model::Model;
-use tidal_worker::sampling::argmax;
+use tidal_worker::model::config::ModelConfig;
+use tidal_worker::model::decoder::Model;
+use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
+use tidal_worker::serve::sampling::argmax;
 
 const TOL: f32 = 1e-3;
 
@@ -109,7 +109,7 @@ fn reference(dir: &Path, arch: FixtureArch) -> Box<dyn Reference> {
 /// Prefill + 24 greedy decode steps on both; compares logits at every step and tokens.
 fn compare(arch: FixtureArch, spec: FixtureSpec) {
     let dir = tempfile::tempdir().unwrap();
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     let model = ours(dir.path());
     let mut refm = reference(dir.path(), arch);
     let prompt: Vec<u32> = "The quick brown fox".bytes().map(u32::from).collect();
@@ -212,7 +212,7 @@ fn hot_expert_fixture_routes_nearly_every_token_to_the_hot_experts() {
         hot_experts: vec![0, 2],
         ..FixtureSpec::default()
     };
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     let model = ours(dir.path());
     let mut cache = model.new_cache();
     // Any text: bytes of a sentence, then a few decode steps.
@@ -238,7 +238,7 @@ fn hot_expert_fixture_routes_nearly_every_token_to_the_hot_experts() {
         hot_experts: vec![9],
         ..FixtureSpec::default()
     };
-    let err = tidal_worker::fixture::generate(&bad, tempfile::tempdir().unwrap().path());
+    let err = tidal_worker::model::fixture::generate(&bad, tempfile::tempdir().unwrap().path());
     assert!(err.unwrap_err().to_string().contains("hot expert 9"));
 }
 

@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use tidal_worker::engine::EngineConfig;
-use tidal_worker::fixture::{FixtureArch, FixtureSpec};
-use tidal_worker::metrics::Metrics;
-use tidal_worker::server::{AppState, Served, ServerConfig};
+use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
+use tidal_worker::serve::engine::EngineConfig;
+use tidal_worker::serve::http::{AppState, Served, ServerConfig};
+use tidal_worker::serve::metrics::Metrics;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -19,7 +19,7 @@ pub fn fixture(arch: FixtureArch) -> tempfile::TempDir {
         arch,
         ..FixtureSpec::default()
     };
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     dir
 }
 
@@ -40,9 +40,14 @@ pub async fn start_with(
 ) -> TestServer {
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(config, metrics.clone());
-    let loaded = tidal_worker::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
-    let engine =
-        tidal_worker::engine::spawn(loaded.model.clone(), loaded.codec.clone(), engine, metrics);
+    let loaded =
+        tidal_worker::model::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
+    let engine = tidal_worker::serve::engine::spawn(
+        loaded.model.clone(),
+        loaded.codec.clone(),
+        engine,
+        metrics,
+    );
     state.set_served(Served {
         engine,
         codec: loaded.codec,
@@ -50,7 +55,7 @@ pub async fn start_with(
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = tidal_worker::server::router(state.clone());
+    let app = tidal_worker::serve::http::router(state.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     TestServer {
         addr,
@@ -214,6 +219,6 @@ pub fn long_context_fixture() -> tempfile::TempDir {
         intermediate: 64,
         ..FixtureSpec::default()
     };
-    tidal_worker::fixture::generate(&spec, dir.path()).unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     dir
 }

@@ -48,23 +48,23 @@ pub struct Plan {
 
 impl Plan {
     pub fn parse(text: &str) -> Result<Self> {
-        let plan: Plan = serde_json::from_str(text)
-            .map_err(|e| Error::Other(format!("invalid placement plan: {e}")))?;
+        let plan: Plan =
+            serde_json::from_str(text).map_err(|e| Error::InvalidPlan(e.to_string()))?;
         plan.validate()?;
         Ok(plan)
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+        Self::parse(&text).map_err(|e| e.in_file(path))
     }
 
     fn validate(&self) -> Result<()> {
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.shards {
             if !seen.insert(s.shard) {
-                return Err(Error::Other(format!(
-                    "invalid placement plan: shard {} listed twice",
+                return Err(Error::InvalidPlan(format!(
+                    "shard {} listed twice",
                     s.shard
                 )));
             }
@@ -74,15 +74,15 @@ impl Plan {
                 .chain(&s.held)
                 .find(|&&e| e >= self.num_experts)
             {
-                return Err(Error::Other(format!(
-                    "invalid placement plan: shard {} lists expert {e} but numExperts is {}",
+                return Err(Error::InvalidPlan(format!(
+                    "shard {} lists expert {e} but numExperts is {}",
                     s.shard, self.num_experts
                 )));
             }
             let has_endpoints = s.endpoints.as_ref().is_some_and(|v| !v.is_empty());
             if !has_endpoints && s.endpoint.as_deref().is_none_or(str::is_empty) {
-                return Err(Error::Other(format!(
-                    "invalid placement plan: shard {} has no endpoint",
+                return Err(Error::InvalidPlan(format!(
+                    "shard {} has no endpoint",
                     s.shard
                 )));
             }
@@ -93,7 +93,7 @@ impl Plan {
     /// Checks that every expert of a model with `num_experts` experts is served.
     pub fn check_covers(&self, num_experts: usize) -> Result<()> {
         if self.num_experts != num_experts {
-            return Err(Error::Other(format!(
+            return Err(Error::PlanMismatch(format!(
                 "placement plan is for {} experts but the model has {num_experts}",
                 self.num_experts
             )));
@@ -102,7 +102,7 @@ impl Plan {
             .filter(|e| self.holders(*e).is_empty())
             .collect();
         if !missing.is_empty() {
-            return Err(Error::Other(format!(
+            return Err(Error::PlanMismatch(format!(
                 "placement plan version {} assigns no shard to experts {missing:?}",
                 self.version
             )));
@@ -154,10 +154,16 @@ impl Plan {
 pub fn authority(url: &str) -> Result<String> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| Error::Other(format!("endpoint {url:?} must start with http://")))?;
+        .ok_or_else(|| Error::InvalidEndpoint {
+            url: url.to_string(),
+            problem: "must start with http://",
+        })?;
     let auth = rest.split('/').next().unwrap_or_default();
     if auth.is_empty() {
-        return Err(Error::Other(format!("endpoint {url:?} has no host")));
+        return Err(Error::InvalidEndpoint {
+            url: url.to_string(),
+            problem: "has no host",
+        });
     }
     let has_port = if let Some(after) = auth.strip_prefix('[') {
         after.contains("]:")
@@ -182,8 +188,7 @@ pub struct PlanFile {
 impl PlanFile {
     pub fn open(path: &Path) -> Result<Arc<Self>> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let plan =
-            Plan::parse(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        let plan = Plan::parse(&text).map_err(|e| e.in_file(path))?;
         Ok(Arc::new(Self {
             path: path.to_path_buf(),
             current: RwLock::new((Arc::new(plan), text)),

@@ -1,9 +1,9 @@
 //! Loading a checkpoint (model + tokenizer) and warming it up.
 
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::Model;
-use crate::text::TextCodec;
+use crate::model::config::ModelConfig;
+use crate::model::decoder::Model;
+use crate::serve::text::TextCodec;
 use candle_core::DType;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ pub struct Loaded {
 
 /// Loads from a local directory or an `hf://` source and runs one warm-up forward.
 pub fn load(source: &str, dtype: DType) -> Result<Loaded> {
-    let dir = crate::hub::resolve(source)?;
+    let dir = crate::model::hub::resolve(source)?;
     load_dir(&dir, dtype)
 }
 

@@ -1,6 +1,7 @@
 //! Tokenizer, chat template and incremental detokenisation.
 
 use crate::error::{Error, Result};
+use crate::serve::stop::StopMatcher;
 use serde::Deserialize;
 use std::path::Path;
 use tokenizers::Tokenizer;
@@ -144,16 +145,15 @@ impl TextCodec {
 }
 
 /// Turns a growing list of token ids into text deltas without splitting UTF-8
-/// characters and while holding back text that may be the start of a stop sequence.
+/// characters and while holding back text that may be the start of a stop sequence
+/// (see [`StopMatcher`]).
 pub struct Detokenizer {
     ids: Vec<u32>,
     /// Window of ids re-decoded each step (TGI's scheme): decoding only the tail keeps
     /// each step O(1) while letting the tokenizer see enough context to join bytes.
     prefix_offset: usize,
     read_offset: usize,
-    text: String,
-    emitted: usize,
-    stop: Vec<String>,
+    stop: StopMatcher,
 }
 
 /// What happened after pushing a token.
@@ -171,15 +171,13 @@ impl Detokenizer {
             ids: vec![],
             prefix_offset: 0,
             read_offset: 0,
-            text: String::new(),
-            emitted: 0,
-            stop,
+            stop: StopMatcher::new(stop, String::new()),
         }
     }
 
     /// The full text generated so far (up to a stop sequence if one matched).
     pub fn text(&self) -> &str {
-        &self.text
+        self.stop.text()
     }
 
     pub fn push(&mut self, codec: &TextCodec, id: u32) -> Result<Push> {
@@ -190,59 +188,19 @@ impl Detokenizer {
         if current.ends_with('\u{FFFD}') {
             return Ok(Push::Delta(String::new()));
         }
-        if let Some(new) = current.get(prefix.len()..) {
-            self.text.push_str(new);
-        }
+        let new = current.get(prefix.len()..).unwrap_or_default();
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
-        let search_from = self.emitted.saturating_sub(self.max_stop_len());
-        let search_from = floor_char_boundary(&self.text, search_from);
-        let first_stop = self
-            .stop
-            .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()))
-            .min();
-        if let Some(pos) = first_stop {
-            let end = (search_from + pos).max(self.emitted);
-            self.text.truncate(end);
-            let delta = self.text[self.emitted..].to_string();
-            self.emitted = end;
-            return Ok(Push::Stopped(delta));
-        }
-        // Hold back the longest suffix that is a prefix of a stop sequence.
-        let mut safe = self.text.len();
-        for s in &self.stop {
-            for k in (1..s.len()).rev() {
-                if s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
-                    safe = safe.min(self.text.len() - k);
-                    break;
-                }
-            }
-        }
-        let safe = floor_char_boundary(&self.text, safe.max(self.emitted));
-        let delta = self.text[self.emitted..safe].to_string();
-        self.emitted = safe;
-        Ok(Push::Delta(delta))
+        Ok(match self.stop.push(new) {
+            (delta, true) => Push::Stopped(delta),
+            (delta, false) => Push::Delta(delta),
+        })
     }
 
     /// Text held back so far; sent when generation ends for another reason.
     pub fn flush(&mut self) -> String {
-        let rest = self.text[self.emitted..].to_string();
-        self.emitted = self.text.len();
-        rest
+        self.stop.flush()
     }
-
-    fn max_stop_len(&self) -> usize {
-        self.stop.iter().map(|s| s.len()).max().unwrap_or(0)
-    }
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    i = i.min(s.len());
-    while !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 #[cfg(test)]
@@ -251,7 +209,7 @@ mod tests {
 
     fn codec() -> (tempfile::TempDir, TextCodec) {
         let dir = tempfile::tempdir().unwrap();
-        crate::fixture::build_tokenizer()
+        crate::model::fixture::build_tokenizer()
             .unwrap()
             .save(dir.path().join("tokenizer.json"), false)
             .unwrap();

@@ -1,5 +1,5 @@
 //! The `expert` role: serves the FFNs of the experts that the placement plan gives
-//! to this shard (`POST /v1/experts/forward`, see [`crate::wire`]), plus `/health`,
+//! to this shard (`POST /v1/experts/forward`, see [`crate::disagg::wire`]), plus `/health`,
 //! `/ready` and `/metrics`.
 //!
 //! An expert's weights (all layers) are loaded from the checkpoint when the plan
@@ -9,13 +9,13 @@
 //! since any holder of the weights computes the same result). Experts no longer
 //! assigned are dropped once unused for [`UNLOAD_AFTER`].
 
-use crate::cli::ServeArgs;
-use crate::config::ModelConfig;
+use crate::disagg::placement::{Plan, PlanFile};
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::model::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
-use crate::placement::{Plan, PlanFile};
-use crate::weights::Checkpoint;
+use crate::model::config::ModelConfig;
+use crate::model::moe::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
+use crate::model::weights::Checkpoint;
+use crate::serve::lifecycle;
+use crate::serve::metrics::Metrics;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -26,8 +26,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
-use std::future::{Future, IntoFuture};
-use std::path::Path;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -145,10 +146,10 @@ impl ExpertShard {
             return Ok(());
         }
         if let Some(e) = todo.iter().find(|&&e| e >= self.cfg.num_experts) {
-            return Err(Error::Other(format!(
-                "expert {e} out of range (the model has {})",
-                self.cfg.num_experts
-            )));
+            return Err(Error::ExpertOutOfRange {
+                expert: *e,
+                num_experts: self.cfg.num_experts,
+            });
         }
         let layers = self.cfg.num_hidden_layers;
         let prefixes: HashSet<String> = todo
@@ -228,7 +229,7 @@ impl ExpertShard {
     pub fn compute(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, (StatusCode, String)> {
         let bad = |e: Error| (StatusCode::BAD_REQUEST, e.to_string());
         let internal = |e: Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-        let req = crate::wire::decode_request(msg).map_err(bad)?;
+        let req = crate::disagg::wire::decode_request(msg).map_err(bad)?;
         let (_, hidden) = req.xs.dims2().map_err(|e| bad(e.into()))?;
         if req.layer >= self.cfg.num_hidden_layers || hidden != self.cfg.hidden_size {
             return Err((
@@ -271,20 +272,20 @@ impl ExpertShard {
                 slots
                     .get(&e)
                     .map(|s| &s.layers[layer])
-                    .ok_or_else(|| Error::Other(format!("expert {e} is not loaded")))
+                    .ok_or(Error::ExpertNotLoaded(e))
             },
             |e, n| self.counts.add(layer, e, n as u64),
         )
         .and_then(|ys| Ok(ys.to_dtype(in_dtype)?))
         .map_err(internal)?;
-        crate::wire::encode_response(&ys).map_err(internal)
+        crate::disagg::wire::encode_response(&ys).map_err(internal)
     }
 }
 
 /// The expert role's HTTP endpoints.
 pub fn router(shard: Arc<ExpertShard>) -> Router {
     Router::new()
-        .route(crate::wire::PATH, post(forward))
+        .route(crate::disagg::wire::PATH, post(forward))
         .route(
             "/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
@@ -316,7 +317,10 @@ async fn forward(State(shard): State<Arc<ExpertShard>>, body: Bytes) -> Response
         Ok(Ok(bytes)) => {
             shard.metrics.shards.add_bytes("sent", bytes.len());
             (
-                [(axum::http::header::CONTENT_TYPE, crate::wire::CONTENT_TYPE)],
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    crate::disagg::wire::CONTENT_TYPE,
+                )],
                 bytes,
             )
                 .into_response()
@@ -364,7 +368,7 @@ pub async fn activate(
     let s = shard.clone();
     tokio::task::spawn_blocking(move || s.apply_plan(&plan))
         .await
-        .map_err(|e| Error::Other(format!("loading experts panicked: {e}")))??;
+        .map_err(Error::task("loading experts panicked"))??;
     shard.ready.store(true, Ordering::SeqCst);
     shard.metrics.ready.set(i64::from(shard.is_ready()));
     tracing::info!(shard = shard.shard, experts = ?shard.loaded(), "expert shard ready");
@@ -393,82 +397,47 @@ pub async fn activate(
     Ok(vec![watch, sweep])
 }
 
+/// What [`serve`] needs to run an expert shard (the CLI builds it from its flags).
+#[derive(Debug, Clone)]
+pub struct ExpertServerConfig {
+    /// Local checkpoint directory or `hf://org/name[@revision]`.
+    pub model: String,
+    pub listen: SocketAddr,
+    pub dtype: DType,
+    /// The placement plan (`plan.json`); reloaded when it changes.
+    pub placement_file: PathBuf,
+    /// This shard's index in the placement plan.
+    pub shard: usize,
+    /// How long in-flight requests may run after `shutdown`.
+    pub grace: Duration,
+}
+
 /// `tidal-worker serve --role expert`: binds, loads this shard's experts, serves
 /// until `shutdown`, then drains for up to the grace period.
 pub async fn serve(
-    args: ServeArgs,
+    cfg: ExpertServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let plan_path = args.placement_file.clone().ok_or_else(|| {
-        Error::Other("the expert role needs --placement-file (TIDAL_PLACEMENT_FILE)".into())
-    })?;
-    let shard_idx = args
-        .shard
-        .ok_or_else(|| Error::Other("the expert role needs --shard (TIDAL_SHARD)".into()))?;
-    let dtype = crate::model::parse_dtype(&args.dtype)?;
-    let plan_file = PlanFile::open(&plan_path)?;
-    let bind_err = |source| Error::Bind {
-        addr: args.listen,
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(bind_err)?;
-    tracing::info!(addr = %listener.local_addr().map_err(bind_err)?, shard = shard_idx, "expert shard listening");
+    let (plan_path, shard_idx, dtype) = (&cfg.placement_file, cfg.shard, cfg.dtype);
+    let plan_file = PlanFile::open(plan_path)?;
+    let (listener, addr) = lifecycle::bind(cfg.listen).await?;
+    tracing::info!(%addr, shard = shard_idx, "expert shard listening");
     let metrics = Arc::new(Metrics::new());
-    let source = args.model.clone();
+    let source = cfg.model.clone();
     let m = metrics.clone();
     let shard = tokio::task::spawn_blocking(move || {
-        let dir = crate::hub::resolve(&source)?;
+        let dir = crate::model::hub::resolve(&source)?;
         ExpertShard::open(&dir, dtype, shard_idx, m)
     })
     .await
-    .map_err(|e| Error::Other(format!("the loader panicked: {e}")))??;
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        axum::serve(listener, router(shard.clone()))
-            .with_graceful_shutdown(async {
-                let _ = drain_rx.await;
-            })
-            .into_future(),
-    );
-    let activated = activate(shard.clone(), plan_file);
-    let mut shutdown = Box::pin(shutdown);
-    let mut tasks = vec![];
-    tokio::select! {
-        res = activated => tasks = res?,
-        () = &mut shutdown => {}
-        res = &mut server => {
-            res.map_err(|e| Error::Other(e.to_string()))?.map_err(Error::Serve)?;
-            return Ok(());
+    .map_err(Error::task("the loader panicked"))??;
+    let app = router(shard.clone());
+    let startup = activate(shard.clone(), plan_file);
+    let on_drain = move |tasks: Option<Vec<tokio::task::JoinHandle<()>>>| {
+        shard.begin_drain();
+        for t in tasks.into_iter().flatten() {
+            t.abort();
         }
-    }
-    if tasks.is_empty() {
-        // Shutdown came first.
-    } else {
-        tokio::select! {
-            () = &mut shutdown => {}
-            res = &mut server => {
-                res.map_err(|e| Error::Other(e.to_string()))?.map_err(Error::Serve)?;
-                return Ok(());
-            }
-        }
-    }
-    tracing::info!("shutdown requested: draining");
-    shard.begin_drain();
-    let _ = drain_tx.send(());
-    for t in tasks {
-        t.abort();
-    }
-    match tokio::time::timeout(Duration::from_secs(args.grace_seconds), &mut server).await {
-        Ok(res) => res
-            .map_err(|e| Error::Other(e.to_string()))?
-            .map_err(Error::Serve)?,
-        Err(_) => {
-            tracing::warn!("grace period over; exiting with requests still in flight");
-            server.abort();
-        }
-    }
-    tracing::info!("drained; exiting");
-    Ok(())
+    };
+    lifecycle::serve(listener, app, startup, shutdown, cfg.grace, on_drain).await
 }

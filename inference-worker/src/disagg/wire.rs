@@ -61,7 +61,7 @@ fn dtype_from(c: u8) -> Result<DType> {
         0 => Ok(DType::F32),
         1 => Ok(DType::BF16),
         2 => Ok(DType::F16),
-        other => Err(Error::Other(format!("unknown dtype code {other}"))),
+        other => Err(Error::Wire(format!("unknown dtype code {other}"))),
     }
 }
 
@@ -137,14 +137,14 @@ fn tensor_from(bytes: &[u8], dtype: DType, n: usize, hidden: usize) -> Result<Te
 pub fn encode_request(layer: usize, xs: &Tensor, routes: &[Vec<(usize, f32)>]) -> Result<Vec<u8>> {
     let (n, hidden) = xs.dims2()?;
     if routes.len() != n {
-        return Err(Error::Other(format!(
+        return Err(Error::Wire(format!(
             "{} route lists for {n} tokens",
             routes.len()
         )));
     }
     let k = routes.iter().map(Vec::len).max().unwrap_or(0);
     if k > u8::MAX as usize {
-        return Err(Error::Other(format!("{k} experts per token")));
+        return Err(Error::Wire(format!("{k} experts per token")));
     }
     let size = xs.dtype().size_in_bytes();
     let mut out = Vec::with_capacity(REQ_HEADER + n * k * 6 + n * hidden * size);
@@ -159,7 +159,7 @@ pub fn encode_request(layer: usize, xs: &Tensor, routes: &[Vec<(usize, f32)>]) -
         for slot in 0..k {
             let id = match r.get(slot) {
                 Some(&(e, _)) if e < EMPTY_SLOT as usize => e as u16,
-                Some(&(e, _)) => return Err(Error::Other(format!("expert id {e} too large"))),
+                Some(&(e, _)) => return Err(Error::Wire(format!("expert id {e} too large"))),
                 None => EMPTY_SLOT,
             };
             out.extend_from_slice(&id.to_le_bytes());
@@ -185,10 +185,10 @@ fn u32_at(b: &[u8], at: usize) -> usize {
 
 pub fn decode_request(b: &[u8]) -> Result<ExpertRequest> {
     if b.len() < REQ_HEADER || &b[..4] != REQ_MAGIC {
-        return Err(Error::Other("not an expert request (bad magic)".into()));
+        return Err(Error::Wire("not an expert request (bad magic)".into()));
     }
     if u16_at(b, 4) != VERSION {
-        return Err(Error::Other(format!(
+        return Err(Error::Wire(format!(
             "expert wire version {} (this shard speaks {VERSION})",
             u16_at(b, 4)
         )));
@@ -202,7 +202,7 @@ pub fn decode_request(b: &[u8]) -> Result<ExpertRequest> {
         .and_then(|r| n.checked_mul(hidden)?.checked_mul(size)?.checked_add(r))
         .and_then(|x| x.checked_add(REQ_HEADER));
     if want != Some(b.len()) {
-        return Err(Error::Other(format!(
+        return Err(Error::Wire(format!(
             "expert request of {} bytes does not match its header (n={n}, k={k}, hidden={hidden})",
             b.len()
         )));
@@ -246,11 +246,11 @@ pub fn encode_response(ys: &Tensor) -> Result<Vec<u8>> {
 /// Decodes a response and checks it has the expected shape and dtype.
 pub fn decode_response(b: &[u8], n: usize, hidden: usize, dtype: DType) -> Result<Tensor> {
     if b.len() < RESP_HEADER || &b[..4] != RESP_MAGIC || u16_at(b, 4) != VERSION {
-        return Err(Error::Other("malformed expert response header".into()));
+        return Err(Error::Wire("malformed expert response header".into()));
     }
     let got = (dtype_from(b[6])?, u32_at(b, 8), u32_at(b, 12));
     if got != (dtype, n, hidden) || b.len() != RESP_HEADER + n * hidden * dtype.size_in_bytes() {
-        return Err(Error::Other(format!(
+        return Err(Error::Wire(format!(
             "expert response ({:?}, {} x {}, {} bytes) does not match the request ({dtype:?}, {n} x {hidden})",
             got.0,
             got.1,

@@ -71,10 +71,10 @@ impl Checkpoint {
             f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
             let len = u64::from_le_bytes(len);
             if len > 100 << 20 {
-                return Err(Error::Other(format!(
-                    "{}: safetensors header of {len} bytes is implausible",
-                    path.display()
-                )));
+                return Err(Error::Checkpoint {
+                    path: path.clone(),
+                    message: format!("safetensors header of {len} bytes is implausible"),
+                });
             }
             let mut header = vec![0u8; len as usize];
             f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;

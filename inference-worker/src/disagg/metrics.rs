@@ -1,5 +1,5 @@
 //! Metrics of expert disaggregation (router <-> expert shard traffic). Registered
-//! into the worker's one registry by [`crate::metrics::Metrics::new`]; documented
+//! into the worker's one registry by [`crate::serve::metrics::Metrics::new`]; documented
 //! in `inference-worker/METRICS.md` with the others.
 
 use prometheus_client::encoding::EncodeLabelSet;

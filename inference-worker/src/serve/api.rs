@@ -1,7 +1,8 @@
 //! OpenAI request/response types and request validation.
 
-use crate::sampling::SamplingParams;
-use crate::text::ChatMessage;
+use crate::error::Error;
+use crate::serve::sampling::SamplingParams;
+use crate::serve::text::ChatMessage;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,36 @@ impl ApiError {
             param,
             code: None,
             retry_after: None,
+            escalation_failed: false,
+        }
+    }
+
+    /// The answer to a worker error that reaches a client, chosen by the error's
+    /// [`Error::reason`]: 429 for a full queue, 503 (with `Retry-After`) while the
+    /// worker or its expert shards cannot serve, 400 for input the model cannot
+    /// take, 500 for the rest.
+    pub fn from_error(e: &Error, retry_after: u64) -> Self {
+        let unavailable = (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable");
+        let invalid = (StatusCode::BAD_REQUEST, "invalid_request_error");
+        let ((status, kind), code) = match e.reason() {
+            "queue_full" => (
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+                Some("rate_limit_exceeded"),
+            ),
+            "engine_stopped" | "shard_unreachable" | "shard_unavailable" => (unavailable, None),
+            "context_length_exceeded" => (invalid, Some("context_length_exceeded")),
+            "invalid_input" | "tokenizer" | "template" | "wire" => (invalid, None),
+            _ => ((StatusCode::INTERNAL_SERVER_ERROR, "server_error"), None),
+        };
+        Self {
+            status,
+            message: e.to_string(),
+            kind,
+            param: None,
+            code,
+            retry_after: (status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::SERVICE_UNAVAILABLE)
+                .then_some(retry_after),
             escalation_failed: false,
         }
     }
@@ -356,5 +387,56 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_errors_map_to_openai_errors_by_reason() {
+        let full = ApiError::from_error(&Error::QueueFull, 7);
+        assert_eq!(
+            (full.status, full.kind, full.code, full.retry_after),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                Some(7)
+            )
+        );
+        let stopped = ApiError::from_error(&Error::EngineStopped, 1);
+        assert_eq!(
+            (stopped.status, stopped.kind, stopped.retry_after),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some(1)
+            )
+        );
+        assert_eq!(stopped.message, "the engine has stopped");
+        let long = ApiError::from_error(
+            &Error::ContextExceeded {
+                tokens: 9,
+                context: 8,
+            },
+            1,
+        );
+        assert_eq!(
+            (long.status, long.code, long.retry_after),
+            (
+                StatusCode::BAD_REQUEST,
+                Some("context_length_exceeded"),
+                None
+            )
+        );
+        let other = ApiError::from_error(&Error::Template("x".into()).in_file("t"), 1);
+        assert_eq!(other.status, StatusCode::BAD_REQUEST);
+        let other = ApiError::from_error(&Error::ExpertNotLoaded(3), 1);
+        assert_eq!(
+            (other.status, other.kind),
+            (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! - One persistent HTTP/2 (prior knowledge, h2c) connection per replica,
 //!   multiplexing every concurrent layer message; reconnects on demand.
 //! - Per layer, one message per shard holding the tokens routed to its experts
-//!   ([`crate::wire`]); all shards are called concurrently. An expert listed by
+//!   ([`crate::disagg::wire`]); all shards are called concurrently. An expert listed by
 //!   several shards has its tokens split across them round-robin by the token's
 //!   order among that expert's tokens (deterministic, and every expert's output for
 //!   a row is bitwise independent of the split).
@@ -17,14 +17,15 @@
 //!   each layer call finishes on the table it started with (if that fails and the
 //!   table changed meanwhile, the layer is retried once on the new one).
 
-use crate::config::ModelConfig;
+use crate::disagg::metrics::ShardMetrics;
+use crate::disagg::placement::{Plan, PlanFile, authority};
 use crate::error::{Error, Result};
-use crate::loader::Loaded;
-use crate::metrics::Metrics;
-use crate::model::{ExpertPlacement, Model, RemoteExperts, Routes};
-use crate::placement::{Plan, PlanFile, authority};
-use crate::shard_metrics::ShardMetrics;
-use crate::text::TextCodec;
+use crate::model::config::ModelConfig;
+use crate::model::decoder::Model;
+use crate::model::loader::Loaded;
+use crate::model::moe::{ExpertPlacement, RemoteExperts, Routes};
+use crate::serve::metrics::Metrics;
+use crate::serve::text::TextCodec;
 use bytes::Bytes;
 use candle_core::{DType, Tensor};
 use http_body_util::{BodyExt, Full};
@@ -105,8 +106,13 @@ impl Replica {
         let stream =
             tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(&self.addr))
                 .await
-                .map_err(|_| Error::Other(format!("connecting to {} timed out", self.addr)))?
-                .map_err(|e| Error::Other(format!("cannot connect to {}: {e}", self.addr)))?;
+                .map_err(|_| Error::ConnectTimeout {
+                    addr: self.addr.clone(),
+                })?
+                .map_err(|source| Error::Connect {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -115,7 +121,10 @@ impl Replica {
                 .max_frame_size(1 << 20)
                 .handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .map_err(|e| Error::Other(format!("HTTP/2 handshake with {}: {e}", self.addr)))?;
+                .map_err(|source| Error::Handshake {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -374,13 +383,20 @@ impl ShardClient {
                 replica.drop_conn().await;
                 return Err(retry(format!("{}: {e}", replica.addr)));
             }
-            let req = hyper::Request::post(format!("http://{}{}", replica.addr, crate::wire::PATH))
-                .header(hyper::header::CONTENT_TYPE, crate::wire::CONTENT_TYPE)
-                .body(Full::new(body))
-                .map_err(|e| AttemptError {
-                    message: e.to_string(),
-                    retry: false,
-                })?;
+            let req = hyper::Request::post(format!(
+                "http://{}{}",
+                replica.addr,
+                crate::disagg::wire::PATH
+            ))
+            .header(
+                hyper::header::CONTENT_TYPE,
+                crate::disagg::wire::CONTENT_TYPE,
+            )
+            .body(Full::new(body))
+            .map_err(|e| AttemptError {
+                message: e.to_string(),
+                retry: false,
+            })?;
             let resp = match sender.send_request(req).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -427,10 +443,7 @@ impl ShardClient {
         let labels = ShardMetrics::shard(pool.shard);
         if n == 0 {
             self.metrics.shards.failures.get_or_create(&labels).inc();
-            return Err(Error::Other(format!(
-                "expert shard {} has no replica (none resolved from the placement plan)",
-                pool.shard
-            )));
+            return Err(Error::NoReplica { shard: pool.shard });
         }
         let start = pool.next.fetch_add(1, Ordering::Relaxed);
         // Replicas not marked down first, in round-robin order, then the others.
@@ -458,11 +471,10 @@ impl ShardClient {
             }
         }
         self.metrics.shards.failures.get_or_create(&labels).inc();
-        Err(Error::Other(format!(
-            "expert shard {} unavailable: {}",
-            pool.shard,
-            errors.join("; ")
-        )))
+        Err(Error::ShardUnavailable {
+            shard: pool.shard,
+            errors: errors.join("; "),
+        })
     }
 
     async fn forward_on(
@@ -480,7 +492,7 @@ impl ShardClient {
             for &(e, w) in r {
                 let holders = routing.holders.get(e).map_or(&[][..], Vec::as_slice);
                 if holders.is_empty() {
-                    return Err(Error::Other(format!(
+                    return Err(Error::PlanMismatch(format!(
                         "placement plan version {} assigns no shard to expert {e}",
                         routing.plan.version
                     )));
@@ -498,11 +510,11 @@ impl ShardClient {
         let mut calls = vec![];
         for (shard, (rows, rs)) in &parts {
             let pool = routing.pools.get(shard).ok_or_else(|| {
-                Error::Other(format!("expert shard {shard} is not in the placement plan"))
+                Error::PlanMismatch(format!("expert shard {shard} is not in the placement plan"))
             })?;
             let idx = Tensor::new(rows.as_slice(), xs.device())?;
             let sub = xs.index_select(&idx, 0)?;
-            let body = Bytes::from(crate::wire::encode_request(layer, &sub, rs)?);
+            let body = Bytes::from(crate::disagg::wire::encode_request(layer, &sub, rs)?);
             self.metrics.shards.add_bytes("sent", body.len());
             calls.push(async move {
                 let t0 = Instant::now();
@@ -520,7 +532,7 @@ impl ShardClient {
         for (idx, n, r) in answers {
             let bytes = r?;
             self.metrics.shards.add_bytes("received", bytes.len());
-            let part = crate::wire::decode_response(&bytes, n, hidden, xs.dtype())?;
+            let part = crate::disagg::wire::decode_response(&bytes, n, hidden, xs.dtype())?;
             ys = ys.index_add(&idx, &part, 0)?;
         }
         Ok(ys)
@@ -558,7 +570,7 @@ pub fn load_router(
     client: Arc<ShardClient>,
     warmup_for: Duration,
 ) -> Result<Loaded> {
-    let dir = crate::hub::resolve(source)?;
+    let dir = crate::model::hub::resolve(source)?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     if !cfg.is_moe() {
         return Err(Error::Unsupported(

@@ -3,10 +3,10 @@
 //! sequence by one token, and drops the ones that finished or whose client left.
 
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::model::{KvCache, Model};
-use crate::sampling::{Sampler, SamplingParams, max_prob};
-use crate::text::{Detokenizer, Push, TextCodec};
+use crate::model::decoder::{KvCache, Model};
+use crate::serve::metrics::Metrics;
+use crate::serve::sampling::{Sampler, SamplingParams, max_prob};
+use crate::serve::text::{Detokenizer, Push, TextCodec};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;

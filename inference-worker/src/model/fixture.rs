@@ -305,7 +305,7 @@ const BIAS_DIM: usize = 0;
 /// change.
 fn skew_router(tensors: &mut [(String, Tensor)], spec: &FixtureSpec) -> Result<()> {
     if let Some(&e) = spec.hot_experts.iter().find(|&&e| e >= spec.experts) {
-        return Err(Error::Other(format!(
+        return Err(Error::InvalidConfig(format!(
             "hot expert {e} does not exist ({} experts)",
             spec.experts
         )));

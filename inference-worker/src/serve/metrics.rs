@@ -1,7 +1,7 @@
 //! Every metric the worker exports. The names are a contract with the autoscaler:
 //! `inference-worker/METRICS.md` documents each one; keep the two in sync.
 
-use crate::model::ExpertCounts;
+use crate::model::moe::ExpertCounts;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -73,7 +73,7 @@ pub struct Metrics {
     /// Serialises copying model-side expert counts into `expert_tokens`.
     expert_sync: Mutex<()>,
     /// Router <-> expert shard traffic (expert disaggregation).
-    pub shards: crate::shard_metrics::ShardMetrics,
+    pub shards: crate::disagg::metrics::ShardMetrics,
 }
 
 impl Default for Metrics {
@@ -85,7 +85,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let shards = crate::shard_metrics::ShardMetrics::default();
+        let shards = crate::disagg::metrics::ShardMetrics::default();
         shards.register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         let queue_depth = Gauge::default();

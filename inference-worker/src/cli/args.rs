@@ -1,0 +1,206 @@
+//! The command line's arguments (clap): what each subcommand accepts, and the
+//! conversions into the plain configuration structs the rest of the crate takes.
+
+use crate::disagg::expert_server::ExpertServerConfig;
+use crate::error::{Error, Result};
+use crate::model::decoder::parse_dtype;
+use crate::model::fixture::FixtureSpec;
+use crate::serve::escalation::cloud::Escalator;
+use crate::serve::escalation::{EscalationConfig, OnCloudUnavailable};
+use crate::serve::metrics::Metrics;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "tidal-worker", version, about = "Tidal's candle model server")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Write a tiny random checkpoint (for tests and benchmarks).
+    GenFixture(GenFixtureArgs),
+}
+
+/// What this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// The whole model in one process.
+    Full,
+    /// Embeddings, attention, norms and gates; the experts run on expert shards
+    /// (`--placement-file`). Serves the OpenAI API.
+    Router,
+    /// The FFNs of this shard's experts (`--placement-file`, `--shard`). Serves
+    /// only the binary expert endpoint, health, readiness and metrics.
+    Expert,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Local checkpoint directory or `hf://org/name[@revision]`.
+    #[arg(long, env = "TIDAL_MODEL")]
+    pub model: String,
+    /// Name clients use in `model`; defaults to the checkpoint directory's name.
+    #[arg(long, env = "TIDAL_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    #[arg(long, env = "TIDAL_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "TIDAL_ROLE", value_enum, default_value = "full")]
+    pub role: Role,
+    /// f32, bf16 or f16.
+    #[arg(long, env = "TIDAL_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Most sequences decoded together.
+    #[arg(long, env = "TIDAL_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
+    /// Most requests waiting for the batch before 429s.
+    #[arg(long, env = "TIDAL_QUEUE_SIZE", default_value_t = 64)]
+    pub queue_size: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, env = "TIDAL_MAX_TOKENS", default_value_t = 2048)]
+    pub max_tokens: usize,
+    #[arg(long, env = "TIDAL_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run after SIGTERM.
+    #[arg(long, env = "TIDAL_GRACE_SECONDS", default_value_t = 30)]
+    pub grace_seconds: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "TIDAL_LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+    /// Edge escalation to a cloud endpoint (see [`crate::serve::escalation`]).
+    #[command(flatten)]
+    pub escalation: EscalationArgs,
+    /// Expert placement plan (plan.json) for the router and expert roles; reloaded
+    /// when it changes.
+    #[arg(long, env = "TIDAL_PLACEMENT_FILE")]
+    pub placement_file: Option<PathBuf>,
+    /// This expert shard's index in the placement plan (expert role).
+    #[arg(long, env = "TIDAL_SHARD")]
+    pub shard: Option<usize>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenFixtureArgs {
+    #[arg(long, env = "TIDAL_FIXTURE_OUT")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub spec: FixtureSpec,
+}
+
+impl ServeArgs {
+    pub fn model_name(&self) -> String {
+        self.served_model_name.clone().unwrap_or_else(|| {
+            let trimmed = self.model.trim_end_matches('/');
+            let name = trimmed.strip_prefix("hf://").unwrap_or(trimmed);
+            match name.rsplit_once('/') {
+                Some((_, last)) if !self.model.starts_with("hf://") => last.to_string(),
+                _ => name.to_string(),
+            }
+        })
+    }
+    /// The expert role's configuration: needs `--placement-file` and `--shard`.
+    pub fn expert_config(&self) -> Result<ExpertServerConfig> {
+        let placement_file = self.placement_file.clone().ok_or(Error::MissingFlag {
+            role: "expert",
+            flag: "--placement-file",
+            env: "TIDAL_PLACEMENT_FILE",
+        })?;
+        let shard = self.shard.ok_or(Error::MissingFlag {
+            role: "expert",
+            flag: "--shard",
+            env: "TIDAL_SHARD",
+        })?;
+        Ok(ExpertServerConfig {
+            model: self.model.clone(),
+            listen: self.listen,
+            dtype: parse_dtype(&self.dtype)?,
+            placement_file,
+            shard,
+            grace: Duration::from_secs(self.grace_seconds),
+        })
+    }
+}
+
+fn parse_threshold(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be in [0, 1], got {v}"))
+    }
+}
+
+/// The `serve` flags of edge escalation (each also read from its `TIDAL_*` variable).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EscalationArgs {
+    /// Cloud base URL to escalate requests to (e.g. http://svc-cloud.ns.svc:8080); unset:
+    /// no escalation and the other escalation flags are ignored.
+    #[arg(long, env = "TIDAL_ESCALATE_TO")]
+    pub escalate_to: Option<String>,
+    /// `model` to ask the cloud for; default: the first model the cloud lists.
+    #[arg(long, env = "TIDAL_ESCALATE_MODEL")]
+    pub escalate_model: Option<String>,
+    /// Escalate when the mean max-softmax probability over the last
+    /// --confidence-window generated tokens falls below this (0 never escalates).
+    #[arg(long, env = "TIDAL_CONFIDENCE_THRESHOLD", default_value_t = 0.0, value_parser = parse_threshold)]
+    pub confidence_threshold: f32,
+    /// Generated tokens the confidence is averaged over (checked once that many exist).
+    #[arg(long, env = "TIDAL_CONFIDENCE_WINDOW", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub confidence_window: u64,
+    /// Forward requests to the cloud instead of answering 429 when the queue is full.
+    #[arg(long, env = "TIDAL_ESCALATE_ON_OVERLOAD", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub escalate_on_overload: bool,
+    /// When the cloud cannot be reached: go on locally (and mark the response) or fail.
+    #[arg(
+        long,
+        env = "TIDAL_ON_CLOUD_UNAVAILABLE",
+        value_enum,
+        default_value = "serve-locally"
+    )]
+    pub on_cloud_unavailable: OnCloudUnavailable,
+    /// Limit for connecting to the cloud, in milliseconds.
+    #[arg(
+        long,
+        env = "TIDAL_ESCALATION_CONNECT_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub escalation_connect_timeout_ms: u64,
+    /// Limit for the cloud's response headers and each read of its stream, in milliseconds.
+    #[arg(
+        long,
+        env = "TIDAL_ESCALATION_READ_TIMEOUT_MS",
+        default_value_t = 30000
+    )]
+    pub escalation_read_timeout_ms: u64,
+}
+
+impl EscalationArgs {
+    /// The validated configuration, or None when no cloud endpoint is set.
+    pub fn to_config(&self) -> crate::Result<Option<EscalationConfig>> {
+        let Some(url) = &self.escalate_to else {
+            return Ok(None);
+        };
+        let config = EscalationConfig {
+            cloud_url: url.clone(),
+            cloud_model: self.escalate_model.clone(),
+            confidence_threshold: self.confidence_threshold,
+            confidence_window: self.confidence_window as usize,
+            on_overload: self.escalate_on_overload,
+            on_cloud_unavailable: self.on_cloud_unavailable,
+            connect_timeout: Duration::from_millis(self.escalation_connect_timeout_ms),
+            read_timeout: Duration::from_millis(self.escalation_read_timeout_ms),
+        };
+        // Fails here, at startup, rather than on the first escalation.
+        Escalator::new(config.clone(), Arc::new(Metrics::new()))?;
+        Ok(Some(config))
+    }
+}

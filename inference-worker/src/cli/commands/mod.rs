@@ -1,0 +1,4 @@
+//! What each subcommand does.
+
+pub mod gen_fixture;
+pub mod serve;

@@ -1,0 +1,270 @@
+//! The decoder model (Mixtral-family MoE and Llama/Mistral/Qwen2 dense) on candle.
+//!
+//! Weights are shared; the KV cache lives outside the model in a [`KvCache`] per
+//! sequence so that one model can serve many sequences (continuous batching).
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::layers::{Attention, Chunk, Mlp, Proj, Rotary, linear};
+use crate::model::moe::{ExpertCounts, ExpertPlacement, Moe};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Per-sequence attention cache: one (key, value) pair per layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) len: usize,
+}
+
+impl KvCache {
+    /// Number of positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+struct Layer {
+    attn: Attention,
+    ffn: Ffn,
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+/// A loaded decoder model. Immutable after load: all per-sequence state is in [`KvCache`].
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Proj,
+    rotary: Rotary,
+    counts: Arc<ExpertCounts>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Model {
+    /// Loads every `*.safetensors` file in `dir` with the given config.
+    pub fn load_dir(dir: &Path, cfg: ModelConfig, dtype: DType) -> Result<Self> {
+        Self::load_dir_with(dir, cfg, dtype, ExpertPlacement::Local)
+    }
+
+    /// As [`Model::load_dir`], with the expert FFNs where `placement` says. With
+    /// remote experts only the non-expert tensors are read from the checkpoint.
+    pub fn load_dir_with(
+        dir: &Path,
+        cfg: ModelConfig,
+        dtype: DType,
+        placement: ExpertPlacement,
+    ) -> Result<Self> {
+        if let ExpertPlacement::Remote(_) = placement {
+            let index = crate::model::weights::Checkpoint::open(dir)?;
+            let tensors = index.load_where(|name| !name.contains(".block_sparse_moe.experts."))?;
+            let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+            return Self::load_with(cfg, vb, placement);
+        }
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "no *.safetensors files in {}",
+                dir.display()
+            )));
+        }
+        let device = Device::Cpu;
+        let mut tensors = std::collections::HashMap::new();
+        for f in &files {
+            tensors.extend(candle_core::safetensors::load(f, &device)?);
+        }
+        let vb = VarBuilder::from_tensors(tensors, dtype, &device);
+        Self::load(cfg, vb)
+    }
+
+    pub fn load(cfg: ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load_with(cfg, vb, ExpertPlacement::Local)
+    }
+
+    pub fn load_with(cfg: ModelConfig, vb: VarBuilder, placement: ExpertPlacement) -> Result<Self> {
+        let device = vb.device().clone();
+        let dtype = vb.dtype();
+        let m = vb.pp("model");
+        let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let vb = m.pp("layers").pp(l);
+            let ffn = if cfg.is_moe() {
+                Ffn::Moe(Moe::load(&cfg, vb.pp("block_sparse_moe"), &placement)?)
+            } else {
+                Ffn::Dense(Mlp::load(
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                    ["gate_proj", "up_proj", "down_proj"],
+                    vb.pp("mlp"),
+                )?)
+            };
+            layers.push(Layer {
+                attn: Attention::load(&cfg, vb.pp("self_attn"))?,
+                ffn,
+                input_norm: candle_nn::rms_norm(
+                    cfg.hidden_size,
+                    cfg.rms_norm_eps,
+                    vb.pp("input_layernorm"),
+                )?,
+                post_norm: candle_nn::rms_norm(
+                    cfg.hidden_size,
+                    cfg.rms_norm_eps,
+                    vb.pp("post_attention_layernorm"),
+                )?,
+            });
+        }
+        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            Proj(Linear::new(embed.embeddings().clone(), None))
+        } else {
+            linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+        };
+        let counts = Arc::new(ExpertCounts::new(cfg.num_hidden_layers, cfg.num_experts));
+        Ok(Self {
+            rotary: Rotary::new(&cfg, dtype, &device)?,
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            counts,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn expert_counts(&self) -> &Arc<ExpertCounts> {
+        &self.counts
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Appends `tokens` to the sequence held in `cache` and returns the f32 logits
+    /// (vocab_size) for the next token.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let mut out = self.forward_batch(&mut [(tokens, cache)])?;
+        Ok(out.pop().expect("one sequence in, one out"))
+    }
+
+    /// Advances several sequences in one pass: `batch[i].0` is appended to the
+    /// sequence in `batch[i].1`, and the i-th result is its next-token logits.
+    ///
+    /// The new tokens of all sequences are stacked into one `(rows, hidden)` matrix
+    /// for every projection, MLP and expert (each expert runs once on the rows routed
+    /// to it from the whole batch); attention runs per sequence against its own
+    /// cache. A sequence's logits are bitwise the same whatever else is in the batch.
+    pub fn forward_batch(&self, batch: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut chunks = Vec::with_capacity(batch.len());
+        let mut tokens = vec![];
+        for (toks, cache) in batch.iter() {
+            let (seq, offset) = (toks.len(), cache.len);
+            if seq == 0 {
+                return Err(Error::EmptyInput);
+            }
+            if offset + seq > self.cfg.max_position_embeddings {
+                return Err(Error::ContextExceeded {
+                    tokens: offset + seq,
+                    context: self.cfg.max_position_embeddings,
+                });
+            }
+            let mask = if seq > 1 {
+                let m: Vec<f32> = (0..seq)
+                    .flat_map(|i| {
+                        (0..offset + seq).map(move |j| {
+                            if j > offset + i {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            }
+                        })
+                    })
+                    .collect();
+                Some(Tensor::from_vec(m, (seq, offset + seq), &self.device)?)
+            } else {
+                None
+            };
+            chunks.push(Chunk {
+                start: tokens.len(),
+                len: seq,
+                offset,
+                mask,
+            });
+            tokens.extend_from_slice(toks);
+        }
+        let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|(_, c)| &mut **c).collect();
+        let input = Tensor::new(tokens.as_slice(), &self.device)?;
+        let mut xs = self.embed.forward(&input)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let residual = &xs;
+            let h = layer.input_norm.forward(&xs)?;
+            let h = layer
+                .attn
+                .forward(&h, &self.rotary, &chunks, &mut caches, l)?;
+            let xs2 = (h + residual)?;
+            let h = layer.post_norm.forward(&xs2)?;
+            let h = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&h)?,
+                Ffn::Moe(moe) => moe.forward(&h, l, &self.counts)?,
+            };
+            xs = (xs2 + h)?;
+        }
+        for (c, cache) in chunks.iter().zip(caches.iter_mut()) {
+            cache.len += c.len;
+        }
+        let last: Vec<u32> = chunks
+            .iter()
+            .map(|c| (c.start + c.len - 1) as u32)
+            .collect();
+        let last = xs.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+}
+
+/// Parses a dtype name from the CLI.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(Error::Unsupported(format!(
+            "dtype {other:?} (use f32, bf16 or f16)"
+        ))),
+    }
+}

@@ -1,0 +1,318 @@
+//! The decoder's building blocks: batch-invariant linear projections, rotary
+//! embeddings, attention over per-sequence KV caches and the SwiGLU MLP.
+
+use crate::error::Result;
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::decoder::KvCache;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+pub(crate) fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Proj> {
+    Ok(Proj(if bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    }))
+}
+
+/// Largest `rows * cols` product for which gemm (candle's CPU matmul) uses its
+/// "horizontal" small-matrix kernels instead of its blocked kernels.
+pub(crate) const GEMM_SMALL_PRODUCT: usize = 16 * 16;
+
+/// Row count at which a `(rows, k) x (k, cols)` matmul takes gemm's blocked path.
+///
+/// gemm picks its algorithm from the shape: a single row goes to a matrix-vector
+/// kernel, `rows * cols <= 256` to small "horizontal" kernels, everything else to
+/// blocked micro-kernels whose depth blocking depends on `k` only. Each path sums
+/// in its own order, so the same row can come out of two paths with different
+/// rounding. Within the blocked path every output element is accumulated the same
+/// way whatever the row count, the row's position or the other rows' contents
+/// (the tests in this module check this bitwise). Padding every matmul up to this
+/// many rows therefore makes a row's result independent of the batch it is in.
+pub(crate) fn invariant_rows(rows: usize, cols: usize) -> usize {
+    rows.max(2).max(GEMM_SMALL_PRODUCT / cols.max(1) + 1)
+}
+
+/// A linear layer over `(rows, in)` matrices whose rows come out bitwise the same
+/// whatever else is in the matrix (see [`invariant_rows`]).
+pub(crate) struct Proj(pub(crate) Linear);
+
+impl Proj {
+    fn out_dim(&self) -> Result<usize> {
+        Ok(self.0.weight().dim(0)?)
+    }
+
+    /// Computes `weight · xsᵀ` rather than `xs · weightᵀ`: with the (large) weight as
+    /// gemm's left operand, the blocked kernels are much faster for the few rows of a
+    /// decode batch. Either way every output element is reduced along `in` in the
+    /// same order whatever the number of rows.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (rows, width) = xs.dims2()?;
+        let padded = invariant_rows(rows, self.out_dim()?);
+        let xs = if padded == rows {
+            xs.clone()
+        } else {
+            let zeros = Tensor::zeros((padded - rows, width), xs.dtype(), xs.device())?;
+            Tensor::cat(&[xs, &zeros], 0)?
+        };
+        let ys = self.0.weight().matmul(&xs.t()?)?.t()?.narrow(0, 0, rows)?;
+        let ys = match self.0.bias() {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        Ok(ys.contiguous()?)
+    }
+}
+
+/// One sequence's share of the rows of a forward pass.
+pub(crate) struct Chunk {
+    /// First row of this sequence in the stacked hidden states.
+    pub(crate) start: usize,
+    /// Number of new tokens.
+    pub(crate) len: usize,
+    /// Positions already in the sequence's cache.
+    pub(crate) offset: usize,
+    /// Causal mask for `len > 1`.
+    pub(crate) mask: Option<Tensor>,
+}
+
+pub(crate) struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    pub(crate) fn new(cfg: &ModelConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let dim = cfg.head_dim;
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32))
+            .collect();
+        let n = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, n), dev)?;
+        let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = t.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `x` of shape (b, heads, seq, head_dim) starting at position `offset`.
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+pub(crate) struct Attention {
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub(crate) fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let bias = cfg.arch == Arch::Qwen2;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q: linear(h, cfg.num_attention_heads * hd, bias, vb.pp("q_proj"))?,
+            k: linear(h, cfg.num_key_value_heads * hd, bias, vb.pp("k_proj"))?,
+            v: linear(h, cfg.num_key_value_heads * hd, bias, vb.pp("v_proj"))?,
+            o: linear(cfg.num_attention_heads * hd, h, false, vb.pp("o_proj"))?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `xs` holds the stacked rows of every chunk; projections run on all rows at
+    /// once, attention runs per chunk against that chunk's own cache.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        chunks: &[Chunk],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let q_all = self.q.forward(xs)?;
+        let k_all = self.k.forward(xs)?;
+        let v_all = self.v.forward(xs)?;
+        let mut ys = Vec::with_capacity(chunks.len());
+        for (c, cache) in chunks.iter().zip(caches.iter_mut()) {
+            let shape = |t: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, c.start, c.len)?
+                    .reshape((1, c.len, n, self.head_dim))?
+                    .transpose(1, 2)?)
+            };
+            let q = shape(&q_all, self.heads)?;
+            let k = shape(&k_all, self.kv_heads)?;
+            let v = shape(&v_all, self.kv_heads)?.contiguous()?;
+            let q = rotary.apply(&q, c.offset)?;
+            let k = rotary.apply(&k, c.offset)?;
+            let slot = &mut cache.layers[layer];
+            let (k, v) = match slot.take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            };
+            *slot = Some((k.clone(), v.clone()));
+            let groups = self.heads / self.kv_heads;
+            let k = candle_transformers::utils::repeat_kv(k, groups)?;
+            let v = candle_transformers::utils::repeat_kv(v, groups)?;
+            // Scores and softmax in f32 so that bf16/f16 weights stay numerically sane.
+            let dtype = q.dtype();
+            let (q, k, v) = (
+                q.to_dtype(DType::F32)?,
+                k.to_dtype(DType::F32)?,
+                v.to_dtype(DType::F32)?,
+            );
+            let scale = 1f64 / (self.head_dim as f64).sqrt();
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = match &c.mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v.contiguous()?)?.to_dtype(dtype)?;
+            ys.push(
+                y.transpose(1, 2)?
+                    .reshape((c.len, self.heads * self.head_dim))?,
+            );
+        }
+        let y = if ys.len() == 1 {
+            ys.pop().expect("one chunk")
+        } else {
+            Tensor::cat(&ys, 0)?
+        };
+        self.o.forward(&y)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+pub(crate) struct Mlp {
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+}
+
+impl Mlp {
+    pub(crate) fn load(h: usize, i: usize, names: [&str; 3], vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gate: linear(h, i, false, vb.pp(names[0]))?,
+            up: linear(h, i, false, vb.pp(names[1]))?,
+            down: linear(i, h, false, vb.pp(names[2]))?,
+        })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let lhs = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
+        let rhs = self.up.forward(xs)?;
+        self.down.forward(&(lhs * rhs)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-0.5, 0.5).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Tensor {
+        Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// Output shapes that hit each of gemm's paths without padding: a matrix-vector
+    /// kernel (one row), the small "horizontal" kernels (`rows * cols <= 256`) and
+    /// the blocked kernels.
+    const SHAPES: [(usize, usize); 6] = [
+        (64, 4),
+        (64, 64),
+        (128, 64),
+        (64, 259),
+        (1024, 8),
+        (256, 1024),
+    ];
+
+    #[test]
+    fn proj_rows_are_bitwise_independent_of_the_rest_of_the_matrix() {
+        for (k, n) in SHAPES {
+            for bias in [false, true] {
+                let b = bias.then(|| matrix(1, n, 3).squeeze(0).unwrap());
+                let proj = Proj(Linear::new(matrix(n, k, 1), b));
+                let target = matrix(1, k, 2);
+                let alone: Vec<f32> = proj
+                    .forward(&target)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for rows in 1..=40 {
+                    for pos in [0, rows / 2, rows - 1] {
+                        // Other rows with contents that change with the row count and position.
+                        let others = matrix(rows - 1, k, 100 + 64 * rows as u64 + pos as u64);
+                        let (before, after) = (
+                            others.narrow(0, 0, pos).unwrap(),
+                            others.narrow(0, pos, rows - 1 - pos).unwrap(),
+                        );
+                        let xs = Tensor::cat(&[&before, &target, &after], 0).unwrap();
+                        let out = proj.forward(&xs).unwrap();
+                        assert_eq!(out.dims(), &[rows, n]);
+                        let got: Vec<f32> = out
+                            .narrow(0, pos, 1)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        assert!(
+                            got == alone,
+                            "k={k} n={n} bias={bias}: row {pos} of {rows} differs from the row alone"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The reason for the padding: without it a row's result does depend on the
+    /// number of rows (here one row takes gemm's matrix-vector kernel), so the test
+    /// above would catch a regression.
+    #[test]
+    fn unpadded_matmul_is_not_row_invariant() {
+        let (k, n) = (256, 1024);
+        let w = matrix(n, k, 1);
+        let target = matrix(1, k, 2);
+        let alone = target.matmul(&w.t().unwrap()).unwrap();
+        let xs = Tensor::cat(&[&target, &matrix(3, k, 5)], 0).unwrap();
+        let batched = xs.matmul(&w.t().unwrap()).unwrap().narrow(0, 0, 1).unwrap();
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            alone.flatten_all().unwrap().to_vec1().unwrap(),
+            batched.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_ne!(
+            a, b,
+            "gemm became row-invariant: the padding may be unnecessary"
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! Mixtral-style sparse MoE: top-k gating, expert FFNs run locally or on expert
+//! shards ([`RemoteExperts`]), and per-expert token counts.
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::layers::{Mlp, Proj, linear};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Tokens routed to each expert of each MoE layer since the model was loaded.
+#[derive(Debug)]
+pub struct ExpertCounts {
+    num_experts: usize,
+    counts: Vec<AtomicU64>,
+}
+
+impl ExpertCounts {
+    pub fn new(layers: usize, num_experts: usize) -> Self {
+        Self {
+            num_experts,
+            counts: (0..layers * num_experts)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// Tokens routed to `expert` in `layer` so far.
+    pub fn get(&self, layer: usize, expert: usize) -> u64 {
+        self.counts[layer * self.num_experts + expert].load(Ordering::Relaxed)
+    }
+
+    /// `(layer, expert, count)` for every pair.
+    pub fn snapshot(&self) -> Vec<(usize, usize, u64)> {
+        if self.num_experts == 0 {
+            return vec![];
+        }
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    i / self.num_experts,
+                    i % self.num_experts,
+                    c.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    pub fn add(&self, layer: usize, expert: usize, n: u64) {
+        self.counts[layer * self.num_experts + expert].fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// One Mixtral expert's feed-forward network (`w1`, `w3`, `w2`), loadable on its own
+/// so that an expert shard can hold any subset of a layer's experts.
+pub struct ExpertFfn(Mlp);
+
+impl ExpertFfn {
+    /// Loads from `vb` positioned at `model.layers.{l}.block_sparse_moe.experts.{e}`.
+    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self(Mlp::load(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            ["w1", "w3", "w2"],
+            vb,
+        )?))
+    }
+}
+
+/// Checkpoint prefix of expert `expert` of decoder layer `layer`.
+pub fn expert_prefix(layer: usize, expert: usize) -> String {
+    format!("model.layers.{layer}.block_sparse_moe.experts.{expert}")
+}
+
+/// The per-row routing decision of a MoE layer: `(expert, weight)` pairs, weights
+/// already renormalised over the row's chosen experts.
+pub type Routes = Vec<Vec<(usize, f32)>>;
+
+/// Runs experts on the rows of `xs` routed to them and returns, per row, the
+/// weighted sum of its experts' outputs (rows routed nowhere come out zero).
+///
+/// Experts run in ascending id, each once on all of its rows, and their weighted
+/// outputs are accumulated in that order: the same computation whether all experts
+/// are local (`full` role) or only a shard's subset (`expert` role), so that every
+/// expert's contribution is bitwise the same in both (see `layers::invariant_rows`).
+pub fn run_experts<'a>(
+    xs: &Tensor,
+    routes: &[Vec<(usize, f32)>],
+    num_experts: usize,
+    expert: impl Fn(usize) -> Result<&'a ExpertFfn>,
+    mut on_expert: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    let mut rows = vec![vec![]; num_experts];
+    let mut weights = vec![vec![]; num_experts];
+    for (row, r) in routes.iter().enumerate() {
+        for &(e, w) in r {
+            if e >= num_experts {
+                return Err(Error::ExpertOutOfRange {
+                    expert: e,
+                    num_experts,
+                });
+            }
+            rows[e].push(row as u32);
+            weights[e].push(w);
+        }
+    }
+    let mut ys = xs.zeros_like()?;
+    for e in 0..num_experts {
+        if rows[e].is_empty() {
+            continue;
+        }
+        on_expert(e, rows[e].len());
+        let idx = Tensor::new(rows[e].as_slice(), xs.device())?;
+        let w = Tensor::new(weights[e].as_slice(), xs.device())?
+            .reshape(((), 1))?
+            .to_dtype(xs.dtype())?;
+        let out = expert(e)?.0.forward(&xs.index_select(&idx, 0)?)?;
+        ys = ys.index_add(&idx, &out.broadcast_mul(&w)?, 0)?;
+    }
+    Ok(ys)
+}
+
+/// Experts that run outside this process (the `router` role): given a layer's
+/// hidden states and routing, returns the per-row weighted sum of the experts'
+/// outputs, as [`run_experts`] would locally.
+pub trait RemoteExperts: Send + Sync {
+    fn forward(&self, layer: usize, xs: &Tensor, routes: &[Vec<(usize, f32)>]) -> Result<Tensor>;
+}
+
+/// Where a MoE model's expert FFNs live.
+#[derive(Clone, Default)]
+pub enum ExpertPlacement {
+    /// In this process (the `full` role).
+    #[default]
+    Local,
+    /// On expert shards; this process loads no expert weights (the `router` role).
+    Remote(Arc<dyn RemoteExperts>),
+}
+
+enum Experts {
+    Local(Vec<ExpertFfn>),
+    Remote(Arc<dyn RemoteExperts>),
+}
+
+pub(crate) struct Moe {
+    gate: Proj,
+    experts: Experts,
+    num_experts: usize,
+    top_k: usize,
+}
+
+impl Moe {
+    pub(crate) fn load(
+        cfg: &ModelConfig,
+        vb: VarBuilder,
+        placement: &ExpertPlacement,
+    ) -> Result<Self> {
+        let experts = match placement {
+            ExpertPlacement::Local => Experts::Local(
+                (0..cfg.num_experts)
+                    .map(|e| ExpertFfn::load(cfg, vb.pp("experts").pp(e)))
+                    .collect::<Result<_>>()?,
+            ),
+            ExpertPlacement::Remote(r) => Experts::Remote(r.clone()),
+        };
+        Ok(Self {
+            gate: linear(cfg.hidden_size, cfg.num_experts, false, vb.pp("gate"))?,
+            experts,
+            num_experts: cfg.num_experts,
+            top_k: cfg.num_experts_per_tok,
+        })
+    }
+
+    /// Top-k softmax gating, weights renormalised over the chosen experts (as Mixtral).
+    fn route(&self, xs: &Tensor) -> Result<Routes> {
+        let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(xs)?)?;
+        let probs = probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(probs
+            .iter()
+            .map(|p| {
+                let mut order: Vec<usize> = (0..p.len()).collect();
+                order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
+                let chosen = &order[..self.top_k.min(order.len())];
+                let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+                chosen.iter().map(|&e| (e, p[e] / sum)).collect()
+            })
+            .collect())
+    }
+
+    /// `xs` is `(rows, hidden)`, possibly from several sequences: the rows routed to
+    /// each expert are gathered across all of them so that each expert runs once.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        layer: usize,
+        counts: &ExpertCounts,
+    ) -> Result<Tensor> {
+        let routes = self.route(xs)?;
+        match &self.experts {
+            Experts::Local(experts) => run_experts(
+                xs,
+                &routes,
+                self.num_experts,
+                |e| Ok(&experts[e]),
+                |e, n| counts.add(layer, e, n as u64),
+            ),
+            Experts::Remote(remote) => {
+                for r in &routes {
+                    for &(e, _) in r {
+                        counts.add(layer, e, 1);
+                    }
+                }
+                remote.forward(layer, xs, &routes)
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Continuing a request after a low-confidence hand-off: on the cloud, or on this
+//! worker again when the cloud is unavailable and the policy allows it.
+
+use crate::serve::api::Checked;
+use crate::serve::engine::{
+    EngineHandle, EscalationMark, Event, FinishReason, GenRequest, Handoff,
+};
+use crate::serve::escalation::OnCloudUnavailable;
+use crate::serve::escalation::cloud::{Escalator, Pump, sampling_fields};
+use crate::serve::metrics::EscalationReason;
+use crate::serve::stop::StopMatcher;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+
+/// One request's state for continuing it after a low-confidence hand-off.
+pub struct Continuation {
+    pub escalator: Arc<Escalator>,
+    pub engine: EngineHandle,
+    /// The prompt exactly as the edge tokenized it (chat template applied).
+    pub prompt_text: String,
+    pub prompt_ids: Vec<u32>,
+    /// The local generation's max_tokens (explicit or the default that fits the context).
+    pub max_tokens: usize,
+    pub checked: Checked,
+}
+
+impl Continuation {
+    /// Continues a handed-off request in the background; the returned receiver yields
+    /// [`Event::Escalated`] then the rest of the response's events, ending like an engine
+    /// stream (`Done` with the combined usage, `Error` or `CloudUnavailable`).
+    pub fn resume(self: &Arc<Self>, handoff: Handoff) -> UnboundedReceiver<Event> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let this = self.clone();
+        tokio::spawn(async move { this.run(handoff, tx).await });
+        rx
+    }
+
+    async fn run(&self, h: Handoff, tx: UnboundedSender<Event>) {
+        let esc = &self.escalator;
+        let reason = EscalationReason::LowConfidence;
+        esc.count(reason);
+        let started = Instant::now();
+        tracing::debug!(
+            confidence = h.confidence,
+            edge_tokens = h.completion_tokens,
+            "escalating for low confidence"
+        );
+        let remaining = self.max_tokens.saturating_sub(h.completion_tokens).max(1);
+        let held_back = h.text.get(h.sent..).unwrap_or_default().to_string();
+        let scanner = StopMatcher::new(self.checked.stop.clone(), held_back);
+        if tx.is_closed() {
+            return; // the client left while the edge was deciding
+        }
+        let mut body = json!({"prompt": format!("{}{}", self.prompt_text, h.text)});
+        let cloud_max = self
+            .checked
+            .max_tokens
+            .map(|m| m.saturating_sub(h.completion_tokens).max(1));
+        sampling_fields(&mut body, &self.checked, cloud_max);
+        match esc.open("/v1/completions", body).await {
+            Ok(resp) => {
+                let _ = tx.send(Event::Escalated(EscalationMark {
+                    reason: reason.as_str(),
+                    by_cloud: true,
+                }));
+                let pump = Pump {
+                    escalator: esc,
+                    reason,
+                    started,
+                    scanner,
+                    prompt_tokens: Some(h.prompt_tokens),
+                    edge_completion_tokens: h.completion_tokens,
+                };
+                pump.run(resp, &tx).await;
+            }
+            Err(e) => match esc.config.on_cloud_unavailable {
+                OnCloudUnavailable::Fail => {
+                    esc.unavailable(reason, "failed", &e.0);
+                    let _ = tx.send(Event::CloudUnavailable(e.0));
+                }
+                OnCloudUnavailable::ServeLocally => {
+                    esc.unavailable(reason, "served_locally", &e.0);
+                    let _ = tx.send(Event::Escalated(EscalationMark {
+                        reason: reason.as_str(),
+                        by_cloud: false,
+                    }));
+                    self.serve_locally(h, remaining, scanner, &tx).await;
+                }
+            },
+        }
+    }
+
+    /// Goes on generating on this worker: prompt + the edge's own tokens, no more checks.
+    async fn serve_locally(
+        &self,
+        h: Handoff,
+        remaining: usize,
+        mut scanner: StopMatcher,
+        tx: &UnboundedSender<Event>,
+    ) {
+        let mut ids = self.prompt_ids.clone();
+        ids.extend_from_slice(&h.ids);
+        let req = GenRequest {
+            prompt_ids: ids,
+            max_tokens: remaining,
+            sampling: self.checked.sampling.clone(),
+            stop: self.checked.stop.clone(),
+            ignore_eos: self.checked.ignore_eos,
+            arrived: Instant::now(),
+            confidence: None,
+        };
+        let mut rx = match self.engine.submit(req) {
+            Ok(rx) => rx,
+            Err(e) => {
+                let _ = tx.send(Event::Error(format!(
+                    "the cloud is unavailable and the request cannot go on locally: {e}"
+                )));
+                return;
+            }
+        };
+        let mut deltas = 0;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Delta(d) => {
+                    deltas += 1;
+                    let (out, stopped) = scanner.push(&d);
+                    if !out.is_empty() {
+                        let _ = tx.send(Event::Delta(out));
+                    }
+                    if stopped {
+                        // Dropping `rx` cancels the local generation; each delta came
+                        // from at least one token.
+                        let _ = tx.send(Event::Done {
+                            finish: FinishReason::Stop,
+                            prompt_tokens: h.prompt_tokens,
+                            completion_tokens: h.completion_tokens + deltas,
+                        });
+                        return;
+                    }
+                }
+                Event::Done {
+                    finish,
+                    completion_tokens,
+                    ..
+                } => {
+                    let rest = scanner.flush();
+                    if !rest.is_empty() {
+                        let _ = tx.send(Event::Delta(rest));
+                    }
+                    let _ = tx.send(Event::Done {
+                        finish,
+                        prompt_tokens: h.prompt_tokens,
+                        completion_tokens: h.completion_tokens + completion_tokens,
+                    });
+                    return;
+                }
+                other => {
+                    let _ = tx.send(other);
+                    return;
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+        let _ = tx.send(Event::Error("the engine dropped the request".into()));
+    }
+}

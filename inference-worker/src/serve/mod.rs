@@ -1,0 +1,13 @@
+//! Serving one model over an OpenAI-compatible HTTP API (and the HTTP lifecycle
+//! every role shares).
+
+pub mod api;
+pub mod engine;
+pub mod escalation;
+pub mod http;
+pub mod lifecycle;
+pub mod metrics;
+pub mod response;
+pub mod sampling;
+pub mod stop;
+pub mod text;
