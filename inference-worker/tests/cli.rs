@@ -2,27 +2,11 @@
 
 mod common;
 
-use common::{SseReader, http};
+use common::{Killed, SseReader, free_port, http};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidal-worker");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn wait_ready(addr: std::net::SocketAddr, child: &mut Child) {
     for _ in 0..1200 {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{http, metric_value, post_json};
+use common::{free_port, http, metric_value, post_json};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,14 +23,6 @@ use tidal_worker::serve::metrics::Metrics;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidal-worker");
 const EXPERTS: usize = 6;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn fixture() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

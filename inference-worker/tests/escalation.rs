@@ -4,11 +4,11 @@
 mod common;
 
 use common::{
-    MODEL, SseReader, TestServer, http, long_context_fixture, metric_value, post_json,
+    Killed, MODEL, SseReader, TestServer, http, long_context_fixture, metric_value, post_json,
     server_config, start_with,
 };
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use tidal_worker::model::fixture::FixtureSpec;
 use tidal_worker::serve::engine::EngineConfig;
@@ -603,14 +603,6 @@ async fn a_request_escalated_once_is_never_escalated_again() {
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidal-worker");
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_reads_the_operators_escalation_environment() {

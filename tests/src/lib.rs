@@ -118,7 +118,12 @@ fn bring_up() -> Result<LocalEnv, Unavailable> {
     Ok(env)
 }
 
-/// The local control plane, started if needed. `None` means "skip this test" (never in CI).
+/// Set to skip (not pass) the tests that need the local control plane when it cannot start.
+pub const SKIP_VAR: &str = "TIDAL_SKIP_CLUSTER_TESTS";
+
+/// The local control plane, started if needed. A test that cannot have it fails, so it never
+/// passes silently; `None` ("skip this test", said on stderr) only when [`SKIP_VAR`] is `1`,
+/// and never in CI.
 pub fn control_plane() -> Option<LocalEnv> {
     match CONTROL_PLANE.get_or_init(bring_up) {
         Ok(env) => Some(env.clone()),
@@ -126,7 +131,14 @@ pub fn control_plane() -> Option<LocalEnv> {
             if std::env::var_os("CI").is_some() {
                 panic!("the local control plane is required in CI but unavailable: {why}");
             }
-            eprintln!("SKIPPED: local control plane unavailable: {why}");
+            if std::env::var(SKIP_VAR).as_deref() != Ok("1") {
+                panic!(
+                    "the local control plane is unavailable: {why}\nrun the tests with \
+                     `deploy/local/tidal-local test`, or set {SKIP_VAR}=1 to skip the tests \
+                     that need it"
+                );
+            }
+            eprintln!("SKIPPED ({SKIP_VAR}=1): local control plane unavailable: {why}");
             None
         }
     }

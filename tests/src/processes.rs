@@ -96,6 +96,16 @@ pub fn write_fixture_with(dir: &Path, arch: &str, extra: &[&str]) {
     );
 }
 
+/// A child process killed (and reaped) on drop.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Kills the child when dropped.
 pub struct ProcessGuard {
     child: Option<Child>,
@@ -255,8 +265,18 @@ pub async fn start_worker(model: &Path, name: &str) -> ProcessGuard {
     guard
 }
 
-/// A real Prometheus (Debian's `prometheus` binary) on 127.0.0.1 scraping static targets
-/// every second. Restartable on the same port and storage, to test it going away.
+/// What a test's Prometheus scrapes and evaluates: scrape configs as Prometheus' YAML has them
+/// (JSON is YAML) and rule files.
+#[derive(Debug, Clone, Default)]
+pub struct PrometheusConfig {
+    pub scrape_configs: serde_json::Value,
+    pub rule_files: Vec<PathBuf>,
+}
+
+/// A real Prometheus (Debian's `prometheus` binary, or `$TIDAL_PROMETHEUS`) on 127.0.0.1,
+/// scraping and evaluating every second; its config passes `promtool check config` first.
+/// Restartable on the same port and storage, to test it going away. The one launcher every
+/// test uses.
 pub struct Prometheus {
     pub port: u16,
     dir: tempfile::TempDir,
@@ -264,22 +284,45 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// `jobs`: (targets as host:port, labels attached to every series of them).
+    /// Static targets. `jobs`: (targets as host:port, labels attached to every series of them).
     pub async fn start(jobs: &[(Vec<String>, serde_json::Value)]) -> Prometheus {
-        let dir = tempfile::Builder::new()
-            .prefix("tidal-prometheus")
-            .tempdir()
-            .expect("temp dir");
         let static_configs: Vec<serde_json::Value> = jobs
             .iter()
             .map(|(targets, labels)| serde_json::json!({"targets": targets, "labels": labels}))
             .collect();
+        Prometheus::start_with(PrometheusConfig {
+            scrape_configs: serde_json::json!([
+                {"job_name": "tidal-workers", "static_configs": static_configs}
+            ]),
+            rule_files: vec![],
+        })
+        .await
+    }
+
+    /// Any scrape configs and rule files; ready when this returns.
+    pub async fn start_with(config: PrometheusConfig) -> Prometheus {
+        let dir = tempfile::Builder::new()
+            .prefix("tidal-prometheus")
+            .tempdir()
+            .expect("temp dir");
         let config = serde_json::json!({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "tidal-workers", "static_configs": static_configs}],
+            "rule_files": config.rule_files,
+            "scrape_configs": config.scrape_configs,
         });
-        // JSON is YAML.
-        std::fs::write(dir.path().join("prometheus.yml"), config.to_string()).unwrap();
+        let path = dir.path().join("prometheus.yml");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let check = Command::new("promtool")
+            .args(["check", "config"])
+            .arg(&path)
+            .output()
+            .expect("promtool (Debian's prometheus package) is installed");
+        assert!(
+            check.status.success(),
+            "promtool check config: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
         let mut p = Prometheus {
             port: free_port(),
             dir,
@@ -287,6 +330,11 @@ impl Prometheus {
         };
         p.resume().await;
         p
+    }
+
+    /// What it logged so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {

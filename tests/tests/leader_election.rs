@@ -1,13 +1,13 @@
 //! Two `tidal-operator run` processes against the real API server: only the leader reconciles
 //! and writes; killing it hands over to the other.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
+use tidal_e2e::processes::free_port;
 use tidal_e2e::{CONVERGE, TestCtx, eventually, install_crds};
 use tidal_operator::crd::InferenceService;
 
@@ -22,14 +22,6 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start(ctx: &TestCtx, identity: &str) -> Operator {

@@ -1,4 +1,5 @@
-//! Shared test helpers: fixtures, an in-process server on 127.0.0.1, a tiny HTTP client.
+//! Shared test helpers: fixtures, an in-process server on 127.0.0.1, a tiny HTTP client,
+//! free ports and kill-on-drop child processes.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -12,6 +13,25 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 pub const MODEL: &str = "tiny";
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; it is free again when this returns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 pub fn fixture(arch: FixtureArch) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

@@ -655,15 +655,13 @@ mod tests {
 
     #[test]
     fn analysis_survives_regeneration() {
-        let dir = std::env::temp_dir().join(format!("tidal-sim-report-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("B.md");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("B.md");
         let doc = bench_document("cmd", "model", None, &[], Some("Tidal wins here."));
         std::fs::write(&path, &doc).unwrap();
         assert_eq!(
             existing_analysis(&path).as_deref(),
             Some("Tidal wins here.")
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

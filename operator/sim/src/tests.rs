@@ -194,16 +194,14 @@ fn the_plot_is_an_svg_with_every_policy() {
         &TidalOptions::default(),
         &[],
     );
-    let dir = std::env::temp_dir().join(format!("tidal-sim-plot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("ramps.svg");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ramps.svg");
     plot::plot_scenario(&sc, &path).unwrap();
     let svg = std::fs::read_to_string(&path).unwrap();
     assert!(svg.starts_with("<svg"));
     for p in ["tidal", "hpa", "kpa", "aibrix"] {
         assert!(svg.contains(p), "legend lacks {p}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -1,0 +1,249 @@
+//! The chart as files: it lints, renders what is committed, ships the generated CRDs and the
+//! monitoring copies, and its values schema rejects bad values naming the field.
+
+use super::*;
+
+#[tokio::test]
+async fn chart_lints_strictly() {
+    let Some(env) = control_plane() else { return };
+    let chart = chart_arg();
+    // `helm lint` cannot fake API versions, so the monitoring objects that need
+    // monitoring.coreos.com/v1 are checked by the snapshot test; the rest is linted here.
+    let everything = "serviceMonitor.enabled=true,prometheusRule.enabled=true,dashboards.enabled=true,\
+                      prometheusUrl=http://prometheus:9090,watchNamespace=team-a";
+    for extra in [vec![], vec!["--set", everything]] {
+        let mut args = vec!["lint", "--strict", &chart];
+        args.extend_from_slice(&extra);
+        let out = output(&env, "helm", &args);
+        assert!(
+            out.status.success(),
+            "helm {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn rendered_templates_match_the_committed_snapshots() {
+    let Some(env) = control_plane() else { return };
+    let dir = chart().join("tests/snapshots");
+    for (file, extra) in snapshot_renders() {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let rendered = helm_template(&env, &extra);
+        assert_eq!(
+            rendered,
+            helm_template(&env, &extra),
+            "rendering {file} twice gives different output: the chart must be deterministic"
+        );
+        let committed = std::fs::read_to_string(dir.join(&file)).unwrap_or_default();
+        if rendered != committed {
+            let first = rendered
+                .lines()
+                .zip(committed.lines())
+                .position(|(a, b)| a != b)
+                .unwrap_or_else(|| rendered.lines().count().min(committed.lines().count()));
+            panic!(
+                "charts/tidal/tests/snapshots/{file} is stale (first difference at line {}: \
+                 rendered {:?}, committed {:?}); run deploy/regen and commit the result",
+                first + 1,
+                rendered.lines().nth(first),
+                committed.lines().nth(first)
+            );
+        }
+    }
+
+    // What the snapshots hold: the operator with its RBAC, monitoring only when asked for.
+    let default = documents(&helm_template(&env, &[]));
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+    ] {
+        assert_eq!(find(&default, kind).len(), 1, "one {kind} by default");
+    }
+    assert!(find(&default, "ServiceMonitor").is_empty());
+    assert!(find(&default, "PrometheusRule").is_empty());
+    // Enabled but the API is not served: still nothing.
+    let no_api = documents(&helm_template(
+        &env,
+        &[
+            "--set",
+            "serviceMonitor.enabled=true,prometheusRule.enabled=true",
+        ],
+    ));
+    assert!(
+        find(&no_api, "ServiceMonitor").is_empty() && find(&no_api, "PrometheusRule").is_empty()
+    );
+    let renders = snapshot_renders();
+    let (_, monitoring_args) = renders
+        .iter()
+        .find(|(f, _)| f == "monitoring.yaml")
+        .expect("monitoring.yaml in renders.txt");
+    let monitoring_args: Vec<&str> = monitoring_args.iter().map(String::as_str).collect();
+    let monitoring = documents(&helm_template(&env, &monitoring_args));
+    assert_eq!(find(&monitoring, "ServiceMonitor").len(), 1);
+    let rule = find(&monitoring, "PrometheusRule");
+    assert_eq!(rule.len(), 1);
+    let rules_file: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart().join("files/rules/tidal.rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        rule[0]["spec"], rules_file,
+        "the PrometheusRule carries files/rules/tidal.rules.yaml unchanged"
+    );
+    let dashboards: Vec<_> = find(&monitoring, "ConfigMap")
+        .into_iter()
+        .filter(|c| c["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .collect();
+    assert_eq!(
+        dashboards.len(),
+        1,
+        "one dashboard ConfigMap for the Grafana sidecar"
+    );
+    let json_text = dashboards[0]["data"]["tidal-overview.json"]
+        .as_str()
+        .expect("tidal-overview.json key");
+    let from_file: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart().join("files/dashboards/tidal-overview.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(serde_json::from_str::<Value>(json_text).unwrap(), from_file);
+
+    // Deployment wiring: every operator flag through TIDAL_* env vars.
+    let deploy = find(&default, "Deployment")[0];
+    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["args"], json!(["run"]));
+    let env_vars: BTreeMap<String, Value> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
+        .collect();
+    assert_eq!(env_vars["TIDAL_LEASE_NAMESPACE"]["value"], "tidal-system");
+    assert_eq!(env_vars["TIDAL_IDENTITY"]["value"], "$(POD_NAME)");
+    assert_eq!(
+        env_vars["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(env_vars["TIDAL_METRICS_ADDR"]["value"], "0.0.0.0:8080");
+    assert!(
+        !env_vars.contains_key("TIDAL_PROMETHEUS_URL"),
+        "unset by default"
+    );
+    let with_url = documents(&helm_template(
+        &env,
+        &[
+            "--set",
+            "prometheusUrl=http://prom.monitoring:9090,watchNamespace=team-a,logJson=false",
+        ],
+    ));
+    let env_text = serde_json::to_string(
+        &find(&with_url, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"],
+    )
+    .unwrap();
+    for expected in [
+        r#"{"name":"TIDAL_PROMETHEUS_URL","value":"http://prom.monitoring:9090"}"#,
+        r#"{"name":"TIDAL_WATCH_NAMESPACE","value":"team-a"}"#,
+        r#"{"name":"TIDAL_LOG_JSON","value":"false"}"#,
+    ] {
+        assert!(env_text.contains(expected), "{expected} in {env_text}");
+    }
+}
+
+#[tokio::test]
+async fn chart_crds_and_monitoring_copies_equal_their_sources() {
+    let root = repo_root();
+    let names = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".yaml"))
+            .collect()
+    };
+    let generated = names(&root.join("crds"));
+    assert!(!generated.is_empty());
+    assert_eq!(
+        names(&chart().join("crds")),
+        generated,
+        "charts/tidal/crds/ holds the same files as crds/; run deploy/regen"
+    );
+    for name in &generated {
+        let a = std::fs::read(root.join("crds").join(name)).unwrap();
+        let b = std::fs::read(chart().join("crds").join(name)).unwrap();
+        assert!(
+            a == b,
+            "charts/tidal/crds/{name} differs from crds/{name}; run deploy/regen"
+        );
+    }
+    for (copy, source) in [
+        (
+            "deploy/monitoring/tidal.rules.yaml",
+            "files/rules/tidal.rules.yaml",
+        ),
+        (
+            "deploy/monitoring/prometheus-scrape-configs.yaml",
+            "files/prometheus/scrape-configs.yaml",
+        ),
+        (
+            "deploy/monitoring/dashboards/tidal-overview.json",
+            "files/dashboards/tidal-overview.json",
+        ),
+    ] {
+        let a = std::fs::read(root.join(copy)).unwrap_or_default();
+        let b = std::fs::read(chart().join(source)).unwrap();
+        assert!(
+            a == b,
+            "{copy} differs from charts/tidal/{source}; run deploy/regen"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_values_are_rejected_with_the_field_named() {
+    let Some(env) = control_plane() else { return };
+    let chart = chart_arg();
+    let cases: [(&[&str], &[&str]); 6] = [
+        (&["--set", "replicas=-1"], &["/replicas", "minimum"]),
+        (
+            &["--set", "image.pullPolicy=Sometimes"],
+            &["/image/pullPolicy"],
+        ),
+        (&["--set", "replica=2"], &["replica"]),
+        (&["--set", "prometheusUrl=ftp://x"], &["/prometheusUrl"]),
+        (&["--set", "metrics.port=70000"], &["/metrics/port"]),
+        (
+            &["--set", "replicas=3,leaderElection.enabled=false"],
+            &["leaderElection.enabled"],
+        ),
+    ];
+    for (set, expected) in cases {
+        let mut args = vec!["template", RELEASE, &chart];
+        args.extend_from_slice(set);
+        let out = output(&env, "helm", &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "helm {set:?} must fail");
+        for e in expected {
+            assert!(
+                stderr.contains(e),
+                "helm {set:?}: {e:?} in the error: {stderr}"
+            );
+        }
+    }
+    // The same values, valid, render.
+    env.run(
+        "helm",
+        &[
+            "template",
+            RELEASE,
+            &chart,
+            "--set",
+            "replicas=1,leaderElection.enabled=false",
+        ],
+    );
+}
