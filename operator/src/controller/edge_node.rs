@@ -61,11 +61,20 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     // One watch per kind, shared by the caches and the triggers.
-    let (deployments, dep_stream) = cached(ctx.scoped_api::<Deployment>(), edge_deployments());
-    let (nodes, node_stream) = cached(Api::<Node>::all(client.clone()), Default::default());
+    let (deployments, dep_stream) = cached(
+        ctx.scoped_api::<Deployment>(),
+        edge_deployments(),
+        super::strip::deployment_counts,
+    );
+    let (nodes, node_stream) = cached(
+        Api::<Node>::all(client.clone()),
+        Default::default(),
+        super::strip::node,
+    );
     let (leases, lease_stream) = cached(
         Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE),
         Default::default(),
+        super::strip::managed_fields,
     );
     // graceful_shutdown_on wants a Sync future; a watch receiver is one whatever `shutdown` is.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

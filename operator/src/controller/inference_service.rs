@@ -68,10 +68,28 @@ pub async fn run(
     let client = ctx.client.clone();
     let children_cfg = watcher::Config::default().labels(LABEL_SERVICE);
     // One watch per kind, shared by the caches and the triggers.
-    let (edge_nodes, en_stream) = cached(Api::<EdgeNode>::all(client.clone()), Default::default());
-    let (deployments, dep_stream) = cached(ctx.scoped_api::<Deployment>(), children_cfg.clone());
-    let (services_cache, svc_stream) = cached(ctx.scoped_api::<Service>(), children_cfg.clone());
-    let (config_maps, cm_stream) = cached(ctx.scoped_api::<ConfigMap>(), children_cfg);
+    // Children are cached whole (applies compare against them), less their managedFields.
+    use super::strip::managed_fields as strip;
+    let (edge_nodes, en_stream) = cached(
+        Api::<EdgeNode>::all(client.clone()),
+        Default::default(),
+        strip::<EdgeNode>,
+    );
+    let (deployments, dep_stream) = cached(
+        ctx.scoped_api::<Deployment>(),
+        children_cfg.clone(),
+        strip::<Deployment>,
+    );
+    let (services_cache, svc_stream) = cached(
+        ctx.scoped_api::<Service>(),
+        children_cfg.clone(),
+        strip::<Service>,
+    );
+    let (config_maps, cm_stream) = cached(
+        ctx.scoped_api::<ConfigMap>(),
+        children_cfg,
+        strip::<ConfigMap>,
+    );
 
     let controller = Controller::new(
         ctx.scoped_api::<InferenceService>(),

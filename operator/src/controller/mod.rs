@@ -3,6 +3,7 @@
 pub mod autoscale;
 pub mod edge_node;
 pub mod inference_service;
+pub mod strip;
 #[cfg(test)]
 pub(crate) mod test_support;
 
@@ -26,10 +27,12 @@ pub fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
 }
 
 /// A reflector on `api` whose store the reconciler reads and whose events trigger it: one
-/// watch per kind feeds both.
+/// watch per kind feeds both. `strip` cuts each object down to what the reconciler reads
+/// before it is cached (see [`strip`]).
 pub(crate) fn cached<K>(
     api: kube::Api<K>,
     cfg: watcher::Config,
+    strip: fn(&mut K),
 ) -> (
     Store<K>,
     impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -44,7 +47,7 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(writer, watcher(api, cfg))
+    let stream = reflector::reflector(writer, watcher(api, cfg).modify(strip))
         .default_backoff()
         .touched_objects();
     (store, stream)

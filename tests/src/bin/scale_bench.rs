@@ -4,6 +4,7 @@
 //! quantiles, API writes per reconcile and the operator's peak RSS, as Markdown on stdout.
 //!
 //! `cargo run --release -p tidal-e2e --bin scale-bench -- [EDGE_NODES] [SERVICES]`
+//! (`TIDAL_OPERATOR_BINARY=PATH` runs that operator binary instead of building one).
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -114,8 +115,11 @@ async fn main() {
     let edge_nodes = args.first().copied().unwrap_or(2000);
     let services = args.get(1).copied().unwrap_or(500);
     let env = tidal_e2e::control_plane().expect("the local control plane");
-    // Built first: a build must not overlap the measured phase.
-    let operator = tidal_e2e::operator_binary();
+    // Built first: a build must not overlap the measured phase. TIDAL_OPERATOR_BINARY measures
+    // another build (a baseline, or a release binary) with the same driver.
+    let operator = std::env::var_os("TIDAL_OPERATOR_BINARY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(tidal_e2e::operator_binary);
     let client = tidal_e2e::client(&env).await;
     let ctx = tidal_e2e::TestCtx {
         env: env.clone(),

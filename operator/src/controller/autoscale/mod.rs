@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::events::Recorder;
@@ -123,18 +122,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let refl = tokio::spawn(refl);
     // The services' Deployments and pods from watch caches, not a LIST per service per tick.
     let children = watcher::Config::default().labels(LABEL_SERVICE);
-    let (deployments, dep_stream) = super::cached(ctx.scoped_api::<Deployment>(), children.clone());
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
-    let pod_stream = reflector::reflector(
-        pod_writer,
-        watcher(ctx.scoped_api::<Pod>(), children).modify(strip_pod),
-    )
-    .default_backoff()
-    .touched_objects();
-    let caches = Caches {
-        deployments,
-        pods: pod_store,
-    };
+    let (deployments, dep_stream) = super::cached(
+        ctx.scoped_api::<Deployment>(),
+        children.clone(),
+        super::strip::deployment_counts,
+    );
+    let (pods, pod_stream) = super::cached(ctx.scoped_api::<Pod>(), children, super::strip::pod);
+    let caches = Caches { deployments, pods };
     let watches = [
         tokio::spawn(dep_stream.for_each(|_| futures::future::ready(()))),
         tokio::spawn(pod_stream.for_each(|_| futures::future::ready(()))),
@@ -202,35 +196,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     for w in watches {
         w.abort();
     }
-}
-
-/// What the autoscaler keeps of a pod: its identity, labels and conditions (ready times).
-fn strip_pod(pod: &mut Pod) {
-    let m = std::mem::take(&mut pod.metadata);
-    pod.metadata = ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        uid: m.uid,
-        labels: m.labels,
-        creation_timestamp: m.creation_timestamp,
-        resource_version: m.resource_version,
-        ..Default::default()
-    };
-    pod.spec = None;
-    pod.status = pod.status.take().map(|s| PodStatus {
-        conditions: s.conditions.map(|cs| {
-            cs.into_iter()
-                .filter(|c| c.type_ == "Ready")
-                .map(|c| PodCondition {
-                    type_: c.type_,
-                    status: c.status,
-                    last_transition_time: c.last_transition_time,
-                    ..Default::default()
-                })
-                .collect()
-        }),
-        ..Default::default()
-    });
 }
 
 /// One tick of one service, in three stages: observe (I/O -> facts), decide and plan (pure),
@@ -395,7 +360,7 @@ mod tests {
                  "message": "ok"}]}
         }))
         .unwrap();
-        strip_pod(&mut pod);
+        super::super::strip::pod(&mut pod);
         assert!(pod.spec.is_none() && pod.metadata.annotations.is_none());
         assert!(pod.metadata.managed_fields.is_none());
         assert_eq!(pod.labels()["tidal.rs/inference-service"], "m");

@@ -24,7 +24,7 @@ use crate::error::Result;
 #[derive(Clone)]
 pub struct Caches {
     pub deployments: Store<Deployment>,
-    /// Pods stripped to what ready times need (see `super::strip_pod`).
+    /// Pods stripped to what ready times need (`controller::strip::pod`).
     pub pods: Store<Pod>,
 }
 

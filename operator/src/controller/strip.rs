@@ -1,0 +1,137 @@
+//! What the watch caches keep of each object: only what the reconcilers read. At thousands of
+//! EdgeNodes the caches are most of the operator's memory, and `managedFields` alone are often
+//! half of an object.
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, PodCondition, PodStatus, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+
+use crate::children::FIELD_MANAGER;
+
+/// Drops `managedFields` (no reconciler reads them, except the Node case below).
+pub fn managed_fields<K: Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+}
+
+/// A Node keeps only the operator's own server-side-apply entry of `managedFields` (it tells
+/// which labels the operator owns) and drops its image list.
+pub fn node(n: &mut Node) {
+    if let Some(mf) = n.metadata.managed_fields.as_mut() {
+        mf.retain(|m| m.manager.as_deref() == Some(FIELD_MANAGER));
+    }
+    if let Some(st) = n.status.as_mut() {
+        st.images = None;
+    }
+}
+
+/// A Deployment as replica counts: identity, labels, generation, spec.replicas, the pod
+/// template's annotations (the experts a shard holds) and the status.
+pub fn deployment_counts(d: &mut Deployment) {
+    let m = std::mem::take(&mut d.metadata);
+    d.metadata = ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        labels: m.labels,
+        generation: m.generation,
+        resource_version: m.resource_version,
+        ..Default::default()
+    };
+    d.spec = d.spec.take().map(|s| DeploymentSpec {
+        replicas: s.replicas,
+        selector: Default::default(),
+        template: PodTemplateSpec {
+            metadata: s.template.metadata.map(|t| ObjectMeta {
+                annotations: t.annotations,
+                ..Default::default()
+            }),
+            spec: None,
+        },
+        ..Default::default()
+    });
+}
+
+/// A pod as the autoscaler reads it: identity, labels, creation time and its Ready condition.
+pub fn pod(p: &mut Pod) {
+    let m = std::mem::take(&mut p.metadata);
+    p.metadata = ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        labels: m.labels,
+        creation_timestamp: m.creation_timestamp,
+        resource_version: m.resource_version,
+        ..Default::default()
+    };
+    p.spec = None;
+    p.status = p.status.take().map(|s| PodStatus {
+        conditions: s.conditions.map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    last_transition_time: c.last_transition_time,
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        ..Default::default()
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_keep_the_operators_own_field_ownership() {
+        let mut n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "edge-1", "labels": {"tidal.rs/edge-node": "edge-1"},
+                "managedFields": [
+                    {"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:status": {}}},
+                    {"manager": "tidal-operator", "operation": "Apply",
+                     "fieldsV1": {"f:metadata": {"f:labels": {"f:tidal.rs/edge-node": {}}}}}]},
+            "status": {"images": [{"names": ["registry/worker:1"], "sizeBytes": 1}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        node(&mut n);
+        let mf = n.metadata.managed_fields.as_ref().unwrap();
+        assert_eq!(mf.len(), 1);
+        assert_eq!(mf[0].manager.as_deref(), Some("tidal-operator"));
+        let st = n.status.as_ref().unwrap();
+        assert!(st.images.is_none() && st.conditions.as_ref().unwrap().len() == 1);
+    }
+
+    #[test]
+    fn deployments_keep_their_counts_and_held_experts() {
+        let mut d: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "m-experts-0", "namespace": "prod", "generation": 3,
+                         "labels": {"tidal.rs/inference-service": "m"},
+                         "managedFields": [{"manager": "tidal-operator"}]},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"a": "b"}},
+                     "template": {"metadata": {"annotations": {"tidal.rs/held-experts": "0,2"}},
+                                  "spec": {"containers": [{"name": "worker"}]}}},
+            "status": {"replicas": 2, "readyReplicas": 1, "observedGeneration": 3}
+        }))
+        .unwrap();
+        deployment_counts(&mut d);
+        assert!(d.metadata.managed_fields.is_none());
+        assert_eq!(d.metadata.generation, Some(3));
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(2));
+        assert!(spec.template.spec.is_none());
+        let held = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap();
+        assert_eq!(held["tidal.rs/held-experts"], "0,2");
+        assert_eq!(d.status.as_ref().unwrap().ready_replicas, Some(1));
+    }
+}
