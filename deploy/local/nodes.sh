@@ -360,7 +360,10 @@ kube_proxy_down() {
   iptables -D OUTPUT -j KUBE-FIREWALL 2>/dev/null || true
   iptables -F KUBE-FIREWALL 2>/dev/null || true
   iptables -X KUBE-FIREWALL 2>/dev/null || true
-  for t in filter nat mangle; do iptables -t "$t" -X KUBE-KUBELET-CANARY 2>/dev/null || true; done
+  # KUBE-IPTABLES-HINT: the empty marker telling later tools which iptables backend was used.
+  for t in filter nat mangle; do
+    for c in KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do iptables -t "$t" -X "$c" 2>/dev/null || true; done
+  done
   # The portmap plugin's chains (only present when a pod used a hostPort).
   local t c
   for t in nat filter; do

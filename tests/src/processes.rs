@@ -106,9 +106,9 @@ impl Drop for Killed {
     }
 }
 
-/// Kills the child when dropped.
+/// A process serving on a port, killed when dropped (or earlier, by [`ProcessGuard::kill`]).
 pub struct ProcessGuard {
-    child: Option<Child>,
+    child: Option<Killed>,
     pub port: u16,
 }
 
@@ -119,23 +119,20 @@ impl ProcessGuard {
 
     /// Stops the process now (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.take();
     }
 }
 
-impl Drop for ProcessGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// reqwest is built without a bundled crypto provider: make ring the process's.
-pub fn http_client() -> reqwest::Client {
+/// A reqwest client builder; reqwest is built without a bundled crypto provider, so this
+/// makes ring the process's first.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
+    reqwest::Client::builder()
+}
+
+/// A default HTTP client (see [`http_client_builder`]).
+pub fn http_client() -> reqwest::Client {
+    http_client_builder().build().expect("http client")
 }
 
 /// What a load generator saw: requests sent, answered with 2xx, and why the others failed.
@@ -258,7 +255,7 @@ pub async fn start_worker(model: &Path, name: &str) -> ProcessGuard {
         .spawn()
         .expect("spawn tidal-worker");
     let guard = ProcessGuard {
-        child: Some(child),
+        child: Some(Killed(child)),
         port,
     };
     wait_http_ok("worker ready", format!("{}/ready", guard.base_url())).await;
@@ -367,7 +364,7 @@ impl Prometheus {
             .spawn()
             .expect("spawn prometheus (apt-get install prometheus)");
         self.process = Some(ProcessGuard {
-            child: Some(child),
+            child: Some(Killed(child)),
             port: self.port,
         });
         wait_http_ok("prometheus ready", format!("{}/-/ready", self.url())).await;

@@ -704,8 +704,7 @@ impl EdgeTraffic {
         let me = self.clone();
         let model = model.to_string();
         tokio::spawn(async move {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let client = reqwest::Client::builder()
+            let client = tidal_e2e::processes::http_client_builder()
                 .connect_timeout(Duration::from_secs(2))
                 .build()
                 .expect("http client");

@@ -25,19 +25,24 @@ pub fn node(n: &mut Node) {
     }
 }
 
-/// A Deployment as replica counts: identity, labels, generation, spec.replicas, the pod
-/// template's annotations (the experts a shard holds) and the status.
-pub fn deployment_counts(d: &mut Deployment) {
-    let m = std::mem::take(&mut d.metadata);
-    d.metadata = ObjectMeta {
+/// The metadata a stripped object keeps: identity, labels, generation and creation time.
+fn identity(m: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
         name: m.name,
         namespace: m.namespace,
         uid: m.uid,
         labels: m.labels,
         generation: m.generation,
+        creation_timestamp: m.creation_timestamp,
         resource_version: m.resource_version,
         ..Default::default()
-    };
+    }
+}
+
+/// A Deployment as replica counts: identity, labels, generation, spec.replicas, the pod
+/// template's annotations (the experts a shard holds) and the status.
+pub fn deployment_counts(d: &mut Deployment) {
+    d.metadata = identity(std::mem::take(&mut d.metadata));
     d.spec = d.spec.take().map(|s| DeploymentSpec {
         replicas: s.replicas,
         selector: Default::default(),
@@ -54,16 +59,7 @@ pub fn deployment_counts(d: &mut Deployment) {
 
 /// A pod as the autoscaler reads it: identity, labels, creation time and its Ready condition.
 pub fn pod(p: &mut Pod) {
-    let m = std::mem::take(&mut p.metadata);
-    p.metadata = ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        uid: m.uid,
-        labels: m.labels,
-        creation_timestamp: m.creation_timestamp,
-        resource_version: m.resource_version,
-        ..Default::default()
-    };
+    p.metadata = identity(std::mem::take(&mut p.metadata));
     p.spec = None;
     p.status = p.status.take().map(|s| PodStatus {
         conditions: s.conditions.map(|cs| {
