@@ -372,7 +372,7 @@ pub fn build_tokenizer() -> Result<Tokenizer> {
         .iter()
         .map(|t| AddedToken::from(*t, true))
         .collect();
-    tok.add_special_tokens(&specials);
+    tok.add_special_tokens(specials)?;
     Ok(tok)
 }
 
