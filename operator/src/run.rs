@@ -42,11 +42,20 @@ async fn run_controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let until = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // One watch per kind the controllers share, started once every one has subscribed.
+    let mut shared = controller::caches::Shared::new(&ctx);
+    let services = controller::inference_service::inputs(&mut shared);
+    let edge_nodes = controller::edge_node::inputs(&mut shared);
+    let autoscale = controller::autoscale::inputs(&shared);
+    let watches = shared.start();
     tokio::join!(
-        controller::inference_service::run(ctx.clone(), until(stop.clone())),
-        controller::edge_node::run(ctx.clone(), until(stop.clone())),
-        controller::autoscale::run(ctx, until(stop)),
+        controller::inference_service::run(ctx.clone(), services, until(stop.clone())),
+        controller::edge_node::run(ctx.clone(), edge_nodes, until(stop.clone())),
+        controller::autoscale::run(ctx, autoscale, until(stop)),
     );
+    for w in watches {
+        w.abort();
+    }
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {

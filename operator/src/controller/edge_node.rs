@@ -18,13 +18,13 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::warn;
 
+use super::caches::{Objects, Shared};
 use super::{Context, cached};
-use crate::children::{FIELD_MANAGER, LABEL_EDGE_NODE, LABEL_SERVICE, LABEL_TIER};
+use crate::children::{FIELD_MANAGER, LABEL_EDGE_NODE, LABEL_SERVICE};
 use crate::crd::{EdgeNode, EdgeNodeStatus, EdgePhase, EdgeServiceRef, merge_conditions};
 use crate::edge::{self, NodeFacts, Observation};
 use crate::error::{Error, Result};
@@ -40,7 +40,7 @@ const RESYNC: Duration = Duration::from_secs(300);
 struct State {
     ctx: Arc<Context>,
     recorder: Recorder,
-    /// Edge Deployments (`tidal.rs/tier=edge`), to count replicas per EdgeNode without a LIST.
+    /// The services' Deployments, to count edge replicas per EdgeNode without a LIST.
     deployments: Store<Deployment>,
     /// The controller's own EdgeNode cache: which EdgeNode holds which Node.
     edge_nodes: Store<EdgeNode>,
@@ -50,22 +50,30 @@ struct State {
     leases: Store<Lease>,
 }
 
-fn edge_deployments() -> watcher::Config {
-    watcher::Config::default().labels(&format!("{LABEL_TIER}=edge"))
+/// What the controller takes from the shared watches: stores and triggers.
+pub struct Inputs {
+    edge_nodes: (Store<EdgeNode>, Objects<EdgeNode>),
+    deployments: (Store<Deployment>, Objects<Deployment>),
+}
+
+/// Subscribes to the shared watches this controller reads and is triggered by.
+pub fn inputs(shared: &mut Shared) -> Inputs {
+    Inputs {
+        edge_nodes: shared.edge_nodes.input(),
+        deployments: shared.deployments.input(),
+    }
 }
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
+    inputs: Inputs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let client = ctx.client.clone();
-    // One watch per kind, shared by the caches and the triggers.
-    let (deployments, dep_stream) = cached(
-        ctx.scoped_api::<Deployment>(),
-        edge_deployments(),
-        super::strip::deployment_counts,
-    );
+    // Nodes and Leases only this controller reads; EdgeNodes and Deployments come shared (the
+    // Deployment store holds every service's; replicas are counted from the edge ones).
+    let (deployments, dep_stream) = inputs.deployments;
     let (nodes, node_stream) = cached(
         Api::<Node>::all(client.clone()),
         Default::default(),
@@ -86,11 +94,9 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let controller = Controller::new(
-        Api::<EdgeNode>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .with_config(ctx.controller_config.clone());
+    let (edge_nodes, en_stream) = inputs.edge_nodes;
+    let controller =
+        Controller::for_stream(en_stream, edge_nodes).with_config(ctx.controller_config.clone());
     let by_node = controller.store();
     let by_lease = controller.store();
     let state = Arc::new(State {
@@ -114,6 +120,7 @@ pub async fn run(
             refs(&by_lease, |en| edge::refers_to_node(en, &name, None))
         })
         .watches_stream(dep_stream, |d| {
+            // Only edge Deployments carry the EdgeNode they run on.
             d.labels()
                 .get(LABEL_EDGE_NODE)
                 .map(|en| ObjectRef::<EdgeNode>::new(en))

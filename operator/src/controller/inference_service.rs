@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
+use super::caches::{Objects, Shared};
 use super::{Context, cached, now};
 use crate::children::{
     self, Children, EdgeFacts, FIELD_MANAGER, LABEL_SERVICE, Observed, SpecError, compute_status,
@@ -60,26 +61,35 @@ fn edge_facts_hash(en: &EdgeNode) -> Option<u64> {
     Some(h.finish())
 }
 
+/// What the controller takes from the shared watches: stores and triggers.
+pub struct Inputs {
+    services: (Store<InferenceService>, Objects<InferenceService>),
+    edge_nodes: (Store<EdgeNode>, Objects<EdgeNode>),
+    deployments: (Store<Deployment>, Objects<Deployment>),
+}
+
+/// Subscribes to the shared watches this controller reads and is triggered by.
+pub fn inputs(shared: &mut Shared) -> Inputs {
+    Inputs {
+        services: shared.inference_services.input(),
+        edge_nodes: shared.edge_nodes.input(),
+        deployments: shared.deployments.input(),
+    }
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
+    inputs: Inputs,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
     let children_cfg = watcher::Config::default().labels(LABEL_SERVICE);
-    // One watch per kind, shared by the caches and the triggers.
-    // Children are cached whole (applies compare against them), less their managedFields.
+    // Services and ConfigMaps only this controller reads; the rest comes shared. Children are
+    // cached whole (applies compare against them), less their managedFields.
     use super::strip::managed_fields as strip;
-    let (edge_nodes, en_stream) = cached(
-        Api::<EdgeNode>::all(client.clone()),
-        Default::default(),
-        strip::<EdgeNode>,
-    );
-    let (deployments, dep_stream) = cached(
-        ctx.scoped_api::<Deployment>(),
-        children_cfg.clone(),
-        strip::<Deployment>,
-    );
+    let (edge_nodes, en_stream) = inputs.edge_nodes;
+    let (deployments, dep_stream) = inputs.deployments;
     let (services_cache, svc_stream) = cached(
         ctx.scoped_api::<Service>(),
         children_cfg.clone(),
@@ -91,11 +101,8 @@ pub async fn run(
         strip::<ConfigMap>,
     );
 
-    let controller = Controller::new(
-        ctx.scoped_api::<InferenceService>(),
-        watcher::Config::default(),
-    )
-    .with_config(ctx.controller_config.clone());
+    let controller = Controller::for_stream(inputs.services.1, inputs.services.0)
+        .with_config(ctx.controller_config.clone());
     let services = controller.store();
     let state = Arc::new(State {
         recorder: Recorder::new(client.clone(), ctx.reporter.clone()),

@@ -1,6 +1,7 @@
 //! Controllers: they read the cluster, call the pure builders, and write the result.
 
 pub mod autoscale;
+pub mod caches;
 pub mod edge_node;
 pub mod inference_service;
 pub mod strip;

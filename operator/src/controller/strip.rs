@@ -2,8 +2,7 @@
 //! EdgeNodes the caches are most of the operator's memory, and `managedFields` alone are often
 //! half of an object.
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{Node, Pod, PodCondition, PodStatus, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, PodCondition, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
@@ -37,24 +36,6 @@ fn identity(m: ObjectMeta) -> ObjectMeta {
         resource_version: m.resource_version,
         ..Default::default()
     }
-}
-
-/// A Deployment as replica counts: identity, labels, generation, spec.replicas, the pod
-/// template's annotations (the experts a shard holds) and the status.
-pub fn deployment_counts(d: &mut Deployment) {
-    d.metadata = identity(std::mem::take(&mut d.metadata));
-    d.spec = d.spec.take().map(|s| DeploymentSpec {
-        replicas: s.replicas,
-        selector: Default::default(),
-        template: PodTemplateSpec {
-            metadata: s.template.metadata.map(|t| ObjectMeta {
-                annotations: t.annotations,
-                ..Default::default()
-            }),
-            spec: None,
-        },
-        ..Default::default()
-    });
 }
 
 /// A pod as the autoscaler reads it: identity, labels, creation time and its Ready condition.
@@ -99,35 +80,5 @@ mod tests {
         assert_eq!(mf[0].manager.as_deref(), Some("tidal-operator"));
         let st = n.status.as_ref().unwrap();
         assert!(st.images.is_none() && st.conditions.as_ref().unwrap().len() == 1);
-    }
-
-    #[test]
-    fn deployments_keep_their_counts_and_held_experts() {
-        let mut d: Deployment = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "m-experts-0", "namespace": "prod", "generation": 3,
-                         "labels": {"tidal.rs/inference-service": "m"},
-                         "managedFields": [{"manager": "tidal-operator"}]},
-            "spec": {"replicas": 2, "selector": {"matchLabels": {"a": "b"}},
-                     "template": {"metadata": {"annotations": {"tidal.rs/held-experts": "0,2"}},
-                                  "spec": {"containers": [{"name": "worker"}]}}},
-            "status": {"replicas": 2, "readyReplicas": 1, "observedGeneration": 3}
-        }))
-        .unwrap();
-        deployment_counts(&mut d);
-        assert!(d.metadata.managed_fields.is_none());
-        assert_eq!(d.metadata.generation, Some(3));
-        let spec = d.spec.as_ref().unwrap();
-        assert_eq!(spec.replicas, Some(2));
-        assert!(spec.template.spec.is_none());
-        let held = spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap();
-        assert_eq!(held["tidal.rs/held-experts"], "0,2");
-        assert_eq!(d.status.as_ref().unwrap().ready_replicas, Some(1));
     }
 }

@@ -26,8 +26,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use tracing::{info, warn};
 
 use self::observe::Caches;
@@ -101,38 +101,42 @@ fn unix_now() -> f64 {
     Timestamp::now().as_millisecond() as f64 / 1000.0
 }
 
+/// What the loop reads from the shared watches (stores only: it runs on a clock, not on
+/// changes).
+pub struct Inputs {
+    services: Store<InferenceService>,
+    deployments: Store<Deployment>,
+}
+
+pub fn inputs(shared: &super::caches::Shared) -> Inputs {
+    Inputs {
+        services: shared.inference_services.store(),
+        deployments: shared.deployments.store(),
+    }
+}
+
 /// Runs the loop until `shutdown` resolves. Only the leader runs it.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send) {
+pub async fn run(
+    ctx: Arc<Context>,
+    inputs: Inputs,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
     if !ctx.autoscale.enabled {
         info!("autoscaler disabled");
         shutdown.await;
         return;
     }
-    let (store, writer) = reflector::store::<InferenceService>();
-    let refl = reflector::reflector(
-        writer,
-        watcher(
-            ctx.scoped_api::<InferenceService>(),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(|_| futures::future::ready(()));
-    let refl = tokio::spawn(refl);
-    // The services' Deployments and pods from watch caches, not a LIST per service per tick.
+    let store = inputs.services;
+    // Pods from a watch cache (only the autoscaler reads them), not a LIST per service per tick.
     let children = watcher::Config::default().labels(LABEL_SERVICE);
-    let (deployments, dep_stream) = super::cached(
-        ctx.scoped_api::<Deployment>(),
-        children.clone(),
-        super::strip::deployment_counts,
-    );
     let (pods, pod_stream) = super::cached(ctx.scoped_api::<Pod>(), children, super::strip::pod);
-    let caches = Caches { deployments, pods };
-    let watches = [
-        tokio::spawn(dep_stream.for_each(|_| futures::future::ready(()))),
-        tokio::spawn(pod_stream.for_each(|_| futures::future::ready(()))),
-    ];
+    let caches = Caches {
+        deployments: inputs.deployments,
+        pods,
+    };
+    let watches = [tokio::spawn(
+        pod_stream.for_each(|_| futures::future::ready(())),
+    )];
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let mut loops: HashMap<ObjectRef<InferenceService>, Loop> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -192,7 +196,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             .await;
         loops.extend(done);
     }
-    refl.abort();
     for w in watches {
         w.abort();
     }
