@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use super::{Context, cached, strip};
+use super::{Cacheable, Context, cached, strip};
 use crate::children::LABEL_SERVICE;
 use crate::crd::{EdgeNode, InferenceService};
 
@@ -28,16 +28,7 @@ pub struct Watched<K: kube::Resource<DynamicType = ()> + 'static> {
     subscribers: Vec<mpsc::Sender<K>>,
 }
 
-impl<K> Watched<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
+impl<K: Cacheable> Watched<K> {
     fn new(api: kube::Api<K>, cfg: watcher::Config, strip: fn(&mut K)) -> Self {
         let (store, objects) = cached(api, cfg, strip);
         Watched {

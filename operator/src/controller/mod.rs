@@ -27,6 +27,29 @@ pub fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     )
 }
 
+/// What a kind needs to be watched and cached.
+pub trait Cacheable:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Cacheable for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A reflector on `api` whose store the reconciler reads and whose events trigger it: one
 /// watch per kind feeds both. `strip` cuts each object down to what the reconciler reads
 /// before it is cached (see [`strip`]).
@@ -39,13 +62,7 @@ pub(crate) fn cached<K>(
     impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 )
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Cacheable,
 {
     let (store, writer) = reflector::store::<K>();
     let stream = reflector::reflector(writer, watcher(api, cfg).modify(strip))
