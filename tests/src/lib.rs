@@ -309,13 +309,21 @@ impl RunningOperator {
         let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let controller = inference_service::run(c.clone(), until(rx.clone()));
+        // The watches the controllers share, as `tidal-operator run` sets them up.
+        let mut shared = tidal_operator::controller::caches::Shared::new(&c);
+        let inputs = inference_service::inputs(&mut shared);
+        let loop_inputs = loop_::inputs(&shared);
+        let watches = shared.start();
+        let controller = inference_service::run(c.clone(), inputs, until(rx.clone()));
         let task = tokio::spawn(async move {
             match autoscale {
                 Some(_) => {
-                    tokio::join!(controller, loop_::run(c, until(rx)));
+                    tokio::join!(controller, loop_::run(c, loop_inputs, until(rx)));
                 }
                 None => controller.await,
+            }
+            for w in watches {
+                w.abort();
             }
         });
         RunningOperator {
@@ -373,9 +381,18 @@ impl EdgeNodeController {
             Some(format!("e2e-{}", ctx.namespace)),
         );
         let (stop, mut rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(edge_node::run(c, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
+        let mut shared = tidal_operator::controller::caches::Shared::new(&c);
+        let inputs = edge_node::inputs(&mut shared);
+        let watches = shared.start();
+        let task = tokio::spawn(async move {
+            edge_node::run(c, inputs, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
+            for w in watches {
+                w.abort();
+            }
+        });
         EdgeNodeController { stop, task }
     }
 

@@ -84,7 +84,10 @@ fn start_controller(env: &LocalEnv) {
                     Metrics::shared(),
                     Some("e2e".into()),
                 );
-                edge_node::run(context, std::future::pending()).await;
+                let mut shared = tidal_operator::controller::caches::Shared::new(&context);
+                let inputs = edge_node::inputs(&mut shared);
+                let _watches = shared.start();
+                edge_node::run(context, inputs, std::future::pending()).await;
             });
         });
     });
