@@ -373,7 +373,7 @@ pub struct EdgeNodeController {
 
 impl EdgeNodeController {
     pub fn start(ctx: &TestCtx) -> EdgeNodeController {
-        use tidal_operator::controller::{Context, edge_node};
+        use tidal_operator::controller::Context;
         let c = Context::new(
             ctx.client.clone(),
             tidal_operator::children::BuildConfig::default(),
@@ -381,19 +381,26 @@ impl EdgeNodeController {
             Some(format!("e2e-{}", ctx.namespace)),
         );
         let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(Self::run(c, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        EdgeNodeController { stop, task }
+    }
+
+    /// Runs the EdgeNode controller on its shared watches, as `tidal-operator run` sets them
+    /// up, until `shutdown` resolves.
+    pub async fn run(
+        c: std::sync::Arc<tidal_operator::controller::Context>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        use tidal_operator::controller::edge_node;
         let mut shared = tidal_operator::controller::caches::Shared::new(&c);
         let inputs = edge_node::inputs(&mut shared);
         let watches = shared.start();
-        let task = tokio::spawn(async move {
-            edge_node::run(c, inputs, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await;
-            for w in watches {
-                w.abort();
-            }
-        });
-        EdgeNodeController { stop, task }
+        edge_node::run(c, inputs, shutdown).await;
+        for w in watches {
+            w.abort();
+        }
     }
 
     /// Stops it and waits until it has finished.

@@ -24,7 +24,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tidal_e2e::{CONVERGE, LocalEnv, TestCtx, eventually, install_crds};
 use tidal_operator::children::BuildConfig;
-use tidal_operator::controller::{Context, edge_node};
+use tidal_operator::controller::Context;
 use tidal_operator::crd::{EdgeNode, EdgeNodeStatus, EdgePhase};
 use tidal_operator::metrics::Metrics;
 
@@ -84,10 +84,7 @@ fn start_controller(env: &LocalEnv) {
                     Metrics::shared(),
                     Some("e2e".into()),
                 );
-                let mut shared = tidal_operator::controller::caches::Shared::new(&context);
-                let inputs = edge_node::inputs(&mut shared);
-                let _watches = shared.start();
-                edge_node::run(context, inputs, std::future::pending()).await;
+                tidal_e2e::EdgeNodeController::run(context, std::future::pending()).await;
             });
         });
     });

@@ -22,7 +22,7 @@ const BUFFER: usize = 1024;
 pub type Objects<K> = std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
 
 /// One watch of a kind, its store, and the subscribers its objects go to.
-pub struct Watched<K: kube::Resource<DynamicType = ()> + 'static> {
+pub struct Watched<K: Cacheable> {
     store: Store<K>,
     objects: Objects<K>,
     subscribers: Vec<mpsc::Sender<K>>,
@@ -58,12 +58,11 @@ impl<K: Cacheable> Watched<K> {
 
     fn start(self) -> JoinHandle<()> {
         let Watched {
-            objects,
+            mut objects,
             subscribers,
             ..
         } = self;
         tokio::spawn(async move {
-            let mut objects = objects;
             while let Some(item) = objects.next().await {
                 match item {
                     Ok(obj) => {
