@@ -153,16 +153,23 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
         },
     )
     .await;
+    // The Event follows the scale write (status, scale, then events), so it may land a moment
+    // after the replicas the test saw: wait for it rather than race it.
     let events: Api<Event> = ctx.api();
-    let scaled = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("Autoscaled"))
-        .count();
-    assert!(scaled >= 1, "an Autoscaled event was published");
+    eventually("an Autoscaled event was published", CONVERGE, || async {
+        let scaled = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("Autoscaled"))
+            .count();
+        (scaled >= 1)
+            .then_some(())
+            .ok_or(format!("{scaled} Autoscaled events"))
+    })
+    .await;
     let rendered = operator.metrics.render();
     assert!(
         rendered.contains("tidal_forecast_observed_rps{"),
