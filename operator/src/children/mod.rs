@@ -84,6 +84,14 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// An edge site the EdgeNode controller has not assessed yet: its Deployment is neither
+    /// created nor changed until it has. At start-up thousands of sites are unassessed at once,
+    /// and each would otherwise be written twice (with 0 replicas, then with its own), with an
+    /// Event each time.
+    pub fn awaits_assessment(&self) -> bool {
+        self.edge_phase == Some(EdgePhase::Unknown)
+    }
+
     /// The pod spec of its Deployment (the builders always set one).
     pub fn pod_spec(&self) -> &PodSpec {
         self.deployment

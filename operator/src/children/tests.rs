@@ -274,6 +274,21 @@ fn edge_example_pins_one_deployment_per_selected_node_and_fails_over() {
         c3.failed_over_sites,
         vec!["berlin".to_string(), "paris".to_string()]
     );
+    assert!(c3.workloads.iter().all(|w| !w.awaits_assessment()));
+
+    // Sites not assessed yet: reported, not written, and the cloud does not take them over.
+    let c4 = desired_children(
+        tis,
+        &facts(&nodes, EdgePhase::Unknown),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    let (waiting, others): (Vec<_>, Vec<_>) =
+        c4.workloads.iter().partition(|w| w.awaits_assessment());
+    assert_eq!(waiting.len(), 2);
+    assert!(waiting.iter().all(|w| matches!(w.kind, ChildKind::Edge(_))));
+    assert!(others.iter().all(|w| w.kind == ChildKind::Cloud && w.desired == 1));
+    assert!(c4.failed_over_sites.is_empty());
 }
 
 #[test]

@@ -82,7 +82,7 @@ pub async fn run(
     let (leases, lease_stream) = cached(
         Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE),
         Default::default(),
-        super::strip::managed_fields,
+        super::strip::lease,
     );
     // graceful_shutdown_on wants a Sync future; a watch receiver is one whatever `shutdown` is.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -177,12 +177,17 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
     if !state.synced() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    let edge: Vec<EdgeFacts> = state
-        .edge_nodes
-        .state()
-        .iter()
-        .map(|en| EdgeFacts::from_edge_node(en))
-        .collect();
+    // Facts of the EdgeNodes the edge tier selects only: thousands of sites, a handful each.
+    let edge: Vec<EdgeFacts> = match &tis.spec.edge {
+        Some(e) => state
+            .edge_nodes
+            .state()
+            .iter()
+            .filter(|en| children::selector_matches(&e.edge_node_selector, en.labels()))
+            .map(|en| EdgeFacts::from_edge_node(en))
+            .collect(),
+        None => Vec::new(),
+    };
     let previous = tis.status.as_ref();
 
     let children = match children::desired_children(tis, &edge, &ctx.build) {
@@ -252,17 +257,30 @@ async fn apply_children(children: &Children, ns: &str, state: &State) -> Result<
     let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let mut observed = Observed::new();
     for w in &children.workloads {
+        if w.awaits_assessment() {
+            // Left as it is (if it exists) until its EdgeNode has a phase; still reported.
+            let name = w.deployment.metadata.name.as_deref().unwrap_or_default();
+            if let Some(live) = state.deployments.get(&ObjectRef::new(name).within(ns)) {
+                observed.insert(name.to_string(), replica_counts(&live));
+            }
+            continue;
+        }
         if let Some(svc) = &w.service {
             apply(&svcs, svc, &state.services, state).await?;
         }
         let applied = apply(&deps, &w.deployment, &state.deployments, state).await?;
-        let st = applied.status.clone().unwrap_or_default();
-        observed.insert(
-            applied.name_any(),
-            (st.replicas.unwrap_or(0), st.ready_replicas.unwrap_or(0)),
-        );
+        observed.insert(applied.name_any(), replica_counts(&applied));
     }
     Ok(observed)
+}
+
+/// A Deployment's (replicas, ready replicas) as its status reports them.
+fn replica_counts(d: &Deployment) -> (i32, i32) {
+    let st = d.status.as_ref();
+    (
+        st.and_then(|s| s.replicas).unwrap_or(0),
+        st.and_then(|s| s.ready_replicas).unwrap_or(0),
+    )
 }
 
 /// Deletes children of this service that the desired state no longer has (a removed shard,
@@ -392,7 +410,7 @@ async fn publish_changes(
             .find(|t| t.deployment == deployment)
             .map(|t| t.desired)
     };
-    for w in &children.workloads {
+    for w in children.workloads.iter().filter(|w| !w.awaits_assessment()) {
         let name = w.kind.name(&tis.name_any());
         let old = before(&name);
         if old != Some(w.desired) {
@@ -493,7 +511,7 @@ mod tests {
 
     use super::*;
     use crate::children::BuildConfig;
-    use crate::controller::test_support::{Calls, context, mock_client, synced_store};
+    use crate::controller::test_support::{Calls, context, mock_client, store_with, synced_store};
 
     /// A mock API server that answers status patches with `object` and every other request
     /// with its own body.
@@ -557,6 +575,61 @@ mod tests {
             calls.iter().any(|(m, p)| m == "PATCH"
                 && p == "/apis/tidal.rs/v1alpha1/namespaces/prod/inferenceservices/m/status"),
             "{calls:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn edge_sites_not_yet_assessed_get_no_deployment_and_no_event() {
+        let tis: InferenceService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "m", "namespace": "prod", "uid": "u1", "generation": 1},
+            "spec": {"model": {"uri": "/m", "architecture": "llama"},
+                     "cloud": {"minReplicas": 1, "maxReplicas": 2},
+                     "edge": {"model": {"uri": "/e", "architecture": "qwen2"},
+                              "edgeNodeSelector": {"matchLabels": {"pool": "a"}}}}
+        }))
+        .unwrap();
+        let edge_node = |name: &str, status: Option<serde_json::Value>| -> EdgeNode {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
+                "metadata": {"name": name, "labels": {"pool": "a"}},
+                "spec": {"nodeName": name, "site": name}, "status": status
+            }))
+            .unwrap()
+        };
+        let (state, calls) = mock_state(&tis);
+        let mut state = Arc::into_inner(state).unwrap();
+        state.edge_nodes = store_with(vec![
+            edge_node("new", None),
+            edge_node("ready", Some(serde_json::json!({"phase": "Ready", "nodeName": "ready"}))),
+        ]);
+        reconcile_inner(&tis, &state).await.unwrap();
+        let calls = calls.lock().unwrap().clone();
+        let applied: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.method == "PATCH" && c.path.contains("/deployments/"))
+            .map(|c| c.path.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(applied, ["m-cloud", "m-edge-ready"], "{calls:?}");
+        let notes: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.path.contains("/events"))
+            .filter_map(|c| c.body["note"].as_str())
+            .collect();
+        assert!(notes.iter().all(|n| !n.contains("m-edge-new")), "{notes:?}");
+        // The site is still reported, as not assessed.
+        let status = calls
+            .iter()
+            .find(|c| c.path.ends_with("/status"))
+            .map(|c| c.body["status"]["edge"].clone())
+            .unwrap();
+        assert!(
+            status
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["edgeNode"] == "new" && e["phase"] == "Unknown"),
+            "{status}"
         );
     }
 

@@ -71,3 +71,18 @@ where
     std::mem::forget(writer); // a dropped writer would fail wait_until_ready
     store
 }
+
+/// A cache that has had its first list, holding `objects`.
+pub fn store_with<K>(objects: Vec<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store::<K>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    std::mem::forget(writer);
+    store
+}
