@@ -287,7 +287,11 @@ fn edge_example_pins_one_deployment_per_selected_node_and_fails_over() {
         c4.workloads.iter().partition(|w| w.awaits_assessment());
     assert_eq!(waiting.len(), 2);
     assert!(waiting.iter().all(|w| matches!(w.kind, ChildKind::Edge(_))));
-    assert!(others.iter().all(|w| w.kind == ChildKind::Cloud && w.desired == 1));
+    assert!(
+        others
+            .iter()
+            .all(|w| w.kind == ChildKind::Cloud && w.desired == 1)
+    );
     assert!(c4.failed_over_sites.is_empty());
 }
 

@@ -601,7 +601,10 @@ mod tests {
         let mut state = Arc::into_inner(state).unwrap();
         state.edge_nodes = store_with(vec![
             edge_node("new", None),
-            edge_node("ready", Some(serde_json::json!({"phase": "Ready", "nodeName": "ready"}))),
+            edge_node(
+                "ready",
+                Some(serde_json::json!({"phase": "Ready", "nodeName": "ready"})),
+            ),
         ]);
         reconcile_inner(&tis, &state).await.unwrap();
         let calls = calls.lock().unwrap().clone();

@@ -112,7 +112,10 @@ mod tests {
         assert_eq!(mf[0].manager.as_deref(), Some("tidal-operator"));
         let st = n.status.as_ref().unwrap();
         assert!(st.images.is_none() && st.conditions.as_ref().unwrap().len() == 1);
-        assert_eq!(n.metadata.labels.as_ref().unwrap()["tidal.rs/edge-node"], "edge-1");
+        assert_eq!(
+            n.metadata.labels.as_ref().unwrap()["tidal.rs/edge-node"],
+            "edge-1"
+        );
     }
 
     #[test]
