@@ -35,17 +35,16 @@ pub fn node(n: &mut Node) {
         ..Default::default()
     });
     n.status = n.status.take().map(|s| NodeStatus {
-        conditions: s.conditions.map(|cs| {
-            cs.into_iter()
-                .filter(|c| c.type_ == "Ready")
-                .map(|c| NodeCondition {
-                    type_: c.type_,
-                    status: c.status,
-                    message: c.message,
-                    ..Default::default()
-                })
-                .collect()
-        }),
+        conditions: ready_only(
+            s.conditions,
+            |c| &c.type_,
+            |c| NodeCondition {
+                type_: c.type_,
+                status: c.status,
+                message: c.message,
+                ..Default::default()
+            },
+        ),
         ..Default::default()
     });
 }
@@ -70,22 +69,35 @@ fn identity(m: ObjectMeta) -> ObjectMeta {
     }
 }
 
+/// The Ready condition alone, cut down to the fields `keep` leaves.
+fn ready_only<C>(
+    conditions: Option<Vec<C>>,
+    type_of: fn(&C) -> &String,
+    keep: fn(C) -> C,
+) -> Option<Vec<C>> {
+    conditions.map(|cs| {
+        cs.into_iter()
+            .filter(|c| type_of(c) == "Ready")
+            .map(keep)
+            .collect()
+    })
+}
+
 /// A pod as the autoscaler reads it: identity, labels, creation time and its Ready condition.
 pub fn pod(p: &mut Pod) {
     p.metadata = identity(std::mem::take(&mut p.metadata));
     p.spec = None;
     p.status = p.status.take().map(|s| PodStatus {
-        conditions: s.conditions.map(|cs| {
-            cs.into_iter()
-                .filter(|c| c.type_ == "Ready")
-                .map(|c| PodCondition {
-                    type_: c.type_,
-                    status: c.status,
-                    last_transition_time: c.last_transition_time,
-                    ..Default::default()
-                })
-                .collect()
-        }),
+        conditions: ready_only(
+            s.conditions,
+            |c| &c.type_,
+            |c| PodCondition {
+                type_: c.type_,
+                status: c.status,
+                last_transition_time: c.last_transition_time,
+                ..Default::default()
+            },
+        ),
         ..Default::default()
     });
 }
