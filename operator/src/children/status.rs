@@ -79,11 +79,16 @@ pub fn compute_status(
         .iter()
         .any(|t| t.replicas != t.desired || t.ready_replicas < t.desired);
 
-    let offline: Vec<&str> = edge
-        .iter()
-        .filter(|e| e.phase != "Ready" && e.phase != "Degraded")
-        .map(|e| e.edge_node.as_str())
-        .collect();
+    // A site its EdgeNode controller has not assessed yet is not out of service: the service
+    // is still being set up there (Progressing says so).
+    let sites_in = |phases: &[&str]| -> Vec<&str> {
+        edge.iter()
+            .filter(|e| phases.contains(&e.phase.as_str()))
+            .map(|e| e.edge_node.as_str())
+            .collect()
+    };
+    let unassessed = sites_in(&["Unknown"]);
+    let offline = sites_in(&["Offline", "Cordoned"]);
     let mut desired_conditions = vec![
         if short.is_empty() {
             DesiredCondition::new(
@@ -106,6 +111,16 @@ pub fn compute_status(
                 true,
                 "ScalingOrRollingOut",
                 "replicas are being created, removed or updated",
+            )
+        } else if !unassessed.is_empty() {
+            DesiredCondition::new(
+                ct::PROGRESSING,
+                true,
+                "EdgeSitesNotAssessed",
+                format!(
+                    "edge sites not assessed yet (no EdgeNode phase): {}",
+                    unassessed.join(", ")
+                ),
             )
         } else {
             DesiredCondition::new(

@@ -402,6 +402,30 @@ fn status_reports_readiness_and_is_stable_when_nothing_changes() {
 }
 
 #[test]
+fn sites_not_assessed_yet_are_progressing_not_degraded() {
+    let (svcs, nodes) = load_example("cloud-edge.yaml");
+    let c = desired_children(
+        &svcs[0],
+        &facts(&nodes, EdgePhase::Unknown),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    let mut observed = Observed::new();
+    observed.insert("assistant-cloud".into(), (1, 1));
+    let t = Time(Timestamp::from_second(1000).unwrap());
+    let s = compute_status("assistant", Some(1), &c, &observed, None, &t);
+    let cond = |ty: &str| s.conditions.iter().find(|c| c.type_ == ty).unwrap();
+    assert_eq!(cond("Degraded").status, "False");
+    assert_eq!(cond("Progressing").reason, "EdgeSitesNotAssessed");
+    assert!(
+        cond("Progressing").message.contains("berlin, paris"),
+        "{}",
+        cond("Progressing").message
+    );
+    assert!(s.edge.iter().all(|e| e.phase == "Unknown"));
+}
+
+#[test]
 fn autoscaled_replicas_from_status_win_while_autoscaling_is_enabled() {
     let (svcs, _) = load_example("dense-cloud.yaml");
     let mut tis = svcs[0].clone();

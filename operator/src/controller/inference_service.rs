@@ -620,14 +620,21 @@ mod tests {
             .filter_map(|c| c.body["note"].as_str())
             .collect();
         assert!(notes.iter().all(|n| !n.contains("m-edge-new")), "{notes:?}");
-        // The site is still reported, as not assessed.
+        // The site is still reported, as not assessed, and not as out of service.
         let status = calls
             .iter()
             .find(|c| c.path.ends_with("/status"))
-            .map(|c| c.body["status"]["edge"].clone())
+            .map(|c| c.body["status"].clone())
             .unwrap();
+        let degraded = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Degraded")
+            .unwrap();
+        assert_eq!(degraded["status"], "False", "{degraded}");
         assert!(
-            status
+            status["edge"]
                 .as_array()
                 .unwrap()
                 .iter()

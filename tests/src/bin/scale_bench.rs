@@ -63,6 +63,17 @@ fn quantile(text: &str, controller: &str, q: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The operator's API writes by (controller, kind) label set.
+fn by_kind(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tidal_operator_api_writes_total"))
+        .filter_map(|l| {
+            let (labels, v) = l.rsplit_once(' ')?;
+            Some((labels.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -199,6 +210,8 @@ async fn main() {
     // Two milestones: every child applied and reported (the operator's work), and every
     // replica ready (also the controller-manager, scheduler and kwok's).
     let mut applied_at = None;
+    // What the operator had written by then, by controller and kind.
+    let mut applied_writes = BTreeMap::new();
     let converged = loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let Ok(list) = tis_api.list(&ListParams::default()).await else {
@@ -229,10 +242,13 @@ async fn main() {
                 })
             })
             .count();
+        let m = metric_lines(port);
         if applied == services && applied_at.is_none() {
             applied_at = Some(start.elapsed());
+            applied_writes = by_kind(&m);
+            // Also said now: a run stopped before every replica is ready still has it.
+            eprintln!("every child applied; writes by kind: {applied_writes:?}");
         }
-        let m = metric_lines(port);
         eprintln!(
             "{:>5.0}s: {applied}/{services} applied, {done}/{services} ready; operator: {:.0} reconciles, {:.0} writes, {:.0} errors",
             start.elapsed().as_secs_f64(),
@@ -262,15 +278,6 @@ async fn main() {
     let (r1, w1) = steady(&text);
     let skipped = sum(&text, "tidal_operator_applies_skipped_total{");
     // Steady-state writes by controller and kind.
-    let by_kind = |t: &str| -> BTreeMap<String, f64> {
-        t.lines()
-            .filter_map(|l| l.strip_prefix("tidal_operator_api_writes_total"))
-            .filter_map(|l| {
-                let (labels, v) = l.rsplit_once(' ')?;
-                Some((labels.to_string(), v.parse().ok()?))
-            })
-            .collect()
-    };
     let (k0, k1) = (by_kind(&before), by_kind(&text));
     let steady_kinds: Vec<String> = k1
         .iter()
@@ -318,6 +325,18 @@ async fn main() {
         r1 - r0,
         w1 - w0
     );
+    if !applied_writes.is_empty() {
+        let kinds: Vec<String> = applied_writes
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect();
+        println!();
+        println!(
+            "Writes until every child was applied ({:.0} in all): {}",
+            applied_writes.values().sum::<f64>(),
+            kinds.join(", ")
+        );
+    }
     if !steady_kinds.is_empty() {
         println!();
         println!("Steady-state writes by kind: {}", steady_kinds.join(", "));
