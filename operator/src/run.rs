@@ -53,9 +53,7 @@ async fn run_controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
         controller::edge_node::run(ctx.clone(), edge_nodes, until(stop.clone())),
         controller::autoscale::run(ctx, autoscale, until(stop)),
     );
-    for w in watches {
-        w.abort();
-    }
+    drop(watches);
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {

@@ -322,9 +322,7 @@ impl RunningOperator {
                 }
                 None => controller.await,
             }
-            for w in watches {
-                w.abort();
-            }
+            drop(watches);
         });
         RunningOperator {
             metrics,
@@ -398,9 +396,7 @@ impl EdgeNodeController {
         let inputs = edge_node::inputs(&mut shared);
         let watches = shared.start();
         edge_node::run(c, inputs, shutdown).await;
-        for w in watches {
-            w.abort();
-        }
+        drop(watches);
     }
 
     /// Stops it and waits until it has finished.

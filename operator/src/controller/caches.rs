@@ -112,12 +112,24 @@ impl Shared {
         }
     }
 
-    /// Runs the watches; abort the handles to stop them.
-    pub fn start(self) -> Vec<JoinHandle<()>> {
-        vec![
+    /// Runs the watches until the returned guard is dropped.
+    #[must_use = "dropping the guard stops the watches"]
+    pub fn start(self) -> Running {
+        Running(vec![
             self.inference_services.start(),
             self.edge_nodes.start(),
             self.deployments.start(),
-        ]
+        ])
+    }
+}
+
+/// The running shared watches; dropping this stops them (also on an early return or a panic).
+pub struct Running(Vec<JoinHandle<()>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for w in &self.0 {
+            w.abort();
+        }
     }
 }

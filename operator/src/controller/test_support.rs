@@ -65,11 +65,7 @@ pub fn synced_store<K>() -> Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
-    let (store, mut writer) = reflector::store::<K>();
-    writer.apply_watcher_event(&watcher::Event::Init);
-    writer.apply_watcher_event(&watcher::Event::InitDone);
-    std::mem::forget(writer); // a dropped writer would fail wait_until_ready
-    store
+    store_with(Vec::new())
 }
 
 /// A cache that has had its first list, holding `objects`.
@@ -83,6 +79,6 @@ where
         writer.apply_watcher_event(&watcher::Event::InitApply(o));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    std::mem::forget(writer);
+    std::mem::forget(writer); // a dropped writer would fail wait_until_ready
     store
 }
