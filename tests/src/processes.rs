@@ -140,7 +140,8 @@ pub fn http_client() -> reqwest::Client {
 pub struct LoadReport {
     pub sent: u64,
     pub ok: u64,
-    /// One line per failed request (status and body, or the client error), in order.
+    /// One line per failed request (when it was sent, counted from the load's start; its
+    /// status and body, or the client error), in order.
     pub failures: Vec<String>,
 }
 
@@ -184,6 +185,7 @@ pub fn variable_load(
         let client = http_client();
         let mut inflight = Vec::new();
         let mut sent = 0;
+        let start = std::time::Instant::now();
         for i in 0..max_requests {
             let rps = rate.load(Ordering::Relaxed).max(1) as f64 / 1000.0;
             tokio::time::sleep(Duration::from_secs_f64(1.0 / rps)).await;
@@ -196,14 +198,16 @@ pub fn variable_load(
                 .json(&serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 2}))
                 .timeout(Duration::from_secs(30));
             sent += 1;
+            let at = start.elapsed().as_secs_f64();
             inflight.push(tokio::spawn(async move {
                 match req.send().await {
                     Ok(r) if r.status().is_success() => Ok(()),
                     Ok(r) => {
                         let status = r.status();
-                        Err(format!("{status}: {}", r.text().await.unwrap_or_default()))
+                        let body = r.text().await.unwrap_or_default();
+                        Err(format!("at {at:.1} s: {status}: {body}"))
                     }
-                    Err(e) => Err(format!("{e:?}")),
+                    Err(e) => Err(format!("at {at:.1} s: {e:?}")),
                 }
             }));
         }

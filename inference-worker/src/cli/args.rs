@@ -7,6 +7,7 @@ use crate::model::decoder::parse_dtype;
 use crate::model::fixture::FixtureSpec;
 use crate::serve::escalation::cloud::Escalator;
 use crate::serve::escalation::{EscalationConfig, OnCloudUnavailable};
+use crate::serve::lifecycle::Drain;
 use crate::serve::metrics::Metrics;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -71,6 +72,10 @@ pub struct ServeArgs {
     /// How long in-flight requests may run after SIGTERM.
     #[arg(long, env = "TIDAL_GRACE_SECONDS", default_value_t = 30)]
     pub grace_seconds: u64,
+    /// After SIGTERM, requests that still arrive (stale kube-proxy rules, routers) are
+    /// served until none has for this long; then the listener closes.
+    #[arg(long, env = "TIDAL_DRAIN_QUIET_SECONDS", default_value_t = 5)]
+    pub drain_quiet_seconds: u64,
     /// Log as JSON lines.
     #[arg(long, env = "TIDAL_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -123,8 +128,16 @@ impl ServeArgs {
             dtype: parse_dtype(&self.dtype)?,
             placement_file,
             shard,
-            grace: Duration::from_secs(self.grace_seconds),
+            drain: self.drain(),
         })
+    }
+
+    /// How the server stops on SIGTERM.
+    pub fn drain(&self) -> Drain {
+        Drain {
+            grace: Duration::from_secs(self.grace_seconds),
+            quiet: Duration::from_secs(self.drain_quiet_seconds),
+        }
     }
 }
 

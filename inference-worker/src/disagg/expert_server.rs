@@ -115,6 +115,8 @@ impl ExpertShard {
         self.ready.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
     }
 
+    /// Readiness turns false; layer calls that still arrive (a router that has not
+    /// yet seen the drain) are served.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.metrics.ready.set(0);
@@ -297,10 +299,10 @@ pub fn router(shard: Arc<ExpertShard>) -> Router {
 }
 
 async fn forward(State(shard): State<Arc<ExpertShard>>, body: Bytes) -> Response {
-    if !shard.is_ready() {
+    if !shard.ready.load(Ordering::SeqCst) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "expert shard not ready (loading or draining)",
+            "expert shard not ready (loading its experts)",
         )
             .into_response();
     }
@@ -408,8 +410,8 @@ pub struct ExpertServerConfig {
     pub placement_file: PathBuf,
     /// This shard's index in the placement plan.
     pub shard: usize,
-    /// How long in-flight requests may run after `shutdown`.
-    pub grace: Duration,
+    /// How the shard stops after `shutdown`.
+    pub drain: lifecycle::Drain,
 }
 
 /// `tidal-worker serve --role expert`: binds, loads this shard's experts, serves
@@ -439,5 +441,5 @@ pub async fn serve(
             t.abort();
         }
     };
-    lifecycle::serve(listener, app, startup, shutdown, cfg.grace, on_drain).await
+    lifecycle::serve(listener, app, startup, shutdown, cfg.drain, on_drain).await
 }

@@ -29,7 +29,7 @@
 //! | 16 | `n·hidden·size(dtype)` | output rows, row-major |
 //!
 //! Errors come back as a non-200 status with a plain-text body: 400 for a
-//! malformed message, 503 while the shard is not ready or draining, 500 when the
+//! malformed message, 503 while the shard is loading its experts, 500 when the
 //! computation failed (the router retries 5xx and connection errors on another
 //! replica; 4xx are not retried).
 

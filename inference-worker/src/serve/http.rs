@@ -89,7 +89,8 @@ impl AppState {
         }
     }
 
-    /// Readiness turns false and new generations are refused; in-flight ones go on.
+    /// Readiness turns false. Generations still go on, new ones too: a request that
+    /// arrives now was routed by someone who has not yet seen the drain.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.update_ready_gauge();
@@ -216,8 +217,8 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 
 fn served(st: &AppState) -> Result<&Served, ApiError> {
     match st.served.get() {
-        Some(s) if !st.draining.load(Ordering::SeqCst) => Ok(s),
-        _ => Err(ApiError {
+        Some(s) => Ok(s),
+        None => Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: "the worker is not ready (loading or shutting down)".into(),
             kind: "service_unavailable",

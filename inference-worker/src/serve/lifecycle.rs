@@ -1,13 +1,67 @@
 //! The one lifecycle every role's HTTP server goes through: bind, serve with axum
-//! while the role starts up, and on SIGTERM drain (readiness turns false, new
-//! connections are refused, in-flight requests get up to a grace period).
+//! while the role starts up, and on SIGTERM drain: readiness turns false, requests
+//! that still arrive are served until none has for a quiet period (kube-proxy and
+//! routers learn of a terminating pod late), then new connections are refused and
+//! in-flight requests finish within the grace period.
 
 use crate::error::{Error, Result};
 use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+
+/// How a server stops once shutdown is requested.
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    /// How long the whole drain may take (the pod's grace period minus its preStop).
+    pub grace: Duration,
+    /// Requests keep being accepted and served until none has arrived for this long.
+    pub quiet: Duration,
+}
+
+/// When the last request began, probes and scrapes aside.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Paths the orchestrator and Prometheus call: they are not traffic and must not hold
+/// a drain open.
+const HOUSEKEEPING: [&str; 3] = ["/health", "/ready", "/metrics"];
+
+async fn track(State(activity): State<Arc<Activity>>, req: Request, next: Next) -> Response {
+    if !HOUSEKEEPING.contains(&req.uri().path()) {
+        activity.touch();
+    }
+    next.run(req).await
+}
 
 /// Binds `addr`; returns the listener and the address it is bound to.
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
@@ -23,17 +77,20 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
 /// Its failure ends the server with that error (the orchestrator restarts the
 /// process, with a clear log). When `shutdown` resolves, `on_drain` gets
 /// `startup`'s output (None when it had not finished; it is then dropped) and
-/// must turn readiness false; the server then stops accepting connections and
-/// in-flight requests have up to `grace` to finish before they are dropped.
-/// Returns early, without draining, if the server itself stops.
+/// must turn readiness false. Requests that still arrive are served until none
+/// has for `drain.quiet`; the server then stops accepting connections, and
+/// in-flight requests finish or are dropped when `drain.grace` (counted from
+/// shutdown) is over. Returns early, without draining, if the server itself stops.
 pub async fn serve<T>(
     listener: TcpListener,
     app: Router,
     startup: impl Future<Output = Result<T>>,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    drain: Drain,
     on_drain: impl FnOnce(Option<T>),
 ) -> Result<()> {
+    let activity = Arc::new(Activity::new());
+    let app = app.layer(middleware::from_fn_with_state(activity.clone(), track));
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         axum::serve(listener, app)
@@ -56,9 +113,27 @@ pub async fn serve<T>(
         }
     }
     tracing::info!("shutdown requested: draining");
+    let deadline = tokio::time::Instant::now() + drain.grace;
     on_drain(started);
+    // A terminating pod stays in some routes for a while (kube-proxy's rules, a
+    // router's list): refusing those requests would fail them, so serve them.
+    loop {
+        let idle = activity.idle();
+        if idle >= drain.quiet {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(drain.quiet - idle) => {}
+            () = tokio::time::sleep_until(deadline) => break,
+            res = &mut server => {
+                res.map_err(Error::task(SERVER_TASK))?.map_err(Error::Serve)?;
+                return Ok(());
+            }
+        }
+    }
+    tracing::info!("no new requests: closing the listener");
     let _ = drain_tx.send(());
-    match tokio::time::timeout(grace, &mut server).await {
+    match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(res) => res
             .map_err(Error::task(SERVER_TASK))?
             .map_err(Error::Serve)?,
@@ -92,5 +167,116 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One HTTP/1.1 request on a new connection; the status code, or the connect error.
+    async fn status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0))
+    }
+
+    struct Running {
+        addr: SocketAddr,
+        shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+        drained: Arc<std::sync::atomic::AtomicBool>,
+        done: tokio::task::JoinHandle<Result<()>>,
+    }
+
+    async fn start(drain: Drain) -> Running {
+        let (listener, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let app = Router::new()
+            .route("/v1/work", get(|| async { "done" }))
+            .route("/ready", get(|| async { "ok" }));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let drained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = drained.clone();
+        let done = tokio::spawn(serve(
+            listener,
+            app,
+            async { Ok(()) },
+            async {
+                let _ = rx.await;
+            },
+            drain,
+            move |_| d.store(true, Ordering::SeqCst),
+        ));
+        Running {
+            addr,
+            shutdown: Some(tx),
+            drained,
+            done,
+        }
+    }
+
+    impl Running {
+        async fn request_shutdown(&mut self) {
+            let _ = self.shutdown.take().unwrap().send(());
+            while !self.drained.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_arriving_after_shutdown_are_served_until_they_stop() {
+        let mut s = start(Drain {
+            grace: Duration::from_secs(60),
+            quiet: Duration::from_secs(2),
+        })
+        .await;
+        assert_eq!(status(s.addr, "/v1/work").await.unwrap(), 200);
+        s.request_shutdown().await;
+        // A stale route keeps sending: every request is served, none refused.
+        for _ in 0..10 {
+            assert_eq!(status(s.addr, "/v1/work").await.unwrap(), 200);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            !s.done.is_finished(),
+            "the server closed while requests arrived"
+        );
+        // Probes alone do not hold the drain open: the server ends by itself.
+        let probes = tokio::spawn(async move {
+            loop {
+                let _ = status(s.addr, "/ready").await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let ended = tokio::time::timeout(Duration::from_secs(60), s.done).await;
+        probes.abort();
+        ended.expect("drain ended").unwrap().unwrap();
+        let refused = status(s.addr, "/v1/work").await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn the_grace_period_bounds_a_drain_that_never_goes_quiet() {
+        let mut s = start(Drain {
+            grace: Duration::from_millis(500),
+            quiet: Duration::from_secs(3600),
+        })
+        .await;
+        assert_eq!(status(s.addr, "/v1/work").await.unwrap(), 200);
+        s.request_shutdown().await;
+        let ended = tokio::time::timeout(Duration::from_secs(60), s.done).await;
+        ended
+            .expect("the grace period ended the drain")
+            .unwrap()
+            .unwrap();
     }
 }

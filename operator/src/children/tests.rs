@@ -80,6 +80,9 @@ fn dense_cloud_example_builds_one_hardened_full_worker() {
         Some(&["ALL".to_string()][..])
     );
     assert!(ctr.readiness_probe.is_some() && ctr.liveness_probe.is_some());
+    // A busy worker answering a probe in over a second stays in its Service.
+    let ready_timeout = ctr.readiness_probe.as_ref().unwrap().timeout_seconds;
+    assert!(ready_timeout.unwrap_or(1) > 1, "{ready_timeout:?}");
     // Terminating workers keep serving until endpoints drop them, within the grace period.
     let sleep = ctr
         .lifecycle

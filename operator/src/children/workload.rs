@@ -25,6 +25,7 @@ pub const PLACEMENT_DIR: &str = "/etc/tidal/placement";
 /// the routers to stop sending it requests once its pod is terminating. 5 s was not always
 /// enough on a busy 2-core node (a CI run saw one connection refused after a scale-down).
 pub const PRE_STOP_SLEEP_SECONDS: i64 = 10;
+const PROBE_TIMEOUT_SECONDS: i32 = 3;
 
 /// What every child of one InferenceService shares.
 pub(super) struct Base<'a> {
@@ -129,6 +130,9 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
+        // A worker decoding at full load on a shared node may answer a probe late:
+        // that is not a reason to drop it from its Service (1 s by default).
+        timeout_seconds: Some(PROBE_TIMEOUT_SECONDS),
         ..Default::default()
     }
 }

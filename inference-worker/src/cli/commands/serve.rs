@@ -107,6 +107,5 @@ pub async fn serve(
             c.close();
         }
     };
-    let grace = Duration::from_secs(args.grace_seconds);
-    lifecycle::serve(listener, app, startup, shutdown, grace, on_drain).await
+    lifecycle::serve(listener, app, startup, shutdown, args.drain(), on_drain).await
 }
