@@ -408,7 +408,7 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
         ctx.metrics.write(CONTROLLER, "status");
     }
 
-    if current.phase != status.phase {
+    if edge::phase_change_is_news(current.phase, status.phase) {
         publish_phase_change(state, en, current.phase, &status).await;
     }
 

@@ -410,43 +410,62 @@ async fn publish_changes(
             .find(|t| t.deployment == deployment)
             .map(|t| t.desired)
     };
+    // New children are announced together: one Event per reconcile, not one per
+    // Deployment (a service with many edge sites would otherwise write dozens at once).
+    let mut created = vec![];
     for w in children.workloads.iter().filter(|w| !w.awaits_assessment()) {
         let name = w.kind.name(&tis.name_any());
         let old = before(&name);
-        if old != Some(w.desired) {
-            let why = if !children.failed_over_sites.is_empty() && w.kind.tier() == "cloud" {
-                format!(
-                    " (edge sites out of service: {})",
-                    children.failed_over_sites.join(", ")
-                )
-            } else {
-                String::new()
-            };
-            let from = old.map(|o| o.to_string()).unwrap_or_else(|| "none".into());
-            let action = match old {
-                None => "Create",
-                Some(o) if o < w.desired => "ScaleUp",
-                Some(_) => "ScaleDown",
-            };
-            let note = format!("{name}: desired replicas {from} -> {}{why}", w.desired);
-            let related = ObjectReference {
-                api_version: Some("apps/v1".into()),
-                kind: Some("Deployment".into()),
-                name: Some(name.clone()),
-                namespace: tis.namespace(),
-                ..Default::default()
-            };
-            publish(
-                tis,
-                state,
-                EventType::Normal,
-                "DesiredReplicas",
-                action,
-                note,
-                Some(related),
-            )
-            .await;
+        if old == Some(w.desired) {
+            continue;
         }
+        let Some(old) = old else {
+            created.push(format!("{name} {}", w.desired));
+            continue;
+        };
+        let why = if !children.failed_over_sites.is_empty() && w.kind.tier() == "cloud" {
+            format!(
+                " (edge sites out of service: {})",
+                children.failed_over_sites.join(", ")
+            )
+        } else {
+            String::new()
+        };
+        let action = if old < w.desired {
+            "ScaleUp"
+        } else {
+            "ScaleDown"
+        };
+        let note = format!("{name}: desired replicas {old} -> {}{why}", w.desired);
+        let related = ObjectReference {
+            api_version: Some("apps/v1".into()),
+            kind: Some("Deployment".into()),
+            name: Some(name.clone()),
+            namespace: tis.namespace(),
+            ..Default::default()
+        };
+        publish(
+            tis,
+            state,
+            EventType::Normal,
+            "DesiredReplicas",
+            action,
+            note,
+            Some(related),
+        )
+        .await;
+    }
+    if !created.is_empty() {
+        publish(
+            tis,
+            state,
+            EventType::Normal,
+            "DesiredReplicas",
+            "Create",
+            created_note(&created),
+            None,
+        )
+        .await;
     }
     let ready = |s: Option<&InferenceServiceStatus>| {
         s.and_then(|s| {
@@ -477,6 +496,24 @@ async fn publish_changes(
         .await;
     }
 }
+
+/// "desired replicas of new workloads: a 1, b 2", cut to fit an Event's note.
+fn created_note(created: &[String]) -> String {
+    let mut note = String::from("desired replicas of new workloads:");
+    for (i, c) in created.iter().enumerate() {
+        let more = format!(" ... and {} more", created.len() - i);
+        if note.len() + c.len() + 2 + more.len() > EVENT_NOTE_MAX {
+            note.push_str(&more);
+            break;
+        }
+        note.push_str(if i == 0 { " " } else { ", " });
+        note.push_str(c);
+    }
+    note
+}
+
+/// events.k8s.io/v1 rejects longer notes.
+const EVENT_NOTE_MAX: usize = 1024;
 
 async fn report_invalid(
     tis: &InferenceService,
@@ -620,6 +657,16 @@ mod tests {
             .filter_map(|c| c.body["note"].as_str())
             .collect();
         assert!(notes.iter().all(|n| !n.contains("m-edge-new")), "{notes:?}");
+        // The new Deployments are announced in one Event, not one each.
+        let created: Vec<&&str> = notes
+            .iter()
+            .filter(|n| n.starts_with("desired replicas of new workloads"))
+            .collect();
+        assert_eq!(created.len(), 1, "{notes:?}");
+        assert!(
+            created[0].contains("m-cloud 1") && created[0].contains("m-edge-ready 1"),
+            "{created:?}"
+        );
         // The site is still reported, as not assessed, and not as out of service.
         let status = calls
             .iter()
@@ -640,6 +687,23 @@ mod tests {
                 .iter()
                 .any(|e| e["edgeNode"] == "new" && e["phase"] == "Unknown"),
             "{status}"
+        );
+    }
+
+    #[test]
+    fn a_long_list_of_new_workloads_is_cut_to_fit_an_event() {
+        let few = created_note(&["a 1".into(), "b 2".into()]);
+        assert_eq!(few, "desired replicas of new workloads: a 1, b 2");
+        let many: Vec<String> = (0..200)
+            .map(|i| format!("svc-edge-site-{i:03} 1"))
+            .collect();
+        let note = created_note(&many);
+        assert!(note.len() <= EVENT_NOTE_MAX, "{}", note.len());
+        assert!(note.contains("svc-edge-site-000 1"), "{note}");
+        let shown = note.matches("svc-edge-site-").count();
+        assert!(
+            note.ends_with(&format!(" ... and {} more", 200 - shown)),
+            "{note}"
         );
     }
 

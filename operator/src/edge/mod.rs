@@ -400,6 +400,12 @@ pub fn owned_label_keys(fields_v1: &serde_json::Value) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// Whether a phase change is worth an Event. A site first seen healthy is not news (the
+/// status says so): at start-up, thousands of them would bury the Events that matter.
+pub fn phase_change_is_news(from: EdgePhase, to: EdgePhase) -> bool {
+    from != to && !(from == EdgePhase::Unknown && to == EdgePhase::Ready)
+}
+
 /// What the InferenceService controller needs to know about an EdgeNode (phase from its
 /// status; Unknown before the first reconcile).
 pub fn edge_facts(en: &EdgeNode) -> EdgeFacts {

@@ -486,3 +486,20 @@ fn only_a_live_other_holder_claims_a_node() {
     assert_eq!(claimed_by_other("b", &held, |_| true), None);
     assert_eq!(claimed_by_other("a", &labels(&[]), |_| true), None);
 }
+
+#[test]
+fn a_site_first_seen_ready_is_no_news_every_other_change_is() {
+    use EdgePhase::*;
+    assert!(!phase_change_is_news(Unknown, Ready));
+    assert!(!phase_change_is_news(Ready, Ready));
+    for (from, to) in [
+        (Unknown, Offline),
+        (Unknown, Degraded),
+        (Unknown, Cordoned),
+        (Ready, Offline),
+        (Offline, Ready),
+        (Degraded, Ready),
+    ] {
+        assert!(phase_change_is_news(from, to), "{from:?} -> {to:?}");
+    }
+}
