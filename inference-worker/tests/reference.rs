@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mixtral, qwen2};
+use candle_transformers::models::{llama, mixtral, qwen2, qwen3};
 use std::path::Path;
 use tidal_worker::model::config::ModelConfig;
 use tidal_worker::model::decoder::Model;
@@ -67,6 +67,18 @@ impl Reference for RefQwen2 {
     }
 }
 
+struct RefQwen3(qwen3::ModelForCausalLM);
+impl Reference for RefQwen3 {
+    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = self.0.forward(&input, offset).unwrap();
+        logits.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
 struct RefLlama(llama::Llama, llama::Cache);
 impl Reference for RefLlama {
     fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
@@ -103,6 +115,13 @@ fn reference(dir: &Path, arch: FixtureArch) -> Box<dyn Reference> {
                 qwen2::ModelForCausalLM::new(&cfg, weights(dir)).unwrap(),
             ))
         }
+        FixtureArch::Qwen3 => {
+            let cfg: qwen3::Config = serde_json::from_value(json).unwrap();
+            Box::new(RefQwen3(
+                qwen3::ModelForCausalLM::new(&cfg, weights(dir)).unwrap(),
+            ))
+        }
+        FixtureArch::Qwen3Moe => unreachable!("GGUF only: see gguf.rs"),
     }
 }
 
@@ -185,6 +204,18 @@ fn qwen2_with_bias_and_tied_embeddings_matches_candle_transformers() {
         FixtureSpec {
             arch: FixtureArch::Qwen2,
             seed: 4,
+            ..FixtureSpec::default()
+        },
+    );
+}
+
+#[test]
+fn qwen3_with_qk_norm_matches_candle_transformers() {
+    compare(
+        FixtureArch::Qwen3,
+        FixtureSpec {
+            arch: FixtureArch::Qwen3,
+            seed: 6,
             ..FixtureSpec::default()
         },
     );

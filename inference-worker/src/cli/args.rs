@@ -95,6 +95,10 @@ pub struct ServeArgs {
 pub struct GenFixtureArgs {
     #[arg(long, env = "TIDAL_FIXTURE_OUT")]
     pub out: PathBuf,
+    /// Write `{out}/model.gguf` (weights in this quantization, vocabulary in the
+    /// metadata) instead of a safetensors checkpoint.
+    #[arg(long, env = "TIDAL_FIXTURE_GGUF", value_enum)]
+    pub gguf: Option<crate::model::gguf_fixture::Quant>,
     #[command(flatten)]
     pub spec: FixtureSpec,
 }

@@ -167,7 +167,12 @@ impl ExpertShard {
         let mut loaded = vec![];
         for &e in &todo {
             let ffns = (0..layers)
-                .map(|l| ExpertFfn::load(&self.cfg, vb.pp(expert_prefix(l, e))))
+                .map(|l| {
+                    ExpertFfn::load(
+                        &self.cfg,
+                        crate::model::source::Source::Safetensors(vb.pp(expert_prefix(l, e))),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             loaded.push((
                 e,

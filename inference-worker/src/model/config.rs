@@ -13,6 +13,20 @@ pub enum Arch {
     Llama,
     /// Dense Qwen2 (bias on the q/k/v projections).
     Qwen2,
+    /// Dense Qwen3 (RMSNorm on each query/key head, no bias).
+    Qwen3,
+    /// Qwen3-MoE: Qwen3 attention, top-k over many experts.
+    Qwen3Moe,
+}
+
+impl Arch {
+    pub fn attention_bias(self) -> bool {
+        self == Arch::Qwen2
+    }
+
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +95,10 @@ pub struct ModelConfig {
     /// Experts per MoE layer (0 for dense models).
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
+    /// Rotary pairs `(2i, 2i+1)` instead of `(i, i + d/2)` (llama.cpp's Llama files).
+    pub rope_interleaved: bool,
+    /// Renormalise the chosen experts' gate weights to sum to one.
+    pub norm_topk_prob: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -112,11 +130,14 @@ impl ModelConfig {
             Arch::Mixtral
         } else if name.contains("qwen2") && !name.contains("moe") {
             Arch::Qwen2
+        } else if name.contains("qwen3") && !name.contains("moe") {
+            Arch::Qwen3
         } else if name.contains("llama") || name.contains("mistral") {
             Arch::Llama
         } else {
             return Err(Error::Unsupported(format!(
-                "model_type {name:?}: supported are mixtral, llama, mistral, qwen2"
+                "model_type {name:?}: supported are mixtral, llama, mistral, qwen2, qwen3 \
+                 (and GGUF files of these and of qwen3moe)"
             )));
         };
         if let Some(act) = &raw.hidden_act
@@ -178,6 +199,8 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings,
             num_experts,
             num_experts_per_tok,
+            rope_interleaved: false,
+            norm_topk_prob: true,
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
         })

@@ -1,14 +1,17 @@
-//! The decoder model (Mixtral-family MoE and Llama/Mistral/Qwen2 dense) on candle.
+//! The decoder model (Mixtral-family and Qwen3 MoE; Llama/Mistral/Qwen2/Qwen3 dense) on
+//! candle, from safetensors or GGUF weights.
 //!
 //! Weights are shared; the KV cache lives outside the model in a [`KvCache`] per
 //! sequence so that one model can serve many sequences (continuous batching).
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::layers::{Attention, Chunk, Mlp, Proj, Rotary, linear};
+use crate::model::gguf::GgufFile;
+use crate::model::layers::{Attention, Chunk, Mlp, Proj, Rotary};
 use crate::model::moe::{ExpertCounts, ExpertPlacement, Moe};
+use crate::model::source::Source;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -73,7 +76,7 @@ impl Model {
             let index = crate::model::weights::Checkpoint::open(dir)?;
             let tensors = index.load_where(|name| !name.contains(".block_sparse_moe.experts."))?;
             let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
-            return Self::load_with(cfg, vb, placement);
+            return Self::load_with(cfg, Source::Safetensors(vb), placement);
         }
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
@@ -97,47 +100,54 @@ impl Model {
     }
 
     pub fn load(cfg: ModelConfig, vb: VarBuilder) -> Result<Self> {
-        Self::load_with(cfg, vb, ExpertPlacement::Local)
+        Self::load_with(cfg, Source::Safetensors(vb), ExpertPlacement::Local)
     }
 
-    pub fn load_with(cfg: ModelConfig, vb: VarBuilder, placement: ExpertPlacement) -> Result<Self> {
-        let device = vb.device().clone();
-        let dtype = vb.dtype();
-        let m = vb.pp("model");
-        let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+    /// Loads a GGUF file, weights kept quantized (activations in f32).
+    pub fn load_gguf(file: Arc<GgufFile>, placement: ExpertPlacement) -> Result<Self> {
+        let cfg = file.config()?;
+        let model = Self::load_with(cfg, Source::gguf(file.clone()), placement);
+        file.release();
+        model
+    }
+
+    pub fn load_with(cfg: ModelConfig, src: Source, placement: ExpertPlacement) -> Result<Self> {
+        let device = src.device();
+        let dtype = src.dtype();
+        let m = src.pp("model");
+        let embed = m
+            .pp("embed_tokens")
+            .embedding(cfg.vocab_size, cfg.hidden_size)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let vb = m.pp("layers").pp(l);
+            let src = m.pp("layers").pp(l);
             let ffn = if cfg.is_moe() {
-                Ffn::Moe(Moe::load(&cfg, vb.pp("block_sparse_moe"), &placement)?)
+                Ffn::Moe(Moe::load(&cfg, src.pp("block_sparse_moe"), &placement)?)
             } else {
                 Ffn::Dense(Mlp::load(
                     cfg.hidden_size,
                     cfg.intermediate_size,
                     ["gate_proj", "up_proj", "down_proj"],
-                    vb.pp("mlp"),
+                    src.pp("mlp"),
                 )?)
             };
             layers.push(Layer {
-                attn: Attention::load(&cfg, vb.pp("self_attn"))?,
+                attn: Attention::load(&cfg, src.pp("self_attn"))?,
                 ffn,
-                input_norm: candle_nn::rms_norm(
-                    cfg.hidden_size,
-                    cfg.rms_norm_eps,
-                    vb.pp("input_layernorm"),
-                )?,
-                post_norm: candle_nn::rms_norm(
-                    cfg.hidden_size,
-                    cfg.rms_norm_eps,
-                    vb.pp("post_attention_layernorm"),
-                )?,
+                input_norm: src
+                    .pp("input_layernorm")
+                    .rms_norm(cfg.hidden_size, cfg.rms_norm_eps)?,
+                post_norm: src
+                    .pp("post_attention_layernorm")
+                    .rms_norm(cfg.hidden_size, cfg.rms_norm_eps)?,
             });
         }
-        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
-        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Proj(Linear::new(embed.embeddings().clone(), None))
+        let norm = m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings && !src.contains("lm_head.weight") {
+            src.tied_head(&embed)?
         } else {
-            linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+            src.pp("lm_head")
+                .proj(cfg.hidden_size, cfg.vocab_size, false)?
         };
         let counts = Arc::new(ExpertCounts::new(cfg.num_hidden_layers, cfg.num_experts));
         Ok(Self {
@@ -155,6 +165,24 @@ impl Model {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// How many of the model's local projections (attention, dense FFN, local experts,
+    /// router gates, output head) are quantized, and how many dense.
+    pub fn projection_kinds(&self) -> (usize, usize) {
+        let mut projs: Vec<&Proj> = vec![&self.lm_head];
+        for l in &self.layers {
+            projs.extend(l.attn.projections());
+            match &l.ffn {
+                Ffn::Dense(m) => projs.extend(m.projections()),
+                Ffn::Moe(m) => projs.extend(m.projections()),
+            }
+        }
+        let quantized = projs
+            .iter()
+            .filter(|p| matches!(p, Proj::Quant { .. }))
+            .count();
+        (quantized, projs.len() - quantized)
     }
 
     pub fn dtype(&self) -> DType {

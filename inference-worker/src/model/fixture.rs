@@ -17,6 +17,8 @@ use tokenizers::{AddedToken, Tokenizer};
 pub const SPECIAL_TOKENS: [&str; 5] = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"];
 /// Id of `</s>` (end of sequence).
 pub const EOS_ID: u32 = 257;
+/// ChatML, the fixtures' chat template.
+pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 /// Id of `<|im_end|>`, which also ends generation.
 pub const IM_END_ID: u32 = 259;
 
@@ -27,6 +29,16 @@ pub enum FixtureArch {
     Llama,
     /// Llama layout plus q/k/v biases and tied input/output embeddings.
     Qwen2,
+    /// Llama layout plus an RMSNorm on each query/key head.
+    Qwen3,
+    /// Qwen3 attention with Mixtral-style experts (GGUF only: `gen-fixture --gguf`).
+    Qwen3Moe,
+}
+
+impl FixtureArch {
+    pub fn is_moe(self) -> bool {
+        matches!(self, Self::Mixtral | Self::Qwen3Moe)
+    }
 }
 
 /// Shape of a generated checkpoint.
@@ -93,7 +105,20 @@ impl FixtureSpec {
 
 /// Writes `config.json`, `model*.safetensors`, `tokenizer.json` and `tokenizer_config.json`.
 pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
+    if spec.arch == FixtureArch::Qwen3Moe {
+        return Err(Error::Unsupported(
+            "qwen3-moe fixtures are written as GGUF only (gen-fixture --gguf)".into(),
+        ));
+    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tensors = tensors(spec)?;
+    let vocab = spec.vocab_size();
+    let h = spec.hidden;
+    write_rest(spec, out, tensors, vocab, h)
+}
+
+/// The random weights of `spec`, in Hugging Face names (f32).
+pub fn tensors(spec: &FixtureSpec) -> Result<Vec<(String, Tensor)>> {
     let vocab = spec.vocab_size();
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let head_dim = spec.hidden / spec.heads;
@@ -146,7 +171,7 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
             s_in,
         )?;
         match spec.arch {
-            FixtureArch::Mixtral => {
+            FixtureArch::Mixtral | FixtureArch::Qwen3Moe => {
                 add(
                     &mut tensors,
                     format!("{p}.block_sparse_moe.gate.weight"),
@@ -175,7 +200,7 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
                     )?;
                 }
             }
-            FixtureArch::Llama | FixtureArch::Qwen2 => {
+            FixtureArch::Llama | FixtureArch::Qwen2 | FixtureArch::Qwen3 => {
                 add(
                     &mut tensors,
                     format!("{p}.mlp.gate_proj.weight"),
@@ -219,6 +244,19 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
             let (name, t) = tensors.pop().expect("just pushed");
             tensors.push((name, (t.reshape(h)? + 1.0)?));
         }
+        // Drawn last, so the other architectures' weights do not change.
+        if matches!(spec.arch, FixtureArch::Qwen3 | FixtureArch::Qwen3Moe) {
+            for norm in ["q_norm", "k_norm"] {
+                add(
+                    &mut tensors,
+                    format!("{p}.self_attn.{norm}.weight"),
+                    (1, head_dim),
+                    0.1,
+                )?;
+                let (name, t) = tensors.pop().expect("just pushed");
+                tensors.push((name, (t.reshape(head_dim)? + 1.0)?));
+            }
+        }
     }
     tensors.push((
         "model.norm.weight".into(),
@@ -231,10 +269,19 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
         3.0 * s_in,
     )?;
 
-    if spec.arch == FixtureArch::Mixtral && !spec.hot_experts.is_empty() {
+    if spec.arch.is_moe() && !spec.hot_experts.is_empty() {
         skew_router(&mut tensors, spec)?;
     }
+    Ok(tensors)
+}
 
+fn write_rest(
+    spec: &FixtureSpec,
+    out: &Path,
+    tensors: Vec<(String, Tensor)>,
+    vocab: usize,
+    h: usize,
+) -> Result<()> {
     let shards = spec.shards.max(1);
     let per = tensors.len().div_ceil(shards);
     for (i, chunk) in tensors.chunks(per).enumerate() {
@@ -251,6 +298,8 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
         FixtureArch::Mixtral => ("mixtral", "MixtralForCausalLM"),
         FixtureArch::Llama => ("llama", "LlamaForCausalLM"),
         FixtureArch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        FixtureArch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        FixtureArch::Qwen3Moe => unreachable!("refused above"),
     };
     let mut config = serde_json::json!({
         "architectures": [class],
@@ -270,7 +319,11 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
         "tie_word_embeddings": spec.arch == FixtureArch::Qwen2,
         "torch_dtype": "float32",
     });
-    if spec.arch == FixtureArch::Qwen2 {
+    if spec.arch == FixtureArch::Qwen3 {
+        config["head_dim"] = (h / spec.heads).into();
+        config["attention_bias"] = false.into();
+    }
+    if matches!(spec.arch, FixtureArch::Qwen2 | FixtureArch::Qwen3) {
         config["sliding_window"] = spec.context.into();
         config["max_window_layers"] = spec.layers.into();
         config["use_sliding_window"] = false.into();
@@ -289,7 +342,7 @@ pub fn generate(spec: &FixtureSpec, out: &Path) -> Result<()> {
         &serde_json::json!({
             "bos_token": "<s>",
             "eos_token": "<|im_end|>",
-            "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            "chat_template": CHAT_TEMPLATE,
         }),
     )?;
     Ok(())

@@ -2,18 +2,12 @@
 //! embeddings, attention over per-sequence KV caches and the SwiGLU MLP.
 
 use crate::error::Result;
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::ModelConfig;
 use crate::model::decoder::KvCache;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, VarBuilder};
-
-pub(crate) fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Proj> {
-    Ok(Proj(if bias {
-        candle_nn::linear(in_dim, out_dim, vb)?
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
-    }))
-}
+use crate::model::source::Source;
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Linear, RmsNorm};
 
 /// Largest `rows * cols` product for which gemm (candle's CPU matmul) uses its
 /// "horizontal" small-matrix kernels instead of its blocked kernels.
@@ -34,29 +28,46 @@ pub(crate) fn invariant_rows(rows: usize, cols: usize) -> usize {
 }
 
 /// A linear layer over `(rows, in)` matrices whose rows come out bitwise the same
-/// whatever else is in the matrix (see [`invariant_rows`]).
-pub(crate) struct Proj(pub(crate) Linear);
+/// whatever else is in the matrix.
+pub enum Proj {
+    /// Dense weights: padded to gemm's blocked path (see [`invariant_rows`]).
+    Dense(Linear),
+    /// Quantized weights (GGUF): candle quantizes each input row and dots it with
+    /// the weight rows on its own, so rows are independent without padding.
+    Quant { w: QMatMul, bias: Option<Tensor> },
+}
 
 impl Proj {
-    fn out_dim(&self) -> Result<usize> {
-        Ok(self.0.weight().dim(0)?)
-    }
-
-    /// Computes `weight · xsᵀ` rather than `xs · weightᵀ`: with the (large) weight as
-    /// gemm's left operand, the blocked kernels are much faster for the few rows of a
-    /// decode batch. Either way every output element is reduced along `in` in the
-    /// same order whatever the number of rows.
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => dense_forward(l, xs),
+            Self::Quant { w, bias } => {
+                let ys = w.forward(xs)?;
+                Ok(match bias {
+                    Some(b) => ys.broadcast_add(b)?,
+                    None => ys,
+                })
+            }
+        }
+    }
+}
+
+/// Computes `weight · xsᵀ` rather than `xs · weightᵀ`: with the (large) weight as
+/// gemm's left operand, the blocked kernels are much faster for the few rows of a
+/// decode batch. Either way every output element is reduced along `in` in the
+/// same order whatever the number of rows.
+fn dense_forward(l: &Linear, xs: &Tensor) -> Result<Tensor> {
+    {
         let (rows, width) = xs.dims2()?;
-        let padded = invariant_rows(rows, self.out_dim()?);
+        let padded = invariant_rows(rows, l.weight().dim(0)?);
         let xs = if padded == rows {
             xs.clone()
         } else {
             let zeros = Tensor::zeros((padded - rows, width), xs.dtype(), xs.device())?;
             Tensor::cat(&[xs, &zeros], 0)?
         };
-        let ys = self.0.weight().matmul(&xs.t()?)?.t()?.narrow(0, 0, rows)?;
-        let ys = match self.0.bias() {
+        let ys = l.weight().matmul(&xs.t()?)?.t()?.narrow(0, 0, rows)?;
+        let ys = match l.bias() {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,
         };
@@ -79,6 +90,9 @@ pub(crate) struct Chunk {
 pub(crate) struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    /// Pairs `(2i, 2i+1)` (Meta's layout, kept by llama.cpp's Llama files) rather
+    /// than Hugging Face's `(i, i + d/2)`.
+    interleaved: bool,
 }
 
 impl Rotary {
@@ -97,6 +111,7 @@ impl Rotary {
         Ok(Self {
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
+            interleaved: cfg.rope_interleaved,
         })
     }
 
@@ -105,7 +120,12 @@ impl Rotary {
         let seq = x.dim(2)?;
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        let x = x.contiguous()?;
+        Ok(if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        })
     }
 }
 
@@ -114,24 +134,47 @@ pub(crate) struct Attention {
     k: Proj,
     v: Proj,
     o: Proj,
+    /// Qwen3: RMSNorm of each query and key head before the rotation.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    pub(crate) fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let bias = cfg.arch == Arch::Qwen2;
+    pub(crate) fn load(cfg: &ModelConfig, src: Source) -> Result<Self> {
+        let bias = cfg.arch.attention_bias();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let qk_norm = if cfg.arch.qk_norm() {
+            Some((
+                src.pp("q_norm").rms_norm(hd, cfg.rms_norm_eps)?,
+                src.pp("k_norm").rms_norm(hd, cfg.rms_norm_eps)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
-            q: linear(h, cfg.num_attention_heads * hd, bias, vb.pp("q_proj"))?,
-            k: linear(h, cfg.num_key_value_heads * hd, bias, vb.pp("k_proj"))?,
-            v: linear(h, cfg.num_key_value_heads * hd, bias, vb.pp("v_proj"))?,
-            o: linear(cfg.num_attention_heads * hd, h, false, vb.pp("o_proj"))?,
+            q: src
+                .pp("q_proj")
+                .proj(h, cfg.num_attention_heads * hd, bias)?,
+            k: src
+                .pp("k_proj")
+                .proj(h, cfg.num_key_value_heads * hd, bias)?,
+            v: src
+                .pp("v_proj")
+                .proj(h, cfg.num_key_value_heads * hd, bias)?,
+            o: src
+                .pp("o_proj")
+                .proj(cfg.num_attention_heads * hd, h, false)?,
+            qk_norm,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
         })
+    }
+
+    pub(crate) fn projections(&self) -> [&Proj; 4] {
+        [&self.q, &self.k, &self.v, &self.o]
     }
 
     /// `xs` holds the stacked rows of every chunk; projections run on all rows at
@@ -154,8 +197,11 @@ impl Attention {
                     .reshape((1, c.len, n, self.head_dim))?
                     .transpose(1, 2)?)
             };
-            let q = shape(&q_all, self.heads)?;
-            let k = shape(&k_all, self.kv_heads)?;
+            let (mut q, mut k) = (shape(&q_all, self.heads)?, shape(&k_all, self.kv_heads)?);
+            if let Some((qn, kn)) = &self.qk_norm {
+                q = qn.forward(&q.contiguous()?)?;
+                k = kn.forward(&k.contiguous()?)?;
+            }
             let v = shape(&v_all, self.kv_heads)?.contiguous()?;
             let q = rotary.apply(&q, c.offset)?;
             let k = rotary.apply(&k, c.offset)?;
@@ -205,12 +251,16 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
-    pub(crate) fn load(h: usize, i: usize, names: [&str; 3], vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn load(h: usize, i: usize, names: [&str; 3], src: Source) -> Result<Self> {
         Ok(Self {
-            gate: linear(h, i, false, vb.pp(names[0]))?,
-            up: linear(h, i, false, vb.pp(names[1]))?,
-            down: linear(i, h, false, vb.pp(names[2]))?,
+            gate: src.pp(names[0]).proj(h, i, false)?,
+            up: src.pp(names[1]).proj(h, i, false)?,
+            down: src.pp(names[2]).proj(i, h, false)?,
         })
+    }
+
+    pub(crate) fn projections(&self) -> [&Proj; 3] {
+        [&self.gate, &self.up, &self.down]
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -258,7 +308,7 @@ mod tests {
         for (k, n) in SHAPES {
             for bias in [false, true] {
                 let b = bias.then(|| matrix(1, n, 3).squeeze(0).unwrap());
-                let proj = Proj(Linear::new(matrix(n, k, 1), b));
+                let proj = Proj::Dense(Linear::new(matrix(n, k, 1), b));
                 let target = matrix(1, k, 2);
                 let alone: Vec<f32> = proj
                     .forward(&target)

@@ -3,9 +3,11 @@
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Model;
+use crate::model::gguf::{self, GgufFile};
+use crate::model::moe::ExpertPlacement;
 use crate::serve::text::TextCodec;
 use candle_core::DType;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A model ready to serve.
@@ -20,11 +22,53 @@ pub fn load(source: &str, dtype: DType) -> Result<Loaded> {
     load_dir(&dir, dtype)
 }
 
+/// The GGUF file `path` names: the file itself, or the only `*.gguf` in a directory
+/// without a `config.json`.
+pub fn gguf_path(path: &Path) -> Result<Option<PathBuf>> {
+    if path.extension().is_some_and(|x| x == "gguf") && path.is_file() {
+        return Ok(Some(path.to_path_buf()));
+    }
+    if path.is_dir() && !path.join("config.json").exists() {
+        return gguf::find_in_dir(path);
+    }
+    Ok(None)
+}
+
+/// Loads a checkpoint directory, or a GGUF file (or a directory holding one).
 pub fn load_dir(dir: &Path, dtype: DType) -> Result<Loaded> {
+    if let Some(path) = gguf_path(dir)? {
+        return load_gguf(&path);
+    }
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let codec = TextCodec::load(dir, &cfg.eos_token_ids)?;
-    let warm_token = cfg.bos_token_id.unwrap_or(0);
     let model = Model::load_dir(dir, cfg, dtype)?;
+    warm(model, codec, dir)
+}
+
+/// A GGUF file: weights stay quantized; the tokenizer is the `tokenizer.json` beside
+/// it when there is one, else rebuilt from the file's metadata.
+pub fn load_gguf(path: &Path) -> Result<Loaded> {
+    let file = Arc::new(GgufFile::open(path)?);
+    let cfg = file.config()?;
+    let beside = path.parent().unwrap_or(Path::new("."));
+    let codec = if beside.join("tokenizer.json").exists() {
+        TextCodec::load(beside, &cfg.eos_token_ids)?
+    } else {
+        let v = crate::model::gguf_vocab::vocab(&file)?;
+        TextCodec::from_parts(
+            v.tokenizer,
+            v.chat_template,
+            v.bos_token,
+            v.eos_token,
+            &cfg.eos_token_ids,
+        )?
+    };
+    let model = Model::load_gguf(file, ExpertPlacement::Local)?;
+    warm(model, codec, path)
+}
+
+fn warm(model: Model, codec: TextCodec, dir: &Path) -> Result<Loaded> {
+    let warm_token = model.config().bos_token_id.unwrap_or(0);
     // The first forward allocates and pages in weights; do it before reporting ready.
     let mut cache = model.new_cache();
     model.forward(&[warm_token], &mut cache)?;
@@ -33,7 +77,7 @@ pub fn load_dir(dir: &Path, dtype: DType) -> Result<Loaded> {
         arch = ?model.config().arch,
         layers = model.config().num_hidden_layers,
         experts = model.config().num_experts,
-        ?dtype,
+        dtype = ?model.dtype(),
         "model loaded"
     );
     Ok(Loaded {

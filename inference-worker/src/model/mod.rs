@@ -3,8 +3,12 @@
 pub mod config;
 pub mod decoder;
 pub mod fixture;
+pub mod gguf;
+pub mod gguf_fixture;
+pub mod gguf_vocab;
 pub mod hub;
 pub mod layers;
 pub mod loader;
 pub mod moe;
+pub mod source;
 pub mod weights;

@@ -3,9 +3,9 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::layers::{Mlp, Proj, linear};
+use crate::model::layers::{Mlp, Proj};
+use crate::model::source::Source;
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -63,13 +63,13 @@ impl ExpertCounts {
 pub struct ExpertFfn(Mlp);
 
 impl ExpertFfn {
-    /// Loads from `vb` positioned at `model.layers.{l}.block_sparse_moe.experts.{e}`.
-    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads from `src` positioned at `model.layers.{l}.block_sparse_moe.experts.{e}`.
+    pub fn load(cfg: &ModelConfig, src: Source) -> Result<Self> {
         Ok(Self(Mlp::load(
             cfg.hidden_size,
             cfg.intermediate_size,
             ["w1", "w3", "w2"],
-            vb,
+            src,
         )?))
     }
 }
@@ -154,31 +154,47 @@ pub(crate) struct Moe {
     experts: Experts,
     num_experts: usize,
     top_k: usize,
+    norm_topk_prob: bool,
 }
 
 impl Moe {
     pub(crate) fn load(
         cfg: &ModelConfig,
-        vb: VarBuilder,
+        src: Source,
         placement: &ExpertPlacement,
     ) -> Result<Self> {
         let experts = match placement {
             ExpertPlacement::Local => Experts::Local(
                 (0..cfg.num_experts)
-                    .map(|e| ExpertFfn::load(cfg, vb.pp("experts").pp(e)))
+                    .map(|e| ExpertFfn::load(cfg, src.pp("experts").pp(e)))
                     .collect::<Result<_>>()?,
             ),
             ExpertPlacement::Remote(r) => Experts::Remote(r.clone()),
         };
         Ok(Self {
-            gate: linear(cfg.hidden_size, cfg.num_experts, false, vb.pp("gate"))?,
+            gate: src
+                .pp("gate")
+                .proj(cfg.hidden_size, cfg.num_experts, false)?,
             experts,
             num_experts: cfg.num_experts,
             top_k: cfg.num_experts_per_tok,
+            norm_topk_prob: cfg.norm_topk_prob,
         })
     }
 
-    /// Top-k softmax gating, weights renormalised over the chosen experts (as Mixtral).
+    /// The router gate and the local experts' projections.
+    pub(crate) fn projections(&self) -> Vec<&Proj> {
+        let mut v = vec![&self.gate];
+        if let Experts::Local(experts) = &self.experts {
+            for e in experts {
+                v.extend(e.0.projections());
+            }
+        }
+        v
+    }
+
+    /// Top-k softmax gating; the chosen experts' weights are renormalised to sum to
+    /// one (Mixtral; Qwen3-MoE with `norm_topk_prob`) or kept as the softmax gave them.
     fn route(&self, xs: &Tensor) -> Result<Routes> {
         let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(xs)?)?;
         let probs = probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -188,7 +204,11 @@ impl Moe {
                 let mut order: Vec<usize> = (0..p.len()).collect();
                 order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
                 let chosen = &order[..self.top_k.min(order.len())];
-                let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+                let sum: f32 = if self.norm_topk_prob {
+                    chosen.iter().map(|&e| p[e]).sum()
+                } else {
+                    1.0
+                };
                 chosen.iter().map(|&e| (e, p[e] / sum)).collect()
             })
             .collect())

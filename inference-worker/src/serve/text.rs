@@ -78,16 +78,32 @@ impl TextCodec {
             TokenizerConfig::default()
         };
         let template = match cfg.chat_template {
-            Some(TemplateField::One(t)) => t,
+            Some(TemplateField::One(t)) => Some(t),
             Some(TemplateField::Named(list)) => list
                 .into_iter()
                 .find(|t| t.name == "default")
-                .map(|t| t.template)
-                .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
-            None => DEFAULT_TEMPLATE.to_string(),
+                .map(|t| t.template),
+            None => None,
         };
-        let bos_token = cfg.bos_token.map(TokenField::content).unwrap_or_default();
-        let eos_token = cfg.eos_token.map(TokenField::content).unwrap_or_default();
+        Self::from_parts(
+            tokenizer,
+            template,
+            cfg.bos_token.map(TokenField::content).unwrap_or_default(),
+            cfg.eos_token.map(TokenField::content).unwrap_or_default(),
+            config_eos,
+        )
+    }
+
+    /// A codec from its parts (e.g. a GGUF file's metadata); ChatML when `template`
+    /// is None. Fails if the template does not compile.
+    pub fn from_parts(
+        tokenizer: Tokenizer,
+        template: Option<String>,
+        bos_token: String,
+        eos_token: String,
+        config_eos: &[u32],
+    ) -> Result<Self> {
+        let template = template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
         let mut eos_ids = config_eos.to_vec();
         if let Some(id) = tokenizer.token_to_id(&eos_token)
             && !eos_ids.contains(&id)

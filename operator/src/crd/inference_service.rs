@@ -96,7 +96,8 @@ pub struct InferenceServiceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// Where the worker loads the checkpoint from (Hugging Face layout: config.json,
-    /// *.safetensors, tokenizer.json): an absolute path (e.g. on a PVC mounted at /models),
+    /// *.safetensors, tokenizer.json; or a GGUF file, kept quantized: a path ending in
+    /// `.gguf`, or a directory or OCI artifact holding one `.gguf`): an absolute path (e.g. on a PVC mounted at /models),
     /// `file:///path`, `hf://org/name[@revision]` (downloaded by the worker at start), or
     /// `oci://registry/repository:tag` — an OCI artifact whose files are the checkpoint, pulled
     /// by the kubelet and mounted read-only as an image volume (modelcar style).
@@ -104,7 +105,8 @@ pub struct ModelSpec {
         .message("model uri must be an absolute path, file:///path, hf://org/name[@revision] or oci://registry/repository:tag (or @sha256:digest)"))]
     #[schemars(length(min = 1, max = 1024))]
     pub uri: String,
-    /// Model family: `mixtral` (MoE), or the dense `llama`, `mistral`, `qwen2`.
+    /// Model family: `mixtral` or `qwen3moe` (MoE), or the dense `llama`, `mistral`,
+    /// `qwen2`, `qwen3`.
     pub architecture: Architecture,
     /// Number of routed experts per MoE layer (MoE models only; read from config.json when
     /// omitted). Used to plan expert shards.
@@ -136,11 +138,15 @@ pub enum Architecture {
     Mistral,
     /// Dense Qwen2 decoder.
     Qwen2,
+    /// Dense Qwen3 decoder.
+    Qwen3,
+    /// Qwen3-MoE decoder (GGUF checkpoints).
+    Qwen3moe,
 }
 
 impl Architecture {
     pub fn is_moe(self) -> bool {
-        matches!(self, Architecture::Mixtral)
+        matches!(self, Architecture::Mixtral | Architecture::Qwen3moe)
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -148,6 +154,8 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Qwen3moe => "qwen3moe",
         }
     }
 }
