@@ -8,7 +8,7 @@ mod common;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{quantized_llama, quantized_qwen3, qwen3_moe};
+use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3, qwen3_moe};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +55,14 @@ impl Reference for RefLlama {
     }
 }
 
+struct RefQwen2(quantized_qwen2::ModelWeights);
+impl Reference for RefQwen2 {
+    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
+        let l = self.0.forward(&input(tokens), offset).unwrap();
+        l.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
 struct RefQwen3(quantized_qwen3::ModelWeights);
 impl Reference for RefQwen3 {
     fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
@@ -81,6 +89,13 @@ fn ref_llama(path: &Path) -> Box<dyn Reference> {
     let (c, mut f) = read_content(path);
     Box::new(RefLlama(
         quantized_llama::ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap(),
+    ))
+}
+
+fn ref_qwen2(path: &Path) -> Box<dyn Reference> {
+    let (c, mut f) = read_content(path);
+    Box::new(RefQwen2(
+        quantized_qwen2::ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap(),
     ))
 }
 
@@ -194,6 +209,11 @@ fn llama_gguf_matches_candle_quantized_llama_in_every_quant_type() {
             ref_llama,
         );
     }
+}
+
+#[test]
+fn qwen2_gguf_with_attention_bias_matches_candle_quantized_qwen2() {
+    compare(wide(FixtureArch::Qwen2, 25), Quant::Q8_0, 1e-3, ref_qwen2);
 }
 
 #[test]
