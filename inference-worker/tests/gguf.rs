@@ -9,6 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3, qwen3_moe};
+use common::Reference;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,14 +20,6 @@ use tidal_worker::model::gguf_fixture::{self, Quant};
 use tidal_worker::model::moe::ExpertPlacement;
 use tidal_worker::serve::sampling::argmax;
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn ours(path: &Path) -> Model {
     Model::load_gguf(
         Arc::new(GgufFile::open(path).unwrap()),
@@ -35,80 +28,33 @@ fn ours(path: &Path) -> Model {
     .unwrap()
 }
 
-/// A reference model driven one call at a time: prefill, then one token per call.
-trait Reference {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32>;
-}
-
-fn input(tokens: &[u32]) -> Tensor {
-    Tensor::new(tokens, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-}
-
-struct RefLlama(quantized_llama::ModelWeights);
-impl Reference for RefLlama {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let l = self.0.forward(&input(tokens), offset).unwrap();
-        l.flatten_all().unwrap().to_vec1().unwrap()
-    }
-}
-
-struct RefQwen2(quantized_qwen2::ModelWeights);
-impl Reference for RefQwen2 {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let l = self.0.forward(&input(tokens), offset).unwrap();
-        l.flatten_all().unwrap().to_vec1().unwrap()
-    }
-}
-
-struct RefQwen3(quantized_qwen3::ModelWeights);
-impl Reference for RefQwen3 {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let l = self.0.forward(&input(tokens), offset).unwrap();
-        l.flatten_all().unwrap().to_vec1().unwrap()
-    }
-}
-
-struct RefQwen3Moe(qwen3_moe::ModelForCausalLM);
-impl Reference for RefQwen3Moe {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let l = self.0.forward(&input(tokens), offset).unwrap();
-        l.flatten_all().unwrap().to_vec1().unwrap()
-    }
-}
-
 fn read_content(path: &Path) -> (gguf_file::Content, std::fs::File) {
     let mut f = std::fs::File::open(path).unwrap();
     let c = gguf_file::Content::read(&mut f).unwrap();
     (c, f)
 }
 
-fn ref_llama(path: &Path) -> Box<dyn Reference> {
+fn ref_llama(path: &Path) -> Reference {
     let (c, mut f) = read_content(path);
-    Box::new(RefLlama(
-        quantized_llama::ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap(),
-    ))
+    let mut m = quantized_llama::ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap();
+    common::reference(move |x, offset| m.forward(x, offset))
 }
 
-fn ref_qwen2(path: &Path) -> Box<dyn Reference> {
+fn ref_qwen2(path: &Path) -> Reference {
     let (c, mut f) = read_content(path);
-    Box::new(RefQwen2(
-        quantized_qwen2::ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap(),
-    ))
+    let mut m = quantized_qwen2::ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap();
+    common::reference(move |x, offset| m.forward(x, offset))
 }
 
-fn ref_qwen3(path: &Path) -> Box<dyn Reference> {
+fn ref_qwen3(path: &Path) -> Reference {
     let (c, mut f) = read_content(path);
-    Box::new(RefQwen3(
-        quantized_qwen3::ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap(),
-    ))
+    let mut m = quantized_qwen3::ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap();
+    common::reference(move |x, offset| m.forward(x, offset))
 }
 
 /// candle-transformers' Qwen3-MoE on the fixture's f32 weights (its quantized Qwen3-MoE
 /// runs only on CUDA): Hugging Face names, experts under `mlp.experts.{e}`.
-fn ref_qwen3_moe(spec: &FixtureSpec) -> Box<dyn Reference> {
+fn ref_qwen3_moe(spec: &FixtureSpec) -> Reference {
     let tensors: HashMap<String, Tensor> = tidal_worker::model::fixture::tensors(spec)
         .unwrap()
         .into_iter()
@@ -136,39 +82,25 @@ fn ref_qwen3_moe(spec: &FixtureSpec) -> Box<dyn Reference> {
     }))
     .unwrap();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    Box::new(RefQwen3Moe(
-        qwen3_moe::ModelForCausalLM::new(&cfg, vb).unwrap(),
-    ))
+    let mut m = qwen3_moe::ModelForCausalLM::new(&cfg, vb).unwrap();
+    common::reference(move |x, offset| m.forward(x, offset))
 }
 
-/// Prefill + 16 greedy steps on both; the worst logit difference, and both generations.
-fn run(model: &Model, refm: &mut dyn Reference, prompt: &[u32]) -> (f32, Vec<u32>, Vec<u32>) {
-    let mut cache = model.new_cache();
-    let mut a = model.forward(prompt, &mut cache).unwrap();
-    let mut b = refm.step(prompt, 0);
-    let (mut gen_a, mut gen_b) = (vec![], vec![]);
-    let mut worst = 0f32;
-    for i in 0..16 {
-        worst = worst.max(max_abs_diff(&a, &b));
-        let (ta, tb) = (argmax(&a), argmax(&b));
-        gen_a.push(ta);
-        gen_b.push(tb);
-        a = model.forward(&[ta], &mut cache).unwrap();
-        b = refm.step(&[tb], prompt.len() + i);
-    }
-    (worst, gen_a, gen_b)
+/// Prefill + 16 greedy steps on both: the worst logit difference, and both generations.
+fn run(model: &Model, refm: &mut Reference, prompt: &[u32]) -> (f32, Vec<u32>, Vec<u32>) {
+    common::greedy_against(model, refm, prompt, 16)
 }
 
 fn fixture_prompt() -> Vec<u32> {
     "The quick brown fox".bytes().map(u32::from).collect()
 }
 
-fn compare(spec: FixtureSpec, quant: Quant, tol: f32, reference: fn(&Path) -> Box<dyn Reference>) {
+fn compare(spec: FixtureSpec, quant: Quant, tol: f32, reference: fn(&Path) -> Reference) {
     let dir = tempfile::tempdir().unwrap();
     let path = gguf_fixture::write(&spec, quant, dir.path()).unwrap();
     let model = ours(&path);
     let mut refm = reference(&path);
-    let (worst, a, b) = run(&model, refm.as_mut(), &fixture_prompt());
+    let (worst, a, b) = run(&model, &mut refm, &fixture_prompt());
     let what = format!("{:?} {quant:?}", spec.arch);
     assert!(worst < tol, "{what}: max |logit diff| {worst} >= {tol}");
     assert_eq!(a, b, "{what}: greedy generations differ");
@@ -232,7 +164,7 @@ fn mixtral_gguf_with_legacy_per_expert_tensors_matches_candle_quantized_llama() 
     let dir = tempfile::tempdir().unwrap();
     let legacy = gguf_fixture::write_with(&spec, Quant::Q8_0, dir.path(), true).unwrap();
     let model = ours(&legacy);
-    let (worst, a, b) = run(&model, ref_llama(&legacy).as_mut(), &fixture_prompt());
+    let (worst, a, b) = run(&model, &mut ref_llama(&legacy), &fixture_prompt());
     assert!(worst < 1e-3, "max |logit diff| {worst}");
     assert_eq!(a, b);
     // The same weights with stacked experts (today's llama.cpp layout) load to the same
@@ -262,7 +194,7 @@ fn qwen3_moe_gguf_matches_candle_qwen3_moe() {
     let dir = tempfile::tempdir().unwrap();
     let path = gguf_fixture::write(&spec, Quant::F32, dir.path()).unwrap();
     let model = ours(&path);
-    let (worst, a, b) = run(&model, ref_qwen3_moe(&spec).as_mut(), &fixture_prompt());
+    let (worst, a, b) = run(&model, &mut ref_qwen3_moe(&spec), &fixture_prompt());
     assert!(worst < 1e-3, "max |logit diff| {worst}");
     assert_eq!(a, b);
     assert_eq!(model.config().num_experts, 8);
@@ -272,11 +204,7 @@ fn qwen3_moe_gguf_matches_candle_qwen3_moe() {
     // Q8_0: the activations are quantized too, so only close; the greedy tokens agree.
     let dir = tempfile::tempdir().unwrap();
     let path = gguf_fixture::write(&spec, Quant::Q8_0, dir.path()).unwrap();
-    let (worst, a, b) = run(
-        &ours(&path),
-        ref_qwen3_moe(&spec).as_mut(),
-        &fixture_prompt(),
-    );
+    let (worst, a, b) = run(&ours(&path), &mut ref_qwen3_moe(&spec), &fixture_prompt());
     assert!(worst < 0.1, "max |logit diff| {worst}");
     assert_eq!(a, b);
 }
@@ -381,7 +309,7 @@ fn smollm2_q4_1_matches_candle_and_answers_in_english() {
             .unwrap();
         let ids = codec.encode(&prompt).unwrap();
         // Against candle-transformers' quantized Llama on the same file.
-        let (worst, a, b) = run(&loaded.model, ref_llama(&path).as_mut(), &ids);
+        let (worst, a, b) = run(&loaded.model, &mut ref_llama(&path), &ids);
         assert!(worst < 1e-2, "max |logit diff| {worst}");
         assert_eq!(a, b, "greedy generations differ");
         // The greedy answer, up to the end of the turn.

@@ -3,14 +3,13 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mixtral, qwen2, qwen3};
 use std::path::Path;
 use tidal_worker::model::config::ModelConfig;
 use tidal_worker::model::decoder::Model;
 use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
-use tidal_worker::serve::sampling::argmax;
 
 const TOL: f32 = 1e-3;
 
@@ -30,96 +29,32 @@ fn ours(dir: &Path) -> Model {
     Model::load_dir(dir, cfg, DType::F32).unwrap()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// A reference model driven one call at a time: prefill then single-token decode.
-trait Reference {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32>;
-}
-
-struct RefMixtral(mixtral::Model);
-impl Reference for RefMixtral {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let input = Tensor::new(tokens, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = self.0.forward(&input, offset).unwrap();
-        logits.flatten_all().unwrap().to_vec1().unwrap()
-    }
-}
-
-struct RefQwen2(qwen2::ModelForCausalLM);
-impl Reference for RefQwen2 {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let input = Tensor::new(tokens, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = self.0.forward(&input, offset).unwrap();
-        logits.flatten_all().unwrap().to_vec1().unwrap()
-    }
-}
-
-struct RefQwen3(qwen3::ModelForCausalLM);
-impl Reference for RefQwen3 {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let input = Tensor::new(tokens, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = self.0.forward(&input, offset).unwrap();
-        logits.flatten_all().unwrap().to_vec1().unwrap()
-    }
-}
-
-struct RefLlama(llama::Llama, llama::Cache);
-impl Reference for RefLlama {
-    fn step(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let input = Tensor::new(tokens, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = self.0.forward(&input, offset, &mut self.1).unwrap();
-        logits.flatten_all().unwrap().to_vec1().unwrap()
-    }
-}
-
-fn reference(dir: &Path, arch: FixtureArch) -> Box<dyn Reference> {
+fn reference(dir: &Path, arch: FixtureArch) -> common::Reference {
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
     match arch {
         FixtureArch::Mixtral => {
             json["use_flash_attn"] = false.into();
             let cfg: mixtral::Config = serde_json::from_value(json).unwrap();
-            Box::new(RefMixtral(mixtral::Model::new(&cfg, weights(dir)).unwrap()))
+            let mut m = mixtral::Model::new(&cfg, weights(dir)).unwrap();
+            common::reference(move |x, offset| m.forward(x, offset))
         }
         FixtureArch::Llama => {
             let cfg: llama::LlamaConfig = serde_json::from_value(json).unwrap();
             let cfg = cfg.into_config(false);
-            let cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
-            Box::new(RefLlama(
-                llama::Llama::load(weights(dir), &cfg).unwrap(),
-                cache,
-            ))
+            let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+            let m = llama::Llama::load(weights(dir), &cfg).unwrap();
+            common::reference(move |x, offset| m.forward(x, offset, &mut cache))
         }
         FixtureArch::Qwen2 => {
             let cfg: qwen2::Config = serde_json::from_value(json).unwrap();
-            Box::new(RefQwen2(
-                qwen2::ModelForCausalLM::new(&cfg, weights(dir)).unwrap(),
-            ))
+            let mut m = qwen2::ModelForCausalLM::new(&cfg, weights(dir)).unwrap();
+            common::reference(move |x, offset| m.forward(x, offset))
         }
         FixtureArch::Qwen3 => {
             let cfg: qwen3::Config = serde_json::from_value(json).unwrap();
-            Box::new(RefQwen3(
-                qwen3::ModelForCausalLM::new(&cfg, weights(dir)).unwrap(),
-            ))
+            let mut m = qwen3::ModelForCausalLM::new(&cfg, weights(dir)).unwrap();
+            common::reference(move |x, offset| m.forward(x, offset))
         }
         FixtureArch::Qwen3Moe => unreachable!("GGUF only: see gguf.rs"),
     }
@@ -133,19 +68,7 @@ fn compare(arch: FixtureArch, spec: FixtureSpec) {
     let mut refm = reference(dir.path(), arch);
     let prompt: Vec<u32> = "The quick brown fox".bytes().map(u32::from).collect();
 
-    let mut cache = model.new_cache();
-    let mut a = model.forward(&prompt, &mut cache).unwrap();
-    let mut b = refm.step(&prompt, 0);
-    let (mut gen_a, mut gen_b) = (vec![], vec![]);
-    let mut worst = 0f32;
-    for i in 0..24 {
-        worst = worst.max(max_abs_diff(&a, &b));
-        let (ta, tb) = (argmax(&a), argmax(&b));
-        gen_a.push(ta);
-        gen_b.push(tb);
-        a = model.forward(&[ta], &mut cache).unwrap();
-        b = refm.step(&[tb], prompt.len() + i);
-    }
+    let (worst, gen_a, gen_b) = common::greedy_against(&model, &mut refm, &prompt, 24);
     assert!(worst < TOL, "{arch:?}: max |logit diff| {worst} >= {TOL}");
     assert_eq!(gen_a, gen_b, "{arch:?}: greedy generations differ");
     // The logits are not degenerate (a constant output would match trivially).
@@ -288,7 +211,7 @@ fn bf16_and_f16_load_and_stay_close_to_f32() {
             l.iter().all(|x| x.is_finite()),
             "{dtype:?} produced non-finite logits"
         );
-        let d = max_abs_diff(&base, &l);
+        let d = common::max_abs_diff(&base, &l);
         let scale = base.iter().map(|x| x.abs()).fold(0.0, f32::max);
         assert!(
             d < 0.1 * scale.max(1.0),

@@ -242,3 +242,56 @@ pub fn long_context_fixture() -> tempfile::TempDir {
     tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     dir
 }
+
+/// A reference model (candle-transformers) driven one call at a time: prefill, then one
+/// token per call; returns the next-token logits.
+pub type Reference = Box<dyn FnMut(&[u32], usize) -> Vec<f32>>;
+
+/// A [`Reference`] from a `forward(input of shape (1, seq), offset) -> logits` call.
+pub fn reference(
+    mut forward: impl FnMut(&candle_core::Tensor, usize) -> candle_core::Result<candle_core::Tensor>
+    + 'static,
+) -> Reference {
+    Box::new(move |tokens, offset| {
+        let input = candle_core::Tensor::new(tokens, &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = forward(&input, offset).unwrap();
+        logits.flatten_all().unwrap().to_vec1().unwrap()
+    })
+}
+
+/// The largest element-wise difference of two logit vectors of the same length.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Greedy decoding of `steps` tokens after `prompt` on our model and on the reference,
+/// each fed its own choices: the largest logit difference seen, and both generations.
+pub fn greedy_against(
+    model: &tidal_worker::model::decoder::Model,
+    reference: &mut Reference,
+    prompt: &[u32],
+    steps: usize,
+) -> (f32, Vec<u32>, Vec<u32>) {
+    use tidal_worker::serve::sampling::argmax;
+    let mut cache = model.new_cache();
+    let mut a = model.forward(prompt, &mut cache).unwrap();
+    let mut b = reference(prompt, 0);
+    let (mut gen_a, mut gen_b) = (vec![], vec![]);
+    let mut worst = 0f32;
+    for i in 0..steps {
+        worst = worst.max(max_abs_diff(&a, &b));
+        let (ta, tb) = (argmax(&a), argmax(&b));
+        gen_a.push(ta);
+        gen_b.push(tb);
+        a = model.forward(&[ta], &mut cache).unwrap();
+        b = reference(&[tb], prompt.len() + i);
+    }
+    (worst, gen_a, gen_b)
+}
