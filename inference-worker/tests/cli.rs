@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Killed, SseReader, free_port, http};
+use common::{Killed, SseReader, free_port, http, metric_value};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -81,6 +81,30 @@ async fn binary_serves_from_env_config_and_drains_on_sigterm() {
     let mut sse = SseReader::open(addr, "/v1/completions", &req).await;
     assert_eq!(sse.status, 200);
     assert!(sse.next_data().await.is_some());
+    // While it streams, the metrics vLLM exports read the same under vLLM's names, so
+    // tools that read vLLM (Inference Extension schedulers, KEDA, llm-d) work unchanged.
+    let text = String::from_utf8(http(addr, "GET", "/metrics", b"").await.body).unwrap();
+    let model = r#"model_name="tiny-moe""#;
+    assert_eq!(
+        metric_value(&text, "vllm:num_requests_running", model),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "vllm:num_requests_waiting", model),
+        Some(0.0)
+    );
+    let kv = metric_value(&text, "vllm:kv_cache_usage_perc", model).unwrap();
+    assert!(kv > 0.0 && kv < 1.0, "{kv}");
+    assert_eq!(
+        metric_value(&text, "tidal_worker_kv_cache_usage_ratio", ""),
+        Some(kv)
+    );
+    assert_eq!(
+        metric_value(&text, "vllm:time_to_first_token_seconds_count", model),
+        Some(1.0)
+    );
+    assert!(metric_value(&text, "vllm:prompt_tokens_total", model).unwrap() >= 1.0);
     let pid = child.0.id().to_string();
     let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(kill.success());

@@ -239,8 +239,19 @@ impl Engine {
                 }
             }
             self.step();
+            self.report_kv_usage(0);
         }
         tracing::info!("engine stopped");
+    }
+
+    /// KV positions held (plus `admitting`, a sequence not yet in the batch) over what
+    /// `max_batch` full-context sequences would hold.
+    fn report_kv_usage(&self, admitting: usize) {
+        let used: usize = admitting + self.running.iter().map(|s| s.cache.len()).sum::<usize>();
+        let capacity = self.max_batch * self.model.config().max_position_embeddings;
+        self.metrics
+            .kv_cache_usage
+            .set(used as f64 / capacity.max(1) as f64);
     }
 
     /// Prefills a new request and samples its first token.
@@ -275,8 +286,9 @@ impl Engine {
         } else {
             1.0
         };
-        // The gauge moves before any event is sent, so a client that has its answer
-        // never sees itself still counted as running.
+        // The gauges move before any event is sent, so a client that has its answer
+        // never sees itself still counted as running, nor its cache missing.
+        self.report_kv_usage(cache.len());
         self.metrics.running.inc();
         let mut seq = Sequence {
             cache,

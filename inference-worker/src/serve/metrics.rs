@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -58,6 +59,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub queue_depth: Gauge,
     pub running: Gauge,
+    /// KV positions held by the running sequences over what the worker can hold
+    /// (`max_batch` sequences of the full context), 0 to 1.
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
     pub ready: Gauge,
     pub ttft: Histogram,
     pub tpot: Histogram,
@@ -84,12 +88,24 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// [`Metrics::new`] plus the same values under the names vLLM exports, labelled with
+    /// `model_name`, which Gateway API Inference Extension schedulers, KEDA scalers and
+    /// llm-d's autoscaler read (see METRICS.md).
+    pub fn for_model(model_name: &str) -> Self {
+        Self::build(Some(model_name))
+    }
+
+    fn build(vllm_model_name: Option<&str>) -> Self {
         let mut registry = Registry::default();
         let shards = crate::disagg::metrics::ShardMetrics::default();
         shards.register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         let queue_depth = Gauge::default();
         let running = Gauge::default();
+        let kv_cache_usage = Gauge::<f64, AtomicU64>::default();
         let ready = Gauge::default();
         let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let tpot = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
@@ -117,6 +133,11 @@ impl Metrics {
             "tidal_worker_running_requests",
             "Requests in the running batch",
             running.clone(),
+        );
+        registry.register(
+            "tidal_worker_kv_cache_usage_ratio",
+            "KV positions held by running sequences over the worker's capacity (max batch x context)",
+            kv_cache_usage.clone(),
         );
         registry.register(
             "tidal_worker_ready",
@@ -168,6 +189,54 @@ impl Metrics {
             "Escalations the cloud endpoint could not take, by reason and outcome",
             escalation_unavailable.clone(),
         );
+        if let Some(model) = vllm_model_name {
+            let vllm = registry.sub_registry_with_label((
+                std::borrow::Cow::Borrowed("model_name"),
+                std::borrow::Cow::Owned(model.to_string()),
+            ));
+            vllm.register(
+                "vllm:num_requests_running",
+                "Requests in the running batch (tidal_worker_running_requests)",
+                running.clone(),
+            );
+            vllm.register(
+                "vllm:num_requests_waiting",
+                "Requests waiting to join the batch (tidal_worker_queue_depth)",
+                queue_depth.clone(),
+            );
+            for name in ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"] {
+                vllm.register(
+                    name,
+                    "KV cache usage, 0 to 1 (tidal_worker_kv_cache_usage_ratio)",
+                    kv_cache_usage.clone(),
+                );
+            }
+            vllm.register(
+                "vllm:time_to_first_token_seconds",
+                "Time to first token (tidal_worker_time_to_first_token_seconds)",
+                ttft.clone(),
+            );
+            for name in [
+                "vllm:inter_token_latency_seconds",
+                "vllm:time_per_output_token_seconds",
+            ] {
+                vllm.register(
+                    name,
+                    "Time between output tokens (tidal_worker_time_per_output_token_seconds)",
+                    tpot.clone(),
+                );
+            }
+            vllm.register(
+                "vllm:prompt_tokens",
+                "Prompt tokens processed (tidal_worker_prompt_tokens)",
+                prompt_tokens.clone(),
+            );
+            vllm.register(
+                "vllm:generation_tokens",
+                "Tokens generated (tidal_worker_generated_tokens)",
+                generated_tokens.clone(),
+            );
+        }
         for reason in [
             EscalationReason::LowConfidence,
             EscalationReason::Overloaded,
@@ -182,6 +251,7 @@ impl Metrics {
             requests,
             queue_depth,
             running,
+            kv_cache_usage,
             ready,
             ttft,
             tpot,

@@ -35,7 +35,7 @@ pub async fn serve(
     let dtype = crate::model::decoder::parse_dtype(&args.dtype)?;
     let (listener, addr) = lifecycle::bind(args.listen).await?;
     tracing::info!(%addr, "listening");
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::for_model(&args.model_name()));
     let state = AppState::new(
         ServerConfig {
             model_name: args.model_name(),
