@@ -78,12 +78,7 @@ impl Model {
             let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
             return Self::load_with(cfg, Source::Safetensors(vb), placement);
         }
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
+        let files = crate::model::weights::files_with_extension(dir, "safetensors")?;
         if files.is_empty() {
             return Err(Error::Unsupported(format!(
                 "no *.safetensors files in {}",

@@ -96,12 +96,7 @@ impl std::fmt::Debug for GgufFile {
 
 /// The one `*.gguf` file a model directory holds, if any.
 pub fn find_in_dir(dir: &Path) -> Result<Option<PathBuf>> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-        .collect();
-    found.sort();
+    let mut found = crate::model::weights::files_with_extension(dir, "gguf")?;
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.pop()),
@@ -177,39 +172,37 @@ impl GgufFile {
             .transpose()
     }
 
-    /// Strings of an array-valued metadata key (e.g. the vocabulary).
-    pub fn strings_of(&self, key: &str) -> Result<Vec<&str>> {
-        let v = self.required(key)?;
-        let items = v
-            .to_vec()
-            .map_err(|e| self.bad(format!("metadata {key}: {e}")))?;
-        items
+    /// The elements of array-valued metadata `key`, each through `convert`.
+    fn array_of<'a, T>(
+        &'a self,
+        v: &'a Value,
+        key: &str,
+        convert: impl Fn(&'a Value) -> candle_core::Result<T>,
+    ) -> Result<Vec<T>> {
+        let bad = |e: candle_core::Error| self.bad(format!("metadata {key}: {e}"));
+        v.to_vec()
+            .map_err(bad)?
             .iter()
-            .map(|i| {
-                i.to_string()
-                    .map(String::as_str)
-                    .map_err(|e| self.bad(format!("metadata {key}: {e}")))
-            })
+            .map(|i| convert(i).map_err(bad))
             .collect()
     }
 
-    /// Integers of an array-valued metadata key (e.g. token types).
+    /// Strings of an array-valued metadata key (e.g. the vocabulary).
+    pub fn strings_of(&self, key: &str) -> Result<Vec<&str>> {
+        let v = self.required(key)?;
+        self.array_of(v, key, |i| i.to_string().map(String::as_str))
+    }
+
+    /// Integers of an array-valued metadata key (e.g. token types); none when absent.
     pub fn ints_of(&self, key: &str) -> Result<Vec<i64>> {
         let Some(v) = self.metadata(key) else {
             return Ok(vec![]);
         };
-        let items = v
-            .to_vec()
-            .map_err(|e| self.bad(format!("metadata {key}: {e}")))?;
-        items
-            .iter()
-            .map(|i| {
-                i.to_i32()
-                    .map(i64::from)
-                    .or_else(|_| i.to_u32().map(i64::from))
-                    .map_err(|e| self.bad(format!("metadata {key}: {e}")))
-            })
-            .collect()
+        self.array_of(v, key, |i| {
+            i.to_i32()
+                .map(i64::from)
+                .or_else(|_| i.to_u32().map(i64::from))
+        })
     }
 
     /// The model configuration from the `{arch}.*` metadata.

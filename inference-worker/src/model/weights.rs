@@ -29,6 +29,17 @@ struct Located {
     len: u64,
 }
 
+/// The files in `dir` whose extension is `ext`, sorted by path.
+pub fn files_with_extension(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// The tensor index of a checkpoint directory.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -52,12 +63,7 @@ fn dtype_of(name: &str) -> Option<DType> {
 impl Checkpoint {
     /// Reads the headers of every `*.safetensors` file in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
+        let files = files_with_extension(dir, "safetensors")?;
         if files.is_empty() {
             return Err(Error::Unsupported(format!(
                 "no *.safetensors files in {}",
