@@ -1,7 +1,7 @@
 //! Expert disaggregation: a `router` (in process) with `expert` shards (spawned
 //! `tidal-worker serve --role expert` processes on 127.0.0.1) against the `full`
 //! role on the same checkpoint: same logits, same greedy tokens, no failed request
-//! when a replica dies or the placement plan changes under load.
+//! when a replica dies or hangs, or the placement plan changes under load.
 
 mod common;
 
@@ -488,6 +488,172 @@ async fn killing_a_replica_under_load_fails_no_request() {
     assert!(r.status >= 500, "status {}", r.status);
     let body = String::from_utf8_lossy(&r.body);
     assert!(body.contains("expert shard 0 unavailable"), "{body}");
+}
+
+/// A TCP balancer in front of a shard's replicas, like a Service's ClusterIP: each new
+/// connection goes to the next backend not marked dead. Marking a backend dead ("its pod
+/// crashed") cuts its open connections as soon as the router sends on them, so the request
+/// in flight fails, as on a real crash.
+struct Balancer {
+    addr: SocketAddr,
+    dead: Arc<Vec<AtomicBool>>,
+}
+
+impl Balancer {
+    async fn start(backends: Vec<SocketAddr>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dead: Arc<Vec<AtomicBool>> =
+            Arc::new(backends.iter().map(|_| AtomicBool::new(false)).collect());
+        let state = dead.clone();
+        tokio::spawn(async move {
+            let mut next = 0;
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let n = backends.len();
+                let Some(b) = (0..n)
+                    .map(|i| (next + i) % n)
+                    .find(|&b| !state[b].load(Ordering::SeqCst))
+                else {
+                    continue;
+                };
+                next = b + 1;
+                let (target, dead) = (backends[b], state.clone());
+                tokio::spawn(async move {
+                    let Ok(backend) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut br, mut bw) = backend.into_split();
+                    let up = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 || dead[b].load(Ordering::SeqCst) {
+                                return;
+                            }
+                            if bw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let down = tokio::io::copy(&mut br, &mut cw);
+                    // Whichever side ends first, both sockets close.
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        Self { addr, dead }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_behind_one_balancing_address_survives_its_pod_crashing() {
+    let dir = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), work.path()).await;
+    let want = expected(dir.path(), 8).await;
+    // Shard 0's two replicas behind one address: the router sees a single replica, its one
+    // HTTP/2 connection reaching replica 0.
+    let lb = Balancer::start(cluster.procs[&0].iter().map(|p| p.addr).collect()).await;
+    let urls = |s: usize| cluster.procs[&s].iter().map(ShardProc::url).collect();
+    write_plan(
+        &cluster.plan,
+        1,
+        &[
+            (0, vec![0, 1], vec![format!("http://{}", lb.addr)], true),
+            (1, vec![2, 3, 0], urls(1), false),
+            (2, vec![4, 5], urls(2), false),
+        ],
+    );
+    let metrics = Arc::new(Metrics::new());
+    let client = start_client(&cluster.plan, metrics.clone()).await;
+    assert_eq!(client.replicas()[&0], vec![lb.addr.to_string()]);
+    let router = load_router(dir.path(), client).await;
+    let addr = serve(router, metrics.clone()).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(addr, 6, 8, stop.clone()));
+    for _ in 0..400 {
+        if metrics.generated_tokens.get() >= 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    lb.dead[0].store(true, Ordering::SeqCst);
+    keep_loading(&metrics, metrics.generated_tokens.get(), 150, &stop).await;
+    let results = running.await.unwrap();
+    // The layer call cut off was retried on a new connection, which reached replica 1.
+    check_all_ok(&results, &want);
+    let text = metrics.encode();
+    assert!(
+        counter_sum(&text, "tidal_worker_shard_retries_total") >= 1.0,
+        "no retry recorded: {text}"
+    );
+    assert!(
+        counter_sum(
+            &cluster.metrics(0, 1).await,
+            "tidal_worker_expert_tokens_total"
+        ) > 0.0,
+        "replica 1 never served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_hangs_is_left_through_keepalive_pings() {
+    let dir = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), work.path()).await;
+    let want = expected(dir.path(), 8).await;
+    let metrics = Arc::new(Metrics::new());
+    // Calls wait for an answer far longer than the load waits for progress: only a missed
+    // PING can get them off the frozen replica in time.
+    let cfg = ClientConfig {
+        poll_every: Duration::from_millis(200),
+        attempt_timeout: Duration::from_secs(600),
+        keepalive_interval: Duration::from_millis(500),
+        keepalive_timeout: Duration::from_secs(1),
+        ..ClientConfig::default()
+    };
+    let client = ShardClient::start(&cluster.plan, cfg, metrics.clone())
+        .await
+        .unwrap();
+    let router = load_router(dir.path(), client).await;
+    let addr = serve(router, metrics.clone()).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(addr, 6, 8, stop.clone()));
+    for _ in 0..400 {
+        if metrics.generated_tokens.get() >= 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Freeze replica 0 of shard 0: its socket still accepts, nothing answers.
+    let frozen = cluster.procs[&0][0].child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &frozen])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {frozen}");
+    };
+    signal("-STOP");
+    keep_loading(&metrics, metrics.generated_tokens.get(), 150, &stop).await;
+    let results = running.await.unwrap();
+    signal("-CONT");
+    check_all_ok(&results, &want);
+    assert!(
+        counter_sum(&metrics.encode(), "tidal_worker_shard_retries_total") >= 1.0,
+        "no retry recorded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

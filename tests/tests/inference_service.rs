@@ -1,6 +1,7 @@
 //! The InferenceService controller against the real control plane: examples produce their
 //! children, scale works, invalid specs are reported without touching children, unchanged
-//! objects are not rewritten, and deleting a service garbage-collects its children.
+//! objects are not rewritten, a shard Service with a ClusterIP is replaced by a headless one,
+//! and deleting a service garbage-collects its children.
 
 use std::collections::BTreeMap;
 
@@ -347,5 +348,63 @@ async fn moe_shards_prune_and_invalid_specs_leave_children_alone_and_restart_wri
         before,
         "children left alone"
     );
+
+    // An older operator made shard Services with a ClusterIP. spec.clusterIP cannot change, so
+    // the operator replaces such a Service with a headless one (the router then balances
+    // over the shard's pods itself).
+    api.patch(
+        "mixtral",
+        &pp,
+        &Patch::Merge(json!({"spec": {"model": {"numExperts": 8}}})),
+    )
+    .await
+    .unwrap();
+    op.stop().await;
+    let svcs = ctx.api::<Service>();
+    let cluster_ip = |s: &Service| s.spec.as_ref().and_then(|s| s.cluster_ip.clone());
+    let headless = svcs.get("mixtral-experts-1").await.unwrap();
+    assert_eq!(cluster_ip(&headless).as_deref(), Some("None"));
+    svcs.delete("mixtral-experts-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let old = Service {
+        metadata: kube::api::ObjectMeta {
+            name: headless.metadata.name.clone(),
+            labels: headless.metadata.labels.clone(),
+            annotations: headless.metadata.annotations.clone(),
+            owner_references: headless.metadata.owner_references.clone(),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+            selector: headless.spec.as_ref().and_then(|s| s.selector.clone()),
+            ports: headless.spec.as_ref().and_then(|s| s.ports.clone()),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let old = eventually("the old-style Service created", CONVERGE, || async {
+        svcs.create(&PostParams::default(), &old)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    let old_ip = cluster_ip(&old).expect("an address");
+    assert_ne!(old_ip, "None");
+    let op = RunningOperator::start(&ctx);
+    eventually(
+        "shard Service replaced by a headless one",
+        CONVERGE,
+        || async {
+            let s = svcs
+                .get("mixtral-experts-1")
+                .await
+                .map_err(|e| e.to_string())?;
+            match cluster_ip(&s).as_deref() {
+                Some("None") if s.uid() != old.uid() => Ok(()),
+                other => Err(format!("clusterIP {other:?}")),
+            }
+        },
+    )
+    .await;
     op.stop().await;
 }

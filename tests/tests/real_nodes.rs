@@ -607,8 +607,8 @@ async fn real_node_expert_shard_pod_killed_under_load_fails_no_request() {
     .await;
 
     // Load through the router's Service; midway one pod of shard 0 dies without notice (no
-    // grace period: a crash, not a drain). The router retries its layer calls on the other
-    // replica, so no request fails; the ReplicaSet replaces the pod.
+    // grace period: a crash, not a drain). The router retries the layer calls cut off on the
+    // other replica, so no request fails; the ReplicaSet replaces the pod.
     let svc = ctx
         .api::<Service>()
         .get(&format!("{name}-router"))
@@ -624,7 +624,28 @@ async fn real_node_expert_shard_pod_killed_under_load_fails_no_request() {
         stop.clone(),
     );
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let victim = ready_pods(&ctx, &ns, &shard0).await[0].0.clone();
+    // The shard's Service is headless: the router balances over both pods itself (behind a
+    // ClusterIP its one HTTP/2 connection would hold on to a single pod).
+    let pods = ready_pods(&ctx, &ns, &shard0).await;
+    for (pod, _) in &pods {
+        let base = base_of_pod(&ctx, pod).await.expect("shard pod address");
+        let text = tidal_e2e::processes::http_client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("shard metrics")
+            .text()
+            .await
+            .expect("shard metrics body");
+        let tokens: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("tidal_worker_expert_tokens_total"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum();
+        assert!(tokens > 0.0, "shard pod {pod} got no tokens: {pods:?}");
+    }
+    let victim = pods[0].0.clone();
     ctx.api::<Pod>()
         .delete(&victim, &DeleteParams::default().grace_period(0))
         .await

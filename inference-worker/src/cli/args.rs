@@ -89,6 +89,23 @@ pub struct ServeArgs {
     /// This expert shard's index in the placement plan (expert role).
     #[arg(long, env = "TIDAL_SHARD")]
     pub shard: Option<usize>,
+    /// Router role: limit for one layer call on one shard replica before it is retried
+    /// on another.
+    #[arg(long, env = "TIDAL_SHARD_ATTEMPT_TIMEOUT_SECONDS", default_value_t = 30.0,
+          value_parser = positive_seconds)]
+    pub shard_attempt_timeout_seconds: f64,
+    /// Router role: HTTP/2 PING period on shard connections; a replica that misses a PING
+    /// for twice this long is treated as dead and its calls retried elsewhere.
+    #[arg(long, env = "TIDAL_SHARD_KEEPALIVE_SECONDS", default_value_t = 5.0,
+          value_parser = positive_seconds)]
+    pub shard_keepalive_seconds: f64,
+}
+
+fn positive_seconds(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -104,6 +121,17 @@ pub struct GenFixtureArgs {
 }
 
 impl ServeArgs {
+    /// The router role's shard client settings.
+    pub fn shard_client(&self) -> crate::disagg::shard_client::ClientConfig {
+        let keepalive = Duration::from_secs_f64(self.shard_keepalive_seconds);
+        crate::disagg::shard_client::ClientConfig {
+            attempt_timeout: Duration::from_secs_f64(self.shard_attempt_timeout_seconds),
+            keepalive_interval: keepalive,
+            keepalive_timeout: keepalive * 2,
+            ..Default::default()
+        }
+    }
+
     pub fn model_name(&self) -> String {
         self.served_model_name.clone().unwrap_or_else(|| {
             let trimmed = self.model.trim_end_matches('/');

@@ -3,15 +3,17 @@
 //! their answers.
 //!
 //! - One persistent HTTP/2 (prior knowledge, h2c) connection per replica,
-//!   multiplexing every concurrent layer message; reconnects on demand.
+//!   multiplexing every concurrent layer message; reconnects on demand. PINGs find a
+//!   replica that hangs (accepts, never answers) in seconds.
 //! - Per layer, one message per shard holding the tokens routed to its experts
 //!   ([`crate::disagg::wire`]); all shards are called concurrently. An expert listed by
 //!   several shards has its tokens split across them round-robin by the token's
 //!   order among that expert's tokens (deterministic, and every expert's output for
 //!   a row is bitwise independent of the split).
 //! - Replicas of a shard are balanced round-robin; a connection error, timeout or
-//!   5xx marks the replica down for a moment and retries on the next one. When
-//!   every replica fails, the forward pass fails with an error naming the shard.
+//!   5xx marks the replica down for a moment (doubling while it keeps failing) and
+//!   retries on the next one; a shard with a single address is tried twice, on a new
+//!   connection. When every attempt fails, the forward pass fails naming the shard.
 //! - The plan file is polled every second and re-resolved (DNS for shards given by
 //!   `endpoint`) every few seconds; a new routing table is swapped in atomically and
 //!   each layer call finishes on the table it started with (if that fails and the
@@ -32,7 +34,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
@@ -49,6 +51,12 @@ pub struct ClientConfig {
     pub poll_every: Duration,
     /// DNS re-resolution period (shards without explicit `endpoints`).
     pub resolve_every: Duration,
+    /// HTTP/2 PING period on every connection. A replica that accepts but never answers
+    /// (hung, frozen, its node partitioned) fails its calls after one missed PING instead
+    /// of at `attempt_timeout`.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -59,6 +67,8 @@ impl Default for ClientConfig {
             down_for: Duration::from_secs(2),
             poll_every: Duration::from_secs(1),
             resolve_every: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -69,7 +79,14 @@ struct Replica {
     addr: String,
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
     down_until: Mutex<Option<Instant>>,
+    /// Failures in a row: each doubles how long the replica is skipped (up to
+    /// [`MAX_DOWN_FOR`]), so a dead pod still listed by DNS (up to the record's TTL)
+    /// costs a connect attempt only now and then.
+    failures: AtomicU32,
 }
+
+/// The longest a failing replica is skipped.
+const MAX_DOWN_FOR: Duration = Duration::from_secs(30);
 
 impl Replica {
     fn new(addr: String) -> Arc<Self> {
@@ -77,6 +94,7 @@ impl Replica {
             addr,
             conn: tokio::sync::Mutex::new(None),
             down_until: Mutex::new(None),
+            failures: AtomicU32::new(0),
         })
     }
 
@@ -87,15 +105,19 @@ impl Replica {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    fn mark_down(&self, for_: Duration) {
+    fn mark_down(&self, base: Duration) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(5);
+        let for_ = (base * (1 << n)).min(MAX_DOWN_FOR.max(base));
         *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + for_);
     }
 
     fn mark_up(&self) {
+        self.failures.store(0, Ordering::Relaxed);
         *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    async fn sender(&self, connect_timeout: Duration) -> Result<SendRequest<Full<Bytes>>> {
+    async fn sender(&self, cfg: &ClientConfig) -> Result<SendRequest<Full<Bytes>>> {
+        let connect_timeout = cfg.connect_timeout;
         let mut slot = self.conn.lock().await;
         if let Some(s) = slot.as_ref()
             && !s.is_closed()
@@ -119,6 +141,10 @@ impl Replica {
                 .initial_stream_window_size(8 << 20)
                 .initial_connection_window_size(32 << 20)
                 .max_frame_size(1 << 20)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(cfg.keepalive_interval)
+                .keep_alive_timeout(cfg.keepalive_timeout)
+                .keep_alive_while_idle(true)
                 .handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(|source| Error::Handshake {
@@ -220,7 +246,13 @@ async fn resolve_pools(plan: &Plan, old: Option<&Routing>) -> BTreeMap<usize, Ar
                             addrs.extend(found);
                         }
                         Err(e) => {
-                            tracing::warn!(shard = spec.shard, endpoint = %url, error = %e, "cannot resolve expert shard endpoint")
+                            // A failed lookup (DNS restarting; no Ready pod behind a headless
+                            // Service) keeps the addresses known for this same endpoint.
+                            let last = old.and_then(|o| o.last_addresses(spec.shard, &url));
+                            tracing::warn!(shard = spec.shard, endpoint = %url, error = %e,
+                                kept = last.as_ref().map_or(0, Vec::len),
+                                "cannot resolve expert shard endpoint");
+                            addrs.extend(last.unwrap_or_default());
                         }
                     },
                     Err(e) => tracing::warn!(shard = spec.shard, error = %e, "bad endpoint"),
@@ -244,6 +276,19 @@ async fn resolve_pools(plan: &Plan, old: Option<&Routing>) -> BTreeMap<usize, Ar
         );
     }
     pools
+}
+
+impl Routing {
+    /// The addresses `shard` had when it was reached through `endpoint` (DNS).
+    fn last_addresses(&self, shard: usize, endpoint: &str) -> Option<Vec<String>> {
+        let same = self.plan.shards.iter().any(|s| {
+            s.shard == shard
+                && s.endpoint.as_deref() == Some(endpoint)
+                && s.endpoints.as_ref().is_none_or(Vec::is_empty)
+        });
+        let pool = self.pools.get(&shard).filter(|_| same)?;
+        Some(pool.replicas.iter().map(|r| r.addr.clone()).collect())
+    }
 }
 
 fn routing_for(plan: Arc<Plan>, pools: BTreeMap<usize, Arc<Pool>>) -> Routing {
@@ -376,7 +421,7 @@ impl ShardClient {
         };
         let work = async {
             let mut sender = replica
-                .sender(self.cfg.connect_timeout)
+                .sender(&self.cfg)
                 .await
                 .map_err(|e| retry(e.to_string()))?;
             if let Err(e) = sender.ready().await {
@@ -450,6 +495,11 @@ impl ShardClient {
         let mut order: Vec<&Arc<Replica>> =
             (0..n).map(|i| &pool.replicas[(start + i) % n]).collect();
         order.sort_by_key(|r| r.is_down());
+        // One address may stand for several pods (a ClusterIP, a load balancer): a second
+        // attempt on a new connection may reach a live one.
+        if n == 1 {
+            order.push(order[0]);
+        }
         let mut errors = vec![];
         for (i, replica) in order.into_iter().enumerate() {
             if i > 0 {
@@ -602,4 +652,79 @@ pub fn load_router(
         model: Arc::new(model),
         codec: Arc::new(codec),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn down_for(r: &Replica) -> Duration {
+        let until = r.down_until.lock().unwrap().expect("marked down");
+        until.saturating_duration_since(Instant::now())
+    }
+
+    #[tokio::test]
+    async fn a_failed_lookup_keeps_the_last_addresses_of_the_same_endpoint() {
+        use crate::disagg::placement::ShardSpec;
+        let plan = |endpoint: &str| {
+            Arc::new(Plan {
+                version: 1,
+                num_experts: 1,
+                shards: vec![ShardSpec {
+                    shard: 0,
+                    experts: vec![0],
+                    endpoint: Some(endpoint.into()),
+                    endpoints: None,
+                    replicas: None,
+                    held: vec![],
+                }],
+            })
+        };
+        let addrs = |p: &BTreeMap<usize, Arc<Pool>>| -> Vec<String> {
+            p[&0].replicas.iter().map(|r| r.addr.clone()).collect()
+        };
+        // A NUL byte makes the lookup fail at once, without asking any DNS server.
+        let url = "http://shard\0-0:8080";
+        let pool = Pool {
+            shard: 0,
+            replicas: vec![Replica::new("198.18.0.7:8080".into())],
+            next: AtomicUsize::new(0),
+        };
+        let old = routing_for(plan(url), BTreeMap::from([(0, Arc::new(pool))]));
+        let pools = resolve_pools(&plan(url), Some(&old)).await;
+        assert_eq!(addrs(&pools), ["198.18.0.7:8080"]);
+        // The same replica (its connection and health) is carried over.
+        assert!(Arc::ptr_eq(
+            &pools[&0].replicas[0],
+            &old.pools[&0].replicas[0]
+        ));
+        // A shard now reached through another endpoint keeps nothing.
+        let pools = resolve_pools(&plan("http://other\0:8080"), Some(&old)).await;
+        assert!(addrs(&pools).is_empty());
+        // Nor does a first resolution.
+        assert!(addrs(&resolve_pools(&plan(url), None).await).is_empty());
+    }
+
+    #[test]
+    fn a_replica_failing_again_is_skipped_longer_up_to_a_cap() {
+        let r = Replica::new("127.0.0.1:1".into());
+        let base = Duration::from_secs(2);
+        let mut last = Duration::ZERO;
+        for _ in 0..4 {
+            r.mark_down(base);
+            let d = down_for(&r);
+            assert!(d > last, "{d:?} after {last:?}");
+            last = d;
+        }
+        for _ in 0..10 {
+            r.mark_down(base);
+        }
+        assert!(down_for(&r) <= MAX_DOWN_FOR);
+        assert!(down_for(&r) > MAX_DOWN_FOR / 2);
+        // One success and the next failure is short again.
+        r.mark_up();
+        assert!(!r.is_down());
+        r.mark_down(base);
+        assert!(down_for(&r) <= base);
+    }
 }

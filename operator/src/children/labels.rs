@@ -16,6 +16,8 @@ pub const LABEL_EDGE_NODE: &str = "tidal.rs/edge-node";
 pub const FIELD_MANAGER: &str = "tidal-operator";
 /// Container port of the worker's HTTP API and metrics.
 pub const WORKER_PORT: i32 = 8080;
+/// `spec.clusterIP` of a headless Service.
+pub const HEADLESS: &str = "None";
 
 /// Kubernetes names of Services are DNS-1035 labels: at most 63 characters.
 pub const MAX_NAME_LEN: usize = 63;
@@ -34,6 +36,11 @@ pub enum ChildKind {
 }
 
 impl ChildKind {
+    /// Whether this kind's Service is headless (`clusterIP: None`).
+    pub fn is_headless(&self) -> bool {
+        matches!(self, ChildKind::ExpertShard(_))
+    }
+
     pub fn name(&self, service: &str) -> String {
         match self {
             ChildKind::Cloud => format!("{service}-cloud"),

@@ -13,7 +13,7 @@ pub use labels::*;
 pub use placement::*;
 pub use selection::matches as selector_matches;
 pub use status::*;
-pub use workload::{MODEL_MOUNT, WorkerArgs, oci_model_reference};
+pub use workload::{MODEL_MOUNT, WorkerArgs, oci_model_reference, service_needs_replacing};
 
 use std::collections::BTreeMap;
 

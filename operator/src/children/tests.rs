@@ -200,6 +200,42 @@ fn moe_example_builds_router_shards_and_placement() {
         "1"
     );
     assert_eq!(shard.experts, vec![1, 5]);
+    // Shard Services are headless (the router balances over the pods); the router's is not.
+    let cluster_ip = |w: &Workload| {
+        w.service
+            .as_ref()
+            .unwrap()
+            .spec
+            .as_ref()
+            .unwrap()
+            .cluster_ip
+            .clone()
+    };
+    assert_eq!(cluster_ip(shard).as_deref(), Some(HEADLESS));
+    assert_eq!(cluster_ip(router), None);
+}
+
+#[test]
+fn a_service_changing_its_cluster_ip_kind_is_replaced() {
+    use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+    let svc = |ip: Option<&str>| Service {
+        spec: Some(ServiceSpec {
+            cluster_ip: ip.map(str::to_string),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (headless, unset) = (svc(Some(HEADLESS)), svc(None));
+    // A shard Service made by an older operator with an address must go first.
+    assert!(service_needs_replacing(
+        &headless,
+        &svc(Some("198.19.0.12"))
+    ));
+    assert!(service_needs_replacing(&unset, &headless));
+    assert!(!service_needs_replacing(&headless, &headless));
+    assert!(!service_needs_replacing(&unset, &svc(Some("198.19.0.12"))));
+    // Not yet allocated (or not a live object): nothing to replace.
+    assert!(!service_needs_replacing(&headless, &unset));
 }
 
 #[test]

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::labels::{ChildKind, WORKER_PORT};
+use super::labels::{ChildKind, HEADLESS, WORKER_PORT};
 use super::placement::PlacementPlan;
 use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec};
 
@@ -342,6 +342,11 @@ pub(super) fn service(base: &Base, kind: &ChildKind) -> Service {
     Service {
         metadata: meta(base, kind.name(base.service), kind.labels(base.service)),
         spec: Some(ServiceSpec {
+            // A shard's Service is headless: its DNS name resolves to the Ready pods, which
+            // the router balances and fails over between itself. Behind a ClusterIP its one
+            // long-lived HTTP/2 connection would stick to one pod (the others idle) and a
+            // crash of that pod would fail the layer calls in flight with nowhere to retry.
+            cluster_ip: kind.is_headless().then(|| HEADLESS.to_string()),
             selector: Some(kind.selector_labels(base.service)),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
@@ -354,6 +359,22 @@ pub(super) fn service(base: &Base, kind: &ChildKind) -> Service {
         }),
         status: None,
     }
+}
+
+/// Whether `live` must be deleted before `desired` can be applied: `spec.clusterIP` cannot
+/// change, so a Service turning headless (or back) is replaced. Its DNS name stays; clients
+/// re-resolve it.
+pub fn service_needs_replacing(desired: &Service, live: &Service) -> bool {
+    let headless =
+        |s: &Service| s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some(HEADLESS);
+    let has_ip = |s: &Service| {
+        s.spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.as_deref())
+            .is_some_and(|ip| !ip.is_empty())
+    };
+    // A live Service always has an address or "None"; one not yet allocated never conflicts.
+    has_ip(live) && headless(desired) != headless(live)
 }
 
 pub(super) fn placement_config_map(base: &Base, name: &str, plan: &PlacementPlan) -> ConfigMap {

@@ -266,12 +266,37 @@ async fn apply_children(children: &Children, ns: &str, state: &State) -> Result<
             continue;
         }
         if let Some(svc) = &w.service {
+            replace_if_immutable(&svcs, svc, ns, state).await?;
             apply(&svcs, svc, &state.services, state).await?;
         }
         let applied = apply(&deps, &w.deployment, &state.deployments, state).await?;
         observed.insert(applied.name_any(), replica_counts(&applied));
     }
     Ok(observed)
+}
+
+/// Deletes the live Service when `desired` changes an immutable field of it (a shard Service
+/// created by an older operator with a ClusterIP, now headless), so the apply can recreate it.
+async fn replace_if_immutable(
+    svcs: &Api<Service>,
+    desired: &Service,
+    ns: &str,
+    state: &State,
+) -> Result<()> {
+    let name = desired.name_any();
+    let Some(live) = state.services.get(&ObjectRef::new(&name).within(ns)) else {
+        return Ok(());
+    };
+    if !children::service_needs_replacing(desired, &live) {
+        return Ok(());
+    }
+    info!(%name, "replacing Service: spec.clusterIP cannot change in place");
+    match svcs.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => state.ctx.metrics.write(CONTROLLER, "delete"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
 }
 
 /// A Deployment's (replicas, ready replicas) as its status reports them.

@@ -56,7 +56,7 @@ pub async fn serve(
         Some(p) => Some(
             crate::disagg::shard_client::ShardClient::start(
                 &p,
-                Default::default(),
+                args.shard_client(),
                 metrics.clone(),
             )
             .await?,
