@@ -334,6 +334,54 @@ async fn router_with_shards_matches_full_logits_and_greedy_tokens() {
     assert!(text.contains("tidal_worker_shard_request_seconds_bucket"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_and_shards_serve_a_gguf_checkpoint_as_the_full_role_does() {
+    use tidal_worker::model::gguf_fixture::{self, Quant};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = FixtureSpec {
+        experts: EXPERTS,
+        layers: 3,
+        seed: 11,
+        ..FixtureSpec::default()
+    };
+    // Stacked expert tensors (as llama.cpp writes Mixtral today), quantized.
+    let file = gguf_fixture::write(&spec, Quant::Q8_0, dir.path()).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    let work = tempfile::tempdir().unwrap();
+    // The shards are given the file itself, the router its directory.
+    let cluster = Cluster::start(&file, work.path()).await;
+    let metrics = Arc::new(Metrics::new());
+    let client = start_client(&cluster.plan, metrics.clone()).await;
+    let router = load_router(dir.path(), client).await;
+    let full = tidal_worker::model::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
+    // The router keeps its weights quantized as the full role does, less the experts'
+    // (3 projections each, in every layer).
+    let ((rq, rd), (fq, fd)) = (
+        router.model.projection_kinds(),
+        full.model.projection_kinds(),
+    );
+    assert!(rq > 0);
+    assert_eq!((fq - rq, fd), (EXPERTS * 3 * 3, rd));
+    let (rm, fm) = (router.model.clone(), full.model.clone());
+    let ((r_logits, r_tokens), (f_logits, f_tokens)) =
+        tokio::task::spawn_blocking(move || (run(&rm, 12), run(&fm, 12)))
+            .await
+            .unwrap();
+    assert_eq!(r_tokens, f_tokens, "greedy tokens differ");
+    let max_diff = r_logits
+        .iter()
+        .zip(&f_logits)
+        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    assert!(max_diff <= 1e-4, "logits differ by up to {max_diff}");
+    // The text side comes from the file's metadata on the router too.
+    let addr = serve(router, metrics.clone()).await;
+    let r = post_json(addr, "/v1/completions", &request(0)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let text = cluster.metrics(0, 0).await + &cluster.metrics(0, 1).await;
+    assert!(counter_sum(&text, "tidal_worker_expert_tokens_total") > 0.0);
+}
+
 /// An in-process router HTTP server on 127.0.0.1.
 async fn serve(loaded: Loaded, metrics: Arc<Metrics>) -> SocketAddr {
     let state = AppState::new(common::server_config(), metrics.clone());

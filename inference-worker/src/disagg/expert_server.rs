@@ -12,7 +12,9 @@
 use crate::disagg::placement::{Plan, PlanFile};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+use crate::model::gguf::GgufFile;
 use crate::model::moe::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
+use crate::model::source::Source;
 use crate::model::weights::Checkpoint;
 use crate::serve::lifecycle;
 use crate::serve::metrics::Metrics;
@@ -43,11 +45,18 @@ struct Slot {
     last_used: AtomicU64,
 }
 
+/// Where expert weights come from.
+enum Weights {
+    Safetensors(Checkpoint),
+    /// Kept quantized, as the `full` role keeps them.
+    Gguf(Arc<GgufFile>),
+}
+
 /// The experts this shard holds, and what it needs to load more.
 pub struct ExpertShard {
     cfg: ModelConfig,
     dtype: DType,
-    checkpoint: Checkpoint,
+    weights: Weights,
     shard: usize,
     experts: RwLock<HashMap<usize, Arc<Slot>>>,
     assigned: RwLock<Vec<usize>>,
@@ -60,25 +69,35 @@ pub struct ExpertShard {
 }
 
 impl ExpertShard {
-    /// Reads the checkpoint's config and index (no weights yet).
+    /// Reads the checkpoint's config and index, or a GGUF file's header (no weights yet).
+    /// GGUF experts compute in f32 on their quantized weights, whatever `dtype` says.
     pub fn open(
         dir: &Path,
         dtype: DType,
         shard: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (cfg, weights, dtype) = match crate::model::loader::gguf_path(dir)? {
+            Some(path) => {
+                let file = GgufFile::open(&path)?;
+                (file.config()?, Weights::Gguf(Arc::new(file)), DType::F32)
+            }
+            None => (
+                ModelConfig::from_file(&dir.join("config.json"))?,
+                Weights::Safetensors(Checkpoint::open(dir)?),
+                dtype,
+            ),
+        };
         if !cfg.is_moe() {
             return Err(Error::Unsupported(
                 "the expert role needs a MoE (Mixtral-family) model".into(),
             ));
         }
-        let checkpoint = Checkpoint::open(dir)?;
         Ok(Arc::new(Self {
             counts: Arc::new(ExpertCounts::new(cfg.num_hidden_layers, cfg.num_experts)),
             cfg,
             dtype,
-            checkpoint,
+            weights,
             shard,
             experts: RwLock::new(HashMap::new()),
             assigned: RwLock::new(vec![]),
@@ -154,34 +173,52 @@ impl ExpertShard {
             });
         }
         let layers = self.cfg.num_hidden_layers;
-        let prefixes: HashSet<String> = todo
-            .iter()
-            .flat_map(|&e| (0..layers).map(move |l| expert_prefix(l, e)))
-            .collect();
-        let tensors = self.checkpoint.load_where(|name| {
-            name.rsplitn(3, '.')
-                .nth(2)
-                .is_some_and(|p| prefixes.contains(p))
-        })?;
-        let vb = VarBuilder::from_tensors(tensors, self.dtype, &Device::Cpu);
-        let mut loaded = vec![];
-        for &e in &todo {
-            let ffns = (0..layers)
-                .map(|l| {
-                    ExpertFfn::load(
-                        &self.cfg,
-                        crate::model::source::Source::Safetensors(vb.pp(expert_prefix(l, e))),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            loaded.push((
-                e,
-                Arc::new(Slot {
-                    layers: ffns,
-                    last_used: AtomicU64::new(self.now_secs()),
-                }),
-            ));
+        let mut ffns: Vec<Vec<ExpertFfn>> = todo.iter().map(|_| vec![]).collect();
+        match &self.weights {
+            Weights::Safetensors(checkpoint) => {
+                let prefixes: HashSet<String> = todo
+                    .iter()
+                    .flat_map(|&e| (0..layers).map(move |l| expert_prefix(l, e)))
+                    .collect();
+                let tensors = checkpoint.load_where(|name| {
+                    name.rsplitn(3, '.')
+                        .nth(2)
+                        .is_some_and(|p| prefixes.contains(p))
+                })?;
+                let vb = VarBuilder::from_tensors(tensors, self.dtype, &Device::Cpu);
+                for l in 0..layers {
+                    for (i, &e) in todo.iter().enumerate() {
+                        let src = Source::Safetensors(vb.pp(expert_prefix(l, e)));
+                        ffns[i].push(ExpertFfn::load(&self.cfg, src)?);
+                    }
+                }
+            }
+            Weights::Gguf(file) => {
+                // Layer by layer: the file caches one layer's stacked expert tensors.
+                let loaded = (|| {
+                    for l in 0..layers {
+                        for (i, &e) in todo.iter().enumerate() {
+                            let src = Source::gguf(file.clone()).pp(expert_prefix(l, e));
+                            ffns[i].push(ExpertFfn::load(&self.cfg, src)?);
+                        }
+                    }
+                    Ok::<_, Error>(())
+                })();
+                file.release();
+                loaded?;
+            }
         }
+        let loaded: Vec<(usize, Arc<Slot>)> = todo
+            .iter()
+            .zip(ffns)
+            .map(|(&e, layers)| {
+                let slot = Slot {
+                    layers,
+                    last_used: AtomicU64::new(self.now_secs()),
+                };
+                (e, Arc::new(slot))
+            })
+            .collect();
         self.experts
             .write()
             .unwrap_or_else(|e| e.into_inner())

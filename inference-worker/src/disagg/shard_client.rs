@@ -24,6 +24,7 @@ use crate::disagg::placement::{Plan, PlanFile, authority};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Model;
+use crate::model::gguf::GgufFile;
 use crate::model::loader::Loaded;
 use crate::model::moe::{ExpertPlacement, RemoteExperts, Routes};
 use crate::serve::metrics::Metrics;
@@ -610,8 +611,8 @@ impl RemoteExperts for ShardClient {
     }
 }
 
-/// Loads a MoE checkpoint as the `router` role: everything but the expert FFNs,
-/// which `client`'s shards serve. Warms up with one token, waiting (up to
+/// Loads a MoE checkpoint (safetensors or GGUF) as the `router` role: everything but the
+/// expert FFNs, which `client`'s shards serve. Warms up with one token, waiting (up to
 /// `warmup_for`) for the shards to answer, so readiness means the shards are
 /// reachable. Call outside the runtime's worker threads (e.g. `spawn_blocking`).
 pub fn load_router(
@@ -621,16 +622,32 @@ pub fn load_router(
     warmup_for: Duration,
 ) -> Result<Loaded> {
     let dir = crate::model::hub::resolve(source)?;
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let gguf = match crate::model::loader::gguf_path(&dir)? {
+        Some(path) => Some(Arc::new(GgufFile::open(&path)?)),
+        None => None,
+    };
+    let cfg = match &gguf {
+        Some(file) => file.config()?,
+        None => ModelConfig::from_file(&dir.join("config.json"))?,
+    };
     if !cfg.is_moe() {
         return Err(Error::Unsupported(
             "the router role needs a MoE (Mixtral-family) model".into(),
         ));
     }
     client.bind_model(cfg.num_experts)?;
-    let codec = TextCodec::load(&dir, &cfg.eos_token_ids)?;
     let warm_token = cfg.bos_token_id.unwrap_or(0);
-    let model = Model::load_dir_with(&dir, cfg, dtype, ExpertPlacement::Remote(client.clone()))?;
+    let remote = ExpertPlacement::Remote(client.clone());
+    let (model, codec) = match gguf {
+        Some(file) => (
+            Model::load_gguf(file.clone(), remote)?,
+            crate::model::loader::gguf_codec(&file, &cfg)?,
+        ),
+        None => (
+            Model::load_dir_with(&dir, cfg.clone(), dtype, remote)?,
+            TextCodec::load(&dir, &cfg.eos_token_ids)?,
+        ),
+    };
     let started = Instant::now();
     let mut logged = false;
     loop {

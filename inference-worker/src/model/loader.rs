@@ -49,22 +49,26 @@ pub fn load_dir(dir: &Path, dtype: DType) -> Result<Loaded> {
 /// it when there is one, else rebuilt from the file's metadata.
 pub fn load_gguf(path: &Path) -> Result<Loaded> {
     let file = Arc::new(GgufFile::open(path)?);
-    let cfg = file.config()?;
-    let beside = path.parent().unwrap_or(Path::new("."));
-    let codec = if beside.join("tokenizer.json").exists() {
-        TextCodec::load(beside, &cfg.eos_token_ids)?
-    } else {
-        let v = crate::model::gguf_vocab::vocab(&file)?;
-        TextCodec::from_parts(
-            v.tokenizer,
-            v.chat_template,
-            v.bos_token,
-            v.eos_token,
-            &cfg.eos_token_ids,
-        )?
-    };
+    let codec = gguf_codec(&file, &file.config()?)?;
     let model = Model::load_gguf(file, ExpertPlacement::Local)?;
     warm(model, codec, path)
+}
+
+/// A GGUF model's text codec: the `tokenizer.json` beside the file when there is one, else
+/// the vocabulary in its metadata.
+pub fn gguf_codec(file: &GgufFile, cfg: &ModelConfig) -> Result<TextCodec> {
+    let beside = file.path().parent().unwrap_or(Path::new("."));
+    if beside.join("tokenizer.json").exists() {
+        return TextCodec::load(beside, &cfg.eos_token_ids);
+    }
+    let v = crate::model::gguf_vocab::vocab(file)?;
+    TextCodec::from_parts(
+        v.tokenizer,
+        v.chat_template,
+        v.bos_token,
+        v.eos_token,
+        &cfg.eos_token_ids,
+    )
 }
 
 fn warm(model: Model, codec: TextCodec, dir: &Path) -> Result<Loaded> {
