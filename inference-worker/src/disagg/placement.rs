@@ -60,6 +60,15 @@ impl Plan {
     }
 
     fn validate(&self) -> Result<()> {
+        // Expert ids travel as u16 on the wire (one value marks an empty slot); a larger
+        // count is a corrupt plan, and would size per-expert tables by it.
+        let max = usize::from(crate::disagg::wire::EMPTY_SLOT);
+        if self.num_experts == 0 || self.num_experts > max {
+            return Err(Error::InvalidPlan(format!(
+                "numExperts {} is outside 1..={max}",
+                self.num_experts
+            )));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.shards {
             if !seen.insert(s.shard) {
