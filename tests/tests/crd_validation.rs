@@ -198,6 +198,24 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
             "spec.model: Required value",
         ),
         (
+            "API keys Secret with a bad name",
+            tis(with(
+                base(),
+                &["auth"],
+                json!({"apiKeySecret": {"name": "My Keys"}}),
+            )),
+            "name must be a Secret name",
+        ),
+        (
+            "API keys Secret key with a slash",
+            tis(with(
+                base(),
+                &["auth"],
+                json!({"apiKeySecret": {"name": "keys", "key": "a/b"}}),
+            )),
+            "key must consist of alphanumerics",
+        ),
+        (
             "edge node with nodeName and nodeSelector",
             edge_node(
                 "both",
@@ -239,6 +257,15 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     create(&ctx.client, &ctx.namespace, &tis(base()))
         .await
         .expect("base spec is valid");
+    let mut keyed = tis(with(
+        base(),
+        &["auth"],
+        json!({"apiKeySecret": {"name": "llm-api-keys", "key": "keys.txt"}}),
+    ));
+    keyed.metadata.name = Some("keyed".into());
+    create(&ctx.client, &ctx.namespace, &keyed)
+        .await
+        .expect("an API keys Secret reference is valid");
     // OCI model artifacts by tag or by digest are valid model URIs.
     for (i, uri) in [
         "oci://127.0.0.1:25000/tidal-rs/models/smollm2:0.1.2",

@@ -340,14 +340,29 @@ async fn real_node_helm_installed_operator_serves_an_oci_model_through_its_servi
         })
     })
     .await;
+    // With the scale, API keys from a Secret: the kubelet mounts it into the new pods (read
+    // by the worker's non-root user through fsGroup) and the OpenAI API then needs a key.
+    let key = "sk-real-node-0123456789";
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "chat-keys"},
+        "stringData": {"api-keys": format!("{key}\n")},
+    }))
+    .unwrap();
+    ctx.api::<k8s_openapi::api::core::v1::Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the API keys Secret");
     ctx.api::<InferenceService>()
         .patch(
             name,
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"cloud": {"minReplicas": 2, "maxReplicas": 2}}})),
+            &Patch::Merge(
+                json!({"spec": {"cloud": {"minReplicas": 2, "maxReplicas": 2},
+                                          "auth": {"apiKeySecret": {"name": "chat-keys"}}}}),
+            ),
         )
         .await
-        .expect("scale the InferenceService");
+        .expect("scale the InferenceService and require keys");
     eventually("the new leader applies the change", START, || async {
         let d = ctx
             .api::<Deployment>()
@@ -357,6 +372,30 @@ async fn real_node_helm_installed_operator_serves_an_oci_model_through_its_servi
         match d.spec.and_then(|s| s.replicas) {
             Some(2) => Ok(()),
             r => Err(format!("replicas {r:?}")),
+        }
+    })
+    .await;
+
+    let models = format!("http://{ip}:8080/v1/models");
+    eventually("the workers require the API key", START, || async {
+        let status = |key: Option<&'static str>| {
+            let mut req = tidal_e2e::processes::http_client()
+                .get(&models)
+                .timeout(Duration::from_secs(10));
+            if let Some(k) = key {
+                req = req.bearer_auth(k);
+            }
+            async move {
+                req.send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        // Both through the Service, so every pod behind it has been replaced.
+        match (status(None).await?, status(Some(key)).await?) {
+            (401, 200) => Ok(()),
+            other => Err(format!("without, with the key: {other:?}")),
         }
     })
     .await;

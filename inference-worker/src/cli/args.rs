@@ -86,6 +86,11 @@ pub struct ServeArgs {
     /// when it changes.
     #[arg(long, env = "TIDAL_PLACEMENT_FILE")]
     pub placement_file: Option<PathBuf>,
+    /// Require `Authorization: Bearer <key>` on the OpenAI endpoints, the keys being the
+    /// lines of this file (a mounted Secret; re-read when it changes). Health, readiness
+    /// and metrics stay open. An edge worker presents the first key to its cloud.
+    #[arg(long, env = "TIDAL_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// This expert shard's index in the placement plan (expert role).
     #[arg(long, env = "TIDAL_SHARD")]
     pub shard: Option<usize>,

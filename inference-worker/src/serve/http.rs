@@ -3,6 +3,7 @@
 
 use crate::model::decoder::Model;
 use crate::serve::api::{ApiError, ChatRequest, Checked, CompletionRequest, Limits, parse_json};
+use crate::serve::auth::ApiKeys;
 use crate::serve::engine::{EngineHandle, GenRequest};
 use crate::serve::escalation::cloud::{Escalator, Forwarded, cloud_unavailable_error};
 use crate::serve::escalation::continuation::Continuation;
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     pub retry_after_secs: u64,
     /// Set on an edge worker: where and when to escalate requests.
     pub escalation: Option<EscalationConfig>,
+    /// When set, `/v1/*` requires one of these keys (see [`crate::serve::auth`]).
+    pub api_keys: Option<Arc<ApiKeys>>,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +49,7 @@ impl Default for ServerConfig {
             body_limit: 1 << 20,
             retry_after_secs: 1,
             escalation: None,
+            api_keys: None,
         }
     }
 }
@@ -70,7 +74,8 @@ impl AppState {
     /// Panics when `config.escalation` is invalid; check it first with [`Escalator::new`].
     pub fn new(config: ServerConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         let escalator = config.escalation.clone().map(|c| {
-            Arc::new(Escalator::new(c, metrics.clone()).expect("a valid escalation config"))
+            let e = Escalator::new(c, metrics.clone()).expect("a valid escalation config");
+            Arc::new(e.with_api_keys(config.api_keys.clone()))
         });
         Arc::new(Self {
             escalator,
@@ -143,6 +148,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(state.config.body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            require_api_key,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             count_requests,
         ))
         .with_state(state)
@@ -158,6 +167,17 @@ async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Nex
         st.metrics.record_request(&endpoint, resp.status().as_u16());
     }
     resp
+}
+
+/// `/v1/*` needs a key when the worker has keys; probes and metrics never do.
+async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(keys) = &st.config.api_keys
+        && req.uri().path().starts_with("/v1/")
+        && let Err(e) = keys.check(req.headers())
+    {
+        return e.into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found() -> ApiError {

@@ -2,6 +2,7 @@
 //! every role shares).
 
 pub mod api;
+pub mod auth;
 pub mod engine;
 pub mod escalation;
 pub mod http;

@@ -212,6 +212,7 @@ pub fn desired_children(
         owner: &owner,
         image: spec.image.as_deref().unwrap_or(&cfg.worker_image),
         served_name: spec.model.served_name.as_deref().unwrap_or(&name),
+        api_keys: spec.auth.as_ref().map(|a| &a.api_key_secret),
     };
 
     let mut workloads = Vec::new();

@@ -216,6 +216,55 @@ fn moe_example_builds_router_shards_and_placement() {
 }
 
 #[test]
+fn api_keys_reach_every_openai_serving_worker_and_no_expert_shard() {
+    let (mut svcs, _) = load_example("moe-experts.yaml");
+    let tis = &mut svcs[0];
+    tis.spec.auth = Some(crate::crd::AuthSpec {
+        api_key_secret: crate::crd::SecretKeyRef {
+            name: "mixtral-keys".into(),
+            key: None,
+        },
+    });
+    let c = desired_children(tis, &[], &BuildConfig::default()).unwrap();
+    for w in &c.workloads {
+        let pod = w.pod_spec();
+        let vol = pod.volumes.iter().flatten().find(|v| v.name == "api-keys");
+        let mounted = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "api-keys" && m.read_only == Some(true));
+        if matches!(w.kind, ChildKind::ExpertShard(_)) {
+            assert!(vol.is_none() && !mounted, "{:?}", w.kind);
+            assert_eq!(env_of(w, "TIDAL_API_KEYS_FILE"), None);
+            continue;
+        }
+        let secret = vol
+            .and_then(|v| v.secret.as_ref())
+            .expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("mixtral-keys"));
+        let item = &secret.items.as_ref().unwrap()[0];
+        assert_eq!(
+            (item.key.as_str(), item.path.as_str()),
+            ("api-keys", "api-keys")
+        );
+        assert!(mounted, "{:?}", w.kind);
+        assert_eq!(
+            env_of(w, "TIDAL_API_KEYS_FILE").as_deref(),
+            Some("/etc/tidal/auth/api-keys")
+        );
+    }
+    // Without auth, no worker gets keys.
+    tis.spec.auth = None;
+    let c = desired_children(tis, &[], &BuildConfig::default()).unwrap();
+    assert!(
+        c.workloads
+            .iter()
+            .all(|w| env_of(w, "TIDAL_API_KEYS_FILE").is_none())
+    );
+}
+
+#[test]
 fn a_service_changing_its_cluster_ip_kind_is_replaced() {
     use k8s_openapi::api::core::v1::{Service, ServiceSpec};
     let svc = |ip: Option<&str>| Service {

@@ -7,17 +7,17 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource, Lifecycle, LifecycleHandler,
+    EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource, KeyToPath, Lifecycle, LifecycleHandler,
     ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Toleration,
-    Volume, VolumeMount,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    SleepAction, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::labels::{ChildKind, HEADLESS, WORKER_PORT};
 use super::placement::PlacementPlan;
-use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec};
+use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec, SecretKeyRef};
 
 /// Where the placement ConfigMap is mounted in router and expert pods.
 pub const PLACEMENT_DIR: &str = "/etc/tidal/placement";
@@ -34,6 +34,8 @@ pub(super) struct Base<'a> {
     pub owner: &'a OwnerReference,
     pub image: &'a str,
     pub served_name: &'a str,
+    /// The Secret key holding the API keys the OpenAI endpoints require, if any.
+    pub api_keys: Option<&'a SecretKeyRef>,
 }
 
 /// The worker's command line and environment (the contract with `tidal-worker serve`).
@@ -44,6 +46,10 @@ pub struct WorkerArgs {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
 }
+
+/// Where the API keys Secret is mounted, and the file in it the worker reads.
+pub const AUTH_DIR: &str = "/etc/tidal/auth";
+pub const API_KEYS_FILE: &str = "api-keys";
 
 /// Where an `oci://` model is mounted in the worker (an image volume, read-only).
 pub const MODEL_MOUNT: &str = "/models/model";
@@ -138,6 +144,8 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
 }
 
 fn volume(name: &str, mount: &str, source: Volume) -> (Volume, VolumeMount) {
+    // Only scratch (emptyDir) is writable: plan, model and keys are read-only.
+    let read_only = source.empty_dir.is_none();
     (
         Volume {
             name: name.into(),
@@ -146,7 +154,7 @@ fn volume(name: &str, mount: &str, source: Volume) -> (Volume, VolumeMount) {
         VolumeMount {
             name: name.into(),
             mount_path: mount.into(),
-            read_only: Some(name == "placement" || name == "model"),
+            read_only: Some(read_only),
             ..Default::default()
         },
     )
@@ -209,6 +217,30 @@ pub(super) fn deployment(
             },
         ));
     }
+    // Workers that serve the OpenAI API (not expert shards) require the service's keys.
+    let api_keys = base
+        .api_keys
+        .filter(|_| !matches!(kind, ChildKind::ExpertShard(_)));
+    if let Some(secret) = api_keys {
+        vols.push(volume(
+            "api-keys",
+            AUTH_DIR,
+            Volume {
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.name.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: secret.key().into(),
+                        path: API_KEYS_FILE.into(),
+                        ..Default::default()
+                    }]),
+                    // Only the worker's user reads it.
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ));
+    }
     let (volumes, mounts): (Vec<_>, Vec<_>) = vols.into_iter().unzip();
     let mut env = vec![
         EnvVar {
@@ -233,6 +265,13 @@ pub(super) fn deployment(
             ..Default::default()
         },
     ];
+    if api_keys.is_some() {
+        env.push(EnvVar {
+            name: "TIDAL_API_KEYS_FILE".into(),
+            value: Some(format!("{AUTH_DIR}/{API_KEYS_FILE}")),
+            ..Default::default()
+        });
+    }
     env.extend(args.env.into_iter().map(|(name, value)| EnvVar {
         name,
         value: Some(value),

@@ -89,6 +89,44 @@ pub struct InferenceServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.size() > 0").message("image must not be empty"))]
     pub image: Option<String>,
+    /// Require an API key (`Authorization: Bearer <key>`) on the OpenAI endpoints of every
+    /// tier. Health, readiness and metrics stay open for probes and Prometheus. Omit to
+    /// serve without keys (inside a trusted network only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+}
+
+/// API-key authentication of the workers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// The Secret (in the service's namespace) holding the accepted keys, one per line.
+    /// Mounted into the workers, never read by the operator; a rotated Secret applies
+    /// without a restart. Edge workers present the first key to the cloud tier.
+    pub api_key_secret: SecretKeyRef,
+}
+
+/// A key of a Secret in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && self.size() <= 253")
+        .message("name must be a Secret name (lowercase DNS subdomain)"))]
+    pub name: String,
+    /// The key within the Secret; `api-keys` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$') && self.size() <= 253")
+        .message("key must consist of alphanumerics, '-', '_' or '.'"))]
+    pub key: Option<String>,
+}
+
+impl SecretKeyRef {
+    pub const DEFAULT_KEY: &'static str = "api-keys";
+
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(Self::DEFAULT_KEY)
+    }
 }
 
 /// What to serve.

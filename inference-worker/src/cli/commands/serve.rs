@@ -4,6 +4,7 @@
 
 use crate::cli::args::{Role, ServeArgs};
 use crate::error::{Error, Result};
+use crate::serve::auth::ApiKeys;
 use crate::serve::engine::EngineConfig;
 use crate::serve::http::{AppState, Served, ServerConfig};
 use crate::serve::lifecycle;
@@ -42,6 +43,10 @@ pub async fn serve(
             max_tokens: args.max_tokens,
             body_limit: args.max_body_bytes,
             escalation: args.escalation.to_config()?,
+            api_keys: match &args.api_keys_file {
+                Some(path) => Some(Arc::new(ApiKeys::open(path)?)),
+                None => None,
+            },
             ..ServerConfig::default()
         },
         metrics.clone(),

@@ -3,6 +3,7 @@
 //! into engine-style events.
 
 use crate::serve::api::{ApiError, Checked};
+use crate::serve::auth::ApiKeys;
 use crate::serve::engine::{EscalationMark, Event, FinishReason};
 use crate::serve::escalation::{ESCALATED_FROM_HEADER, EscalationConfig, OnCloudUnavailable};
 use crate::serve::metrics::{EscalationReason, Metrics};
@@ -21,6 +22,8 @@ pub struct Escalator {
     client: reqwest::Client,
     model: tokio::sync::OnceCell<String>,
     metrics: Arc<Metrics>,
+    /// This worker's keys: the cloud tier of the same service requires the same ones.
+    api_keys: Option<Arc<ApiKeys>>,
 }
 
 /// Why the cloud could not take a request.
@@ -50,7 +53,21 @@ impl Escalator {
             client,
             model: tokio::sync::OnceCell::new(),
             metrics,
+            api_keys: None,
         })
+    }
+
+    /// Presents this worker's own API key to the cloud.
+    pub fn with_api_keys(mut self, keys: Option<Arc<ApiKeys>>) -> Self {
+        self.api_keys = keys;
+        self
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_keys {
+            Some(k) => req.bearer_auth(k.own_key()),
+            None => req,
+        }
     }
 
     pub(super) fn count(&self, reason: EscalationReason) {
@@ -75,8 +92,7 @@ impl Escalator {
                 let url = format!("{}/v1/models", self.base);
                 let resp = tokio::time::timeout(
                     self.config.read_timeout,
-                    self.client
-                        .get(&url)
+                    self.authorized(self.client.get(&url))
                         .header(ESCALATED_FROM_HEADER, "edge")
                         .send(),
                 )
@@ -113,8 +129,7 @@ impl Escalator {
         body["stream_options"] = json!({"include_usage": true});
         let url = format!("{}{path}", self.base);
         let send = self
-            .client
-            .post(&url)
+            .authorized(self.client.post(&url))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(ESCALATED_FROM_HEADER, "edge")
             .body(body.to_string())
