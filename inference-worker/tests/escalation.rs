@@ -664,3 +664,107 @@ async fn the_binary_reads_the_operators_escalation_environment() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A cloud whose completions stream writes `chunks` pieces of text and then dies (the
+/// connection is cut, no `[DONE]`): a cloud pod killed mid-answer.
+async fn cloud_dying_mid_stream(chunks: &'static [&'static str]) -> String {
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route(
+            "/v1/models",
+            get(|| async { axum::Json(json!({"object": "list", "data": [{"id": "cloud"}]})) }),
+        )
+        .route(
+            "/v1/completions",
+            post(move || async move {
+                let parts: Vec<Result<axum::body::Bytes, std::io::Error>> = chunks
+                    .iter()
+                    .map(|t| {
+                        let ev =
+                            json!({"choices": [{"index": 0, "text": t, "finish_reason": null}]});
+                        Ok(format!("data: {ev}\n\n").into())
+                    })
+                    .collect();
+                // The text goes out (the server flushes while the body is pending), then
+                // the connection is cut.
+                let death = futures::stream::once(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Err(std::io::Error::other("the cloud pod died"))
+                });
+                let body = futures::StreamExt::chain(futures::stream::iter(parts), death);
+                axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(axum::body::Body::from_stream(body))
+                    .unwrap()
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_dying_mid_stream_is_finished_locally_or_reported() {
+    const CLOUD: [&str; 2] = [" CLOUD-ONE", " CLOUD-TWO"];
+    let cloud = cloud_dying_mid_stream(&CLOUD).await;
+    let max_tokens = 16;
+    let req = completion("Hello", max_tokens);
+
+    // serve-locally: the answer goes on here from everything written, edge's and cloud's.
+    let edge_srv = edge(edge_config(
+        cloud.clone(),
+        1.0,
+        OnCloudUnavailable::ServeLocally,
+    ))
+    .await;
+    let r = post_json(edge_srv.addr, "/v1/completions", &req).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    let text = text_of(&v);
+    let cloud_text = CLOUD.concat();
+    let at = text
+        .find(&cloud_text)
+        .unwrap_or_else(|| panic!("the cloud's text is kept: {text:?} {v}"));
+    assert!(at > 0, "the edge's own text comes first: {text:?}");
+    assert!(
+        text.len() > at + cloud_text.len(),
+        "the edge went on after the cloud died: {text:?}"
+    );
+    // Every token is counted once: edge + cloud (a token per chunk) + local = max_tokens.
+    assert_eq!(v["usage"]["completion_tokens"], max_tokens, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+
+    let (stream_text, _) = stream(&edge_srv, "/v1/completions", req.clone()).await;
+    assert!(stream_text.contains(&cloud_text), "{stream_text:?}");
+    let m = metrics(&edge_srv).await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "tidal_worker_escalation_cloud_unavailable_total",
+            "reason=\"low_confidence\",outcome=\"finished_locally\""
+        ),
+        Some(2.0),
+        "{m}"
+    );
+
+    // fail: the stream ends with a clear error event rather than hanging.
+    let strict = edge(edge_config(cloud, 1.0, OnCloudUnavailable::Fail)).await;
+    let mut sreq = req;
+    sreq["stream"] = true.into();
+    let sse = SseReader::open(strict.addr, "/v1/completions", &sreq).await;
+    assert_eq!(sse.status, 200);
+    let events = sse.collect().await;
+    let error = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|e| e.get("error").is_some())
+        .unwrap_or_else(|| panic!("no error event: {events:?}"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stream broke"),
+        "{error}"
+    );
+}

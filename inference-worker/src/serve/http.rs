@@ -328,6 +328,7 @@ async fn start(
                 (Some(e), Some(_)) => Some(Arc::new(Continuation {
                     escalator: e.clone(),
                     engine: served.engine.clone(),
+                    codec: served.codec.clone(),
                     prompt_text: job.prompt_text.clone(),
                     prompt_ids: job.prompt_ids.clone(),
                     max_tokens,

@@ -292,7 +292,7 @@ impl Metrics {
             .observe(secs);
     }
 
-    /// `outcome`: `served_locally`, `failed` or `rejected` (429: overloaded and not
+    /// `outcome`: `served_locally`, `finished_locally`, `failed` or `rejected` (429: overloaded and not
     /// allowed to fail).
     pub fn escalation_unavailable(&self, reason: EscalationReason, outcome: &str) {
         self.escalation_unavailable

@@ -182,7 +182,10 @@ impl Escalator {
                         prompt_tokens: None,
                         edge_completion_tokens: 0,
                     };
-                    pump.run(resp, &tx).await;
+                    // A forwarded request has no local state to go on from.
+                    if let PumpEnd::Broke { why, .. } = pump.run(resp, &tx).await {
+                        let _ = tx.send(Event::Error(why));
+                    }
                 });
                 Ok(rx)
             }
@@ -254,6 +257,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// How a cloud stream ended.
+pub(super) enum PumpEnd {
+    /// The final event (`Done`) was sent, or the client left.
+    Finished,
+    /// The stream broke mid-way (connection lost, an error event, no end): nothing final was
+    /// sent. `text` is all the cloud produced (some still held back in `scanner`), in
+    /// `chunks` chunks of at least one token each.
+    Broke {
+        why: String,
+        text: String,
+        chunks: usize,
+        scanner: StopMatcher,
+    },
+}
+
 /// Turns the cloud's SSE stream into events.
 pub(super) struct Pump<'a> {
     pub(super) escalator: &'a Escalator,
@@ -266,10 +284,16 @@ pub(super) struct Pump<'a> {
 }
 
 impl Pump<'_> {
-    pub(super) async fn run(mut self, mut resp: reqwest::Response, tx: &UnboundedSender<Event>) {
+    /// Pumps the stream and sends the final event, or says how the stream broke.
+    pub(super) async fn run(
+        mut self,
+        mut resp: reqwest::Response,
+        tx: &UnboundedSender<Event>,
+    ) -> PumpEnd {
         let mut buf: Vec<u8> = vec![];
         let mut first = true;
         let mut chunks = 0usize;
+        let mut received = String::new();
         let mut usage: Option<(usize, usize)> = None;
         let mut finish: Option<FinishReason> = None;
         let mut cut = false;
@@ -278,17 +302,14 @@ impl Pump<'_> {
             if tx.is_closed() {
                 // The client left; dropping `resp` closes the connection and the cloud
                 // cancels its generation.
-                return;
+                return PumpEnd::Finished;
             }
             let bytes = match resp.chunk().await {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(Event::Error(format!(
-                        "the cloud's stream broke: {}",
-                        error_chain(&e)
-                    )));
-                    return;
+                    let why = format!("the cloud's stream broke: {}", error_chain(&e));
+                    return self.broke(why, received, chunks);
                 }
             };
             buf.extend_from_slice(&bytes);
@@ -304,15 +325,13 @@ impl Pump<'_> {
                     break;
                 }
                 let Ok(v) = serde_json::from_str::<Value>(data) else {
-                    let _ = tx.send(Event::Error(format!(
-                        "the cloud sent an unreadable stream event: {data}"
-                    )));
-                    return;
+                    let why = format!("the cloud sent an unreadable stream event: {data}");
+                    return self.broke(why, received, chunks);
                 };
                 if let Some(err) = v.get("error") {
                     let msg = err["message"].as_str().unwrap_or("unknown error");
-                    let _ = tx.send(Event::Error(format!("the cloud failed: {msg}")));
-                    return;
+                    let why = format!("the cloud failed: {msg}");
+                    return self.broke(why, received, chunks);
                 }
                 if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                     usage = Some((
@@ -327,6 +346,7 @@ impl Pump<'_> {
                     .unwrap_or("");
                 if !text.is_empty() {
                     chunks += 1;
+                    received.push_str(text);
                     if first {
                         first = false;
                         self.observe_latency();
@@ -353,10 +373,8 @@ impl Pump<'_> {
         }
         if !cut {
             if !done && finish.is_none() {
-                let _ = tx.send(Event::Error(
-                    "the cloud's stream ended before the generation did".into(),
-                ));
-                return;
+                let why = "the cloud's stream ended before the generation did".to_string();
+                return self.broke(why, received, chunks);
             }
             let rest = self.scanner.flush();
             if !rest.is_empty() {
@@ -377,6 +395,17 @@ impl Pump<'_> {
             prompt_tokens,
             completion_tokens: self.edge_completion_tokens + cloud_completion,
         });
+        PumpEnd::Finished
+    }
+
+    fn broke(self, why: String, text: String, chunks: usize) -> PumpEnd {
+        tracing::warn!(reason = self.reason.as_str(), chunks, "{why}");
+        PumpEnd::Broke {
+            why,
+            text,
+            chunks,
+            scanner: self.scanner,
+        }
     }
 
     fn observe_latency(&self) {

@@ -6,9 +6,10 @@ use crate::serve::engine::{
     EngineHandle, EscalationMark, Event, FinishReason, GenRequest, Handoff,
 };
 use crate::serve::escalation::OnCloudUnavailable;
-use crate::serve::escalation::cloud::{Escalator, Pump, sampling_fields};
+use crate::serve::escalation::cloud::{Escalator, Pump, PumpEnd, sampling_fields};
 use crate::serve::metrics::EscalationReason;
 use crate::serve::stop::StopMatcher;
+use crate::serve::text::TextCodec;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +19,8 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 pub struct Continuation {
     pub escalator: Arc<Escalator>,
     pub engine: EngineHandle,
+    /// To re-tokenize what the cloud wrote when this worker must finish the request.
+    pub codec: Arc<TextCodec>,
     /// The prompt exactly as the edge tokenized it (chat template applied).
     pub prompt_text: String,
     pub prompt_ids: Vec<u32>,
@@ -73,7 +76,43 @@ impl Continuation {
                     prompt_tokens: Some(h.prompt_tokens),
                     edge_completion_tokens: h.completion_tokens,
                 };
-                pump.run(resp, &tx).await;
+                let PumpEnd::Broke {
+                    why,
+                    text,
+                    chunks,
+                    scanner,
+                } = pump.run(resp, &tx).await
+                else {
+                    return;
+                };
+                // The cloud died mid-stream. The client already has part of the answer:
+                // finish it here if the policy allows, from everything written so far.
+                match esc.config.on_cloud_unavailable {
+                    OnCloudUnavailable::Fail => {
+                        esc.unavailable(reason, "failed", &why);
+                        let _ = tx.send(Event::Error(why));
+                    }
+                    OnCloudUnavailable::ServeLocally => {
+                        esc.unavailable(reason, "finished_locally", &why);
+                        let so_far = format!("{}{}{text}", self.prompt_text, h.text);
+                        let ids = match self.codec.encode(&so_far) {
+                            Ok(ids) => ids,
+                            Err(e) => {
+                                let _ =
+                                    tx.send(Event::Error(format!("{why}; going on locally: {e}")));
+                                return;
+                            }
+                        };
+                        let done = h.completion_tokens + chunks;
+                        let local = Local {
+                            ids,
+                            prompt_tokens: h.prompt_tokens,
+                            done_tokens: done,
+                            remaining: self.max_tokens.saturating_sub(done).max(1),
+                        };
+                        self.serve_locally(local, scanner, &tx).await;
+                    }
+                }
             }
             Err(e) => match esc.config.on_cloud_unavailable {
                 OnCloudUnavailable::Fail => {
@@ -86,22 +125,34 @@ impl Continuation {
                         reason: reason.as_str(),
                         by_cloud: false,
                     }));
-                    self.serve_locally(h, remaining, scanner, &tx).await;
+                    let mut ids = self.prompt_ids.clone();
+                    ids.extend_from_slice(&h.ids);
+                    let local = Local {
+                        ids,
+                        prompt_tokens: h.prompt_tokens,
+                        done_tokens: h.completion_tokens,
+                        remaining,
+                    };
+                    self.serve_locally(local, scanner, &tx).await;
                 }
             },
         }
     }
 
-    /// Goes on generating on this worker: prompt + the edge's own tokens, no more checks.
+    /// Goes on generating on this worker from `local.ids` (the prompt and everything
+    /// generated so far), no more confidence checks.
     async fn serve_locally(
         &self,
-        h: Handoff,
-        remaining: usize,
+        local: Local,
         mut scanner: StopMatcher,
         tx: &UnboundedSender<Event>,
     ) {
-        let mut ids = self.prompt_ids.clone();
-        ids.extend_from_slice(&h.ids);
+        let Local {
+            ids,
+            prompt_tokens,
+            done_tokens,
+            remaining,
+        } = local;
         let req = GenRequest {
             prompt_ids: ids,
             max_tokens: remaining,
@@ -134,8 +185,8 @@ impl Continuation {
                         // from at least one token.
                         let _ = tx.send(Event::Done {
                             finish: FinishReason::Stop,
-                            prompt_tokens: h.prompt_tokens,
-                            completion_tokens: h.completion_tokens + deltas,
+                            prompt_tokens,
+                            completion_tokens: done_tokens + deltas,
                         });
                         return;
                     }
@@ -151,8 +202,8 @@ impl Continuation {
                     }
                     let _ = tx.send(Event::Done {
                         finish,
-                        prompt_tokens: h.prompt_tokens,
-                        completion_tokens: h.completion_tokens + completion_tokens,
+                        prompt_tokens,
+                        completion_tokens: done_tokens + completion_tokens,
                     });
                     return;
                 }
@@ -167,4 +218,15 @@ impl Continuation {
         }
         let _ = tx.send(Event::Error("the engine dropped the request".into()));
     }
+}
+
+/// Where a local continuation starts.
+struct Local {
+    /// Prompt and generated tokens so far.
+    ids: Vec<u32>,
+    /// The original prompt's tokens (for usage).
+    prompt_tokens: usize,
+    /// Completion tokens already produced (edge and cloud).
+    done_tokens: usize,
+    remaining: usize,
 }

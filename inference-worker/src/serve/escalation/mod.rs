@@ -16,7 +16,11 @@
 //! When the cloud cannot be reached (connection error, timeout, or a non-2xx answer before
 //! any text), `--on-cloud-unavailable` decides: `serve-locally` continues the request on this
 //! worker (for an overloaded worker that means the usual 429) and marks the response;
-//! `fail` answers a 503 `cloud_unavailable` error.
+//! `fail` answers a 503 `cloud_unavailable` error. When the cloud's stream of a continued
+//! request breaks after it has written part of the answer (its pod died, the connection was
+//! cut), `serve-locally` finishes the request on this worker from everything written so far
+//! (the prompt, the edge's text and the cloud's), in the same response; `fail` ends it with
+//! an error event.
 
 pub mod cloud;
 pub mod continuation;
