@@ -59,10 +59,14 @@ for m in smollm2-135m smollm2-moe; do
 done
 
 step "4/6 helm install, an EdgeNode for tidal-edge, the InferenceService"
-helm upgrade --install tidal "$ROOT/charts/tidal" -n tidal-system --create-namespace \
+# Every pod of the demo passes the `restricted` Pod Security Standard, enforced on both namespaces.
+for ns in tidal-system "$NS"; do
+  kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl label namespace "$ns" --overwrite pod-security.kubernetes.io/enforce=restricted >/dev/null
+done
+helm upgrade --install tidal "$ROOT/charts/tidal" -n tidal-system \
   --set 'nodeSelector.tidal\.rs/tier=cloud' --set "prometheusUrl=$PROM" \
   --set 'extraEnv[0].name=TIDAL_RATE_WINDOW' --set 'extraEnv[0].value=30s' --wait --timeout 5m
-kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 # A rerun starts the service afresh (its forecast history and replicas from the last run go).
 kubectl delete -n "$NS" tis "$SVC" --ignore-not-found --wait=true --timeout=2m >/dev/null
 kubectl apply -f - <<YAML

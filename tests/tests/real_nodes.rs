@@ -91,12 +91,27 @@ impl Drop for Cut {
     }
 }
 
-/// A test's namespace on the real nodes with the chart installed in it, as a user installs it:
+/// A test's namespace on the real nodes (Pod Security `restricted` enforced) with the chart
+/// installed in it, as a user installs it:
 /// default images (ghcr.io names, served by the local registry as a mirror), two replicas with
 /// leader election, on the cloud node, watching that namespace; `set` adds `--set` values.
 async fn setup(test: &str, set: &[&str]) -> Option<(TestCtx, Release)> {
     let ctx = TestCtx::new(test).await?;
     require_real_nodes(&ctx).await;
+    // Every pod here (the operator's, the workers', the tests' own) must pass the `restricted`
+    // Pod Security Standard: the API server refuses any that does not.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+    namespaces
+        .patch(
+            &ctx.namespace,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            }}})),
+        )
+        .await
+        .expect("label the namespace restricted");
     let watch = format!("watchNamespace={}", ctx.namespace);
     let mut values = vec!["nodeSelector.tidal\\.rs/tier=cloud", &watch];
     values.extend_from_slice(set);
@@ -157,6 +172,25 @@ async fn real_node_helm_installed_operator_serves_an_oci_model_through_its_servi
         return;
     };
     let ns = ctx.namespace.clone();
+    // The namespace enforces `restricted` (so every pod below passes it): a default pod is refused.
+    let bare: Pod = serde_json::from_value(json!({"metadata": {"name": "bare"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
+    let refused = ctx
+        .api::<Pod>()
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &bare,
+        )
+        .await
+        .expect_err("a pod breaking the restricted standard is refused");
+    assert!(
+        refused.to_string().contains("violates PodSecurity"),
+        "{refused}"
+    );
     let operator_pods = eventually("two operator pods Ready", START, || async {
         let pods = ready_pods(&ctx, &ns, "app.kubernetes.io/name=tidal").await;
         if pods.len() == 2 {
