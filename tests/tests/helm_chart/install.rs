@@ -235,6 +235,9 @@ async fn the_chart_rbac_is_enough_for_the_real_operator() {
     // Least privilege: nothing beyond the list.
     let denied: &[(&str, &str, &[&str])] = &[
         ("get", "secrets", &["-n", "default"]),
+        ("list", "secrets", &["-A"]),
+        ("watch", "secrets", &["-A"]),
+        ("get", "secrets", &nsa),
         ("delete", "nodes", &[]),
         (
             "create",

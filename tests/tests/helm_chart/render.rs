@@ -247,3 +247,45 @@ async fn bad_values_are_rejected_with_the_field_named() {
         ],
     );
 }
+
+#[tokio::test]
+async fn rbac_rules_name_every_group_resource_and_verb_and_leave_secrets_out() {
+    let Some(env) = control_plane() else { return };
+    // Every render a user may install (monitoring on or off, leader election on).
+    for (file, extra) in snapshot_renders() {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let docs = documents(&helm_template(&env, &extra));
+        let roles: Vec<&Value> = ["ClusterRole", "Role"]
+            .iter()
+            .flat_map(|k| find(&docs, k))
+            .collect();
+        assert!(!roles.is_empty(), "{file}: no RBAC rendered");
+        for role in roles {
+            let name = role["metadata"]["name"].as_str().unwrap_or("?");
+            for rule in role["rules"].as_array().expect("rules") {
+                for field in ["apiGroups", "resources", "verbs"] {
+                    let values = rule[field].as_array().map(Vec::as_slice).unwrap_or(&[]);
+                    assert!(!values.is_empty(), "{file} {name}: a rule without {field}");
+                    for v in values {
+                        let v = v.as_str().unwrap();
+                        // No wildcard grants anything the code does not name.
+                        assert!(!v.contains('*'), "{file} {name}: wildcard {field} {v:?}");
+                    }
+                }
+                let resources: Vec<&str> = rule["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect();
+                // The operator never reads Secrets (workers mount API keys themselves).
+                assert!(
+                    !resources.iter().any(|r| r.starts_with("secrets")),
+                    "{file} {name}: grants {resources:?}"
+                );
+                assert!(rule.get("nonResourceURLs").is_none(), "{file} {name}");
+                assert!(rule.get("resourceNames").is_none() || name.contains("leader"));
+            }
+        }
+    }
+}
