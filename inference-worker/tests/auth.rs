@@ -77,21 +77,8 @@ async fn the_binary_requires_a_key_on_the_api_and_not_on_probes_or_metrics() {
         .spawn()
         .unwrap();
     let mut child = Killed(child);
-    let mut ready = false;
-    for _ in 0..1200 {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            panic!("worker exited early: {status}");
-        }
-        // Readiness needs no key.
-        if tokio::net::TcpStream::connect(addr).await.is_ok()
-            && http(addr, "GET", "/ready", b"").await.status == 200
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(ready, "worker never became ready");
+    // Readiness needs no key.
+    common::wait_until_ready(&mut child, addr).await;
     let base = format!("http://{addr}");
 
     for (path, body) in [

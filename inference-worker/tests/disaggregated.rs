@@ -470,6 +470,16 @@ fn check_all_ok(results: &[(usize, u16, String)], want: &[String]) {
     }
 }
 
+/// Waits (up to 4 s) until the load is flowing: the router has generated some tokens.
+async fn until_flowing(metrics: &Metrics) {
+    for _ in 0..400 {
+        if metrics.generated_tokens.get() >= 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until the router has generated `n` more tokens than `from` (load still
 /// flowing after an action), then sets `stop`.
 async fn keep_loading(metrics: &Metrics, from: u64, n: u64, stop: &AtomicBool) {
@@ -507,12 +517,7 @@ async fn killing_a_replica_under_load_fails_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(load(addr, 6, 8, stop.clone()));
     // Kill replica 0 of shard 0 and replica 1 of shard 2 once load is flowing.
-    for _ in 0..400 {
-        if metrics.generated_tokens.get() >= 30 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_flowing(&metrics).await;
     for (s, r) in [(0, 0), (2, 1)] {
         let p = &mut cluster.procs.get_mut(&s).unwrap()[r];
         p.child.kill().unwrap();
@@ -628,12 +633,7 @@ async fn a_shard_behind_one_balancing_address_survives_its_pod_crashing() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(load(addr, 6, 8, stop.clone()));
-    for _ in 0..400 {
-        if metrics.generated_tokens.get() >= 30 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_flowing(&metrics).await;
     lb.dead[0].store(true, Ordering::SeqCst);
     keep_loading(&metrics, metrics.generated_tokens.get(), 150, &stop).await;
     let results = running.await.unwrap();
@@ -677,12 +677,7 @@ async fn a_replica_that_hangs_is_left_through_keepalive_pings() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(load(addr, 6, 8, stop.clone()));
-    for _ in 0..400 {
-        if metrics.generated_tokens.get() >= 30 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_flowing(&metrics).await;
     // Freeze replica 0 of shard 0: its socket still accepts, nothing answers.
     let frozen = cluster.procs[&0][0].child.id().to_string();
     let signal = |sig: &str| {
@@ -729,12 +724,7 @@ async fn changing_the_placement_plan_under_load_fails_no_request() {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(load(addr, 6, 8, stop.clone()));
-    for _ in 0..400 {
-        if metrics.generated_tokens.get() >= 30 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_flowing(&metrics).await;
     // Move expert 1 from shard 0 to shard 2, and expert 0's copy off shard 1.
     cluster.write(2, &[(0, vec![0]), (1, vec![2, 3]), (2, vec![4, 5, 1])]);
     for _ in 0..100 {

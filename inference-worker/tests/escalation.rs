@@ -9,7 +9,6 @@ use common::{
 };
 use serde_json::{Value, json};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 use tidal_worker::model::fixture::FixtureSpec;
 use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::escalation::{EscalationConfig, OnCloudUnavailable};
@@ -628,20 +627,7 @@ async fn the_binary_reads_the_operators_escalation_environment() {
         .spawn()
         .unwrap();
     let mut child = Killed(child);
-    let mut ready = false;
-    for _ in 0..1200 {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            panic!("worker exited early: {status}");
-        }
-        if tokio::net::TcpStream::connect(addr).await.is_ok()
-            && http(addr, "GET", "/ready", b"").await.status == 200
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "worker never became ready");
+    common::wait_until_ready(&mut child, addr).await;
     // Window 2: a 2-token request finishes before the check; a 3-token one escalates.
     let r = post_json(addr, "/v1/completions", &completion("Hello", 2)).await;
     assert_eq!(r.status, 200);

@@ -33,6 +33,22 @@ impl Drop for Killed {
     }
 }
 
+/// Waits until the spawned worker at `addr` is ready; panics if it exits or never is.
+pub async fn wait_until_ready(child: &mut Killed, addr: SocketAddr) {
+    for _ in 0..1200 {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("worker exited early: {status}");
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok()
+            && http(addr, "GET", "/ready", b"").await.status == 200
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("worker never became ready");
+}
+
 pub fn fixture(arch: FixtureArch) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let spec = FixtureSpec {
