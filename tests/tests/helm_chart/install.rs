@@ -219,7 +219,7 @@ async fn the_chart_rbac_is_enough_for_the_real_operator() {
         ("patch", "events.events.k8s.io", &["-n", "default"]),
         ("watch", "pods", &["-A"]),
         (
-            "update",
+            "patch",
             "inferenceservices.tidal.rs",
             &["-n", "default", "--subresource", "status"],
         ),
@@ -252,6 +252,14 @@ async fn the_chart_rbac_is_enough_for_the_real_operator() {
             &[],
         ),
         ("create", "events", &["-n", "default"]),
+        // Every write of the operator is a patch, a create or a delete.
+        ("update", "deployments.apps", &["-n", "default"]),
+        (
+            "update",
+            "inferenceservices.tidal.rs",
+            &["-n", "default", "--subresource", "status"],
+        ),
+        ("update", "configmaps", &["-n", "default"]),
     ];
     for (verb, resource, extra) in denied {
         assert!(

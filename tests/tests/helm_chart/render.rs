@@ -249,7 +249,7 @@ async fn bad_values_are_rejected_with_the_field_named() {
 }
 
 #[tokio::test]
-async fn rbac_rules_name_every_group_resource_and_verb_and_leave_secrets_out() {
+async fn rbac_rules_name_every_group_resource_and_verb_and_leave_secrets_and_updates_out() {
     let Some(env) = control_plane() else { return };
     // Every render a user may install (monitoring on or off, leader election on).
     for (file, extra) in snapshot_renders() {
@@ -284,6 +284,15 @@ async fn rbac_rules_name_every_group_resource_and_verb_and_leave_secrets_out() {
                     "{file} {name}: grants {resources:?}"
                 );
                 assert!(rule.get("nonResourceURLs").is_none(), "{file} {name}");
+                // The operator patches, creates and deletes; only the leader-election Lease
+                // (kube-lease-manager) is updated.
+                if role["kind"] == "ClusterRole" {
+                    let verbs = rule["verbs"].as_array().unwrap();
+                    assert!(
+                        !verbs.iter().any(|v| v == "update"),
+                        "{file} {name}: update granted on {resources:?}"
+                    );
+                }
                 assert!(rule.get("resourceNames").is_none() || name.contains("leader"));
             }
         }
