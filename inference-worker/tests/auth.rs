@@ -8,7 +8,6 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use tidal_worker::model::fixture::FixtureSpec;
 use tidal_worker::serve::auth::ApiKeys;
 use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::escalation::{EscalationConfig, OnCloudUnavailable};
@@ -18,13 +17,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_tidal-worker");
 const KEY: &str = "sk-tidal-test-0123456789";
 
 fn fixture(seed: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = FixtureSpec {
-        seed,
-        ..FixtureSpec::default()
-    };
-    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
-    dir
+    common::fixture_seeded(seed)
 }
 
 fn keys_file(dir: &Path) -> std::path::PathBuf {

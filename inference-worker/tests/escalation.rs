@@ -9,7 +9,6 @@ use common::{
 };
 use serde_json::{Value, json};
 use std::process::{Command, Stdio};
-use tidal_worker::model::fixture::FixtureSpec;
 use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::escalation::{EscalationConfig, OnCloudUnavailable};
 use tidal_worker::serve::http::ServerConfig;
@@ -18,13 +17,7 @@ use tidal_worker::serve::http::ServerConfig;
 const WINDOW: usize = 4;
 
 fn fixture(seed: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = FixtureSpec {
-        seed,
-        ..FixtureSpec::default()
-    };
-    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
-    dir
+    common::fixture_seeded(seed)
 }
 
 /// The edge's checkpoint; the cloud's differs so that its continuation is its own.

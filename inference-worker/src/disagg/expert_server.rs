@@ -77,11 +77,8 @@ impl ExpertShard {
         shard: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
-        let (cfg, weights, dtype) = match crate::model::loader::gguf_path(dir)? {
-            Some(path) => {
-                let file = GgufFile::open(&path)?;
-                (file.config()?, Weights::Gguf(Arc::new(file)), DType::F32)
-            }
+        let (cfg, weights, dtype) = match crate::model::loader::open_gguf(dir)? {
+            Some(file) => (file.config()?, Weights::Gguf(file), DType::F32),
             None => (
                 ModelConfig::from_file(&dir.join("config.json"))?,
                 Weights::Safetensors(Checkpoint::open(dir)?),

@@ -24,7 +24,6 @@ use crate::disagg::placement::{Plan, PlanFile, authority};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Model;
-use crate::model::gguf::GgufFile;
 use crate::model::loader::Loaded;
 use crate::model::moe::{ExpertPlacement, RemoteExperts, Routes};
 use crate::serve::metrics::Metrics;
@@ -622,10 +621,7 @@ pub fn load_router(
     warmup_for: Duration,
 ) -> Result<Loaded> {
     let dir = crate::model::hub::resolve(source)?;
-    let gguf = match crate::model::loader::gguf_path(&dir)? {
-        Some(path) => Some(Arc::new(GgufFile::open(&path)?)),
-        None => None,
-    };
+    let gguf = crate::model::loader::open_gguf(&dir)?;
     let cfg = match &gguf {
         Some(file) => file.config()?,
         None => ModelConfig::from_file(&dir.join("config.json"))?,

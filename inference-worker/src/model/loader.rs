@@ -34,6 +34,15 @@ pub fn gguf_path(path: &Path) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// The GGUF file `path` names, opened (header and metadata only), or None for a
+/// safetensors checkpoint.
+pub fn open_gguf(path: &Path) -> Result<Option<Arc<GgufFile>>> {
+    match gguf_path(path)? {
+        Some(p) => Ok(Some(Arc::new(GgufFile::open(&p)?))),
+        None => Ok(None),
+    }
+}
+
 /// Loads a checkpoint directory, or a GGUF file (or a directory holding one).
 pub fn load_dir(dir: &Path, dtype: DType) -> Result<Loaded> {
     if let Some(path) = gguf_path(dir)? {

@@ -49,6 +49,17 @@ pub async fn wait_until_ready(child: &mut Killed, addr: SocketAddr) {
     panic!("worker never became ready");
 }
 
+/// The default fixture with another random seed (another model of the same shape).
+pub fn fixture_seeded(seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = FixtureSpec {
+        seed,
+        ..FixtureSpec::default()
+    };
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
+    dir
+}
+
 pub fn fixture(arch: FixtureArch) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let spec = FixtureSpec {
