@@ -49,8 +49,6 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server error: {0}")]
-    Serve(std::io::Error),
     /// A background task (loader, server) panicked or was cancelled.
     #[error("{what}: {source}")]
     Task {
@@ -134,7 +132,6 @@ impl Error {
                 "invalid_config"
             }
             Error::Bind { .. } => "bind",
-            Error::Serve(_) => "serve",
             Error::Task { .. } => "task_failed",
             Error::QueueFull => "queue_full",
             Error::EngineStopped => "engine_stopped",

@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_json);
-            serve(args, shutdown_signal()).await?;
+            serve(*args, shutdown_signal()).await?;
             Ok(())
         }
         Command::GenFixture(args) => {

@@ -5,6 +5,7 @@ use crate::disagg::expert_server::ExpertServerConfig;
 use crate::error::{Error, Result};
 use crate::model::decoder::parse_dtype;
 use crate::model::fixture::FixtureSpec;
+use crate::serve::conn::ConnLimits;
 use crate::serve::escalation::cloud::Escalator;
 use crate::serve::escalation::{EscalationConfig, OnCloudUnavailable};
 use crate::serve::lifecycle::Drain;
@@ -25,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a tiny random checkpoint (for tests and benchmarks).
     GenFixture(GenFixtureArgs),
 }
@@ -76,6 +77,28 @@ pub struct ServeArgs {
     /// served until none has for this long; then the listener closes.
     #[arg(long, env = "TIDAL_DRAIN_QUIET_SECONDS", default_value_t = 5)]
     pub drain_quiet_seconds: u64,
+    /// Most open client connections; one more is answered 429 and closed.
+    #[arg(long, env = "TIDAL_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Time for a request's head to arrive; on HTTP/1.1 also how long an idle
+    /// keep-alive connection is kept.
+    #[arg(long, env = "TIDAL_HEADER_TIMEOUT_SECONDS", default_value_t = 30.0,
+          value_parser = positive_seconds)]
+    pub header_timeout_seconds: f64,
+    /// Largest request head, in bytes (431 above it; at least 8192 on HTTP/1.1).
+    #[arg(long, env = "TIDAL_MAX_HEADER_BYTES", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_header_bytes: u32,
+    /// Time for a request's body to arrive, from its head; 408 after it.
+    #[arg(long, env = "TIDAL_BODY_TIMEOUT_SECONDS", default_value_t = 30.0,
+          value_parser = positive_seconds)]
+    pub body_timeout_seconds: f64,
+    /// A connection with no request in flight and no bytes moving for this long is
+    /// closed.
+    #[arg(long, env = "TIDAL_IDLE_TIMEOUT_SECONDS", default_value_t = 60.0,
+          value_parser = positive_seconds)]
+    pub idle_timeout_seconds: f64,
     /// Log as JSON lines.
     #[arg(long, env = "TIDAL_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -166,7 +189,19 @@ impl ServeArgs {
             placement_file,
             shard,
             drain: self.drain(),
+            limits: self.conn_limits(),
         })
+    }
+
+    /// What one client may hold of this server.
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs_f64(self.header_timeout_seconds),
+            max_header_bytes: self.max_header_bytes,
+            body_timeout: Duration::from_secs_f64(self.body_timeout_seconds),
+            idle_timeout: Duration::from_secs_f64(self.idle_timeout_seconds),
+        }
     }
 
     /// How the server stops on SIGTERM.

@@ -16,6 +16,7 @@ use crate::model::gguf::GgufFile;
 use crate::model::moe::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
 use crate::model::source::Source;
 use crate::model::weights::Checkpoint;
+use crate::serve::conn::ConnLimits;
 use crate::serve::lifecycle;
 use crate::serve::metrics::Metrics;
 use axum::Router;
@@ -451,6 +452,8 @@ pub struct ExpertServerConfig {
     pub shard: usize,
     /// How the shard stops after `shutdown`.
     pub drain: lifecycle::Drain,
+    /// What one client may hold (connections, timeouts, header size).
+    pub limits: ConnLimits,
 }
 
 /// `tidal-worker serve --role expert`: binds, loads this shard's experts, serves
@@ -480,5 +483,8 @@ pub async fn serve(
             t.abort();
         }
     };
-    lifecycle::serve(listener, app, startup, shutdown, cfg.drain, on_drain).await
+    lifecycle::serve(
+        listener, app, startup, shutdown, cfg.drain, cfg.limits, on_drain,
+    )
+    .await
 }

@@ -5,11 +5,12 @@
 //! in-flight requests finish within the grace period.
 
 use crate::error::{Error, Result};
+use crate::serve::conn::{self, ConnLimits};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,18 +88,15 @@ pub async fn serve<T>(
     startup: impl Future<Output = Result<T>>,
     shutdown: impl Future<Output = ()>,
     drain: Drain,
+    limits: ConnLimits,
     on_drain: impl FnOnce(Option<T>),
 ) -> Result<()> {
     let activity = Arc::new(Activity::new());
     let app = app.layer(middleware::from_fn_with_state(activity.clone(), track));
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = drain_rx.await;
-            })
-            .into_future(),
-    );
+    let mut server = tokio::spawn(conn::serve(listener, app, limits, async {
+        let _ = drain_rx.await;
+    }));
     let mut startup = std::pin::pin!(startup);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut started = None;
@@ -106,7 +104,7 @@ pub async fn serve<T>(
         tokio::select! {
             res = &mut startup, if started.is_none() => started = Some(res?),
             res = &mut server => {
-                res.map_err(Error::task(SERVER_TASK))?.map_err(Error::Serve)?;
+                res.map_err(Error::task(SERVER_TASK))?;
                 return Ok(());
             }
             () = &mut shutdown => break,
@@ -126,7 +124,7 @@ pub async fn serve<T>(
             () = tokio::time::sleep(drain.quiet - idle) => {}
             () = tokio::time::sleep_until(deadline) => break,
             res = &mut server => {
-                res.map_err(Error::task(SERVER_TASK))?.map_err(Error::Serve)?;
+                res.map_err(Error::task(SERVER_TASK))?;
                 return Ok(());
             }
         }
@@ -134,9 +132,7 @@ pub async fn serve<T>(
     tracing::info!("no new requests: closing the listener");
     let _ = drain_tx.send(());
     match tokio::time::timeout_at(deadline, &mut server).await {
-        Ok(res) => res
-            .map_err(Error::task(SERVER_TASK))?
-            .map_err(Error::Serve)?,
+        Ok(res) => res.map_err(Error::task(SERVER_TASK))?,
         Err(_) => {
             tracing::warn!("grace period over; exiting with requests still in flight");
             server.abort();
@@ -213,6 +209,7 @@ mod tests {
                 let _ = rx.await;
             },
             drain,
+            ConnLimits::default(),
             move |_| d.store(true, Ordering::SeqCst),
         ));
         Running {

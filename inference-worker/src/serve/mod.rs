@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod conn;
 pub mod engine;
 pub mod escalation;
 pub mod http;

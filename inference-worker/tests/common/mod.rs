@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
+use tidal_worker::serve::conn::ConnLimits;
 use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::http::{AppState, Served, ServerConfig};
 use tidal_worker::serve::metrics::Metrics;
@@ -85,6 +86,16 @@ pub async fn start_with(
     engine: EngineConfig,
     config: ServerConfig,
 ) -> TestServer {
+    start_limited(dir, engine, config, ConnLimits::default()).await
+}
+
+/// An in-process server with its connection limits.
+pub async fn start_limited(
+    dir: tempfile::TempDir,
+    engine: EngineConfig,
+    config: ServerConfig,
+    limits: ConnLimits,
+) -> TestServer {
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(config, metrics.clone());
     let loaded =
@@ -103,7 +114,12 @@ pub async fn start_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = tidal_worker::serve::http::router(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(tidal_worker::serve::conn::serve(
+        listener,
+        app,
+        limits,
+        std::future::pending(),
+    ));
     TestServer {
         addr,
         state,
@@ -125,6 +141,25 @@ pub struct HttpResponse {
 }
 
 impl HttpResponse {
+    /// A whole HTTP/1 response as read to its end.
+    pub fn parse(raw: &[u8]) -> Self {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no end of headers: {}", String::from_utf8_lossy(raw)));
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("no status");
+        Self {
+            status,
+            head,
+            body: raw[split + 4..].to_vec(),
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
@@ -161,21 +196,7 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Ht
         .unwrap();
     let mut raw = vec![];
     s.read_to_end(&mut raw).await.unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("no end of headers");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("no status");
-    HttpResponse {
-        status,
-        head,
-        body: raw[split + 4..].to_vec(),
-    }
+    HttpResponse::parse(&raw)
 }
 
 pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> HttpResponse {

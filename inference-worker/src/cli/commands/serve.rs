@@ -112,5 +112,14 @@ pub async fn serve(
             c.close();
         }
     };
-    lifecycle::serve(listener, app, startup, shutdown, args.drain(), on_drain).await
+    lifecycle::serve(
+        listener,
+        app,
+        startup,
+        shutdown,
+        args.drain(),
+        args.conn_limits(),
+        on_drain,
+    )
+    .await
 }
