@@ -2,6 +2,7 @@
 //! operator.
 
 use tidal_e2e::processes::Killed;
+use tidal_operator::children::WORKER_PORT;
 
 use super::*;
 
@@ -78,8 +79,11 @@ async fn helm_install_creates_the_operator_and_uninstall_removes_it() {
         return;
     };
     install_crds(&ctx).await;
-    let release = Release::install(&ctx, &[]);
+    let release = Release::install(&ctx, &["networkPolicy.enabled=true"]);
     let objects = [
+        ("networkpolicy", format!("{RELEASE}-expert-shards"), true),
+        ("networkpolicy", format!("{RELEASE}-serving"), true),
+        ("networkpolicy", format!("{RELEASE}-operator"), true),
         ("deployment", RELEASE.to_string(), true),
         ("serviceaccount", RELEASE.to_string(), true),
         ("service", format!("{RELEASE}-metrics"), true),
@@ -128,6 +132,23 @@ async fn helm_install_creates_the_operator_and_uninstall_removes_it() {
     assert_eq!(
         svc["spec"]["selector"],
         deploy["spec"]["selector"]["matchLabels"]
+    );
+
+    // The API server admitted the policies as rendered: shards open to routers only.
+    let shards = get(
+        &ctx,
+        "networkpolicy",
+        &format!("{RELEASE}-expert-shards"),
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        shards["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["tidal.rs/role"],
+        "router"
+    );
+    assert_eq!(
+        shards["spec"]["ingress"][0]["ports"][0]["port"],
+        WORKER_PORT
     );
 
     let out = release.uninstall();

@@ -2,6 +2,7 @@
 //! monitoring copies, and its values schema rejects bad values naming the field.
 
 use super::*;
+use tidal_operator::children::WORKER_PORT;
 
 #[tokio::test]
 async fn chart_lints_strictly() {
@@ -208,7 +209,7 @@ async fn chart_crds_and_monitoring_copies_equal_their_sources() {
 async fn bad_values_are_rejected_with_the_field_named() {
     let Some(env) = control_plane() else { return };
     let chart = chart_arg();
-    let cases: [(&[&str], &[&str]); 6] = [
+    let cases: [(&[&str], &[&str]); 8] = [
         (&["--set", "replicas=-1"], &["/replicas", "minimum"]),
         (
             &["--set", "image.pullPolicy=Sometimes"],
@@ -220,6 +221,14 @@ async fn bad_values_are_rejected_with_the_field_named() {
         (
             &["--set", "replicas=3,leaderElection.enabled=false"],
             &["leaderElection.enabled"],
+        ),
+        (
+            &["--set-json", r#"networkPolicy.clients=[{"podSelectr":{}}]"#],
+            &["/networkPolicy/clients/0", "podSelectr"],
+        ),
+        (
+            &["--set", "networkPolicy.namespaces={Team_A}"],
+            &["/networkPolicy/namespaces/0"],
         ),
     ];
     for (set, expected) in cases {
@@ -297,4 +306,94 @@ async fn rbac_rules_name_every_group_resource_and_verb_and_leave_secrets_and_upd
             }
         }
     }
+}
+
+#[tokio::test]
+async fn network_policies_let_in_only_the_named_peers() {
+    let Some(env) = control_plane() else { return };
+    let policies = |extra: &[&str]| -> Vec<Value> {
+        documents(&helm_template(&env, extra))
+            .into_iter()
+            .filter(|d| d["kind"] == "NetworkPolicy")
+            .collect()
+    };
+    assert!(policies(&[]).is_empty(), "off by default");
+    let rendered = policies(&[
+        "--set",
+        "networkPolicy.enabled=true,networkPolicy.namespaces={team-a,team-b}",
+    ]);
+    let by_name = |name: &str, ns: &str| -> &Value {
+        rendered
+            .iter()
+            .find(|p| p["metadata"]["name"] == name && p["metadata"]["namespace"] == ns)
+            .unwrap_or_else(|| panic!("no NetworkPolicy {ns}/{name}"))
+    };
+    assert_eq!(rendered.len(), 5, "two per namespace and the operator's");
+    let prometheus = json!({"namespaceSelector": {},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}});
+    for ns in ["team-a", "team-b"] {
+        // Every policy is ingress-only on the worker port, with one rule.
+        let shards = by_name("tidal-expert-shards", ns);
+        assert_eq!(
+            shards["spec"]["podSelector"]["matchLabels"]["tidal.rs/role"],
+            "expert"
+        );
+        let rule = &shards["spec"]["ingress"];
+        assert_eq!(rule.as_array().unwrap().len(), 1);
+        assert_eq!(
+            rule[0]["from"],
+            json!([{"podSelector": {"matchLabels": {
+                "app.kubernetes.io/managed-by": "tidal-operator", "tidal.rs/role": "router"}}},
+                prometheus]),
+            "shards: their routers and Prometheus only"
+        );
+        assert_eq!(
+            rule[0]["ports"],
+            json!([{"port": WORKER_PORT, "protocol": "TCP"}])
+        );
+        let serving = by_name("tidal-serving", ns);
+        assert_eq!(
+            serving["spec"]["podSelector"]["matchExpressions"][0]["values"],
+            json!(["full", "router"]),
+            "cloud, edge and router workers; not the shards"
+        );
+        let from = &serving["spec"]["ingress"][0]["from"];
+        assert_eq!(
+            from,
+            &json!([{"podSelector": {}},
+                {"podSelector": {"matchLabels": {
+                    "app.kubernetes.io/managed-by": "tidal-operator", "tidal.rs/tier": "edge"}}},
+                prometheus]),
+            "serving: clients of the namespace, edge workers escalating, Prometheus"
+        );
+        for p in [shards, serving] {
+            assert_eq!(p["spec"]["policyTypes"], json!(["Ingress"]));
+        }
+    }
+    let operator = by_name("tidal-operator", "tidal-system");
+    assert_eq!(operator["spec"]["ingress"][0]["from"], json!([prometheus]));
+    assert_eq!(operator["spec"]["ingress"][0]["ports"][0]["port"], 8080);
+
+    // Without namespaces the worker policies go where the operator watches.
+    let watched = policies(&["--set", "networkPolicy.enabled=true,watchNamespace=team-c"]);
+    let namespaces: BTreeSet<&str> = watched
+        .iter()
+        .map(|p| p["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    assert_eq!(namespaces, BTreeSet::from(["team-c", "tidal-system"]));
+    // Callers are the user's to name: an ingress controller's namespace, say.
+    let clients = policies(&[
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set-json",
+        r#"networkPolicy.clients=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"ingress"}}}]"#,
+    ]);
+    let serving = clients
+        .iter()
+        .find(|p| p["metadata"]["name"] == "tidal-serving")
+        .unwrap();
+    assert_eq!(
+        serving["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "ingress"
+    );
 }
