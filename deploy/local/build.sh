@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local control plane's binaries from their Go modules (tools/*/go.mod) into
 # $HOME/.cache/tidal/bin/<name>-<version>-<go>/, skipping every tool already in the cache.
-# Usage: build.sh [kubernetes|etcd|kwok|helm|all] |
+# Usage: build.sh [kubernetes|etcd|kwok|helm|cargo-deny|all] |
 #        [kubernetes-node|containerd|cni|coredns|registry|crane|prometheus|nodes]
 # `all` is the control plane; `nodes` what the real nodes need.
 set -euo pipefail
@@ -126,12 +126,38 @@ build_helm() {
   build_into "$HELM_BIN" helm helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 }
 
+# cargo-deny from crates.io (`cargo install --locked`), in its own target dir: never the
+# workspace's (CARGO_TARGET_DIR) nor with CI's clippy wrapper.
+build_cargo_deny() {
+  local dir=$CARGO_DENY_BIN
+  if [ -f "$dir/.complete" ]; then return 0; fi
+  log "building cargo-deny $CARGO_DENY_VERSION (about 3 minutes cold; cached afterwards)"
+  local tmp="$dir.tmp.$$" start=$SECONDS rc=0
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  (unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS RUSTC_WRAPPER
+   CARGO_TARGET_DIR="$tmp/target" cargo install --quiet --locked --no-default-features \
+     --root "$tmp" cargo-deny --version "$CARGO_DENY_VERSION") &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 5
+    if (((SECONDS - start) % 30 < 5)) && ((SECONDS - start >= 30)); then
+      log "  still building cargo-deny: $((SECONDS - start)) s"
+    fi
+  done
+  wait "$pid" || rc=$?
+  [ "$rc" = 0 ] || { rm -rf "$tmp"; log "building cargo-deny failed"; return "$rc"; }
+  rm -rf "$tmp/target" "$dir"
+  mkdir -p "$dir" && mv "$tmp/bin/cargo-deny" "$dir/" && rm -rf "$tmp" && touch "$dir/.complete"
+  log "built cargo-deny in $((SECONDS - start)) s"
+}
+
 case "${1:-all}" in
   kubernetes) build_kubernetes ;;
   etcd) build_etcd ;;
   kwok) build_kwok ;;
   helm) build_helm ;;
-  all) build_etcd; build_kwok; build_helm; build_kubernetes ;;
+  all) build_etcd; build_kwok; build_helm; build_kubernetes; build_cargo_deny ;;
+  cargo-deny) build_cargo_deny ;;
   kubernetes-node) build_kubernetes_node ;;
   containerd) build_containerd ;;
   cni) build_cni ;;

@@ -23,6 +23,9 @@ COREDNS_BIN=$(bin_dir coredns "$COREDNS_VERSION")
 REGISTRY_BIN=$(bin_dir registry "$DISTRIBUTION_VERSION")
 CRANE_BIN=$(bin_dir crane "$CRANE_VERSION")
 PROMETHEUS_BIN=$(bin_dir prometheus "$PROMETHEUS_VERSION")
-export PATH="$K8S_BIN:$ETCD_BIN:$KWOK_BIN:$HELM_BIN:$PATH"
+# Rust tools are keyed by the Rust toolchain instead.
+RUSTC_VERSION_KEY=$(rustc --version 2>/dev/null | awk '{print $2}' || true)
+CARGO_DENY_BIN=$TIDAL_CACHE/bin/cargo-deny-$CARGO_DENY_VERSION-rust${RUSTC_VERSION_KEY:-none}
+export PATH="$K8S_BIN:$ETCD_BIN:$KWOK_BIN:$HELM_BIN:$CARGO_DENY_BIN:$PATH"
 
 log() { printf '[tidal-local] %s\n' "$*" >&2; }

@@ -144,6 +144,35 @@ pub fn control_plane() -> Option<LocalEnv> {
     }
 }
 
+/// The local tools' environment (`tidal-local env`) without starting the control plane, when
+/// `tool` has been built (`tidal-local setup`). Like [`control_plane`], a test that cannot have
+/// it fails, and skips only with [`SKIP_VAR`] set to `1`, never in CI.
+pub fn local_tools(tool: &str) -> Option<LocalEnv> {
+    let script = tidal_local();
+    let found = Command::new(&script)
+        .arg("env")
+        .output()
+        .ok()
+        .and_then(|out| parse_env(&String::from_utf8_lossy(&out.stdout)))
+        .filter(|env| {
+            env.path
+                .split(':')
+                .any(|dir| Path::new(dir).join(tool).is_file())
+        });
+    if found.is_some() {
+        return found;
+    }
+    let why = format!("{tool} is not built: run `deploy/local/tidal-local setup`");
+    if std::env::var_os("CI").is_some() {
+        panic!("{why} (required in CI)");
+    }
+    if std::env::var(SKIP_VAR).as_deref() != Ok("1") {
+        panic!("{why}, or set {SKIP_VAR}=1 to skip the tests that need it");
+    }
+    eprintln!("SKIPPED ({SKIP_VAR}=1): {why}");
+    None
+}
+
 /// A kube client for the local control plane's admin user.
 pub async fn client(env: &LocalEnv) -> Client {
     let kubeconfig = Kubeconfig::read_from(&env.kubeconfig).expect("readable kubeconfig");
