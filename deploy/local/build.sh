@@ -2,7 +2,7 @@
 # Builds the local control plane's binaries from their Go modules (tools/*/go.mod) into
 # $HOME/.cache/tidal/bin/<name>-<version>-<go>/, skipping every tool already in the cache.
 # Usage: build.sh [kubernetes|etcd|kwok|helm|cargo-deny|all] |
-#        [kubernetes-node|containerd|cni|coredns|registry|crane|prometheus|nodes]
+#        [kubernetes-node|containerd|cni|coredns|registry|crane|prometheus|cargo-sbom|nodes]
 # `all` is the control plane; `nodes` what the real nodes need.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -126,30 +126,34 @@ build_helm() {
   build_into "$HELM_BIN" helm helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 }
 
-# cargo-deny from crates.io (`cargo install --locked`), in its own target dir: never the
-# workspace's (CARGO_TARGET_DIR) nor with CI's clippy wrapper.
-build_cargo_deny() {
-  local dir=$CARGO_DENY_BIN
+# A Rust tool from crates.io (`cargo install --locked`) into DIR, in its own target dir: never
+# the workspace's (CARGO_TARGET_DIR) nor with CI's clippy wrapper.
+# cargo_tool DIR CRATE VERSION [INSTALL_FLAGS...]
+cargo_tool() {
+  local dir=$1 crate=$2 version=$3; shift 3
   if [ -f "$dir/.complete" ]; then return 0; fi
-  log "building cargo-deny $CARGO_DENY_VERSION (about 3 minutes cold; cached afterwards)"
+  log "building $crate $version (a few minutes cold; cached afterwards)"
   local tmp="$dir.tmp.$$" start=$SECONDS rc=0
   rm -rf "$tmp" && mkdir -p "$tmp"
   (unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS RUSTC_WRAPPER
-   CARGO_TARGET_DIR="$tmp/target" cargo install --quiet --locked --no-default-features \
-     --root "$tmp" cargo-deny --version "$CARGO_DENY_VERSION") &
+   CARGO_TARGET_DIR="$tmp/target" cargo install --quiet --locked "$@" \
+     --root "$tmp" "$crate" --version "$version") &
   local pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 5
     if (((SECONDS - start) % 30 < 5)) && ((SECONDS - start >= 30)); then
-      log "  still building cargo-deny: $((SECONDS - start)) s"
+      log "  still building $crate: $((SECONDS - start)) s"
     fi
   done
   wait "$pid" || rc=$?
-  [ "$rc" = 0 ] || { rm -rf "$tmp"; log "building cargo-deny failed"; return "$rc"; }
+  [ "$rc" = 0 ] || { rm -rf "$tmp"; log "building $crate failed"; return "$rc"; }
   rm -rf "$tmp/target" "$dir"
-  mkdir -p "$dir" && mv "$tmp/bin/cargo-deny" "$dir/" && rm -rf "$tmp" && touch "$dir/.complete"
-  log "built cargo-deny in $((SECONDS - start)) s"
+  mkdir -p "$dir" && mv "$tmp/bin/"* "$dir/" && rm -rf "$tmp" && touch "$dir/.complete"
+  log "built $crate in $((SECONDS - start)) s"
 }
+
+build_cargo_deny() { cargo_tool "$CARGO_DENY_BIN" cargo-deny "$CARGO_DENY_VERSION" --no-default-features; }
+build_cargo_sbom() { cargo_tool "$CARGO_SBOM_BIN" cargo-sbom "$CARGO_SBOM_VERSION"; }
 
 case "${1:-all}" in
   kubernetes) build_kubernetes ;;
@@ -158,6 +162,7 @@ case "${1:-all}" in
   helm) build_helm ;;
   all) build_etcd; build_kwok; build_helm; build_kubernetes; build_cargo_deny ;;
   cargo-deny) build_cargo_deny ;;
+  cargo-sbom) build_cargo_sbom ;;
   kubernetes-node) build_kubernetes_node ;;
   containerd) build_containerd ;;
   cni) build_cni ;;
@@ -166,6 +171,6 @@ case "${1:-all}" in
   crane) build_crane ;;
   prometheus) build_prometheus ;;
   nodes) build_crane; build_registry; build_cni; build_containerd; build_coredns; build_prometheus
-    build_kubernetes_node ;;
+    build_kubernetes_node; build_cargo_sbom ;;
   *) sed -n '4,7p' "$0" >&2; exit 2 ;;
 esac

@@ -26,6 +26,7 @@ PROMETHEUS_BIN=$(bin_dir prometheus "$PROMETHEUS_VERSION")
 # Rust tools are keyed by the Rust toolchain instead.
 RUSTC_VERSION_KEY=$(rustc --version 2>/dev/null | awk '{print $2}' || true)
 CARGO_DENY_BIN=$TIDAL_CACHE/bin/cargo-deny-$CARGO_DENY_VERSION-rust${RUSTC_VERSION_KEY:-none}
+CARGO_SBOM_BIN=$TIDAL_CACHE/bin/cargo-sbom-$CARGO_SBOM_VERSION-rust${RUSTC_VERSION_KEY:-none}
 export PATH="$K8S_BIN:$ETCD_BIN:$KWOK_BIN:$HELM_BIN:$CARGO_DENY_BIN:$PATH"
 
 log() { printf '[tidal-local] %s\n' "$*" >&2; }

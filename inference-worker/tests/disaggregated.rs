@@ -460,7 +460,8 @@ async fn load(
     all
 }
 
-fn check_all_ok(results: &[(usize, u16, String)], want: &[String]) {
+/// Every request answered 200 with the full role's text; prints the figure for RELIABILITY.md.
+fn check_all_ok(fault: &str, results: &[(usize, u16, String)], want: &[String]) {
     for (i, status, text) in results {
         assert_eq!(*status, 200, "request {i} failed: {text}");
         assert_eq!(
@@ -468,6 +469,10 @@ fn check_all_ok(results: &[(usize, u16, String)], want: &[String]) {
             "request {i}: router output differs from full"
         );
     }
+    eprintln!(
+        "[fault] {fault}: {} requests, none failed, every answer equal to the full role's",
+        results.len()
+    );
 }
 
 /// Waits (up to 4 s) until the load is flowing: the router has generated some tokens.
@@ -526,7 +531,7 @@ async fn killing_a_replica_under_load_fails_no_request() {
     let generated_at_kill = metrics.generated_tokens.get();
     keep_loading(&metrics, generated_at_kill, 150, &stop).await;
     let results = running.await.unwrap();
-    check_all_ok(&results, &want);
+    check_all_ok("two shard replicas killed under load", &results, &want);
     let text = metrics.encode();
     assert!(
         counter_sum(&text, "tidal_worker_shard_retries_total") >= 1.0,
@@ -638,7 +643,11 @@ async fn a_shard_behind_one_balancing_address_survives_its_pod_crashing() {
     keep_loading(&metrics, metrics.generated_tokens.get(), 150, &stop).await;
     let results = running.await.unwrap();
     // The layer call cut off was retried on a new connection, which reached replica 1.
-    check_all_ok(&results, &want);
+    check_all_ok(
+        "a shard replica crashing behind one balancing address",
+        &results,
+        &want,
+    );
     let text = metrics.encode();
     assert!(
         counter_sum(&text, "tidal_worker_shard_retries_total") >= 1.0,
@@ -692,7 +701,7 @@ async fn a_replica_that_hangs_is_left_through_keepalive_pings() {
     keep_loading(&metrics, metrics.generated_tokens.get(), 150, &stop).await;
     let results = running.await.unwrap();
     signal("-CONT");
-    check_all_ok(&results, &want);
+    check_all_ok("a shard replica hung (SIGSTOP) under load", &results, &want);
     assert!(
         counter_sum(&metrics.encode(), "tidal_worker_shard_retries_total") >= 1.0,
         "no retry recorded"
@@ -758,7 +767,7 @@ async fn changing_the_placement_plan_under_load_fails_no_request() {
     );
     keep_loading(&metrics, metrics.generated_tokens.get(), 150, &stop).await;
     let results = running.await.unwrap();
-    check_all_ok(&results, &want);
+    check_all_ok("the placement plan changed under load", &results, &want);
     let after = cluster.metrics(2, 0).await + &cluster.metrics(2, 1).await;
     let e1: f64 = after
         .lines()

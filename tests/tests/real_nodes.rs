@@ -1054,3 +1054,73 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
          site traffic: {by_edge} by the edge, {by_cloud} by the cloud, none failed"
     );
 }
+
+/// The version Cargo.lock pins for `name` (the one version of it in the graph).
+fn locked_version(name: &str) -> String {
+    let lock = std::fs::read_to_string(repo_root().join("Cargo.lock")).unwrap();
+    let versions: Vec<&str> = lock
+        .split("[[package]]")
+        .filter(|p| p.contains(&format!("\nname = \"{name}\"\n")))
+        .filter_map(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
+        .map(|v| v.trim_end_matches('"'))
+        .collect();
+    assert_eq!(versions.len(), 1, "{name} in Cargo.lock: {versions:?}");
+    versions[0].to_string()
+}
+
+#[tokio::test]
+#[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
+async fn real_node_images_carry_their_sbom_and_run_as_non_root() {
+    let Some(ctx) = TestCtx::new("real-images").await else {
+        return;
+    };
+    require_real_nodes(&ctx).await;
+    let dir = tempfile::tempdir().unwrap();
+    // (image, a crate it holds, a crate it must not: each binary's own graph, not the workspace's)
+    for (image, has, lacks) in [
+        ("tidal-worker", "candle-core", "kube"),
+        ("tidal-operator", "kube", "candle-core"),
+    ] {
+        let reference = format!("{}/tidal-rs/{image}:0.1.0", tidal_e2e::real::registry());
+        let tar = dir.path().join(format!("{image}.tar"));
+        ctx.env.run(
+            "crane",
+            &["export", "--insecure", &reference, tar.to_str().unwrap()],
+        );
+        let path = format!("usr/share/doc/{image}/sbom.spdx.json");
+        let out = std::process::Command::new("tar")
+            .args(["-xOf", tar.to_str().unwrap(), &path])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path} in {reference}");
+        let sbom: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(sbom["spdxVersion"], "SPDX-2.3");
+        let version_of = |name: &str| {
+            sbom["packages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .map(|p| p["versionInfo"].as_str().unwrap().to_string())
+        };
+        assert_eq!(version_of(image).as_deref(), Some("0.1.0"));
+        assert_eq!(
+            version_of(has),
+            Some(locked_version(has)),
+            "{image}'s SBOM lists {has} at its locked version"
+        );
+        assert_eq!(version_of(lacks), None, "{image} does not link {lacks}");
+        let config: serde_json::Value =
+            serde_json::from_str(&ctx.env.run("crane", &["config", "--insecure", &reference]))
+                .unwrap();
+        assert_eq!(
+            config["config"]["User"], "65532:65532",
+            "{image} runs as non-root"
+        );
+        eprintln!(
+            "[real-images] {image}: SBOM of {} packages, user {}",
+            sbom["packages"].as_array().unwrap().len(),
+            config["config"]["User"]
+        );
+    }
+}
