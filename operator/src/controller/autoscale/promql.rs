@@ -121,6 +121,18 @@ impl Scope {
         )
     }
 
+    /// Gauges that cloud workers always export, missing from workers Prometheus has
+    /// `tidal_worker_ready` for: `2 x workers - (queue-depth series + running series)`. Above
+    /// zero, the snapshot is partial (a worker half-scraped, series dropped by a limit), and
+    /// a decision on it would read the missing workers as idle.
+    pub fn missing_gauges(&self) -> String {
+        let sel = self.selector(Tier::Cloud, "");
+        format!(
+            "count(tidal_worker_ready{sel}) * 2 - ((count(tidal_worker_queue_depth{sel}) or vector(0)) \
+             + (count(tidal_worker_running_requests{sel}) or vector(0)))"
+        )
+    }
+
     /// Routed tokens per second per expert, summed over layers
     /// (`tidal_worker_expert_tokens_total`), counted where experts run: `full` workers and
     /// `expert` shards (a router counts the same tokens again, so it is left out).

@@ -125,6 +125,18 @@ impl Source {
                 ),
             });
         };
+        if let Some(missing) = self.scalar(&scope.missing_gauges()).await?
+            && missing > 0.0
+        {
+            return Err(Unavailable {
+                reason: "PartialMetrics",
+                message: format!(
+                    "Prometheus lacks {missing} of the queue-depth and running gauges of {}/{}'s \
+                     scraped cloud workers: partial data, holding",
+                    scope.namespace, scope.service
+                ),
+            });
+        }
         let cloud = TierSample {
             arrival_rps: self
                 .scalar(&scope.arrival_rps(Tier::Cloud))
@@ -197,5 +209,118 @@ impl Source {
             edge,
             expert_tokens_per_s,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A fake Prometheus over real HTTP: what the autoscaler does with garbage, a wrong
+    //! result type and partial series (#17: no decision on partial data).
+    use super::*;
+    use axum::extract::Query;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use serde_json::json;
+
+    /// How the fake answers.
+    #[derive(Clone, Copy)]
+    enum Fake {
+        /// Every query answered as a healthy Prometheus would, for two workers.
+        Healthy,
+        /// 500 with a body that is not Prometheus' JSON.
+        ServerError,
+        /// 200 with a body that is not JSON.
+        Garbage,
+        /// Instant queries answered with a range matrix.
+        WrongType,
+        /// One of the two workers lacks its queue-depth gauge.
+        Partial,
+    }
+
+    fn vector(value: f64) -> serde_json::Value {
+        json!({"status": "success", "data": {"resultType": "vector",
+            "result": [{"metric": {}, "value": [1.7e9, value.to_string()]}]}})
+    }
+
+    fn answer(fake: Fake, query: &str) -> Response {
+        match fake {
+            Fake::ServerError => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "<html>oops</html>").into_response()
+            }
+            Fake::Garbage => (StatusCode::OK, "not json {").into_response(),
+            Fake::WrongType => axum::Json(json!({"status": "success", "data": {
+                "resultType": "matrix", "result": [{"metric": {}, "values": [[1.7e9, "1"]]}]}}))
+            .into_response(),
+            Fake::Healthy | Fake::Partial => {
+                let body = if query.starts_with("max(timestamp(") {
+                    vector(1.7e9)
+                } else if query.starts_with("count(tidal_worker_ready") {
+                    // 2 workers x 2 gauges, minus what Prometheus has.
+                    vector(if matches!(fake, Fake::Partial) {
+                        1.0
+                    } else {
+                        0.0
+                    })
+                } else if query.contains("tidal_worker_queue_depth") {
+                    vector(3.0)
+                } else if query.contains("tidal_worker_requests_total") {
+                    vector(2.5)
+                } else {
+                    json!({"status": "success", "data": {"resultType": "vector", "result": []}})
+                };
+                axum::Json(body).into_response()
+            }
+        }
+    }
+
+    async fn prometheus(fake: Fake) -> String {
+        let app = axum::Router::new().route(
+            "/api/v1/query",
+            // The source sends instant queries as GETs (`.get()`).
+            axum::routing::get(move |Query(q): Query<HashMap<String, String>>| async move {
+                answer(fake, q.get("query").map(String::as_str).unwrap_or_default())
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn scope() -> Scope {
+        Scope {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            window: "1m".into(),
+        }
+    }
+
+    async fn snapshot(fake: Fake) -> Result<Snapshot, Unavailable> {
+        let source = Source::new(&prometheus(fake).await).unwrap();
+        source.snapshot(&scope(), &BTreeMap::new(), None).await
+    }
+
+    #[tokio::test]
+    async fn a_healthy_prometheus_gives_a_snapshot() {
+        let s = snapshot(Fake::Healthy).await.unwrap();
+        let cloud = s.cloud.unwrap();
+        assert_eq!(cloud.arrival_rps, 2.5);
+        assert_eq!(cloud.queue_depth, 3.0);
+    }
+
+    #[tokio::test]
+    async fn garbage_and_wrong_answers_are_unavailable_with_the_reason() {
+        for fake in [Fake::ServerError, Fake::Garbage, Fake::WrongType] {
+            let e = snapshot(fake).await.unwrap_err();
+            assert_eq!(e.reason, "PrometheusUnavailable", "{e:?}");
+            assert!(e.message.starts_with("querying Prometheus failed"), "{e:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_missing_its_gauges_is_partial_data_not_an_idle_worker() {
+        let e = snapshot(Fake::Partial).await.unwrap_err();
+        assert_eq!(e.reason, "PartialMetrics", "{e:?}");
+        assert!(e.message.contains("ns/svc"), "{e:?}");
     }
 }
