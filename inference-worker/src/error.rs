@@ -40,6 +40,9 @@ pub enum Error {
         env: &'static str,
     },
     /// A setting (flag, fixture spec) with a value that cannot work.
+    /// A certificate, key or CA file that does not load.
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{0}")]
     InvalidConfig(String),
     #[error("cannot build the escalation client: {0}")]
@@ -128,6 +131,7 @@ impl Error {
             Error::Checkpoint { .. } => "invalid_checkpoint",
             Error::Hub { .. } => "hub",
             Error::Template(_) => "template",
+            Error::Tls(_) => "tls",
             Error::MissingFlag { .. } | Error::InvalidConfig(_) | Error::HttpClient(_) => {
                 "invalid_config"
             }

@@ -5,7 +5,7 @@ use crate::disagg::expert_server::ExpertServerConfig;
 use crate::error::{Error, Result};
 use crate::model::decoder::parse_dtype;
 use crate::model::fixture::FixtureSpec;
-use crate::serve::conn::ConnLimits;
+use crate::serve::conn::{ConnLimits, ServerOptions};
 use crate::serve::escalation::cloud::Escalator;
 use crate::serve::escalation::{EscalationConfig, OnCloudUnavailable};
 use crate::serve::lifecycle::Drain;
@@ -99,6 +99,18 @@ pub struct ServeArgs {
     #[arg(long, env = "TIDAL_IDLE_TIMEOUT_SECONDS", default_value_t = 60.0,
           value_parser = positive_seconds)]
     pub idle_timeout_seconds: f64,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this PEM certificate chain (a mounted
+    /// `kubernetes.io/tls` Secret's `tls.crt`); re-read when it changes. Needs
+    /// `--tls-key-file`.
+    #[arg(long, env = "TIDAL_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert-file` (`tls.key`).
+    #[arg(long, env = "TIDAL_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Router role: trust the CAs in this PEM file for `https://` shard endpoints (re-read
+    /// when it changes).
+    #[arg(long, env = "TIDAL_SHARD_CA_FILE")]
+    pub shard_ca_file: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long, env = "TIDAL_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -150,14 +162,21 @@ pub struct GenFixtureArgs {
 
 impl ServeArgs {
     /// The router role's shard client settings.
-    pub fn shard_client(&self) -> crate::disagg::shard_client::ClientConfig {
+    pub fn shard_client(&self) -> Result<crate::disagg::shard_client::ClientConfig> {
         let keepalive = Duration::from_secs_f64(self.shard_keepalive_seconds);
-        crate::disagg::shard_client::ClientConfig {
+        Ok(crate::disagg::shard_client::ClientConfig {
             attempt_timeout: Duration::from_secs_f64(self.shard_attempt_timeout_seconds),
             keepalive_interval: keepalive,
             keepalive_timeout: keepalive * 2,
+            tls: match &self.shard_ca_file {
+                Some(ca) => Some(crate::serve::tls::TrustedCa::open(
+                    ca,
+                    crate::serve::tls::Alpn::H2,
+                )?),
+                None => None,
+            },
             ..Default::default()
-        }
+        })
     }
 
     pub fn model_name(&self) -> String {
@@ -189,7 +208,19 @@ impl ServeArgs {
             placement_file,
             shard,
             drain: self.drain(),
+            server: self.server_options()?,
+        })
+    }
+
+    /// Limits and, with `--tls-cert-file`, TLS: how this process listens.
+    pub fn server_options(&self) -> Result<ServerOptions> {
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(crate::serve::tls::server_config(cert, key)?),
+            _ => None,
+        };
+        Ok(ServerOptions {
             limits: self.conn_limits(),
+            tls,
         })
     }
 
@@ -266,6 +297,10 @@ pub struct EscalationArgs {
         default_value_t = 30000
     )]
     pub escalation_read_timeout_ms: u64,
+    /// Trust the CAs in this PEM file for an `https://` cloud (a mounted Secret's `ca.crt`;
+    /// re-read when it changes). Unset: the platform's trust store.
+    #[arg(long, env = "TIDAL_ESCALATION_CA_FILE")]
+    pub escalation_ca_file: Option<PathBuf>,
 }
 
 impl EscalationArgs {
@@ -283,6 +318,13 @@ impl EscalationArgs {
             on_cloud_unavailable: self.on_cloud_unavailable,
             connect_timeout: Duration::from_millis(self.escalation_connect_timeout_ms),
             read_timeout: Duration::from_millis(self.escalation_read_timeout_ms),
+            ca: match &self.escalation_ca_file {
+                Some(ca) => Some(crate::serve::tls::TrustedCa::open(
+                    ca,
+                    crate::serve::tls::Alpn::Http11,
+                )?),
+                None => None,
+            },
         };
         // Fails here, at startup, rather than on the first escalation.
         Escalator::new(config.clone(), Arc::new(Metrics::new()))?;

@@ -16,7 +16,7 @@ use crate::model::gguf::GgufFile;
 use crate::model::moe::{ExpertCounts, ExpertFfn, expert_prefix, run_experts};
 use crate::model::source::Source;
 use crate::model::weights::Checkpoint;
-use crate::serve::conn::ConnLimits;
+use crate::serve::conn::ServerOptions;
 use crate::serve::lifecycle;
 use crate::serve::metrics::Metrics;
 use axum::Router;
@@ -452,8 +452,8 @@ pub struct ExpertServerConfig {
     pub shard: usize,
     /// How the shard stops after `shutdown`.
     pub drain: lifecycle::Drain,
-    /// What one client may hold (connections, timeouts, header size).
-    pub limits: ConnLimits,
+    /// Client limits and TLS of the listener.
+    pub server: ServerOptions,
 }
 
 /// `tidal-worker serve --role expert`: binds, loads this shard's experts, serves
@@ -484,7 +484,7 @@ pub async fn serve(
         }
     };
     lifecycle::serve(
-        listener, app, startup, shutdown, cfg.drain, cfg.limits, on_drain,
+        listener, app, startup, shutdown, cfg.drain, cfg.server, on_drain,
     )
     .await
 }

@@ -159,14 +159,26 @@ impl Plan {
     }
 }
 
-/// `host:port` of an `http://host[:port][/...]` URL (port 80 by default).
-pub fn authority(url: &str) -> Result<String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| Error::InvalidEndpoint {
+/// Where a shard endpoint URL points: `host:port` to connect to, and for `https://` the
+/// host name the shard's certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub authority: String,
+    pub tls_host: Option<String>,
+}
+
+/// Parses `http://host[:port][/...]` (port 80 by default) or `https://...` (port 443).
+pub fn endpoint(url: &str) -> Result<Endpoint> {
+    let (rest, tls, port) = if let Some(r) = url.strip_prefix("http://") {
+        (r, false, 80)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, true, 443)
+    } else {
+        return Err(Error::InvalidEndpoint {
             url: url.to_string(),
-            problem: "must start with http://",
-        })?;
+            problem: "must start with http:// or https://",
+        });
+    };
     let auth = rest.split('/').next().unwrap_or_default();
     if auth.is_empty() {
         return Err(Error::InvalidEndpoint {
@@ -174,16 +186,26 @@ pub fn authority(url: &str) -> Result<String> {
             problem: "has no host",
         });
     }
-    let has_port = if let Some(after) = auth.strip_prefix('[') {
-        after.contains("]:")
+    let (host, has_port) = if let Some(after) = auth.strip_prefix('[') {
+        let host = after.split(']').next().unwrap_or_default();
+        (host, after.contains("]:"))
     } else {
-        auth.contains(':')
+        let mut parts = auth.splitn(2, ':');
+        (parts.next().unwrap_or_default(), auth.contains(':'))
     };
-    Ok(if has_port {
-        auth.to_string()
-    } else {
-        format!("{auth}:80")
+    Ok(Endpoint {
+        authority: if has_port {
+            auth.to_string()
+        } else {
+            format!("{auth}:{port}")
+        },
+        tls_host: tls.then(|| host.to_string()),
     })
+}
+
+/// `host:port` of an endpoint URL.
+pub fn authority(url: &str) -> Result<String> {
+    endpoint(url).map(|e| e.authority)
 }
 
 /// Watches a plan file: polls its content (following symlinks, as Kubernetes swaps
@@ -313,6 +335,15 @@ mod tests {
         );
         assert_eq!(authority("http://svc").unwrap(), "svc:80");
         assert_eq!(authority("http://[::1]:9").unwrap(), "[::1]:9");
-        assert!(authority("https://x").is_err());
+        assert!(authority("ftp://x").is_err());
+        assert_eq!(
+            endpoint("https://svc-0.ns.svc:8443/x").unwrap(),
+            Endpoint {
+                authority: "svc-0.ns.svc:8443".into(),
+                tls_host: Some("svc-0.ns.svc".into())
+            }
+        );
+        assert_eq!(authority("https://svc").unwrap(), "svc:443");
+        assert_eq!(endpoint("http://svc").unwrap().tls_host, None);
     }
 }

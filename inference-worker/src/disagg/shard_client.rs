@@ -20,7 +20,7 @@
 //!   table changed meanwhile, the layer is retried once on the new one).
 
 use crate::disagg::metrics::ShardMetrics;
-use crate::disagg::placement::{Plan, PlanFile, authority};
+use crate::disagg::placement::{Plan, PlanFile, endpoint};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Model;
@@ -28,6 +28,7 @@ use crate::model::loader::Loaded;
 use crate::model::moe::{ExpertPlacement, RemoteExperts, Routes};
 use crate::serve::metrics::Metrics;
 use crate::serve::text::TextCodec;
+use crate::serve::tls::TrustedCa;
 use bytes::Bytes;
 use candle_core::{DType, Tensor};
 use http_body_util::{BodyExt, Full};
@@ -57,6 +58,8 @@ pub struct ClientConfig {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered.
     pub keepalive_timeout: Duration,
+    /// The CAs `https://` shard endpoints are verified against (`--shard-ca-file`).
+    pub tls: Option<Arc<TrustedCa>>,
 }
 
 impl Default for ClientConfig {
@@ -69,6 +72,7 @@ impl Default for ClientConfig {
             resolve_every: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -77,6 +81,8 @@ impl Default for ClientConfig {
 struct Replica {
     /// `host:port`.
     addr: String,
+    /// For an `https://` endpoint, the name its certificate must carry.
+    tls_host: Option<String>,
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
     down_until: Mutex<Option<Instant>>,
     /// Failures in a row: each doubles how long the replica is skipped (up to
@@ -89,9 +95,10 @@ struct Replica {
 const MAX_DOWN_FOR: Duration = Duration::from_secs(30);
 
 impl Replica {
-    fn new(addr: String) -> Arc<Self> {
+    fn new(addr: String, tls_host: Option<String>) -> Arc<Self> {
         Arc::new(Self {
             addr,
+            tls_host,
             conn: tokio::sync::Mutex::new(None),
             down_until: Mutex::new(None),
             failures: AtomicU32::new(0),
@@ -136,21 +143,37 @@ impl Replica {
                     source,
                 })?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .initial_stream_window_size(8 << 20)
-                .initial_connection_window_size(32 << 20)
-                .max_frame_size(1 << 20)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(cfg.keepalive_interval)
-                .keep_alive_timeout(cfg.keepalive_timeout)
-                .keep_alive_while_idle(true)
-                .handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|source| Error::Handshake {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
+        let mut builder =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20)
+            .max_frame_size(1 << 20)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(cfg.keepalive_interval)
+            .keep_alive_timeout(cfg.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        let handshake_err = |source| Error::Handshake {
+            addr: self.addr.clone(),
+            source,
+        };
+        let (sender, conn) = match &self.tls_host {
+            None => {
+                let (sender, conn) = builder
+                    .handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(handshake_err)?;
+                (sender, futures::future::Either::Left(conn))
+            }
+            Some(host) => {
+                let tls = self.tls_connect(cfg, host, stream).await?;
+                let (sender, conn) = builder
+                    .handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(handshake_err)?;
+                (sender, futures::future::Either::Right(conn))
+            }
+        };
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -159,6 +182,29 @@ impl Replica {
         });
         *slot = Some(sender.clone());
         Ok(sender)
+    }
+
+    /// TLS over `stream`, verifying the shard's certificate names `host`.
+    async fn tls_connect(
+        &self,
+        cfg: &ClientConfig,
+        host: &str,
+        stream: tokio::net::TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tls_err = |why: String| Error::Tls(format!("expert shard {}: {why}", self.addr));
+        let ca = cfg
+            .tls
+            .as_ref()
+            .ok_or_else(|| tls_err("an https:// endpoint needs --shard-ca-file".into()))?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| tls_err(e.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(ca.client_config());
+        tokio::time::timeout(cfg.connect_timeout, connector.connect(name, stream))
+            .await
+            .map_err(|_| Error::ConnectTimeout {
+                addr: self.addr.clone(),
+            })?
+            .map_err(|e| tls_err(e.to_string()))
     }
 
     async fn drop_conn(&self) {
@@ -215,35 +261,37 @@ impl Drop for ShardClient {
 }
 
 async fn resolve_pools(plan: &Plan, old: Option<&Routing>) -> BTreeMap<usize, Arc<Pool>> {
+    // A replica is the same one again when its address and TLS name are.
+    let key = |addr: &str, tls: &Option<String>| format!("{addr}|{tls:?}");
     let mut known: HashMap<String, Arc<Replica>> = HashMap::new();
     if let Some(old) = old {
         for pool in old.pools.values() {
             for r in &pool.replicas {
-                known.insert(r.addr.clone(), r.clone());
+                known.insert(key(&r.addr, &r.tls_host), r.clone());
             }
         }
     }
     let mut pools = BTreeMap::new();
     for spec in &plan.shards {
-        let mut addrs: Vec<String> = vec![];
+        let mut addrs: Vec<(String, Option<String>)> = vec![];
         match spec.endpoints.as_ref().filter(|v| !v.is_empty()) {
             Some(urls) => {
                 for u in urls {
-                    match authority(u) {
-                        Ok(a) => addrs.push(a),
+                    match endpoint(u) {
+                        Ok(e) => addrs.push((e.authority, e.tls_host)),
                         Err(e) => tracing::warn!(shard = spec.shard, error = %e, "bad endpoint"),
                     }
                 }
             }
             None => {
                 let url = spec.endpoint.clone().unwrap_or_default();
-                match authority(&url) {
-                    Ok(a) => match tokio::net::lookup_host(a.as_str()).await {
+                match endpoint(&url) {
+                    Ok(ep) => match tokio::net::lookup_host(ep.authority.as_str()).await {
                         Ok(found) => {
                             let mut found: Vec<String> = found.map(|s| s.to_string()).collect();
                             found.sort();
                             found.dedup();
-                            addrs.extend(found);
+                            addrs.extend(found.into_iter().map(|a| (a, ep.tls_host.clone())));
                         }
                         Err(e) => {
                             // A failed lookup (DNS restarting; no Ready pod behind a headless
@@ -252,7 +300,11 @@ async fn resolve_pools(plan: &Plan, old: Option<&Routing>) -> BTreeMap<usize, Ar
                             tracing::warn!(shard = spec.shard, endpoint = %url, error = %e,
                                 kept = last.as_ref().map_or(0, Vec::len),
                                 "cannot resolve expert shard endpoint");
-                            addrs.extend(last.unwrap_or_default());
+                            addrs.extend(
+                                last.unwrap_or_default()
+                                    .into_iter()
+                                    .map(|a| (a, ep.tls_host.clone())),
+                            );
                         }
                     },
                     Err(e) => tracing::warn!(shard = spec.shard, error = %e, "bad endpoint"),
@@ -261,7 +313,12 @@ async fn resolve_pools(plan: &Plan, old: Option<&Routing>) -> BTreeMap<usize, Ar
         }
         let replicas = addrs
             .into_iter()
-            .map(|a| known.get(&a).cloned().unwrap_or_else(|| Replica::new(a)))
+            .map(|(a, tls)| {
+                known
+                    .get(&key(&a, &tls))
+                    .cloned()
+                    .unwrap_or_else(|| Replica::new(a, tls))
+            })
             .collect();
         let next = old
             .and_then(|o| o.pools.get(&spec.shard))
@@ -700,7 +757,7 @@ mod tests {
         let url = "http://shard\0-0:8080";
         let pool = Pool {
             shard: 0,
-            replicas: vec![Replica::new("198.18.0.7:8080".into())],
+            replicas: vec![Replica::new("198.18.0.7:8080".into(), None)],
             next: AtomicUsize::new(0),
         };
         let old = routing_for(plan(url), BTreeMap::from([(0, Arc::new(pool))]));
@@ -720,7 +777,7 @@ mod tests {
 
     #[test]
     fn a_replica_failing_again_is_skipped_longer_up_to_a_cap() {
-        let r = Replica::new("127.0.0.1:1".into());
+        let r = Replica::new("127.0.0.1:1".into(), None);
         let base = Duration::from_secs(2);
         let mut last = Duration::ZERO;
         for _ in 0..4 {

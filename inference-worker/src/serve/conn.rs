@@ -3,7 +3,7 @@
 //! how long a request head may take to arrive (slowloris), how large it may be (431),
 //! how long a request body may take (408), and how long a connection with nothing in
 //! flight stays open. HTTP/1.1 and HTTP/2 (prior knowledge, as the router's shard
-//! client speaks it) on one port.
+//! client speaks it) on one port; with TLS, both by ALPN.
 
 use crate::serve::api::ApiError;
 use axum::Router;
@@ -55,6 +55,20 @@ impl Default for ConnLimits {
     }
 }
 
+/// How a server listens: its client limits, and TLS when it has a certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    pub limits: ConnLimits,
+    /// Serve HTTPS with this configuration (see [`crate::serve::tls::server_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl From<ConnLimits> for ServerOptions {
+    fn from(limits: ConnLimits) -> Self {
+        Self { limits, tls: None }
+    }
+}
+
 /// The smallest read buffer hyper's HTTP/1.1 server takes.
 const MIN_HEADER_BYTES: u32 = 8192;
 
@@ -68,9 +82,11 @@ const MAX_REFUSING: usize = 64;
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    limits: ConnLimits,
+    options: ServerOptions,
     stop: impl Future<Output = ()>,
 ) {
+    let limits = options.limits;
+    let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);
     let app = app.layer(axum::middleware::from_fn_with_state(
         limits.body_timeout,
         body_deadline,
@@ -95,9 +111,28 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
-                let (app, close_rx) = (app.clone(), close_rx.clone());
+                let (app, close_rx, tls) = (app.clone(), close_rx.clone(), tls.clone());
                 tokio::spawn(async move {
-                    serve_connection(stream, app, limits, close_rx).await;
+                    let activity = Arc::new(Activity::new());
+                    let tracked = Tracked {
+                        inner: stream,
+                        activity: activity.clone(),
+                    };
+                    match tls {
+                        None => serve_connection(tracked, activity, app, limits, close_rx).await,
+                        // The handshake is bounded like a request head.
+                        Some(tls) => {
+                            match tokio::time::timeout(limits.header_timeout, tls.accept(tracked))
+                                .await
+                            {
+                                Ok(Ok(io)) => {
+                                    serve_connection(io, activity, app, limits, close_rx).await
+                                }
+                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!("TLS handshake timed out"),
+                            }
+                        }
+                    }
                     drop(slot);
                 });
             }
@@ -167,17 +202,16 @@ impl Drop for InFlight {
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
+    activity: Arc<Activity>,
     app: Router,
     limits: ConnLimits,
     mut close: watch::Receiver<bool>,
-) {
-    let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Tracked {
-        inner: stream,
-        activity: activity.clone(),
-    });
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(stream);
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -263,12 +297,12 @@ async fn refuse(mut stream: TcpStream) {
 }
 
 /// The stream of one connection, noting when bytes move.
-struct Tracked {
-    inner: TcpStream,
+struct Tracked<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -283,7 +317,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -408,7 +442,7 @@ mod tests {
     async fn start(app: Router, limits: ConnLimits) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, app, limits, std::future::pending()));
+        tokio::spawn(serve(listener, app, limits.into(), std::future::pending()));
         addr
     }
 
@@ -456,7 +490,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, app, ConnLimits::default(), async {
+        let server = tokio::spawn(serve(listener, app, ServerOptions::default(), async {
             let _ = stop_rx.await;
         }));
         let in_flight = tokio::spawn(get_once(addr, "/slow"));

@@ -5,7 +5,7 @@
 //! in-flight requests finish within the grace period.
 
 use crate::error::{Error, Result};
-use crate::serve::conn::{self, ConnLimits};
+use crate::serve::conn::{self, ServerOptions};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
@@ -88,13 +88,13 @@ pub async fn serve<T>(
     startup: impl Future<Output = Result<T>>,
     shutdown: impl Future<Output = ()>,
     drain: Drain,
-    limits: ConnLimits,
+    options: ServerOptions,
     on_drain: impl FnOnce(Option<T>),
 ) -> Result<()> {
     let activity = Arc::new(Activity::new());
     let app = app.layer(middleware::from_fn_with_state(activity.clone(), track));
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(conn::serve(listener, app, limits, async {
+    let mut server = tokio::spawn(conn::serve(listener, app, options, async {
         let _ = drain_rx.await;
     }));
     let mut startup = std::pin::pin!(startup);
@@ -209,7 +209,7 @@ mod tests {
                 let _ = rx.await;
             },
             drain,
-            ConnLimits::default(),
+            ServerOptions::default(),
             move |_| d.store(true, Ordering::SeqCst),
         ));
         Running {

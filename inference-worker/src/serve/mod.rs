@@ -13,3 +13,4 @@ pub mod response;
 pub mod sampling;
 pub mod stop;
 pub mod text;
+pub mod tls;

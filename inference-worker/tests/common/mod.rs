@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
-use tidal_worker::serve::conn::ConnLimits;
+use tidal_worker::serve::conn::{ConnLimits, ServerOptions};
 use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::http::{AppState, Served, ServerConfig};
 use tidal_worker::serve::metrics::Metrics;
@@ -96,6 +96,16 @@ pub async fn start_limited(
     config: ServerConfig,
     limits: ConnLimits,
 ) -> TestServer {
+    start_listening(dir, engine, config, limits.into()).await
+}
+
+/// An in-process server listening as `options` say (limits, TLS).
+pub async fn start_listening(
+    dir: tempfile::TempDir,
+    engine: EngineConfig,
+    config: ServerConfig,
+    options: ServerOptions,
+) -> TestServer {
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(config, metrics.clone());
     let loaded =
@@ -117,7 +127,7 @@ pub async fn start_limited(
     tokio::spawn(tidal_worker::serve::conn::serve(
         listener,
         app,
-        limits,
+        options,
         std::future::pending(),
     ));
     TestServer {

@@ -34,6 +34,8 @@ pub async fn serve(
         _ => None,
     };
     let dtype = crate::model::decoder::parse_dtype(&args.dtype)?;
+    // Certificates load before binding: a bad one fails the start, not the first client.
+    let server = args.server_options()?;
     let (listener, addr) = lifecycle::bind(args.listen).await?;
     tracing::info!(%addr, "listening");
     let metrics = Arc::new(Metrics::for_model(&args.model_name()));
@@ -61,7 +63,7 @@ pub async fn serve(
         Some(p) => Some(
             crate::disagg::shard_client::ShardClient::start(
                 &p,
-                args.shard_client(),
+                args.shard_client()?,
                 metrics.clone(),
             )
             .await?,
@@ -118,7 +120,7 @@ pub async fn serve(
         startup,
         shutdown,
         args.drain(),
-        args.conn_limits(),
+        server,
         on_drain,
     )
     .await

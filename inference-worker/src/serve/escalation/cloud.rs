@@ -19,7 +19,9 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 pub struct Escalator {
     pub config: EscalationConfig,
     base: String,
-    client: reqwest::Client,
+    /// The client, and the TLS configuration it was built with (rebuilt when the CA file
+    /// changes).
+    client: std::sync::Mutex<(Option<Arc<rustls::ClientConfig>>, reqwest::Client)>,
     model: tokio::sync::OnceCell<String>,
     metrics: Arc<Metrics>,
     /// This worker's keys: the cloud tier of the same service requires the same ones.
@@ -35,11 +37,8 @@ impl Escalator {
         // reqwest is built without a bundled crypto provider; ring is the process's (an error
         // only means one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            .build()
-            .map_err(crate::Error::HttpClient)?;
+        let tls = config.ca.as_ref().map(|ca| ca.client_config());
+        let client = Self::build_client(&config, tls.clone())?;
         let base = config.cloud_url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(crate::Error::InvalidConfig(format!(
@@ -50,11 +49,40 @@ impl Escalator {
         Ok(Self {
             config,
             base,
-            client,
+            client: std::sync::Mutex::new((tls, client)),
             model: tokio::sync::OnceCell::new(),
             metrics,
             api_keys: None,
         })
+    }
+
+    fn build_client(
+        config: &EscalationConfig,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> crate::Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout);
+        if let Some(tls) = tls {
+            b = b.tls_backend_preconfigured((*tls).clone());
+        }
+        b.build().map_err(crate::Error::HttpClient)
+    }
+
+    /// The client for the next request: rebuilt when the trusted CA file has changed
+    /// (reqwest clients are cheap handles; connections in flight keep theirs).
+    fn client(&self) -> reqwest::Client {
+        let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ca) = &self.config.ca {
+            let now = ca.client_config();
+            if !slot.0.as_ref().is_some_and(|c| Arc::ptr_eq(c, &now)) {
+                match Self::build_client(&self.config, Some(now.clone())) {
+                    Ok(c) => *slot = (Some(now), c),
+                    Err(e) => tracing::warn!(error = %e, "keeping the escalation client"),
+                }
+            }
+        }
+        slot.1.clone()
     }
 
     /// Presents this worker's own API key to the cloud.
@@ -92,7 +120,7 @@ impl Escalator {
                 let url = format!("{}/v1/models", self.base);
                 let resp = tokio::time::timeout(
                     self.config.read_timeout,
-                    self.authorized(self.client.get(&url))
+                    self.authorized(self.client().get(&url))
                         .header(ESCALATED_FROM_HEADER, "edge")
                         .send(),
                 )
@@ -129,7 +157,7 @@ impl Escalator {
         body["stream_options"] = json!({"include_usage": true});
         let url = format!("{}{path}", self.base);
         let send = self
-            .authorized(self.client.post(&url))
+            .authorized(self.client().post(&url))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(ESCALATED_FROM_HEADER, "edge")
             .body(body.to_string())

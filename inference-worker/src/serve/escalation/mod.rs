@@ -26,6 +26,8 @@ pub mod cloud;
 pub mod continuation;
 
 use crate::serve::engine::ConfidenceCheck;
+use crate::serve::tls::TrustedCa;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Request header set on every request an edge sends to the cloud. A worker that gets it
@@ -75,6 +77,9 @@ pub struct EscalationConfig {
     pub connect_timeout: Duration,
     /// Limit for the cloud's response headers and for each read of its stream.
     pub read_timeout: Duration,
+    /// The CAs an `https://` cloud is verified against (`--escalation-ca-file`); None: the
+    /// platform's trust store.
+    pub ca: Option<Arc<TrustedCa>>,
 }
 
 impl EscalationConfig {
@@ -88,6 +93,7 @@ impl EscalationConfig {
             on_cloud_unavailable: OnCloudUnavailable::ServeLocally,
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(30),
+            ca: None,
         }
     }
 
