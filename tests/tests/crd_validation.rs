@@ -216,6 +216,16 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
             "key must consist of alphanumerics",
         ),
         (
+            "TLS Secret with a bad name",
+            tis(with(base(), &["tls"], json!({"secretName": "Workers TLS"}))),
+            "secretName must be a Secret name",
+        ),
+        (
+            "TLS without a Secret",
+            tis(with(base(), &["tls"], json!({}))),
+            "secretName: Required value",
+        ),
+        (
             "edge node with nodeName and nodeSelector",
             edge_node(
                 "both",
@@ -266,6 +276,11 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     create(&ctx.client, &ctx.namespace, &keyed)
         .await
         .expect("an API keys Secret reference is valid");
+    let mut tls = tis(with(base(), &["tls"], json!({"secretName": "workers-tls"})));
+    tls.metadata.name = Some("tls".into());
+    create(&ctx.client, &ctx.namespace, &tls)
+        .await
+        .expect("a TLS Secret reference is valid");
     // OCI model artifacts by tag or by digest are valid model URIs.
     for (i, uri) in [
         "oci://127.0.0.1:25000/tidal-rs/models/smollm2:0.1.2",

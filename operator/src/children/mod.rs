@@ -213,6 +213,7 @@ pub fn desired_children(
         image: spec.image.as_deref().unwrap_or(&cfg.worker_image),
         served_name: spec.model.served_name.as_deref().unwrap_or(&name),
         api_keys: spec.auth.as_ref().map(|a| &a.api_key_secret),
+        tls_secret: spec.tls.as_ref().map(|t| t.secret_name.as_str()),
     };
 
     let mut workloads = Vec::new();
@@ -228,7 +229,8 @@ pub fn desired_children(
         ChildKind::Cloud
     };
     let cloud_url = format!(
-        "http://{}.{namespace}.svc.{}:{WORKER_PORT}",
+        "{}://{}.{namespace}.svc.{}:{WORKER_PORT}",
+        base.scheme(),
         cloud_kind.name(&name),
         cfg.cluster_domain
     );
@@ -327,7 +329,8 @@ pub fn desired_children(
                     experts.max_replicas_per_shard,
                 );
             let endpoint = format!(
-                "http://{}.{namespace}.svc.{}:{WORKER_PORT}",
+                "{}://{}.{namespace}.svc.{}:{WORKER_PORT}",
+                base.scheme(),
                 kind.name(&name),
                 cfg.cluster_domain
             );

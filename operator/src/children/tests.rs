@@ -265,6 +265,135 @@ fn api_keys_reach_every_openai_serving_worker_and_no_expert_shard() {
 }
 
 #[test]
+fn tls_serves_https_on_every_worker_and_verifies_between_them() {
+    let tls = Some(crate::crd::TlsSpec {
+        secret_name: "workers-tls".into(),
+    });
+    let probes_https = |w: &Workload| {
+        let c = &w.pod_spec().containers[0];
+        [&c.readiness_probe, &c.liveness_probe, &c.startup_probe]
+            .iter()
+            .all(|p| {
+                p.as_ref()
+                    .unwrap()
+                    .http_get
+                    .as_ref()
+                    .unwrap()
+                    .scheme
+                    .as_deref()
+                    == Some("HTTPS")
+            })
+    };
+    let check = |w: &Workload, ca_env: Option<&str>| {
+        let pod = w.pod_spec();
+        let secret = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tls")
+            .and_then(|v| v.secret.as_ref())
+            .unwrap_or_else(|| panic!("{:?}: no TLS volume", w.kind));
+        assert_eq!(secret.secret_name.as_deref(), Some("workers-tls"));
+        let keys: Vec<_> = secret
+            .items
+            .iter()
+            .flatten()
+            .map(|i| i.key.as_str())
+            .collect();
+        assert_eq!(keys, ["tls.crt", "tls.key", "ca.crt"]);
+        assert_eq!(
+            env_of(w, "TIDAL_TLS_CERT_FILE").as_deref(),
+            Some("/etc/tidal/tls/tls.crt")
+        );
+        assert_eq!(
+            env_of(w, "TIDAL_TLS_KEY_FILE").as_deref(),
+            Some("/etc/tidal/tls/tls.key")
+        );
+        for name in ["TIDAL_SHARD_CA_FILE", "TIDAL_ESCALATION_CA_FILE"] {
+            let want = (ca_env == Some(name)).then(|| "/etc/tidal/tls/ca.crt".to_string());
+            assert_eq!(env_of(w, name), want, "{:?} {name}", w.kind);
+        }
+        assert!(probes_https(w), "{:?}", w.kind);
+        let annotations = w
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap();
+        assert_eq!(annotations["prometheus.io/scheme"], "https");
+    };
+
+    // Router and shards: the plan's endpoints are https, the router trusts the CA.
+    let (mut svcs, _) = load_example("moe-experts.yaml");
+    svcs[0].spec.tls = tls.clone();
+    let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
+    for w in &c.workloads {
+        let ca = (w.kind == ChildKind::Router).then_some("TIDAL_SHARD_CA_FILE");
+        check(w, ca);
+    }
+    assert_eq!(
+        c.plan.as_ref().unwrap().shards[1].endpoint,
+        "https://mixtral-experts-1.prod.svc.cluster.local:8080"
+    );
+
+    // Edge and cloud: the edge escalates to https and trusts the CA.
+    let (mut svcs, nodes) = load_example("cloud-edge.yaml");
+    svcs[0].spec.tls = tls;
+    let c = desired_children(
+        &svcs[0],
+        &facts(&nodes, EdgePhase::Ready),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    for w in &c.workloads {
+        let edge = matches!(w.kind, ChildKind::Edge(_));
+        check(w, edge.then_some("TIDAL_ESCALATION_CA_FILE"));
+        if edge {
+            assert_eq!(
+                env_of(w, "TIDAL_ESCALATE_TO").as_deref(),
+                Some("https://assistant-cloud.prod.svc.cluster.local:8080")
+            );
+        }
+    }
+
+    // Without TLS the pod templates are as before: no scheme set, no annotation.
+    svcs[0].spec.tls = None;
+    let c = desired_children(
+        &svcs[0],
+        &facts(&nodes, EdgePhase::Ready),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    for w in &c.workloads {
+        let c0 = &w.pod_spec().containers[0];
+        assert_eq!(
+            c0.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .scheme,
+            None
+        );
+        assert!(env_of(w, "TIDAL_TLS_CERT_FILE").is_none());
+        assert!(
+            !w.pod_spec()
+                .volumes
+                .iter()
+                .flatten()
+                .any(|v| v.name == "tls")
+        );
+    }
+}
+
+#[test]
 fn a_service_changing_its_cluster_ip_kind_is_replaced() {
     use k8s_openapi::api::core::v1::{Service, ServiceSpec};
     let svc = |ip: Option<&str>| Service {

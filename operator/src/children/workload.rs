@@ -36,6 +36,19 @@ pub(super) struct Base<'a> {
     pub served_name: &'a str,
     /// The Secret key holding the API keys the OpenAI endpoints require, if any.
     pub api_keys: Option<&'a SecretKeyRef>,
+    /// The `kubernetes.io/tls` Secret (with `ca.crt`) the workers serve and verify with.
+    pub tls_secret: Option<&'a str>,
+}
+
+impl Base<'_> {
+    /// `http` or, with TLS, `https`: the scheme of every URL between workers.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_secret.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 /// The worker's command line and environment (the contract with `tidal-worker serve`).
@@ -50,6 +63,10 @@ pub struct WorkerArgs {
 /// Where the API keys Secret is mounted, and the file in it the worker reads.
 pub const AUTH_DIR: &str = "/etc/tidal/auth";
 pub const API_KEYS_FILE: &str = "api-keys";
+
+/// Where the TLS Secret is mounted, and its files (cert-manager's names).
+pub const TLS_DIR: &str = "/etc/tidal/tls";
+pub const TLS_FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 
 /// Where an `oci://` model is mounted in the worker (an image volume, read-only).
 pub const MODEL_MOUNT: &str = "/models/model";
@@ -127,11 +144,14 @@ fn meta(base: &Base, name: String, labels: BTreeMap<String, String>) -> ObjectMe
     }
 }
 
-fn probe(path: &str, period: i32, failures: i32) -> Probe {
+fn probe(path: &str, period: i32, failures: i32, scheme: &str) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String("http".into()),
+            // The kubelet does not verify the certificate of an HTTPS probe. HTTP is the
+            // default and left unset, so templates without TLS stay as they were.
+            scheme: (scheme == "https").then(|| "HTTPS".to_string()),
             ..Default::default()
         }),
         period_seconds: Some(period),
@@ -241,6 +261,30 @@ pub(super) fn deployment(
             },
         ));
     }
+    if let Some(secret) = base.tls_secret {
+        vols.push(volume(
+            "tls",
+            TLS_DIR,
+            Volume {
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.into()),
+                    items: Some(
+                        TLS_FILES
+                            .iter()
+                            .map(|f| KeyToPath {
+                                key: (*f).into(),
+                                path: (*f).into(),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ));
+    }
     let (volumes, mounts): (Vec<_>, Vec<_>) = vols.into_iter().unzip();
     let mut env = vec![
         EnvVar {
@@ -272,6 +316,23 @@ pub(super) fn deployment(
             ..Default::default()
         });
     }
+    if base.tls_secret.is_some() {
+        let mut tls_env = vec![
+            ("TIDAL_TLS_CERT_FILE", "tls.crt"),
+            ("TIDAL_TLS_KEY_FILE", "tls.key"),
+        ];
+        match kind {
+            // The router verifies its shards, an edge worker its cloud, with the same CA.
+            ChildKind::Router => tls_env.push(("TIDAL_SHARD_CA_FILE", "ca.crt")),
+            ChildKind::Edge(_) => tls_env.push(("TIDAL_ESCALATION_CA_FILE", "ca.crt")),
+            ChildKind::Cloud | ChildKind::ExpertShard(_) => {}
+        }
+        env.extend(tls_env.into_iter().map(|(name, file)| EnvVar {
+            name: name.into(),
+            value: Some(format!("{TLS_DIR}/{file}")),
+            ..Default::default()
+        }));
+    }
     env.extend(args.env.into_iter().map(|(name, value)| EnvVar {
         name,
         value: Some(value),
@@ -290,9 +351,9 @@ pub(super) fn deployment(
         env: Some(env),
         resources,
         // Ready only once the model is loaded and warm; a long start is not a liveness failure.
-        readiness_probe: Some(probe("/ready", 5, 3)),
-        liveness_probe: Some(probe("/health", 10, 6)),
-        startup_probe: Some(probe("/health", 5, 120)),
+        readiness_probe: Some(probe("/ready", 5, 3, base.scheme())),
+        liveness_probe: Some(probe("/health", 10, 6, base.scheme())),
+        startup_probe: Some(probe("/health", 5, 120, base.scheme())),
         // SIGTERM makes the worker refuse new generations, while kube-proxy and routers may
         // still send it some until the EndpointSlice drops the pod: wait that out first, so a
         // scale-down fails no request. Kubernetes' own sleep (the image has no shell).
@@ -323,6 +384,10 @@ pub(super) fn deployment(
         ("prometheus.io/port".to_string(), WORKER_PORT.to_string()),
         ("prometheus.io/path".to_string(), "/metrics".to_string()),
     ]);
+    if base.tls_secret.is_some() {
+        // The chart's scrape config reads the scheme from here.
+        annotations.insert("prometheus.io/scheme".into(), "https".into());
+    }
     if let ChildKind::Edge(node) = kind {
         annotations.insert("tidal.rs/edge-node".into(), node.clone());
     }

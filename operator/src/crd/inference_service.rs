@@ -94,6 +94,24 @@ pub struct InferenceServiceSpec {
     /// serve without keys (inside a trusted network only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+    /// Serve HTTPS on every worker and verify it between them: edge -> cloud escalation and
+    /// router -> expert shards. Omit for plain HTTP (inside a trusted network only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// TLS of the workers, from one Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret in the service's namespace with `tls.crt`, `tls.key` and `ca.crt` (the layout
+    /// cert-manager writes). The certificate must name the service's Services, e.g.
+    /// `*.<namespace>.svc.cluster.local`; `ca.crt` is the CA the workers verify each other
+    /// with. Mounted into the workers, never read by the operator; a renewed Secret applies
+    /// without a restart.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && self.size() <= 253")
+        .message("secretName must be a Secret name (lowercase DNS subdomain)"))]
+    pub secret_name: String,
 }
 
 /// API-key authentication of the workers.
