@@ -1124,3 +1124,125 @@ async fn real_node_images_carry_their_sbom_and_run_as_non_root() {
         );
     }
 }
+
+/// A CA and a certificate it signed for every Service name of `namespace`, as the Secret
+/// data cert-manager would write (`tls.crt`, `tls.key`, `ca.crt`).
+fn tls_secret_data(namespace: &str) -> std::collections::BTreeMap<String, String> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let names = vec![
+        format!("*.{namespace}.svc.cluster.local"),
+        format!("*.{namespace}.svc"),
+    ];
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::collections::BTreeMap::from([
+        ("tls.crt".to_string(), cert.pem()),
+        ("tls.key".to_string(), key.serialize_pem()),
+        ("ca.crt".to_string(), ca.pem()),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
+async fn real_node_tls_secret_makes_router_and_shards_speak_https() {
+    let Some((ctx, _release)) = setup("real-tls", &[]).await else {
+        return;
+    };
+    let ns = ctx.namespace.clone();
+    let data = tls_secret_data(&ns);
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "moe-tls"}, "type": "kubernetes.io/tls", "stringData": data,
+    }))
+    .unwrap();
+    ctx.api::<k8s_openapi::api::core::v1::Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the TLS Secret");
+    let name = "moe";
+    create_service(
+        &ctx,
+        name,
+        json!({
+            "model": {"uri": fixture_model(&ctx, "mixtral"), "architecture": "mixtral",
+                      "numExperts": 4},
+            "tls": {"secretName": "moe-tls"},
+            "cloud": {"minReplicas": 1, "maxReplicas": 1,
+                      "nodeSelector": {"tidal.rs/tier": "cloud"},
+                      "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                      "experts": {"shards": 1, "minReplicasPerShard": 1,
+                                  "maxReplicasPerShard": 1,
+                                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}},
+        }),
+    )
+    .await;
+    // Ready through HTTPS probes; the router warmed up through its shard over TLS.
+    eventually("router and shard pods Ready", START, || async {
+        let all = ready_pods(&ctx, &ns, &format!("app.kubernetes.io/instance={name}")).await;
+        if all.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("ready: {all:?}"))
+        }
+    })
+    .await;
+
+    // A client trusting only the Secret's CA reaches the router by its Service name (mapped
+    // to the ClusterIP from the host) and gets an answer computed through the shard.
+    let ip = ctx
+        .api::<Service>()
+        .get(&format!("{name}-router"))
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .unwrap();
+    let host = format!("{name}-router.{ns}.svc.cluster.local");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(data["ca.crt"].as_bytes()).unwrap()])
+        .resolve(&host, format!("{ip}:8080").parse().unwrap())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let answer: serde_json::Value = eventually("an HTTPS completion", START, || async {
+        let r = client
+            .post(format!("https://{host}:8080/v1/completions"))
+            .json(&json!({"model": name, "prompt": "Hello", "max_tokens": 4}))
+            .send()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        if r.status() != 200 {
+            return Err(format!("status {}", r.status()));
+        }
+        r.json().await.map_err(|e| e.to_string())
+    })
+    .await;
+    assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
+    // Plain HTTP is not served.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{ip}:8080/v1/models"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    assert!(!plain.is_ok_and(|r| r.status().is_success()));
+    // Prometheus scrapes both pods over HTTPS, as their annotation says.
+    let scraped = eventually("Prometheus scrapes the HTTPS workers", START, || async {
+        let up = prom_query(&format!(r#"up{{namespace="{ns}"}} == 1"#)).await?;
+        if up.len() == 2 {
+            Ok(up.len())
+        } else {
+            Err(format!("up: {up:?}"))
+        }
+    })
+    .await;
+    eprintln!(
+        "[real-tls] router and shard over HTTPS (probes, router -> shard, client -> router); \
+         {scraped} pods scraped over HTTPS; plain HTTP refused"
+    );
+}
