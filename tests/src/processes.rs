@@ -117,6 +117,11 @@ impl ProcessGuard {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|k| k.0.id())
+    }
+
     /// Stops the process now (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         self.child.take();
