@@ -100,6 +100,20 @@ impl Workload {
             .and_then(|d| d.template.spec.as_ref())
             .expect("workload Deployments carry a pod spec")
     }
+
+    /// One annotation of its pod template.
+    pub fn pod_annotation(&self, key: &str) -> Option<&str> {
+        self.deployment
+            .spec
+            .as_ref()?
+            .template
+            .metadata
+            .as_ref()?
+            .annotations
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
 }
 
 /// Everything an InferenceService should own.

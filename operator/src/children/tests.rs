@@ -314,19 +314,7 @@ fn tls_serves_https_on_every_worker_and_verifies_between_them() {
             assert_eq!(env_of(w, name), want, "{:?} {name}", w.kind);
         }
         assert!(probes_https(w), "{:?}", w.kind);
-        let annotations = w
-            .deployment
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap();
-        assert_eq!(annotations["prometheus.io/scheme"], "https");
+        assert_eq!(w.pod_annotation("prometheus.io/scheme"), Some("https"));
     };
 
     // Router and shards: the plan's endpoints are https, the router trusts the CA.
@@ -702,18 +690,9 @@ fn an_autoscaled_placement_drives_the_plan_and_rolls_shards_that_must_load_exper
     assert!(plan.shards[1].held.is_empty(), "held only when it differs");
     let annotation = |c: &Children, k: usize| {
         c.workloads[k + 1]
-            .deployment
-            .spec
-            .as_ref()
+            .pod_annotation(ANNOTATION_HELD_EXPERTS)
             .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap()[ANNOTATION_HELD_EXPERTS]
-            .clone()
+            .to_string()
     };
     assert_eq!(annotation(&before, 0), "0,4");
     assert_eq!(
