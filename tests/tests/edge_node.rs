@@ -166,6 +166,141 @@ fn renew_time(lease: &Lease) -> Option<Timestamp> {
     lease.spec.as_ref()?.renew_time.as_ref().map(|t| t.0)
 }
 
+/// Takes a Node's Lease from kwok, as a site losing its uplink stops renewing it; returns
+/// kwok's holder identity and the last renewal.
+async fn cut_off(leases: &Api<Lease>, node: &str) -> (String, Timestamp) {
+    let kwok_holder = leases
+        .get(node)
+        .await
+        .expect("kwok created the Node's Lease")
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("kwok holds the Lease");
+    let taken = leases
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"holderIdentity": PARTITION_HOLDER, "leaseDurationSeconds": 3600}}),
+            ),
+        )
+        .await
+        .expect("take the Lease over");
+    (kwok_holder, renew_time(&taken).expect("renewed before"))
+}
+
+/// Hands the Lease back to kwok with a fresh renewal; returns its time.
+async fn reconnect(leases: &Api<Lease>, node: &str, kwok_holder: &str) -> Timestamp {
+    let resumed_at = Timestamp::now();
+    leases
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "holderIdentity": kwok_holder,
+                "leaseDurationSeconds": 40,
+                "renewTime": MicroTime(resumed_at),
+            }})),
+        )
+        .await
+        .expect("hand the Lease back");
+    resumed_at
+}
+
+/// The reasons of the Events about EdgeNode `name`, one per occurrence (a repeated Event is
+/// one object whose `series.count` grows).
+async fn event_reasons(ctx: &TestCtx, name: &str) -> Result<Vec<String>, String> {
+    // EdgeNodes are cluster-scoped: their Events go to `default`.
+    Ok(Api::<Event>::namespaced(ctx.client.clone(), "default")
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .flat_map(|e| {
+            let times = e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize;
+            std::iter::repeat_n(e.reason.unwrap_or_default(), times)
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn five_cuts_in_a_row_change_the_phase_once_each_way() {
+    let Some(ctx) = TestCtx::new("edgenode-flap").await else {
+        return;
+    };
+    install_crds(&ctx).await;
+    start_controller(&ctx.env);
+    let id = suffix();
+    let node_name = format!("e2e-edge-flap-{id}");
+    let en_name = format!("e2e-flap-{id}");
+    let _cleanup = Cleanup {
+        env: ctx.env.clone(),
+        objects: vec![("node", node_name.clone()), ("edgenode", en_name.clone())],
+    };
+    create_fake_node(&ctx, &node_name, &id).await;
+    create_edge_node(
+        &ctx,
+        &en_name,
+        json!({"nodeName": node_name, "site": "e2e-site",
+               "offlinePolicy": {"heartbeatTimeoutSeconds": HEARTBEAT_TIMEOUT}}),
+    )
+    .await;
+    wait_status(
+        &ctx,
+        &en_name,
+        "Ready",
+        CONVERGE,
+        phase_is(EdgePhase::Ready),
+    )
+    .await;
+    let leases = Api::<Lease>::namespaced(ctx.client.clone(), "kube-node-lease");
+    for round in 1..=5 {
+        let (kwok_holder, _) = cut_off(&leases, &node_name).await;
+        wait_status(
+            &ctx,
+            &en_name,
+            &format!("Offline, cut {round}"),
+            Duration::from_secs(HEARTBEAT_TIMEOUT + 20),
+            phase_is(EdgePhase::Offline),
+        )
+        .await;
+        reconnect(&leases, &node_name, &kwok_holder).await;
+        wait_status(
+            &ctx,
+            &en_name,
+            &format!("Ready, restore {round}"),
+            CONVERGE,
+            phase_is(EdgePhase::Ready),
+        )
+        .await;
+    }
+    // One Event per phase change: five times Offline, five times Ready again, and at most
+    // one Degraded on the way down each time; nothing in between.
+    let reasons = eventually("the phase Events", CONVERGE, || async {
+        let r = event_reasons(&ctx, &en_name).await?;
+        let n = |what: &str| r.iter().filter(|x| x.as_str() == what).count();
+        if n("Offline") == 5 && n("Ready") == 5 {
+            Ok(r)
+        } else {
+            Err(format!("event reasons {r:?}"))
+        }
+    })
+    .await;
+    let degraded = reasons.iter().filter(|r| r.as_str() == "Degraded").count();
+    assert!(degraded <= 5, "{reasons:?}");
+    assert_eq!(
+        reasons.len(),
+        10 + degraded,
+        "only phase changes are announced: {reasons:?}"
+    );
+    eprintln!(
+        "[edge-flap] 5 cuts and restores: 5 Offline, 5 Ready, {degraded} Degraded Events, \
+         nothing else"
+    );
+}
+
 #[tokio::test]
 async fn heartbeat_loss_turns_offline_and_recovery_turns_ready() {
     let Some(ctx) = TestCtx::new("edgenode-hb").await else {
@@ -244,24 +379,7 @@ async fn heartbeat_loss_turns_offline_and_recovery_turns_ready() {
 
     // Cut the site off: take the Lease from kwok.
     let leases = Api::<Lease>::namespaced(ctx.client.clone(), "kube-node-lease");
-    let kwok_holder = leases
-        .get(&node_name)
-        .await
-        .expect("kwok created the Node's Lease")
-        .spec
-        .and_then(|s| s.holder_identity)
-        .expect("kwok holds the Lease");
-    let taken = leases
-        .patch(
-            &node_name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"spec": {"holderIdentity": PARTITION_HOLDER, "leaseDurationSeconds": 3600}}),
-            ),
-        )
-        .await
-        .expect("take the Lease over");
-    let last_renewal = renew_time(&taken).expect("renewed before");
+    let (kwok_holder, last_renewal) = cut_off(&leases, &node_name).await;
 
     let offline = wait_status(
         &ctx,
@@ -283,19 +401,7 @@ async fn heartbeat_loss_turns_offline_and_recovery_turns_ready() {
     );
 
     // Reconnect: hand the Lease back to kwok with a fresh renewal.
-    let resumed_at = Timestamp::now();
-    leases
-        .patch(
-            &node_name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {
-                "holderIdentity": kwok_holder,
-                "leaseDurationSeconds": 40,
-                "renewTime": MicroTime(resumed_at),
-            }})),
-        )
-        .await
-        .expect("hand the Lease back");
+    let resumed_at = reconnect(&leases, &node_name, &kwok_holder).await;
     let back = wait_status(
         &ctx,
         &en_name,
@@ -319,20 +425,9 @@ async fn heartbeat_loss_turns_offline_and_recovery_turns_ready() {
     })
     .await;
 
-    // Each phase change is an Event on the EdgeNode (cluster-scoped: namespace default).
-    let events = Api::<Event>::namespaced(ctx.client.clone(), "default");
+    // Each phase change is an Event on the EdgeNode.
     eventually("phase Events", CONVERGE, || async {
-        let reasons: Vec<String> = events
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .into_iter()
-            .filter(|e| {
-                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(en_name.as_str())
-            })
-            .filter_map(|e| e.reason)
-            .collect();
+        let reasons = event_reasons(&ctx, &en_name).await?;
         if reasons.iter().any(|r| r == "Offline") && reasons.iter().any(|r| r == "Ready") {
             Ok(())
         } else {
