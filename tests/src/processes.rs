@@ -96,6 +96,42 @@ pub fn write_fixture_with(dir: &Path, arch: &str, extra: &[&str]) {
     );
 }
 
+/// The sum of the series whose lines start with `prefix` (a metric name and a space, or a
+/// name and `{`) and contain every one of `parts`, from `/metrics` on 127.0.0.1:`port`
+/// (through curl); None when it does not answer.
+pub fn metric_sum(port: u16, prefix: &str, parts: &[&str]) -> Option<f64> {
+    let out = Command::new("curl")
+        .args(["-fsS", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && parts.iter().all(|p| l.contains(p)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// `tidal-operator run ARGS` against the test cluster, its metrics on a free port of
+/// 127.0.0.1, its log in `log`; killed on drop.
+pub fn spawn_operator(env: &crate::LocalEnv, args: &[&str], log: &Path) -> (Killed, u16) {
+    let port = free_port();
+    let child = env
+        .command(crate::operator_binary().to_str().unwrap())
+        .arg("run")
+        .args(args)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("operator log file"))
+        .spawn()
+        .expect("start tidal-operator");
+    (Killed(child), port)
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Killed(pub Child);
 

@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
-use tidal_e2e::processes::free_port;
+use tidal_e2e::processes::{free_port, metric_sum};
 use tidal_e2e::{CONVERGE, TestCtx, eventually, install_crds, tidal_local};
 use tidal_operator::crd::InferenceService;
 
@@ -76,20 +76,7 @@ impl Supervised {
 
     /// The sum of a metric's series whose line contains every one of `parts`.
     fn metric(&self, name: &str, parts: &[&str]) -> Option<f64> {
-        let out = Command::new("curl")
-            .args(["-fsS", &format!("http://127.0.0.1:{}/metrics", self.port)])
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        let text = String::from_utf8(out.stdout).ok()?;
-        Some(
-            text.lines()
-                .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        metric_sum(self.port, name, parts)
     }
 
     /// Server-side applies of children by the current process.

@@ -3,14 +3,13 @@
 //! reconciled and reported at its generation, the ones it cannot serve with a condition that
 //! says why; the operator never exits and never loops hot.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kube::api::PostParams;
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{Value, json};
-use tidal_e2e::processes::free_port;
+use tidal_e2e::processes::{metric_sum, spawn_operator};
 use tidal_e2e::{CONVERGE, TestCtx, eventually, install_crds};
 use tidal_operator::crd::InferenceService;
 
@@ -110,32 +109,13 @@ fn generated() -> Vec<Value> {
         .collect()
 }
 
-struct Operator(Child, u16);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Operator {
-    fn reconciles(&self) -> Option<f64> {
-        let out = Command::new("curl")
-            .args(["-fsS", &format!("http://127.0.0.1:{}/metrics", self.1)])
-            .output()
-            .ok()?;
-        let text = String::from_utf8(out.stdout).ok()?;
-        Some(
-            text.lines()
-                .filter(|l| {
-                    l.starts_with("tidal_operator_reconciles_total{")
-                        && l.contains("inferenceservice")
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
-    }
+/// The InferenceService controller's reconciles so far.
+fn reconciles(port: u16) -> Option<f64> {
+    metric_sum(
+        port,
+        "tidal_operator_reconciles_total{",
+        &["inferenceservice"],
+    )
 }
 
 #[tokio::test]
@@ -144,20 +124,17 @@ async fn generated_services_are_refused_or_reconciled_with_a_reason() {
         return;
     };
     install_crds(&ctx).await;
-    let port = free_port();
-    let log =
-        std::fs::File::create(std::env::temp_dir().join(format!("{}.log", ctx.namespace))).unwrap();
-    let mut op = Operator(
-        ctx.env
-            .command(tidal_e2e::operator_binary().to_str().unwrap())
-            .args(["run", "--no-leader-election", "--identity", "fuzz"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--watch-namespace", &ctx.namespace])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start tidal-operator"),
-        port,
+    let log = std::env::temp_dir().join(format!("{}.log", ctx.namespace));
+    let (mut op, port) = spawn_operator(
+        &ctx.env,
+        &[
+            "--no-leader-election",
+            "--identity",
+            "fuzz",
+            "--watch-namespace",
+            &ctx.namespace,
+        ],
+        &log,
     );
     let api = ctx.api::<InferenceService>();
     let (mut admitted, mut refused) = (vec![], 0);
@@ -228,9 +205,9 @@ async fn generated_services_are_refused_or_reconciled_with_a_reason() {
     // Settled: reconciles over a further 10 s stay few. Children still starting (pods on
     // kwok's nodes) trigger some; a hot loop, bounded only by the 200 ms debounce, would
     // trigger 50 per service.
-    let before = op.reconciles().expect("operator metrics");
+    let before = reconciles(port).expect("operator metrics");
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let after = op.reconciles().expect("operator metrics");
+    let after = reconciles(port).expect("operator metrics");
     let bound = 5.0 * admitted.len() as f64;
     assert!(
         after - before <= bound,

@@ -166,6 +166,33 @@ fn renew_time(lease: &Lease) -> Option<Timestamp> {
     lease.spec.as_ref()?.renew_time.as_ref().map(|t| t.0)
 }
 
+/// The controller running, a kwok Node and an EdgeNode for it (site `e2e-site`, the test's
+/// heartbeat timeout, plus `extra` spec fields): the Node's and the EdgeNode's names, and
+/// what deletes both.
+async fn fake_site(
+    ctx: &TestCtx,
+    tag: &str,
+    extra: serde_json::Value,
+) -> (String, String, Cleanup) {
+    install_crds(ctx).await;
+    start_controller(&ctx.env);
+    let id = suffix();
+    let node_name = format!("e2e-edge-{tag}-{id}");
+    let en_name = format!("e2e-{tag}-{id}");
+    let cleanup = Cleanup {
+        env: ctx.env.clone(),
+        objects: vec![("node", node_name.clone()), ("edgenode", en_name.clone())],
+    };
+    create_fake_node(ctx, &node_name, &id).await;
+    let mut spec = json!({"nodeName": node_name, "site": "e2e-site",
+        "offlinePolicy": {"heartbeatTimeoutSeconds": HEARTBEAT_TIMEOUT}});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    create_edge_node(ctx, &en_name, spec).await;
+    (node_name, en_name, cleanup)
+}
+
 /// Takes a Node's Lease from kwok, as a site losing its uplink stops renewing it; returns
 /// kwok's holder identity and the last renewal.
 async fn cut_off(leases: &Api<Lease>, node: &str) -> (String, Timestamp) {
@@ -230,23 +257,7 @@ async fn five_cuts_in_a_row_change_the_phase_once_each_way() {
     let Some(ctx) = TestCtx::new("edgenode-flap").await else {
         return;
     };
-    install_crds(&ctx).await;
-    start_controller(&ctx.env);
-    let id = suffix();
-    let node_name = format!("e2e-edge-flap-{id}");
-    let en_name = format!("e2e-flap-{id}");
-    let _cleanup = Cleanup {
-        env: ctx.env.clone(),
-        objects: vec![("node", node_name.clone()), ("edgenode", en_name.clone())],
-    };
-    create_fake_node(&ctx, &node_name, &id).await;
-    create_edge_node(
-        &ctx,
-        &en_name,
-        json!({"nodeName": node_name, "site": "e2e-site",
-               "offlinePolicy": {"heartbeatTimeoutSeconds": HEARTBEAT_TIMEOUT}}),
-    )
-    .await;
+    let (node_name, en_name, _cleanup) = fake_site(&ctx, "flap", json!({})).await;
     wait_status(
         &ctx,
         &en_name,
@@ -307,27 +318,8 @@ async fn heartbeat_loss_turns_offline_and_recovery_turns_ready() {
         return;
     };
     let started = Instant::now();
-    install_crds(&ctx).await;
-    start_controller(&ctx.env);
-    let id = suffix();
-    let node_name = format!("e2e-edge-hb-{id}");
-    let en_name = format!("e2e-hb-{id}");
-    let _cleanup = Cleanup {
-        env: ctx.env.clone(),
-        objects: vec![("node", node_name.clone()), ("edgenode", en_name.clone())],
-    };
-    create_fake_node(&ctx, &node_name, &id).await;
-    create_edge_node(
-        &ctx,
-        &en_name,
-        json!({
-            "nodeName": node_name,
-            "site": "e2e-site",
-            "region": "e2e-region",
-            "offlinePolicy": {"heartbeatTimeoutSeconds": HEARTBEAT_TIMEOUT},
-        }),
-    )
-    .await;
+    let (node_name, en_name, _cleanup) =
+        fake_site(&ctx, "hb", json!({"region": "e2e-region"})).await;
 
     // Ready, with kwok's heartbeat, and the Node labelled for placement.
     let ready = wait_status(&ctx, &en_name, "Ready", CONVERGE, |s| {

@@ -1,80 +1,46 @@
 //! Two `tidal-operator run` processes against the real API server: only the leader reconciles
 //! and writes; killing it hands over to the other.
 
-use std::process::{Child, Command, Stdio};
-
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
-use tidal_e2e::processes::free_port;
+use tidal_e2e::processes::{Killed, metric_sum, spawn_operator};
 use tidal_e2e::{CONVERGE, TestCtx, eventually, install_crds};
 use tidal_operator::crd::InferenceService;
 
 struct Operator {
     identity: String,
     port: u16,
-    child: Child,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _process: Killed,
 }
 
 fn start(ctx: &TestCtx, identity: &str) -> Operator {
-    let port = free_port();
-    let log = std::fs::File::create(
-        std::env::temp_dir().join(format!("{}-{identity}.log", ctx.namespace)),
-    )
-    .unwrap();
-    let child = ctx
-        .env
-        .command(tidal_e2e::operator_binary().to_str().unwrap())
-        .args([
-            "run",
+    let log = std::env::temp_dir().join(format!("{}-{identity}.log", ctx.namespace));
+    let (process, port) = spawn_operator(
+        &ctx.env,
+        &[
             "--identity",
             identity,
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args([
             "--watch-namespace",
             &ctx.namespace,
             "--lease-namespace",
             &ctx.namespace,
-        ])
-        .args(["--lease-duration-seconds", "6"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start tidal-operator");
+            "--lease-duration-seconds",
+            "6",
+        ],
+        &log,
+    );
     Operator {
         identity: identity.into(),
         port,
-        child,
+        _process: process,
     }
 }
 
 /// A metric's value from the process's /metrics (real HTTP through curl).
 fn metric(op: &Operator, prefix: &str) -> Option<f64> {
-    let out = Command::new("curl")
-        .args(["-fsS", &format!("http://127.0.0.1:{}/metrics", op.port)])
-        .output()
-        .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    if out.status.success() {
-        Some(values.iter().sum())
-    } else {
-        None
-    }
+    metric_sum(op.port, prefix, &[])
 }
 
 #[tokio::test]

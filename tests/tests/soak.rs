@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
-use tidal_e2e::processes::{Killed, free_port, start_worker, variable_load, write_fixture};
+use tidal_e2e::processes::{spawn_operator, start_worker, variable_load, write_fixture};
 use tidal_e2e::{TestCtx, install_crds};
 use tidal_operator::crd::InferenceService;
 
@@ -62,17 +62,17 @@ async fn steady_load_fails_nothing_and_rss_is_reported() {
     let model = tempfile::tempdir().unwrap();
     write_fixture(model.path(), "mixtral");
     let worker = start_worker(model.path(), "soak").await;
-    let port = free_port();
-    let operator = Killed(
-        ctx.env
-            .command(tidal_e2e::operator_binary().to_str().unwrap())
-            .args(["run", "--no-leader-election", "--identity", "soak"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--watch-namespace", &ctx.namespace])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start tidal-operator"),
+    let log = std::env::temp_dir().join(format!("{}.log", ctx.namespace));
+    let (operator, _) = spawn_operator(
+        &ctx.env,
+        &[
+            "--no-leader-election",
+            "--identity",
+            "soak",
+            "--watch-namespace",
+            &ctx.namespace,
+        ],
+        &log,
     );
     let tis: InferenceService = serde_json::from_value(json!({
         "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",

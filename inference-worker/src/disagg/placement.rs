@@ -203,11 +203,6 @@ pub fn endpoint(url: &str) -> Result<Endpoint> {
     })
 }
 
-/// `host:port` of an endpoint URL.
-pub fn authority(url: &str) -> Result<String> {
-    endpoint(url).map(|e| e.authority)
-}
-
 /// Watches a plan file: polls its content (following symlinks, as Kubernetes swaps
 /// a ConfigMap volume's `..data` link) and swaps in every valid new version. An
 /// invalid or unreadable file keeps the previous plan.
@@ -329,6 +324,7 @@ mod tests {
                 .contains("[1]")
         );
         assert!(Plan::parse(r#"{"numExperts": 2, "shards": [{"shard": 0, "experts": [2], "endpoint": "http://a"}]}"#).is_err());
+        let authority = |url: &str| endpoint(url).map(|e| e.authority);
         assert_eq!(
             authority("http://svc-0.ns.svc:8080/x").unwrap(),
             "svc-0.ns.svc:8080"

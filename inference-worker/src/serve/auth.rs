@@ -3,37 +3,26 @@
 //! and `#` comments ignored), typically a mounted Kubernetes Secret. Health, readiness and
 //! metrics stay open for probes and Prometheus.
 //!
-//! The file is re-read when its modification time or size changes (checked on each
-//! request, a `stat`), so a rotated Secret takes effect without a restart; a file that
-//! becomes unreadable or empty keeps the previous keys.
+//! The file is re-read when it changes ([`Reloading`]), so a rotated Secret takes effect
+//! without a restart; a file that becomes unreadable or empty keeps the previous keys.
 
 use crate::error::{Error, Result};
 use crate::serve::api::ApiError;
+use crate::serve::reload::Reloading;
 use axum::http::{HeaderMap, StatusCode, header};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::time::SystemTime;
-
-/// What identifies a version of the keys file.
-type Stamp = Option<(SystemTime, u64)>;
 
 pub struct ApiKeys {
-    path: PathBuf,
-    state: RwLock<(Stamp, Vec<String>)>,
+    keys: Reloading<Vec<String>>,
 }
 
 impl std::fmt::Debug for ApiKeys {
     // Never the keys themselves.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiKeys")
-            .field("path", &self.path)
+            .field("path", &self.keys.paths[0])
             .finish_non_exhaustive()
     }
-}
-
-fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }
 
 fn parse(text: &str) -> Vec<String> {
@@ -44,7 +33,8 @@ fn parse(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn read(path: &Path) -> Result<Vec<String>> {
+fn read(paths: &[PathBuf]) -> Result<Vec<String>> {
+    let path = &paths[0];
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let keys = parse(&text);
     if keys.is_empty() {
@@ -66,39 +56,16 @@ impl ApiKeys {
     /// Reads the keys; a missing, unreadable or empty file is an error (a worker told to
     /// require keys must not start open).
     pub fn open(path: &Path) -> Result<Self> {
-        let keys = read(path)?;
         Ok(Self {
-            path: path.to_path_buf(),
-            state: RwLock::new((stamp(path), keys)),
+            keys: Reloading::open("API keys", vec![path.to_path_buf()], read)?,
         })
-    }
-
-    fn refresh(&self) {
-        let now = stamp(&self.path);
-        if now == self.state.read().unwrap_or_else(|e| e.into_inner()).0 {
-            return;
-        }
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        match read(&self.path) {
-            Ok(keys) => {
-                tracing::info!(path = %self.path.display(), keys = keys.len(), "API keys reloaded");
-                *state = (now, keys);
-            }
-            Err(e) => {
-                // Remembered, so the warning comes once per change of the file.
-                state.0 = now;
-                tracing::warn!(error = %e, "API keys not reloaded; keeping the previous ones");
-            }
-        }
     }
 
     /// Whether `key` is one of the current keys.
     pub fn accepts(&self, key: &str) -> bool {
-        self.refresh();
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         // Every key is compared (no early exit), like each byte.
-        state
-            .1
+        self.keys
+            .get()
             .iter()
             .fold(false, |ok, k| same(k.as_bytes(), key.as_bytes()) | ok)
     }
@@ -106,9 +73,7 @@ impl ApiKeys {
     /// The key this worker presents to another Tidal worker (edge -> cloud escalation):
     /// the first in the file, which both tiers of a service share.
     pub fn own_key(&self) -> String {
-        self.refresh();
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state.1.first().cloned().unwrap_or_default()
+        self.keys.get().first().cloned().unwrap_or_default()
     }
 
     /// Checks a request's headers: `Ok` when they carry an accepted bearer key.

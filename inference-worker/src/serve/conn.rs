@@ -153,35 +153,57 @@ pub async fn serve(
     let _ = slots.acquire_many(limits.max_connections).await;
 }
 
+/// When something last happened, as a duration since then.
+#[derive(Debug)]
+pub(crate) struct LastActivity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl LastActivity {
+    pub(crate) fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn idle(&self) -> Duration {
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
 /// What one connection is doing: requests in flight and when a byte last moved.
 #[derive(Debug)]
 struct Activity {
-    epoch: Instant,
-    last_ms: AtomicU64,
+    last: LastActivity,
     in_flight: AtomicUsize,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            last: LastActivity::new(),
             in_flight: AtomicUsize::new(0),
         }
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last.touch();
     }
 
     fn idle(&self) -> Duration {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return Duration::ZERO;
         }
-        self.epoch
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+        self.last.idle()
     }
 }
 

@@ -5,7 +5,7 @@
 //! in-flight requests finish within the grace period.
 
 use crate::error::{Error, Result};
-use crate::serve::conn::{self, ServerOptions};
+use crate::serve::conn::{self, LastActivity, ServerOptions};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
@@ -13,8 +13,7 @@ use axum::response::Response;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// How a server stops once shutdown is requested.
@@ -26,38 +25,12 @@ pub struct Drain {
     pub quiet: Duration,
 }
 
-/// When the last request began, probes and scrapes aside.
-#[derive(Debug)]
-struct Activity {
-    epoch: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn idle(&self) -> Duration {
-        self.epoch
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
 /// Paths the orchestrator and Prometheus call: they are not traffic and must not hold
 /// a drain open.
 const HOUSEKEEPING: [&str; 3] = ["/health", "/ready", "/metrics"];
 
-async fn track(State(activity): State<Arc<Activity>>, req: Request, next: Next) -> Response {
+/// Notes when the last request began, probes and scrapes aside.
+async fn track(State(activity): State<Arc<LastActivity>>, req: Request, next: Next) -> Response {
     if !HOUSEKEEPING.contains(&req.uri().path()) {
         activity.touch();
     }
@@ -91,7 +64,7 @@ pub async fn serve<T>(
     options: ServerOptions,
     on_drain: impl FnOnce(Option<T>),
 ) -> Result<()> {
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(LastActivity::new());
     let app = app.layer(middleware::from_fn_with_state(activity.clone(), track));
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(conn::serve(listener, app, options, async {
@@ -170,6 +143,7 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::*;
     use axum::routing::get;
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// One HTTP/1.1 request on a new connection; the status code, or the connect error.

@@ -1,10 +1,10 @@
 //! TLS (rustls, ring) from PEM files that a mounted Kubernetes Secret keeps current: a
 //! server certificate and key, or the CA a client trusts. Files are re-read when they change
-//! (checked at most once a second, on use), so a renewed certificate applies to the next
-//! connection without a restart; a change that does not load (a half-written Secret update)
-//! keeps the last good one.
+//! ([`Reloading`], checked on use), so a renewed certificate applies to the next connection
+//! without a restart; a change that does not load keeps the last good one.
 
 use crate::error::{Error, Result};
+use crate::serve::reload::Reloading;
 use rustls::client::ClientConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -12,11 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
-
-/// How often the files are looked at again.
-const RECHECK: Duration = Duration::from_secs(1);
+use std::sync::{Arc, Mutex};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -24,79 +20,6 @@ fn provider() -> Arc<CryptoProvider> {
 
 fn tls_err(what: impl Into<String>) -> Error {
     Error::Tls(what.into())
-}
-
-/// What a file looked like when it was read: a changed length or modification time (or a
-/// Secret's symlink swapped to a new directory) means read it again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Vec<(u64, Option<SystemTime>)>);
-
-impl Stamp {
-    fn of(paths: &[&Path]) -> Self {
-        Stamp(
-            paths
-                .iter()
-                .map(|p| match std::fs::metadata(p) {
-                    Ok(m) => (m.len(), m.modified().ok()),
-                    Err(_) => (0, None),
-                })
-                .collect(),
-        )
-    }
-}
-
-/// Reloads `T` from files when they change; keeps the last good value when they do not load.
-struct Reloading<T> {
-    paths: Vec<PathBuf>,
-    load: fn(&[PathBuf]) -> Result<T>,
-    current: RwLock<(Stamp, Arc<T>)>,
-    checked: Mutex<Instant>,
-}
-
-impl<T> Reloading<T> {
-    fn open(paths: Vec<PathBuf>, load: fn(&[PathBuf]) -> Result<T>) -> Result<Self> {
-        let stamp = Stamp::of(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
-        let value = load(&paths)?;
-        Ok(Self {
-            paths,
-            load,
-            current: RwLock::new((stamp, Arc::new(value))),
-            checked: Mutex::new(Instant::now()),
-        })
-    }
-
-    fn get(&self) -> Arc<T> {
-        let due = {
-            let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
-            let due = checked.elapsed() >= RECHECK;
-            if due {
-                *checked = Instant::now();
-            }
-            due
-        };
-        if due {
-            let stamp = Stamp::of(&self.paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
-            let changed = self.current.read().unwrap_or_else(|e| e.into_inner()).0 != stamp;
-            if changed {
-                match (self.load)(&self.paths) {
-                    Ok(v) => {
-                        tracing::info!(files = ?self.paths, "TLS files changed: reloaded");
-                        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-                            (stamp, Arc::new(v));
-                    }
-                    // Not recorded as seen: the next check tries again.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS files changed but do not load; keeping the last good ones")
-                    }
-                }
-            }
-        }
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .clone()
-    }
 }
 
 fn load_certified_key(paths: &[PathBuf]) -> Result<CertifiedKey> {
@@ -139,6 +62,7 @@ impl ResolvesServerCert for ServerCert {
 /// `key` (PEM), both re-read when they change. Fails now if they do not load.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
     let resolver = ServerCert(Reloading::open(
+        "TLS certificate and key",
         vec![cert.to_path_buf(), key.to_path_buf()],
         load_certified_key,
     )?);
@@ -195,7 +119,7 @@ impl TrustedCa {
     /// Fails now if `ca` holds no usable certificate.
     pub fn open(ca: &Path, alpn: Alpn) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            roots: Reloading::open(vec![ca.to_path_buf()], load_roots)?,
+            roots: Reloading::open("trusted CA", vec![ca.to_path_buf()], load_roots)?,
             alpn,
             built: Mutex::new(None),
         }))

@@ -332,13 +332,16 @@ fn tls_serves_https_on_every_worker_and_verifies_between_them() {
 
     // Edge and cloud: the edge escalates to https and trusts the CA.
     let (mut svcs, nodes) = load_example("cloud-edge.yaml");
+    let build = |tis: &InferenceService| {
+        desired_children(
+            tis,
+            &facts(&nodes, EdgePhase::Ready),
+            &BuildConfig::default(),
+        )
+        .unwrap()
+    };
     svcs[0].spec.tls = tls;
-    let c = desired_children(
-        &svcs[0],
-        &facts(&nodes, EdgePhase::Ready),
-        &BuildConfig::default(),
-    )
-    .unwrap();
+    let c = build(&svcs[0]);
     for w in &c.workloads {
         let edge = matches!(w.kind, ChildKind::Edge(_));
         check(w, edge.then_some("TIDAL_ESCALATION_CA_FILE"));
@@ -352,12 +355,7 @@ fn tls_serves_https_on_every_worker_and_verifies_between_them() {
 
     // Without TLS the pod templates are as before: no scheme set, no annotation.
     svcs[0].spec.tls = None;
-    let c = desired_children(
-        &svcs[0],
-        &facts(&nodes, EdgePhase::Ready),
-        &BuildConfig::default(),
-    )
-    .unwrap();
+    let c = build(&svcs[0]);
     for w in &c.workloads {
         let c0 = &w.pod_spec().containers[0];
         assert_eq!(
