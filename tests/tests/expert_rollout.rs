@@ -9,6 +9,11 @@
 //! phases come in order. The fixture's router is biased towards experts 0 and 2, which the
 //! initial (balanced) placement puts on the same shard, so a redundant plan is certain on any
 //! machine; a failure says whether no plan came or a rollout was abandoned.
+//!
+//! The operator runs as two `tidal-operator run` processes (leader election on a Lease). When
+//! the new plan is first seen mid-rollout, the leader is killed (SIGKILL): the standby must
+//! take the Lease and finish that rollout from what the status records, with the routing
+//! invariant holding throughout.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -16,12 +21,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
-use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture_with};
-use tidal_e2e::{RunningOperator, TestCtx, install_crds};
+use tidal_e2e::processes::{
+    Killed, Prometheus, completion_load, spawn_operator, start_worker, write_fixture_with,
+};
+use tidal_e2e::{TestCtx, install_crds};
 use tidal_operator::children::ANNOTATION_HELD_EXPERTS;
 use tidal_operator::crd::InferenceService;
 
@@ -31,6 +39,8 @@ const SHARDS: u32 = 2;
 const EXPERTS: u32 = 4;
 /// The experts the fixture's router prefers: both on shard 0 in the balanced initial placement.
 const HOT: &str = "0,2";
+/// The operators' Lease duration.
+const LEASE_SECONDS: u64 = 6;
 
 fn parse_held(s: &str) -> BTreeSet<u32> {
     s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
@@ -136,7 +146,8 @@ async fn observe(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_expert() {
+async fn a_new_expert_plan_rolls_out_through_a_leader_kill_never_routing_to_a_shard_lacking_the_expert()
+ {
     let t0 = Instant::now();
     let step = |what: &str| {
         eprintln!(
@@ -162,7 +173,41 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
     });
     let prom = Prometheus::start(&[(vec![format!("127.0.0.1:{}", worker.port)], labels)]).await;
     step("worker and Prometheus up");
-    let _operator = RunningOperator::start_autoscaling(&ctx);
+    // Two operator replicas; the lease is short so the hand-over fits the test.
+    let mut operators: BTreeMap<String, Killed> = ["op-a", "op-b"]
+        .into_iter()
+        .map(|id| {
+            let log = std::env::temp_dir().join(format!("{}-{id}.log", ctx.namespace));
+            let (process, _port) = spawn_operator(
+                &ctx.env,
+                &[
+                    "--identity",
+                    id,
+                    "--watch-namespace",
+                    &ctx.namespace,
+                    "--lease-namespace",
+                    &ctx.namespace,
+                    "--lease-duration-seconds",
+                    &LEASE_SECONDS.to_string(),
+                    // Rates over 10 s (Prometheus scrapes every second); 5 s ready time.
+                    "--rate-window",
+                    "10s",
+                    "--default-ready-seconds",
+                    "5",
+                ],
+                &log,
+            );
+            (id.to_string(), process)
+        })
+        .collect();
+    let leases = ctx.api::<Lease>();
+    let holder = || async {
+        leases
+            .get("tidal-operator")
+            .await
+            .ok()
+            .and_then(|l| l.spec?.holder_identity)
+    };
     let tis: InferenceService = serde_json::from_value(json!({
         "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
         "metadata": {"name": SERVICE, "namespace": ctx.namespace},
@@ -203,6 +248,11 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
     let mut checks = 0usize;
     let mut last_err = String::new();
     let mut last_decision = None;
+    // The leader killed mid-rollout: (identity, when, the plan's (version, phase) then), and
+    // when the standby held the Lease and the rollout next moved.
+    let mut killed: Option<(String, Instant, (u32, String))> = None;
+    let mut took_over: Option<(String, Duration)> = None;
+    let mut moved_on: Option<(Duration, String)> = None;
     let final_plan = loop {
         if Instant::now() >= deadline {
             // Say which went wrong: no plan at all, or one that never finished.
@@ -251,6 +301,34 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
                         );
                     }
                     phases.push(p.clone());
+                    if let Some((_, at, then)) = &killed
+                        && moved_on.is_none()
+                        && p != then
+                    {
+                        moved_on = Some((at.elapsed(), p.1.clone()));
+                    }
+                }
+                // The new plan seen mid-rollout: kill the leader (SIGKILL, no Lease release).
+                if killed.is_none()
+                    && let Some((v, phase)) = &o.phase
+                    && *v >= 2
+                    && phase != "Active"
+                    && let Some(leader) = holder().await
+                    && let Some(mut process) = operators.remove(&leader)
+                {
+                    process.0.kill().expect("SIGKILL the leader");
+                    let _ = process.0.wait();
+                    step(&format!(
+                        "killed the leader {leader} during plan {v} {phase}"
+                    ));
+                    killed = Some((leader, Instant::now(), (*v, phase.clone())));
+                }
+                if let Some((leader, at, _)) = &killed
+                    && took_over.is_none()
+                    && let Some(now) = holder().await
+                    && &now != leader
+                {
+                    took_over = Some((now, at.elapsed()));
                 }
                 // The first plan from measured load fills the spare slots with redundant
                 // copies of hot experts: more routed entries than experts.
@@ -269,6 +347,14 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     step("the new plan is Active");
+    let (leader, _, (killed_version, killed_phase)) =
+        killed.expect("the leader was killed during the new plan's rollout");
+    let (standby, after) = took_over.expect("the standby took the Lease");
+    assert!(
+        operators.contains_key(&standby) && standby != leader,
+        "the Lease went to the standby: {standby} (killed {leader})"
+    );
+    let (moved_after, next_phase) = moved_on.expect("the rollout moved on after the kill");
     stop.store(true, Ordering::Relaxed);
     let served = generator.await.unwrap();
     step("load stopped");
@@ -305,8 +391,16 @@ async fn a_new_expert_plan_rolls_out_without_routing_to_a_shard_that_lacks_the_e
             final_plan.routed
         );
     }
+    assert_eq!(
+        version, killed_version,
+        "the standby finished the rollout the leader left (phases {phases:?})"
+    );
     eprintln!(
-        "[expert-rollout] plan {version} active: {:?}; phases {phases:?}; {checks} pod checks",
-        final_plan.routed
+        "[expert-rollout] plan {version} active: {:?}; phases {phases:?}; {checks} pod checks; \
+         leader {leader} killed during {killed_phase}: {standby} held the Lease after {:.1} s \
+         (lease {LEASE_SECONDS} s), the rollout reached {next_phase} after {:.1} s",
+        final_plan.routed,
+        after.as_secs_f64(),
+        moved_after.as_secs_f64()
     );
 }

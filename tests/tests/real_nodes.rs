@@ -630,7 +630,7 @@ async fn real_node_load_step_adds_worker_pods_and_scale_down_under_load_fails_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
-async fn real_node_expert_shard_pod_killed_under_load_fails_no_request() {
+async fn real_node_expert_shard_pod_killed_then_shards_scaled_down_under_load_fail_no_request() {
     let Some((ctx, _release)) = setup("real-shard", &[]).await else {
         return;
     };
@@ -733,29 +733,74 @@ async fn real_node_expert_shard_pod_killed_under_load_fails_no_request() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(10)).await;
+    let after_kill = ctx
+        .api::<Pod>()
+        .list(&ListParams::default().labels(&shard0))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect::<Vec<_>>();
+
+    // Then both shards scale down to one pod each, still under load: the pods that go drop
+    // out of the shard's DNS answer (readiness) before SIGTERM, and drain what they hold, so
+    // the router's calls move to the pod that stays.
+    ctx.api::<InferenceService>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"cloud": {"experts": {
+                "minReplicasPerShard": 1, "maxReplicasPerShard": 1}}}})),
+        )
+        .await
+        .expect("scale the shards down");
+    let scaled_at = std::time::Instant::now();
+    let mut shard_selectors = vec![shard0.clone()];
+    shard_selectors.push(shard_selector(
+        deployments
+            .get(&format!("{name}-experts-1"))
+            .await
+            .expect("shard 1's Deployment"),
+    ));
+    eventually(
+        "each shard down to one pod, no pod terminating",
+        START,
+        || async {
+            let mut counts = Vec::new();
+            for sel in &shard_selectors {
+                let all = ctx
+                    .api::<Pod>()
+                    .list(&ListParams::default().labels(sel))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                counts.push((all.items.len(), ready_pods(&ctx, &ns, sel).await.len()));
+            }
+            if counts.iter().all(|&c| c == (1, 1)) {
+                Ok(())
+            } else {
+                Err(format!("(pods, ready) per shard: {counts:?}"))
+            }
+        },
+    )
+    .await;
+    let scale_down_s = scaled_at.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, Ordering::Relaxed);
     let report = load.await.unwrap();
     assert!(report.sent > 30, "{report:?}");
     assert!(
         report.failures.is_empty(),
-        "{} of {} requests failed after a shard pod was killed: {:?}",
+        "{} of {} requests failed (a shard pod killed, then both shards scaled down): {:?}",
         report.failures.len(),
         report.sent,
         report.failures
     );
-    let remaining = ctx
-        .api::<Pod>()
-        .list(&ListParams::default().labels(&shard0))
-        .await
-        .unwrap();
     eprintln!(
-        "[real-shard] killed {victim}; {} requests through the router, none failed; shard 0 now {:?}",
+        "[real-shard] killed {victim} (shard 0 then {after_kill:?}), then scaled both shards \
+         2 -> 1 pod (settled after {scale_down_s:.0} s at 2 requests/s); {} requests through \
+         the router, none failed",
         report.sent,
-        remaining
-            .items
-            .iter()
-            .filter_map(|p| p.metadata.name.clone())
-            .collect::<Vec<_>>()
     );
 }
 
