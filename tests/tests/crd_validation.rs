@@ -221,6 +221,35 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
             "secretName must be a Secret name",
         ),
         (
+            "cloud tier exposed by a LoadBalancer without API keys",
+            tis(with(
+                base(),
+                &["cloud", "service"],
+                json!({"type": "LoadBalancer"}),
+            )),
+            "exposes the OpenAI API outside the cluster: set spec.auth.apiKeySecret",
+        ),
+        (
+            "edge sites exposed by NodePorts without API keys",
+            tis(with(
+                base(),
+                &["edge"],
+                json!({"model": {"uri": "/models/small", "architecture": "llama"},
+                       "edgeNodeSelector": {"matchLabels": {"pool": "a"}},
+                       "service": {"type": "NodePort"}}),
+            )),
+            "exposes the OpenAI API outside the cluster: set spec.auth.apiKeySecret",
+        ),
+        (
+            "an unknown Service type",
+            tis(with(
+                base(),
+                &["cloud", "service"],
+                json!({"type": "ExternalName"}),
+            )),
+            "spec.cloud.service.type: Unsupported value",
+        ),
+        (
             "TLS without a Secret",
             tis(with(base(), &["tls"], json!({}))),
             "secretName: Required value",
@@ -276,6 +305,29 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     create(&ctx.client, &ctx.namespace, &keyed)
         .await
         .expect("an API keys Secret reference is valid");
+    // Exposed outside the cluster with API keys: accepted; a ClusterIP needs none.
+    let mut exposed = tis(with(
+        with(
+            base(),
+            &["auth"],
+            json!({"apiKeySecret": {"name": "llm-api-keys"}}),
+        ),
+        &["cloud", "service"],
+        json!({"type": "LoadBalancer", "annotations": {"lb.example.com/internal": "false"}}),
+    ));
+    exposed.metadata.name = Some("exposed".into());
+    create(&ctx.client, &ctx.namespace, &exposed)
+        .await
+        .expect("a LoadBalancer with API keys is valid");
+    let mut internal = tis(with(
+        base(),
+        &["cloud", "service"],
+        json!({"type": "ClusterIP"}),
+    ));
+    internal.metadata.name = Some("internal".into());
+    create(&ctx.client, &ctx.namespace, &internal)
+        .await
+        .expect("a ClusterIP needs no API keys");
     let mut tls = tis(with(base(), &["tls"], json!({"secretName": "workers-tls"})));
     tls.metadata.name = Some("tls".into());
     create(&ctx.client, &ctx.namespace, &tls)

@@ -820,7 +820,7 @@ async fn answers(base: &str, model: &str) -> Result<(), String> {
     }
 }
 
-/// Edge traffic as an edge site's gateway sends it: to the edge pod first and, when that
+/// Edge traffic as an edge site's gateway sends it: to the site's edge Service first and, when that
 /// attempt fails in transport (the site is unreachable: connect timeout, reset, no answer), once
 /// more to the cloud Service, as an EdgeNode with `failoverToCloud` promises. Counts who served.
 #[derive(Default)]
@@ -828,7 +828,7 @@ struct EdgeTraffic {
     by_edge: AtomicU64,
     by_cloud: AtomicU64,
     failed: std::sync::Mutex<Vec<String>>,
-    /// The edge pod's base URL (it may be another pod after the site comes back).
+    /// The site's base URL (its edge Service).
     edge: std::sync::Mutex<String>,
 }
 
@@ -945,24 +945,26 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
                   "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
         "edge": {"model": {"uri": uri, "architecture": "llama"},
                  "edgeNodeSelector": {"matchLabels": {"tidal.rs/edge-pool": ns}},
+                 "minReplicasPerNode": 2, "maxReplicasPerNode": 2,
                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
     });
     create_service(&ctx, name, spec).await;
+    // The site's own Service: its clients' stable address, whatever pods serve it.
+    let site_service = format!("{name}-edge-{site}");
     let edge_selector =
         format!("app.kubernetes.io/instance={name},app.kubernetes.io/component=edge");
     let cloud_selector =
         format!("app.kubernetes.io/instance={name},app.kubernetes.io/component=cloud");
     eventually(
-        "an edge pod Ready on tidal-edge, a cloud pod on tidal-cloud",
+        "two edge pods Ready on tidal-edge, a cloud pod on tidal-cloud",
         START,
         || async {
             let edge = ready_pods(&ctx, &ns, &edge_selector).await;
             let cloud = ready_pods(&ctx, &ns, &cloud_selector).await;
-            match edge.first() {
-                Some((pod, node)) if node == "tidal-edge" && cloud.len() == 1 => {
-                    answers(&base_of_pod(&ctx, pod).await?, name).await
-                }
-                _ => Err(format!("edge {edge:?}, cloud {cloud:?}")),
+            if edge.len() == 2 && edge.iter().all(|(_, n)| n == "tidal-edge") && cloud.len() == 1 {
+                answers(&base_of_service(&ctx, &site_service).await?, name).await
+            } else {
+                Err(format!("edge {edge:?}, cloud {cloud:?}"))
             }
         },
     )
@@ -985,10 +987,10 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
     };
     eventually("EdgeNode Ready", START, || phase("Ready")).await;
 
-    // The site's traffic, through a gateway that fails over to the cloud Service.
-    let edge_pod = ready_pods(&ctx, &ns, &edge_selector).await[0].0.clone();
+    // The site's traffic, to the site's Service, through a gateway that fails over to the
+    // cloud Service.
     let traffic = Arc::new(EdgeTraffic {
-        edge: std::sync::Mutex::new(base_of_pod(&ctx, &edge_pod).await.unwrap()),
+        edge: std::sync::Mutex::new(base_of_service(&ctx, &site_service).await.unwrap()),
         ..Default::default()
     });
     let stop = Arc::new(AtomicBool::new(false));
@@ -1006,7 +1008,55 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
         }
     })
     .await;
-    let (_, cloud_before_cut) = traffic.served();
+
+    // The site scales down under its traffic (2 -> 1 pod): the pod that goes leaves the
+    // Service's endpoints before SIGTERM and drains, so no request fails, and none needed the
+    // cloud (a failed edge attempt would have shown up as a cloud answer).
+    let (edge_before, cloud_before) = traffic.served();
+    ctx.api::<InferenceService>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"edge": {"minReplicasPerNode": 1,
+                                                    "maxReplicasPerNode": 1}}})),
+        )
+        .await
+        .expect("scale the edge tier down");
+    eventually("the site down to one edge pod", START, || async {
+        let all = ctx
+            .api::<Pod>()
+            .list(&ListParams::default().labels(&edge_selector))
+            .await
+            .map_err(|e| e.to_string())?;
+        let ready = ready_pods(&ctx, &ns, &edge_selector).await;
+        if all.items.len() == 1 && ready.len() == 1 {
+            Ok(())
+        } else {
+            Err(format!("{} edge pods, ready {ready:?}", all.items.len()))
+        }
+    })
+    .await;
+    let settled = traffic.served().0;
+    eventually("the remaining edge pod serves the site", START, || async {
+        match traffic.served() {
+            (edge, _) if edge >= settled + 3 => Ok(()),
+            other => Err(format!("served by (edge, cloud): {other:?}")),
+        }
+    })
+    .await;
+    let (edge_after, cloud_before_cut) = traffic.served();
+    let failed_in_scale_down = traffic.failed.lock().unwrap().clone();
+    assert!(
+        failed_in_scale_down.is_empty() && cloud_before_cut == cloud_before,
+        "edge scale-down 2 -> 1 under load: failed {failed_in_scale_down:?}, {} answered by \
+         the cloud instead of the site",
+        cloud_before_cut - cloud_before
+    );
+    eprintln!(
+        "[real-edge] site scaled 2 -> 1 edge pod under load: {} requests by the site's \
+         Service, none failed, none failed over",
+        edge_after - edge_before
+    );
 
     // The site loses its uplink: no heartbeat, nothing reaches its pods.
     let cut = Cut::edge("tidal-edge");
@@ -1070,8 +1120,6 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
     )
     .await;
     // The site's traffic returns to its edge pod, and no request was lost on the way.
-    let edge_pod = ready_pods(&ctx, &ns, &edge_selector).await[0].0.clone();
-    *traffic.edge.lock().unwrap() = base_of_pod(&ctx, &edge_pod).await.unwrap();
     let (edge_before_restore, _) = traffic.served();
     eventually(
         "the edge pod serves the site's traffic again",

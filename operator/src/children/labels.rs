@@ -50,6 +50,12 @@ impl ChildKind {
         }
     }
 
+    /// The name of its Service: [`Self::name`] as a DNS-1035 label. An EdgeNode may be named
+    /// like its node (`store-1.example.com`), which a Deployment accepts and a Service does not.
+    pub fn service_name(&self, service: &str) -> String {
+        self.name(service).replace('.', "-")
+    }
+
     pub fn tier(&self) -> &'static str {
         match self {
             ChildKind::Edge(_) => "edge",

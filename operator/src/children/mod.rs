@@ -74,7 +74,9 @@ impl EdgeFacts {
 pub struct Workload {
     pub kind: ChildKind,
     pub deployment: Deployment,
-    /// Edge workloads get no Service: clients at a site reach their local node directly.
+    /// Its Service. An edge site's selects that site's pods only: clients at the site reach
+    /// their local replicas by a stable name, and scaling the site never strands them on a
+    /// pod that is going away.
     pub service: Option<Service>,
     pub desired: i32,
     /// For edge workloads: the EdgeNode's phase.
@@ -283,9 +285,9 @@ pub fn desired_children(
                 None,
             );
             workloads.push(Workload {
+                service: Some(workload::service(&base, &kind, edge.service.as_ref())),
                 kind,
                 deployment,
-                service: None,
                 desired,
                 edge_phase: Some(site.phase),
                 experts: vec![],
@@ -378,7 +380,7 @@ pub fn desired_children(
                     .insert(ANNOTATION_HELD_EXPERTS.into(), held_list.join(","));
             }
             workloads.push(Workload {
-                service: Some(workload::service(&base, &kind)),
+                service: Some(workload::service(&base, &kind, None)),
                 kind,
                 deployment,
                 desired,
@@ -415,7 +417,11 @@ pub fn desired_children(
         placement_cm.as_deref(),
     );
     workloads.push(Workload {
-        service: Some(workload::service(&base, &cloud_kind)),
+        service: Some(workload::service(
+            &base,
+            &cloud_kind,
+            cloud.service.as_ref(),
+        )),
         kind: cloud_kind,
         deployment,
         desired: cloud_desired,
@@ -431,6 +437,16 @@ pub fn desired_children(
         failed_over_sites,
     };
     let (deps, svcs, cms) = children.names();
+    // Two EdgeNodes whose names differ only by '.' and '-' would share one Service.
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(dup) = svcs.iter().find(|n| !seen.insert(n.as_str())) {
+        return Err(SpecError {
+            reason: "NameConflict",
+            message: format!(
+                "two children would share the Service name {dup:?} (EdgeNode names that differ only by '.' and '-'): rename one EdgeNode"
+            ),
+        });
+    }
     if let Some(long) = deps
         .iter()
         .chain(&svcs)

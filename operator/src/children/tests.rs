@@ -423,7 +423,35 @@ fn edge_example_pins_one_deployment_per_selected_node_and_fails_over() {
         pod.node_selector.as_ref().unwrap()["kubernetes.io/hostname"],
         "edge-0"
     );
-    assert!(edge[0].service.is_none());
+    // Each site's Service selects that site's pods only (a ClusterIP: kube-proxy balances).
+    let svc = edge[0].service.as_ref().expect("a Service per edge site");
+    assert_eq!(
+        svc.metadata.name.as_deref(),
+        edge[0].deployment.metadata.name.as_deref()
+    );
+    let spec = svc.spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip, None);
+    assert_eq!(
+        spec.selector,
+        edge[0]
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .match_labels
+    );
+    assert_ne!(
+        spec.selector,
+        edge[1]
+            .service
+            .as_ref()
+            .unwrap()
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+    );
     assert!(args(edge[0]).windows(2).any(|p| p == ["--role", "full"]));
     assert_eq!(
         env_of(edge[0], "TIDAL_ESCALATE_TO").as_deref(),
@@ -714,4 +742,81 @@ fn an_autoscaled_placement_drives_the_plan_and_rolls_shards_that_must_load_exper
         .shards = shards;
     let c = desired_children(&tis, &[], &BuildConfig::default()).unwrap();
     assert_eq!(c.plan.unwrap().version, 1);
+}
+
+#[test]
+fn an_edge_site_named_like_a_host_gets_a_valid_service_name_and_clashes_are_refused() {
+    let (svcs, nodes) = load_example("cloud-edge.yaml");
+    let mut sites = facts(&nodes, EdgePhase::Ready);
+    sites[0].name = "store-1.example.com".into();
+    let c = desired_children(&svcs[0], &sites, &BuildConfig::default()).unwrap();
+    let (deps, services, _) = c.names();
+    let name = format!(
+        "{}-edge-store-1.example.com",
+        svcs[0].metadata.name.as_deref().unwrap()
+    );
+    assert!(deps.contains(&name), "{deps:?}");
+    assert!(services.contains(&name.replace('.', "-")), "{services:?}");
+    // A second site whose name differs only by '.' and '-' would share that Service.
+    sites[1].name = "store-1-example-com".into();
+    sites[1].labels = sites[0].labels.clone();
+    let err = desired_children(&svcs[0], &sites, &BuildConfig::default()).unwrap_err();
+    assert_eq!(err.reason, "NameConflict", "{err:?}");
+}
+
+#[test]
+fn an_exposed_tier_gets_its_service_type_and_annotations_and_shards_stay_internal() {
+    let (svcs, nodes) = load_example("cloud-edge.yaml");
+    let mut tis = svcs[0].clone();
+    let exposure = crate::crd::ServiceExposure {
+        type_: crate::crd::ServiceType::LoadBalancer,
+        annotations: Some(BTreeMap::from([(
+            "lb.example.com/scheme".into(),
+            "internet".into(),
+        )])),
+    };
+    tis.spec.cloud.service = Some(exposure.clone());
+    tis.spec.edge.as_mut().unwrap().service = Some(crate::crd::ServiceExposure {
+        type_: crate::crd::ServiceType::NodePort,
+        annotations: None,
+    });
+    let c = desired_children(
+        &tis,
+        &facts(&nodes, EdgePhase::Ready),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    for w in &c.workloads {
+        let svc = w.service.as_ref().unwrap();
+        let ty = svc.spec.as_ref().unwrap().type_.as_deref();
+        match w.kind {
+            ChildKind::Cloud => {
+                assert_eq!(ty, Some("LoadBalancer"));
+                assert_eq!(
+                    svc.metadata.annotations.as_ref().unwrap()["lb.example.com/scheme"],
+                    "internet"
+                );
+            }
+            ChildKind::Edge(_) => assert_eq!(ty, Some("NodePort")),
+            _ => unreachable!("a dense example"),
+        }
+    }
+    // Without the field the type is left to the API server's default (ClusterIP), so
+    // existing Services are not rewritten.
+    let c = desired_children(
+        &svcs[0],
+        &facts(&nodes, EdgePhase::Ready),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    assert!(c.workloads.iter().all(|w| {
+        w.service
+            .as_ref()
+            .unwrap()
+            .spec
+            .as_ref()
+            .unwrap()
+            .type_
+            .is_none()
+    }));
 }

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::labels::{ChildKind, HEADLESS, WORKER_PORT};
 use super::placement::PlacementPlan;
-use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec, SecretKeyRef};
+use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec, SecretKeyRef, ServiceExposure};
 
 /// Where the placement ConfigMap is mounted in router and expert pods.
 pub const PLACEMENT_DIR: &str = "/etc/tidal/placement";
@@ -442,10 +442,28 @@ pub(super) fn deployment(
     }
 }
 
-pub(super) fn service(base: &Base, kind: &ChildKind) -> Service {
+/// A workload's Service; `exposure` sets its type (left unset, i.e. ClusterIP, without one,
+/// so Services from before the field existed are not rewritten).
+pub(super) fn service(
+    base: &Base,
+    kind: &ChildKind,
+    exposure: Option<&ServiceExposure>,
+) -> Service {
+    let mut metadata = meta(
+        base,
+        kind.service_name(base.service),
+        kind.labels(base.service),
+    );
+    if let Some(a) = exposure.and_then(|e| e.annotations.clone()) {
+        metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .extend(a);
+    }
     Service {
-        metadata: meta(base, kind.name(base.service), kind.labels(base.service)),
+        metadata,
         spec: Some(ServiceSpec {
+            type_: exposure.map(|e| e.type_.as_str().to_string()),
             // A shard's Service is headless: its DNS name resolves to the Ready pods, which
             // the router balances and fails over between itself. Behind a ClusterIP its one
             // long-lived HTTP/2 connection would stick to one pod (the others idle) and a

@@ -73,6 +73,9 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("!has(self.cloud.experts) || !has(self.model.numExperts) || self.cloud.experts.shards <= self.model.numExperts")
     .message("cloud.experts.shards cannot exceed model.numExperts: every shard must hold at least one expert")
     .field_path(".cloud.experts.shards"))]
+#[x_kube(validation = Rule::new("has(self.auth) || ((!has(self.cloud.service) || !has(self.cloud.service.type) || self.cloud.service.type == 'ClusterIP') && (!has(self.edge) || !has(self.edge.service) || !has(self.edge.service.type) || self.edge.service.type == 'ClusterIP'))")
+    .message("a Service of type NodePort or LoadBalancer exposes the OpenAI API outside the cluster: set spec.auth.apiKeySecret")
+    .field_path(".auth"))]
 pub struct InferenceServiceSpec {
     /// The model to serve in the cloud tier.
     pub model: ModelSpec,
@@ -280,6 +283,43 @@ pub struct CloudTier {
     /// router pods that hold embeddings, attention and gates. MoE models only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub experts: Option<ExpertsSpec>,
+    /// How the cloud tier's Service (the OpenAI API) is reached. Omit for a ClusterIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceExposure>,
+}
+
+/// The Service in front of a tier's OpenAI API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceExposure {
+    /// `ClusterIP` (inside the cluster), or `NodePort` / `LoadBalancer`, which reach outside
+    /// it and so require `spec.auth`.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Annotations of the Service (e.g. a cloud load balancer's settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// A Kubernetes Service type.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
 }
 
 fn default_one_i32() -> i32 {
@@ -361,6 +401,10 @@ pub struct EdgeTier {
     /// Compute resources of each edge worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// How each site's Service is reached (e.g. `NodePort` for clients on the site's own
+    /// network). Omit for a ClusterIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceExposure>,
 }
 
 /// The edge tier's model.
