@@ -273,6 +273,12 @@ async fn the_chart_rbac_is_enough_for_the_real_operator() {
             &[],
         ),
         ("create", "events", &["-n", "default"]),
+        // Reads come from watches: no GET beyond the status the autoscaler refreshes.
+        ("get", "deployments.apps", &["-n", "default"]),
+        ("get", "pods", &["-n", "default"]),
+        ("get", "nodes", &[]),
+        ("get", "inferenceservices.tidal.rs", &["-n", "default"]),
+        ("patch", "inferenceservices.tidal.rs", &["-n", "default"]),
         // Every write of the operator is a patch, a create or a delete.
         ("update", "deployments.apps", &["-n", "default"]),
         (

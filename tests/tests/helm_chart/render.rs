@@ -308,6 +308,308 @@ async fn rbac_rules_name_every_group_resource_and_verb_and_leave_secrets_and_upd
     }
 }
 
+/// Every grant of the chart's ClusterRole and the operator code that needs it: (API group,
+/// resource, verb, source file under operator/src, the call in it). A grant not listed here is
+/// a verb no code issues; a call that disappears from its file makes its grant unused. Both
+/// fail the test below.
+const GRANTS: &[(&str, &str, &str, &str, &str)] = &[
+    // The shared watches (kube-runtime reflectors: list, then watch).
+    (
+        "tidal.rs",
+        "inferenceservices",
+        "list",
+        "controller/caches.rs",
+        "ctx.scoped_api::<InferenceService>()",
+    ),
+    (
+        "tidal.rs",
+        "inferenceservices",
+        "watch",
+        "controller/caches.rs",
+        "ctx.scoped_api::<InferenceService>()",
+    ),
+    (
+        "tidal.rs",
+        "edgenodes",
+        "list",
+        "controller/caches.rs",
+        "kube::Api::<EdgeNode>::all",
+    ),
+    (
+        "tidal.rs",
+        "edgenodes",
+        "watch",
+        "controller/caches.rs",
+        "kube::Api::<EdgeNode>::all",
+    ),
+    // kube-runtime's finalizer helper adds and removes the EdgeNode finalizer by JSON patch.
+    (
+        "tidal.rs",
+        "edgenodes",
+        "patch",
+        "controller/edge_node.rs",
+        "finalizer(&api, FINALIZER",
+    ),
+    // The autoscaler reads the status it is about to update (not the possibly stale cache).
+    (
+        "tidal.rs",
+        "inferenceservices/status",
+        "get",
+        "controller/autoscale/observe.rs",
+        ".get_status(&name)",
+    ),
+    (
+        "tidal.rs",
+        "inferenceservices/status",
+        "patch",
+        "controller/inference_service.rs",
+        "api.patch_status(",
+    ),
+    (
+        "tidal.rs",
+        "edgenodes/status",
+        "patch",
+        "controller/edge_node.rs",
+        ".patch_status(",
+    ),
+    // Children: server-side apply (a patch that creates a new child), pruning, watches.
+    (
+        "apps",
+        "deployments",
+        "list",
+        "controller/caches.rs",
+        "ctx.scoped_api::<Deployment>()",
+    ),
+    (
+        "apps",
+        "deployments",
+        "watch",
+        "controller/caches.rs",
+        "ctx.scoped_api::<Deployment>()",
+    ),
+    (
+        "apps",
+        "deployments",
+        "create",
+        "controller/inference_service.rs",
+        "Patch::Apply(&desired)",
+    ),
+    (
+        "apps",
+        "deployments",
+        "patch",
+        "controller/inference_service.rs",
+        "Patch::Apply(&desired)",
+    ),
+    (
+        "apps",
+        "deployments",
+        "delete",
+        "controller/inference_service.rs",
+        "api.delete(&child",
+    ),
+    (
+        "apps",
+        "deployments/scale",
+        "patch",
+        "controller/autoscale/apply.rs",
+        "api.patch_scale(",
+    ),
+    (
+        "",
+        "services",
+        "list",
+        "controller/inference_service.rs",
+        "Store<Service>",
+    ),
+    (
+        "",
+        "services",
+        "watch",
+        "controller/inference_service.rs",
+        "Store<Service>",
+    ),
+    (
+        "",
+        "services",
+        "create",
+        "controller/inference_service.rs",
+        "Patch::Apply(&desired)",
+    ),
+    (
+        "",
+        "services",
+        "patch",
+        "controller/inference_service.rs",
+        "Patch::Apply(&desired)",
+    ),
+    (
+        "",
+        "services",
+        "delete",
+        "controller/inference_service.rs",
+        "svcs.delete(&name",
+    ),
+    (
+        "",
+        "configmaps",
+        "list",
+        "controller/inference_service.rs",
+        "Store<ConfigMap>",
+    ),
+    (
+        "",
+        "configmaps",
+        "watch",
+        "controller/inference_service.rs",
+        "Store<ConfigMap>",
+    ),
+    (
+        "",
+        "configmaps",
+        "create",
+        "controller/inference_service.rs",
+        "Patch::Apply(&desired)",
+    ),
+    (
+        "",
+        "configmaps",
+        "patch",
+        "controller/inference_service.rs",
+        "Patch::Apply(&desired)",
+    ),
+    (
+        "",
+        "configmaps",
+        "delete",
+        "controller/inference_service.rs",
+        "api.delete(&child",
+    ),
+    // Worker pods (readiness, time to ready) and the Nodes EdgeNodes follow and label.
+    (
+        "",
+        "pods",
+        "list",
+        "controller/autoscale/mod.rs",
+        "ctx.scoped_api::<Pod>()",
+    ),
+    (
+        "",
+        "pods",
+        "watch",
+        "controller/autoscale/mod.rs",
+        "ctx.scoped_api::<Pod>()",
+    ),
+    (
+        "",
+        "nodes",
+        "list",
+        "controller/edge_node.rs",
+        "Store<Node>",
+    ),
+    (
+        "",
+        "nodes",
+        "watch",
+        "controller/edge_node.rs",
+        "Store<Node>",
+    ),
+    (
+        "",
+        "nodes",
+        "patch",
+        "controller/edge_node.rs",
+        "\"kind\": \"Node\"",
+    ),
+    // Node heartbeats.
+    (
+        "coordination.k8s.io",
+        "leases",
+        "list",
+        "controller/edge_node.rs",
+        "Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE)",
+    ),
+    (
+        "coordination.k8s.io",
+        "leases",
+        "watch",
+        "controller/edge_node.rs",
+        "Api::<Lease>::namespaced(client.clone(), NODE_LEASE_NAMESPACE)",
+    ),
+    // Events (kube-runtime's Recorder creates one, then patches its series).
+    (
+        "events.k8s.io",
+        "events",
+        "create",
+        "controller/edge_node.rs",
+        "recorder.publish(",
+    ),
+    (
+        "events.k8s.io",
+        "events",
+        "patch",
+        "controller/edge_node.rs",
+        "recorder.publish(",
+    ),
+];
+
+#[tokio::test]
+async fn the_cluster_role_grants_exactly_the_calls_the_operator_makes() {
+    let Some(env) = control_plane() else { return };
+    let src = repo_root().join("operator/src");
+    let mut stale = Vec::new();
+    for (group, resource, verb, file, call) in GRANTS {
+        let text = std::fs::read_to_string(src.join(file))
+            .unwrap_or_else(|e| panic!("operator/src/{file}: {e}"));
+        if !text.contains(call) {
+            stale.push(format!(
+                "{verb} {group}/{resource}: {call:?} is gone from {file}"
+            ));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "grants whose call is gone:\n{}",
+        stale.join("\n")
+    );
+    let expected: BTreeSet<(String, String, String)> = GRANTS
+        .iter()
+        .map(|(g, r, v, _, _)| (g.to_string(), r.to_string(), v.to_string()))
+        .collect();
+    for (file, extra) in snapshot_renders() {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let docs = documents(&helm_template(&env, &extra));
+        let role = find(&docs, "ClusterRole")
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{file}: no ClusterRole"));
+        let mut granted = BTreeSet::new();
+        for rule in role["rules"].as_array().expect("rules") {
+            let list = |f: &str| -> Vec<String> {
+                rule[f]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            for g in list("apiGroups") {
+                for r in list("resources") {
+                    for v in list("verbs") {
+                        granted.insert((g.clone(), r.clone(), v));
+                    }
+                }
+            }
+        }
+        let unused: Vec<_> = granted.difference(&expected).collect();
+        let missing: Vec<_> = expected.difference(&granted).collect();
+        assert!(
+            unused.is_empty() && missing.is_empty(),
+            "{file}: granted but no code issues it: {unused:?}; issued but not granted: {missing:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn network_policies_let_in_only_the_named_peers() {
     let Some(env) = control_plane() else { return };
