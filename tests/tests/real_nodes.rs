@@ -893,6 +893,27 @@ impl EdgeTraffic {
     }
 }
 
+/// The real edge node as an EdgeNode of this test's pool (labelled `tidal.rs/edge-pool=<ns>`;
+/// a cluster-scoped object named after the namespace, deleted with the guard). Hold [`EDGE`].
+async fn edge_site(ctx: &TestCtx) -> (String, tidal_e2e::kwok::ClusterGuard) {
+    use tidal_operator::crd::EdgeNode;
+    let ns = &ctx.namespace;
+    let site = format!("{ns}-site");
+    let en: EdgeNode = serde_json::from_value(json!({
+        "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
+        "metadata": {"name": site, "labels": {"tidal.rs/edge-pool": ns}},
+        "spec": {"nodeName": "tidal-edge", "site": "store-1", "region": "local-edge",
+                 "offlinePolicy": {"heartbeatTimeoutSeconds": 20, "failoverToCloud": true}},
+    }))
+    .unwrap();
+    Api::<EdgeNode>::all(ctx.client.clone())
+        .create(&PostParams::default(), &en)
+        .await
+        .expect("create EdgeNode");
+    let guard = tidal_e2e::kwok::ClusterGuard::new(ctx, "edgenode", &site);
+    (site, guard)
+}
+
 /// `http://IP:8080` of a Service's ClusterIP, or of a pod.
 async fn base_of_service(ctx: &TestCtx, svc: &str) -> Result<String, String> {
     let s = ctx
@@ -920,22 +941,8 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
         return;
     };
     let ns = ctx.namespace.clone();
-    // The real edge node as an EdgeNode of this test's pool (a cluster-scoped object: named
-    // after the namespace, deleted with the guard).
-    let site = format!("{ns}-site");
+    let (site, _site_guard) = edge_site(&ctx).await;
     let edge_nodes: Api<EdgeNode> = Api::all(ctx.client.clone());
-    let en: EdgeNode = serde_json::from_value(json!({
-        "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
-        "metadata": {"name": site, "labels": {"tidal.rs/edge-pool": ns}},
-        "spec": {"nodeName": "tidal-edge", "site": "store-1", "region": "local-edge",
-                 "offlinePolicy": {"heartbeatTimeoutSeconds": 20, "failoverToCloud": true}},
-    }))
-    .unwrap();
-    edge_nodes
-        .create(&PostParams::default(), &en)
-        .await
-        .expect("create EdgeNode");
-    let _site_guard = tidal_e2e::kwok::ClusterGuard::new(&ctx, "edgenode", &site);
     let name = "assist";
     let uri = fixture_model(&ctx, "llama");
     let spec = json!({
@@ -1243,11 +1250,13 @@ fn tls_secret_data(namespace: &str) -> std::collections::BTreeMap<String, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
-async fn real_node_tls_secret_makes_router_and_shards_speak_https() {
+async fn real_node_tls_secret_makes_router_shards_and_edge_speak_https() {
+    let _edge = EDGE.lock().await;
     let Some((ctx, _release)) = setup("real-tls", &[]).await else {
         return;
     };
     let ns = ctx.namespace.clone();
+    let (site, _site_guard) = edge_site(&ctx).await;
     let data = tls_secret_data(&ns);
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "metadata": {"name": "moe-tls"}, "type": "kubernetes.io/tls", "stringData": data,
@@ -1271,13 +1280,19 @@ async fn real_node_tls_secret_makes_router_and_shards_speak_https() {
                       "experts": {"shards": 1, "minReplicasPerShard": 1,
                                   "maxReplicasPerShard": 1,
                                   "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}},
+            // An edge site whose every answer escalates (once a few tokens exist) to the
+            // cloud tier's router, over HTTPS verified with the Secret's CA.
+            "edge": {"model": {"uri": fixture_model(&ctx, "llama"), "architecture": "llama"},
+                     "edgeNodeSelector": {"matchLabels": {"tidal.rs/edge-pool": ns}},
+                     "escalation": {"confidenceThreshold": 1.0},
+                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
         }),
     )
     .await;
     // Ready through HTTPS probes; the router warmed up through its shard over TLS.
-    eventually("router and shard pods Ready", START, || async {
+    eventually("router, shard and edge pods Ready", START, || async {
         let all = ready_pods(&ctx, &ns, &format!("app.kubernetes.io/instance={name}")).await;
-        if all.len() == 2 {
+        if all.len() == 3 {
             Ok(())
         } else {
             Err(format!("ready: {all:?}"))
@@ -1296,10 +1311,21 @@ async fn real_node_tls_secret_makes_router_and_shards_speak_https() {
         .and_then(|s| s.cluster_ip)
         .unwrap();
     let host = format!("{name}-router.{ns}.svc.cluster.local");
+    let edge_svc = format!("{name}-edge-{site}");
+    let edge_host = format!("{edge_svc}.{ns}.svc.cluster.local");
+    let edge_ip = ctx
+        .api::<Service>()
+        .get(&edge_svc)
+        .await
+        .expect("the site's Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .unwrap();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(data["ca.crt"].as_bytes()).unwrap()])
         .resolve(&host, format!("{ip}:8080").parse().unwrap())
+        .resolve(&edge_host, format!("{edge_ip}:8080").parse().unwrap())
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
@@ -1317,6 +1343,32 @@ async fn real_node_tls_secret_makes_router_and_shards_speak_https() {
     })
     .await;
     assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
+    // The edge site, over HTTPS: its answer is escalated to the router over HTTPS (the edge
+    // verifies the cloud with the Secret's CA) and finished there.
+    let escalated = eventually("an edge answer escalated to the cloud", START, || async {
+        let r = client
+            .post(format!("https://{edge_host}:8080/v1/completions"))
+            .json(&json!({"model": name, "prompt": "Hello", "max_tokens": 8}))
+            .send()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let header = |h: &str| {
+            r.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        match (
+            r.status().as_u16(),
+            header("x-tidal-escalated"),
+            header("x-tidal-escalation-failed"),
+        ) {
+            (200, Some(why), None) => Ok(why),
+            other => Err(format!("(status, escalated, failed): {other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(escalated, "low_confidence");
     // Plain HTTP is not served.
     let plain = reqwest::Client::new()
         .get(format!("http://{ip}:8080/v1/models"))
@@ -1327,7 +1379,7 @@ async fn real_node_tls_secret_makes_router_and_shards_speak_https() {
     // Prometheus scrapes both pods over HTTPS, as their annotation says.
     let scraped = eventually("Prometheus scrapes the HTTPS workers", START, || async {
         let up = prom_query(&format!(r#"up{{namespace="{ns}"}} == 1"#)).await?;
-        if up.len() == 2 {
+        if up.len() == 3 {
             Ok(up.len())
         } else {
             Err(format!("up: {up:?}"))
@@ -1335,7 +1387,8 @@ async fn real_node_tls_secret_makes_router_and_shards_speak_https() {
     })
     .await;
     eprintln!(
-        "[real-tls] router and shard over HTTPS (probes, router -> shard, client -> router); \
-         {scraped} pods scraped over HTTPS; plain HTTP refused"
+        "[real-tls] router, shard and edge over HTTPS (probes, router -> shard, edge -> cloud \
+         escalation, clients -> router and edge); {scraped} pods scraped over HTTPS; plain HTTP \
+         refused"
     );
 }
