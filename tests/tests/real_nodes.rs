@@ -914,6 +914,15 @@ async fn edge_site(ctx: &TestCtx) -> (String, tidal_e2e::kwok::ClusterGuard) {
     (site, guard)
 }
 
+/// How many pods `selector` matches, terminating ones included.
+async fn pod_count(ctx: &TestCtx, selector: &str) -> Result<usize, String> {
+    ctx.api::<Pod>()
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map(|l| l.items.len())
+        .map_err(|e| e.to_string())
+}
+
 /// `http://IP:8080` of a Service's ClusterIP, or of a pod.
 async fn base_of_service(ctx: &TestCtx, svc: &str) -> Result<String, String> {
     let s = ctx
@@ -1030,16 +1039,12 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
         .await
         .expect("scale the edge tier down");
     eventually("the site down to one edge pod", START, || async {
-        let all = ctx
-            .api::<Pod>()
-            .list(&ListParams::default().labels(&edge_selector))
-            .await
-            .map_err(|e| e.to_string())?;
+        let all = pod_count(&ctx, &edge_selector).await?;
         let ready = ready_pods(&ctx, &ns, &edge_selector).await;
-        if all.items.len() == 1 && ready.len() == 1 {
+        if all == 1 && ready.len() == 1 {
             Ok(())
         } else {
-            Err(format!("{} edge pods, ready {ready:?}", all.items.len()))
+            Err(format!("{all} edge pods, ready {ready:?}"))
         }
     })
     .await;
@@ -1111,14 +1116,10 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
         START,
         || async {
             let cloud = ready_pods(&ctx, &ns, &cloud_selector).await;
-            let all_cloud = ctx
-                .api::<Pod>()
-                .list(&ListParams::default().labels(&cloud_selector))
-                .await
-                .map_err(|e| e.to_string())?;
+            let all_cloud = pod_count(&ctx, &cloud_selector).await?;
             let edge = ready_pods(&ctx, &ns, &edge_selector).await;
             match edge.first() {
-                Some((pod, _)) if cloud.len() == 1 && all_cloud.items.len() == 1 => {
+                Some((pod, _)) if cloud.len() == 1 && all_cloud == 1 => {
                     answers(&base_of_pod(&ctx, pod).await?, name).await
                 }
                 _ => Err(format!("edge {edge:?}, cloud {cloud:?}")),

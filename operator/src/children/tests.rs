@@ -37,6 +37,10 @@ fn facts(nodes: &[EdgeNode], phase: EdgePhase) -> Vec<EdgeFacts> {
         .collect()
 }
 
+fn service_spec(w: &Workload) -> &k8s_openapi::api::core::v1::ServiceSpec {
+    w.service.as_ref().unwrap().spec.as_ref().unwrap()
+}
+
 fn args(w: &Workload) -> Vec<String> {
     w.pod_spec().containers[0].args.clone().unwrap()
 }
@@ -201,16 +205,7 @@ fn moe_example_builds_router_shards_and_placement() {
     );
     assert_eq!(shard.experts, vec![1, 5]);
     // Shard Services are headless (the router balances over the pods); the router's is not.
-    let cluster_ip = |w: &Workload| {
-        w.service
-            .as_ref()
-            .unwrap()
-            .spec
-            .as_ref()
-            .unwrap()
-            .cluster_ip
-            .clone()
-    };
+    let cluster_ip = |w: &Workload| service_spec(w).cluster_ip.clone();
     assert_eq!(cluster_ip(shard).as_deref(), Some(HEADLESS));
     assert_eq!(cluster_ip(router), None);
 }
@@ -809,14 +804,9 @@ fn an_exposed_tier_gets_its_service_type_and_annotations_and_shards_stay_interna
         &BuildConfig::default(),
     )
     .unwrap();
-    assert!(c.workloads.iter().all(|w| {
-        w.service
-            .as_ref()
-            .unwrap()
-            .spec
-            .as_ref()
-            .unwrap()
-            .type_
-            .is_none()
-    }));
+    assert!(
+        c.workloads
+            .iter()
+            .all(|w| { service_spec(w).type_.is_none() })
+    );
 }
