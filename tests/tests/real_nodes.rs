@@ -1345,11 +1345,12 @@ async fn real_node_tls_secret_makes_router_shards_and_edge_speak_https() {
     .await;
     assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
     // The edge site, over HTTPS: its answer is escalated to the router over HTTPS (the edge
-    // verifies the cloud with the Secret's CA) and finished there.
+    // verifies the cloud with the Secret's CA) and finished there. The confidence is checked
+    // once the window (8 tokens) is full, so the answer must be longer than that.
     let escalated = eventually("an edge answer escalated to the cloud", START, || async {
         let r = client
             .post(format!("https://{edge_host}:8080/v1/completions"))
-            .json(&json!({"model": name, "prompt": "Hello", "max_tokens": 8}))
+            .json(&json!({"model": name, "prompt": "Hello", "max_tokens": 16}))
             .send()
             .await
             .map_err(|e| format!("{e:?}"))?;
