@@ -588,3 +588,159 @@ async fn every_exported_metric_is_documented_in_metrics_md() {
     }
     assert!(names.len() >= 10, "{names:?}");
 }
+
+/// `token_logprobs` of a completion answer as numbers (None for the null first prompt token).
+fn token_logprobs(v: &Value) -> Vec<Option<f64>> {
+    v["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .expect("token_logprobs")
+        .iter()
+        .map(Value::as_f64)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_echo_and_token_id_prompts() {
+    let s = start(EngineConfig::default(), server_config()).await;
+
+    // Completions: each generated token with its log probability and 3 alternatives; greedy
+    // picks the most likely, so its log probability is the largest of the alternatives.
+    let mut req = greedy_completion("Hello", 6);
+    req["logprobs"] = 3.into();
+    let v = post_json(s.addr, "/v1/completions", &req).await.json();
+    let lp = &v["choices"][0]["logprobs"];
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n, "{v}");
+    // Each token's own text (a byte of a multi-byte character shows as U+FFFD, as the
+    // fixture's byte-level vocabulary often gives).
+    assert!(
+        lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(Value::is_string)
+    );
+    for (i, chosen) in token_logprobs(&v).into_iter().enumerate() {
+        let chosen = chosen.expect("a generated token has a log probability");
+        let top: Vec<f64> = lp["top_logprobs"][i]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert!(!top.is_empty() && top.len() <= 3, "{v}");
+        let best = top.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert!(
+            chosen <= 0.0 && (chosen - best).abs() < 1e-4,
+            "{i}: {chosen} vs {top:?}"
+        );
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+
+    // A prompt of token ids; then the same ids plus the token greedy chose after them, echoed
+    // with the prompt's log probabilities: the last prompt token's log probability is the
+    // one the generation reported for it (the scoring loglikelihood evaluations do).
+    let ids = json!([5, 6, 7]);
+    let generated = post_json(
+        s.addr,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0,
+                "ignore_eos": true, "logprobs": 0}),
+    )
+    .await
+    .json();
+    let chosen = token_logprobs(&generated)[0].unwrap();
+    let echo = post_json(
+        s.addr,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": [[5, 6, 7]], "max_tokens": 1, "temperature": 0,
+                "ignore_eos": true, "logprobs": 2, "echo": true}),
+    )
+    .await
+    .json();
+    let prompt_text = echo["choices"][0]["text"].as_str().unwrap().to_string();
+    let scored = token_logprobs(&echo);
+    assert_eq!(scored.len(), 3 + 1, "{echo}");
+    assert_eq!(
+        scored[0], None,
+        "the first prompt token has no log probability"
+    );
+    assert!(scored[1..].iter().all(|x| x.is_some_and(|x| x <= 0.0)));
+    // The 4th token (the generated one) after [5, 6, 7] is the token `generated` chose, with the
+    // same log probability.
+    assert!(
+        (scored[3].unwrap() - chosen).abs() < 1e-4,
+        "{scored:?} vs {chosen}"
+    );
+    assert_eq!(
+        echo["choices"][0]["logprobs"]["tokens"][3],
+        generated["choices"][0]["logprobs"]["tokens"][0]
+    );
+    let gen_text = generated["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        prompt_text.ends_with(gen_text),
+        "{prompt_text:?} / {gen_text:?}"
+    );
+    // Ids outside the vocabulary are a 400 naming the prompt.
+    let bad = post_json(
+        s.addr,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": [1, 99999999]}),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["param"], "prompt");
+
+    // Chat: `logprobs` + `top_logprobs`, one entry per generated token, also when streamed.
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5, "temperature": 0, "ignore_eos": true, "logprobs": true,
+        "top_logprobs": 2});
+    let v = post_json(s.addr, "/v1/chat/completions", &chat)
+        .await
+        .json();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 5, "{v}");
+    for e in content {
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            e["bytes"].as_array().unwrap().len(),
+            e["token"].as_str().unwrap().len()
+        );
+    }
+    let mut streamed = chat.clone();
+    streamed["stream"] = true.into();
+    let events = SseReader::open(s.addr, "/v1/chat/completions", &streamed)
+        .await
+        .collect()
+        .await;
+    let tokens: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        &tokens, content,
+        "streamed log probabilities equal the whole answer's"
+    );
+    // Without `logprobs`, none.
+    let mut plain = chat.clone();
+    plain.as_object_mut().unwrap().remove("logprobs");
+    plain.as_object_mut().unwrap().remove("top_logprobs");
+    let v = post_json(s.addr, "/v1/chat/completions", &plain)
+        .await
+        .json();
+    assert!(v["choices"][0]["logprobs"].is_null());
+}

@@ -66,6 +66,33 @@ def main() -> None:
     )
     assert text == c.choices[0].text, (text, c)
 
+    # Log probabilities as lm-evaluation-harness reads them: the prompt echoed with its
+    # tokens' log probabilities (the first has none), then the generated ones.
+    scored = client.completions.create(
+        model=model, prompt="Hello", max_tokens=2, temperature=0, logprobs=2, echo=True
+    )
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text.startswith("Hello"), scored
+    assert lp.token_logprobs[0] is None, lp
+    assert len(lp.tokens) == scored.usage.prompt_tokens + scored.usage.completion_tokens, lp
+    assert all(x <= 0 for x in lp.token_logprobs[1:]), lp
+    assert all(len(t) >= 1 for t in lp.top_logprobs[1:]), lp
+    # A prompt of token ids.
+    by_ids = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=2, temperature=0)
+    assert by_ids.usage.prompt_tokens == 3, by_ids.usage
+    # Chat: logprobs with alternatives.
+    chat_lp = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat_lp.choices[0].logprobs.content
+    assert len(content) == chat_lp.usage.completion_tokens, content
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content), content
+
     # Errors surface as the client's typed exceptions.
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])

@@ -210,6 +210,18 @@ impl Model {
     /// to it from the whole batch); attention runs per sequence against its own
     /// cache. A sequence's logits are bitwise the same whatever else is in the batch.
     pub fn forward_batch(&self, batch: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
+        self.run(batch, false)
+    }
+
+    /// [`Self::forward`], returning the logits after every one of `tokens` (row i predicts
+    /// the token after `tokens[i]`): what prompt log probabilities need.
+    pub fn forward_all(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        self.run(&mut [(tokens, cache)], true)
+    }
+
+    /// The forward pass; the logits of each sequence's last new token, or with `all_rows`
+    /// of every new token (all sequences' rows in order).
+    fn run(&self, batch: &mut [(&[u32], &mut KvCache)], all_rows: bool) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {
             return Ok(vec![]);
         }
@@ -270,10 +282,17 @@ impl Model {
         for (c, cache) in chunks.iter().zip(caches.iter_mut()) {
             cache.len += c.len;
         }
-        let last: Vec<u32> = chunks
-            .iter()
-            .map(|c| (c.start + c.len - 1) as u32)
-            .collect();
+        let last: Vec<u32> = if all_rows {
+            chunks
+                .iter()
+                .flat_map(|c| (c.start..c.start + c.len).map(|r| r as u32))
+                .collect()
+        } else {
+            chunks
+                .iter()
+                .map(|c| (c.start + c.len - 1) as u32)
+                .collect()
+        };
         let last = xs.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
         Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)

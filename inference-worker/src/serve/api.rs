@@ -113,12 +113,26 @@ pub enum StopField {
     Many(Vec<String>),
 }
 
+/// `prompt` of /v1/completions: text, or token ids (what lm-evaluation-harness and
+/// other tools that tokenize themselves send), one or a list of one.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PromptField {
     One(String),
     Many(Vec<String>),
+    Ids(Vec<u32>),
+    ManyIds(Vec<Vec<u32>>),
 }
+
+/// A prompt as text or as token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// Most alternatives a response reports per token (vLLM's and OpenAI's chat limit).
+pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -181,6 +195,14 @@ pub struct CommonParams {
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: PromptField,
+    /// How many alternatives to report with each token's log probability (0: the chosen
+    /// token's only); omitted: none.
+    #[serde(default)]
+    pub logprobs: Option<i64>,
+    /// Return the prompt before the completion (with its tokens' log probabilities when
+    /// `logprobs` is set: what loglikelihood evaluations read).
+    #[serde(default)]
+    pub echo: Option<bool>,
     #[serde(flatten)]
     pub common: CommonParams,
 }
@@ -188,8 +210,25 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<MessageIn>,
+    /// Report each generated token's log probability.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`, how many alternatives to report per token.
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonParams,
+}
+
+fn top_count(param: &'static str, n: i64) -> Result<usize, ApiError> {
+    if (0..=MAX_TOP_LOGPROBS).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(ApiError::invalid(
+            Some(param),
+            format!("{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+        ))
+    }
 }
 
 /// Server-side limits requests are checked against.
@@ -210,6 +249,10 @@ pub struct Checked {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    /// Report generated tokens' log probabilities with this many alternatives each.
+    pub logprobs: Option<usize>,
+    /// Completions: return the prompt (and, with `logprobs`, its tokens' log probabilities).
+    pub echo: bool,
 }
 
 /// Parses a JSON body, mapping every failure to a 400 in OpenAI's format.
@@ -310,24 +353,78 @@ impl CommonParams {
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs: None,
+            echo: false,
         })
     }
 }
 
 impl CompletionRequest {
-    pub fn prompt_text(&self) -> Result<String, ApiError> {
-        match &self.prompt {
-            PromptField::One(s) => Ok(s.clone()),
-            PromptField::Many(v) if v.len() == 1 => Ok(v[0].clone()),
-            PromptField::Many(_) => Err(ApiError::invalid(
+    /// The common checks plus `logprobs` and `echo`.
+    pub fn check(&self, limits: &Limits) -> Result<Checked, ApiError> {
+        let mut checked = self.common.check(limits)?;
+        checked.logprobs = self
+            .logprobs
+            .map(|n| top_count("logprobs", n))
+            .transpose()?;
+        checked.echo = self.echo.unwrap_or(false);
+        if checked.echo && checked.stream {
+            return Err(ApiError::invalid(
+                Some("echo"),
+                "echo is not supported with stream",
+            ));
+        }
+        Ok(checked)
+    }
+
+    /// The one prompt, as text or token ids; ids must lie in the vocabulary.
+    pub fn prompt(&self, vocab_size: usize) -> Result<Prompt, ApiError> {
+        let one = || {
+            ApiError::invalid(
                 Some("prompt"),
                 "exactly one prompt per request is supported",
-            )),
+            )
+        };
+        let prompt = match &self.prompt {
+            PromptField::One(s) => Prompt::Text(s.clone()),
+            PromptField::Many(v) if v.len() == 1 => Prompt::Text(v[0].clone()),
+            PromptField::Ids(ids) => Prompt::Ids(ids.clone()),
+            PromptField::ManyIds(v) if v.len() == 1 => Prompt::Ids(v[0].clone()),
+            PromptField::Many(_) | PromptField::ManyIds(_) => return Err(one()),
+        };
+        if let Prompt::Ids(ids) = &prompt
+            && let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab_size)
+        {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                format!("token id {bad} is outside the vocabulary (size {vocab_size})"),
+            ));
         }
+        Ok(prompt)
     }
 }
 
 impl ChatRequest {
+    /// The common checks plus `logprobs` and `top_logprobs`.
+    pub fn check(&self, limits: &Limits) -> Result<Checked, ApiError> {
+        let mut checked = self.common.check(limits)?;
+        let top = self
+            .top_logprobs
+            .map(|n| top_count("top_logprobs", n))
+            .transpose()?;
+        checked.logprobs = match (self.logprobs.unwrap_or(false), top) {
+            (true, top) => Some(top.unwrap_or(0)),
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(
+                    Some("top_logprobs"),
+                    "top_logprobs needs logprobs set to true",
+                ));
+            }
+        };
+        Ok(checked)
+    }
+
     pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid(
@@ -393,6 +490,58 @@ impl Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            model_name: "m".into(),
+            context: 64,
+            max_tokens: 16,
+            max_stop: 4,
+        }
+    }
+
+    #[test]
+    fn logprobs_echo_and_token_id_prompts_are_checked() {
+        let req: CompletionRequest =
+            parse_json(br#"{"model":"m","prompt":[[1,2,3]],"logprobs":3,"echo":true}"#).unwrap();
+        let c = req.check(&limits()).unwrap();
+        assert_eq!((c.logprobs, c.echo), (Some(3), true));
+        assert_eq!(req.prompt(10).unwrap(), Prompt::Ids(vec![1, 2, 3]));
+        let e = req.prompt(3).unwrap_err();
+        assert!(e.message.contains("token id 3 is outside"), "{}", e.message);
+        let req: CompletionRequest =
+            parse_json(br#"{"model":"m","prompt":[4,5],"logprobs":21}"#).unwrap();
+        assert_eq!(req.prompt(10).unwrap(), Prompt::Ids(vec![4, 5]));
+        assert_eq!(req.check(&limits()).unwrap_err().param, Some("logprobs"));
+        let req: CompletionRequest =
+            parse_json(br#"{"model":"m","prompt":"x","echo":true,"stream":true}"#).unwrap();
+        assert_eq!(req.check(&limits()).unwrap_err().param, Some("echo"));
+        let req: CompletionRequest = parse_json(br#"{"model":"m","prompt":[[1],[2]]}"#).unwrap();
+        assert!(req.prompt(10).is_err());
+
+        let chat = |body: &[u8]| {
+            parse_json::<ChatRequest>(body)
+                .unwrap()
+                .check(&limits())
+                .map(|c| c.logprobs)
+        };
+        let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+        assert_eq!(
+            chat(format!(r#"{{"model":"m",{msgs},"logprobs":true,"top_logprobs":5}}"#).as_bytes())
+                .unwrap(),
+            Some(5)
+        );
+        assert_eq!(
+            chat(format!(r#"{{"model":"m",{msgs},"logprobs":true}}"#).as_bytes()).unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            chat(format!(r#"{{"model":"m",{msgs}}}"#).as_bytes()).unwrap(),
+            None
+        );
+        let e = chat(format!(r#"{{"model":"m",{msgs},"top_logprobs":2}}"#).as_bytes()).unwrap_err();
+        assert_eq!(e.param, Some("top_logprobs"));
+    }
 
     #[test]
     fn worker_errors_map_to_openai_errors_by_reason() {

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::model::decoder::{KvCache, Model};
 use crate::serve::metrics::Metrics;
-use crate::serve::sampling::{Sampler, SamplingParams, max_prob};
+use crate::serve::sampling::{Sampler, SamplingParams, logprobs, max_prob};
 use crate::serve::text::{Detokenizer, Push, TextCodec};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -48,6 +48,30 @@ pub enum Event {
     Escalated(EscalationMark),
     /// Never sent by the engine: the cloud could not be reached and the policy is to fail.
     CloudUnavailable(String),
+    /// A generated token's log probability, sent before the text it adds (requests with
+    /// [`GenRequest::logprobs`]).
+    Logprob(TokenLogprob),
+    /// The prompt's tokens: the first (which has no log probability), then the others with
+    /// theirs; sent first (requests with [`GenRequest::prompt_logprobs`]).
+    PromptLogprobs {
+        first: TokenText,
+        rest: Vec<TokenLogprob>,
+    },
+}
+
+/// One token with its log probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: TokenText,
+    pub logprob: f32,
+    pub top: Vec<(TokenText, f32)>,
+}
+
+/// A token id and its text on its own (lossy where it is part of a UTF-8 character).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenText {
+    pub id: u32,
+    pub text: String,
 }
 
 /// How an escalated response was served (reported to the client).
@@ -119,6 +143,10 @@ pub struct GenRequest {
     pub arrived: Instant,
     /// Edge escalation's confidence check; None for plain serving.
     pub confidence: Option<ConfidenceCheck>,
+    /// Report each generated token's log probability with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Report the prompt tokens' log probabilities too (with `logprobs` alternatives).
+    pub prompt_logprobs: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +214,7 @@ struct Sequence {
     /// Set when the request has a confidence check (then `ids` records the tokens).
     confidence: Option<ConfidenceWindow>,
     ids: Vec<u32>,
+    logprobs: Option<usize>,
 }
 
 /// Starts the engine thread.
@@ -263,11 +292,32 @@ impl Engine {
         }
         let mut cache = self.model.new_cache();
         let mut sampler = Sampler::new(req.sampling.clone());
-        let logits = match self.model.forward(&req.prompt_ids, &mut cache) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = events.send(Event::Error(e.to_string()));
-                return;
+        let logits = if req.prompt_logprobs {
+            // Every position's logits: each scores the prompt token after it.
+            match self.model.forward_all(&req.prompt_ids, &mut cache) {
+                Ok(mut rows) => {
+                    let top = req.logprobs.unwrap_or(0);
+                    let rest = rows
+                        .iter()
+                        .zip(&req.prompt_ids[1..])
+                        .map(|(row, &id)| self.token_logprob(row, id, top))
+                        .collect();
+                    let first = self.token_text(req.prompt_ids[0]);
+                    let _ = events.send(Event::PromptLogprobs { first, rest });
+                    rows.pop().expect("a row per prompt token")
+                }
+                Err(e) => {
+                    let _ = events.send(Event::Error(e.to_string()));
+                    return;
+                }
+            }
+        } else {
+            match self.model.forward(&req.prompt_ids, &mut cache) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = events.send(Event::Error(e.to_string()));
+                    return;
+                }
             }
         };
         self.metrics
@@ -304,7 +354,9 @@ impl Engine {
             sent: 0,
             confidence,
             ids: vec![],
+            logprobs: req.logprobs,
         };
+        self.report_logprob(&seq, &logits, token);
         if !self.accept(&mut seq, token, p) {
             self.running.push(seq);
         }
@@ -357,9 +409,38 @@ impl Engine {
                 .observe((now - seq.last_token_at).as_secs_f64());
             seq.last_token_at = now;
             seq.last = token;
+            self.report_logprob(seq, &logits, token);
             !self.accept(seq, token, p)
         });
         self.running = running;
+    }
+
+    fn token_text(&self, id: u32) -> TokenText {
+        TokenText {
+            id,
+            text: self.codec.decode(&[id]).unwrap_or_default(),
+        }
+    }
+
+    fn token_logprob(&self, logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+        let (logprob, top) = logprobs(logits, id, top);
+        TokenLogprob {
+            token: self.token_text(id),
+            logprob,
+            top: top
+                .into_iter()
+                .map(|(t, lp)| (self.token_text(t), lp))
+                .collect(),
+        }
+    }
+
+    /// Sends the sampled token's log probability when the request asked for them.
+    fn report_logprob(&self, seq: &Sequence, logits: &[f32], token: u32) {
+        if let Some(top) = seq.logprobs {
+            let _ = seq
+                .events
+                .send(Event::Logprob(self.token_logprob(logits, token, top)));
+        }
     }
 
     /// Records a sampled token whose distribution's max probability was `p`; returns

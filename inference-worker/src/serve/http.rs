@@ -2,7 +2,9 @@
 //! handling up to a queued generation (see [`super::response`] for the answer).
 
 use crate::model::decoder::Model;
-use crate::serve::api::{ApiError, ChatRequest, Checked, CompletionRequest, Limits, parse_json};
+use crate::serve::api::{
+    ApiError, ChatRequest, Checked, CompletionRequest, Limits, Prompt, parse_json,
+};
 use crate::serve::auth::ApiKeys;
 use crate::serve::engine::{EngineHandle, GenRequest};
 use crate::serve::escalation::cloud::{Escalator, Forwarded, cloud_unavailable_error};
@@ -321,6 +323,8 @@ async fn start(
         ignore_eos: checked.ignore_eos,
         arrived: job.arrived,
         confidence,
+        logprobs: checked.logprobs,
+        prompt_logprobs: checked.echo && checked.logprobs.is_some(),
     };
     match served.engine.submit(req) {
         Ok(rx) => {
@@ -387,12 +391,15 @@ async fn completions(
         let req: CompletionRequest = parse_json(&body)?;
         let served = served(&st)?;
         let limits = st.limits(served);
-        let checked = req.common.check(&limits)?;
-        let prompt = req.prompt_text()?;
-        let ids = served
-            .codec
-            .encode(&prompt)
-            .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
+        let checked = req.check(&limits)?;
+        let invalid = |e: crate::Error| ApiError::invalid(Some("prompt"), e.to_string());
+        let (prompt, ids) = match req.prompt(served.model.config().vocab_size)? {
+            Prompt::Text(text) => {
+                let ids = served.codec.encode(&text).map_err(invalid)?;
+                (text, ids)
+            }
+            Prompt::Ids(ids) => (served.codec.decode(&ids).map_err(invalid)?, ids),
+        };
         let job = Job {
             kind: Kind::Completion,
             prompt_text: prompt,
@@ -404,7 +411,8 @@ async fn completions(
             may_escalate: may_escalate(&headers),
         };
         let started = start(&st, served, &limits, &job).await?;
-        Ok::<_, ApiError>(respond(&st, job.kind, &job.checked, started).await)
+        let echo = job.checked.echo.then_some(job.prompt_text.as_str());
+        Ok::<_, ApiError>(respond(&st, job.kind, &job.checked, echo, started).await)
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -421,7 +429,7 @@ async fn chat_completions(
         let messages = req.messages()?;
         let served = served(&st)?;
         let limits = st.limits(served);
-        let checked = req.common.check(&limits)?;
+        let checked = req.check(&limits)?;
         let prompt = served
             .codec
             .render_chat(&messages)
@@ -441,7 +449,7 @@ async fn chat_completions(
             may_escalate: may_escalate(&headers),
         };
         let started = start(&st, served, &limits, &job).await?;
-        Ok::<_, ApiError>(respond(&st, job.kind, &job.checked, started).await)
+        Ok::<_, ApiError>(respond(&st, job.kind, &job.checked, None, started).await)
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -2,7 +2,7 @@
 //! stream of OpenAI chunks (following a low-confidence hand-off to its continuation).
 
 use crate::serve::api::{ApiError, Checked, Usage};
-use crate::serve::engine::{EscalationMark, Event};
+use crate::serve::engine::{EscalationMark, Event, TokenLogprob, TokenText};
 use crate::serve::escalation::cloud::cloud_unavailable_error;
 use crate::serve::escalation::continuation::Continuation;
 use crate::serve::escalation::{ESCALATED_HEADER, ESCALATION_FAILED_HEADER};
@@ -32,6 +32,63 @@ struct Collected {
     finish: &'static str,
     usage: Usage,
     mark: Option<EscalationMark>,
+    logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Option<(TokenText, Vec<TokenLogprob>)>,
+}
+
+/// `logprobs` of a chat choice or chunk: one entry per token.
+fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let entry = |text: &str, logprob: f32| json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()});
+    json!({
+        "content": tokens.iter().map(|t| {
+            let mut e = entry(&t.token.text, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|(a, lp)| entry(&a.text, *lp)).collect();
+            e
+        }).collect::<Vec<_>>(),
+        "refusal": null,
+    })
+}
+
+/// `logprobs` of a completion choice or chunk (the legacy format): parallel lists, with
+/// character offsets into the returned text counted from `offset`.
+fn completion_logprobs(tokens: &[Option<&TokenLogprob>], texts: &[&str], offset: usize) -> Value {
+    let mut at = offset;
+    let mut text_offset = Vec::with_capacity(texts.len());
+    for t in texts {
+        text_offset.push(at);
+        at += t.chars().count();
+    }
+    json!({
+        "tokens": texts,
+        "token_logprobs": tokens.iter().map(|t| t.map(|t| t.logprob)).collect::<Vec<_>>(),
+        // Keyed by text: tokens with the same text keep the likeliest (listed first).
+        "top_logprobs": tokens.iter().map(|t| t.map(|t| {
+            let mut m = serde_json::Map::new();
+            for (a, lp) in &t.top {
+                m.entry(a.text.clone()).or_insert(json!(lp));
+            }
+            m
+        })).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+/// The generated tokens' completion `logprobs`, after `echo`'s prompt tokens when given.
+fn completion_choice_logprobs(
+    prompt: Option<&(TokenText, Vec<TokenLogprob>)>,
+    generated: &[TokenLogprob],
+) -> Value {
+    let mut tokens: Vec<Option<&TokenLogprob>> = vec![];
+    let mut texts: Vec<&str> = vec![];
+    if let Some((first, rest)) = prompt {
+        tokens.push(None);
+        texts.push(&first.text);
+        tokens.extend(rest.iter().map(Some));
+        texts.extend(rest.iter().map(|t| t.token.text.as_str()));
+    }
+    tokens.extend(generated.iter().map(Some));
+    texts.extend(generated.iter().map(|t| t.token.text.as_str()));
+    completion_logprobs(&tokens, &texts, 0)
 }
 
 /// Waits for the whole generation, following a low-confidence hand-off to its
@@ -42,9 +99,13 @@ async fn collect(
 ) -> Result<Collected, ApiError> {
     let mut text = String::new();
     let mut mark = None;
+    let mut logprobs = vec![];
+    let mut prompt_logprobs = None;
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Delta(d) => text.push_str(&d),
+            Event::Logprob(l) => logprobs.push(l),
+            Event::PromptLogprobs { first, rest } => prompt_logprobs = Some((first, rest)),
             Event::Done {
                 finish,
                 prompt_tokens,
@@ -55,6 +116,8 @@ async fn collect(
                     finish: finish.as_str(),
                     usage: Usage::new(prompt_tokens, completion_tokens),
                     mark,
+                    logprobs,
+                    prompt_logprobs,
                 });
             }
             Event::Error(e) => return Err(internal(e)),
@@ -107,6 +170,7 @@ pub(super) async fn respond(
     st: &AppState,
     kind: Kind,
     checked: &Checked,
+    echo: Option<&str>,
     started: Started,
 ) -> Response {
     let Started {
@@ -121,15 +185,23 @@ pub(super) async fn respond(
         Kind::Chat => "chatcmpl",
     });
     if checked.stream {
-        let stream = sse_stream(
+        let stream = sse_stream(StreamState {
             kind,
             id,
             model,
             created,
-            checked.include_usage,
+            include_usage: checked.include_usage,
             rx,
             continuation,
-        );
+            mark: None,
+            pending: Default::default(),
+            started: false,
+            done: false,
+            wants_logprobs: checked.logprobs.is_some(),
+            logprobs: vec![],
+            offset: 0,
+        });
+        // (`echo` is refused with `stream` when the request is checked.)
         let mut resp = Sse::new(stream).into_response();
         if let Some((name, value)) = header {
             set_header(&mut resp, name, value);
@@ -143,19 +215,34 @@ pub(super) async fn respond(
             finish,
             usage,
             mark,
+            logprobs,
+            prompt_logprobs,
         }) => {
+            let wants = checked.logprobs.is_some();
             let mut body = match kind {
-                Kind::Completion => json!({
-                    "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-                    "usage": usage,
-                }),
+                Kind::Completion => {
+                    let lp = wants.then(|| {
+                        completion_choice_logprobs(
+                            prompt_logprobs.as_ref().filter(|_| echo.is_some()),
+                            &logprobs,
+                        )
+                    });
+                    let text = match echo {
+                        Some(p) => format!("{p}{text}"),
+                        None => text,
+                    };
+                    json!({
+                        "id": id, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}],
+                        "usage": usage,
+                    })
+                }
                 Kind::Chat => json!({
                     "id": id, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "logprobs": null,
+                        "logprobs": wants.then(|| chat_logprobs(&logprobs)),
                         "finish_reason": finish,
                     }],
                     "usage": usage,
@@ -216,30 +303,38 @@ struct StreamState {
     pending: std::collections::VecDeque<String>,
     started: bool,
     done: bool,
+    /// Whether the request asked for log probabilities; those of tokens whose text has
+    /// not been sent yet; the completion text's length in characters so far.
+    wants_logprobs: bool,
+    logprobs: Vec<TokenLogprob>,
+    offset: usize,
 }
 
-fn sse_stream(
-    kind: Kind,
-    id: String,
-    model: String,
-    created: u64,
-    include_usage: bool,
-    rx: UnboundedReceiver<Event>,
-    continuation: Option<Arc<Continuation>>,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let state = StreamState {
-        kind,
-        id,
-        model,
-        created,
-        include_usage,
-        rx,
-        continuation,
-        mark: None,
-        pending: Default::default(),
-        started: false,
-        done: false,
-    };
+impl StreamState {
+    /// A chunk carrying the log probabilities gathered since the last one.
+    fn chunk(&mut self, text: Option<&str>, finish: Option<&str>) -> Value {
+        let mut c = chunk(self.kind, &self.id, &self.model, self.created, text, finish);
+        if self.wants_logprobs {
+            let tokens = std::mem::take(&mut self.logprobs);
+            c["choices"][0]["logprobs"] = match self.kind {
+                Kind::Chat => chat_logprobs(&tokens),
+                Kind::Completion => {
+                    let texts: Vec<&str> = tokens.iter().map(|t| t.token.text.as_str()).collect();
+                    let lp = completion_logprobs(
+                        &tokens.iter().map(Some).collect::<Vec<_>>(),
+                        &texts,
+                        self.offset,
+                    );
+                    self.offset += texts.iter().map(|t| t.chars().count()).sum::<usize>();
+                    lp
+                }
+            };
+        }
+        c
+    }
+}
+
+fn sse_stream(state: StreamState) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     futures::stream::unfold(state, |mut s| async move {
         loop {
             if let Some(data) = s.pending.pop_front() {
@@ -258,22 +353,18 @@ fn sse_stream(
             }
             match s.rx.recv().await {
                 Some(Event::Delta(d)) => {
-                    let c = chunk(s.kind, &s.id, &s.model, s.created, Some(&d), None);
+                    let c = s.chunk(Some(&d), None);
                     s.pending.push_back(c.to_string());
                 }
+                Some(Event::Logprob(l)) => s.logprobs.push(l),
+                // `echo` is refused with `stream`: nothing asks for these here.
+                Some(Event::PromptLogprobs { .. }) => {}
                 Some(Event::Done {
                     finish,
                     prompt_tokens,
                     completion_tokens,
                 }) => {
-                    let mut c = chunk(
-                        s.kind,
-                        &s.id,
-                        &s.model,
-                        s.created,
-                        None,
-                        Some(finish.as_str()),
-                    );
+                    let mut c = s.chunk(None, Some(finish.as_str()));
                     if let Some(m) = &s.mark {
                         c["escalation"] = escalation_field(m);
                     }

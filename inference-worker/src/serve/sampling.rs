@@ -60,6 +60,44 @@ pub fn max_prob(logits: &[f32]) -> f32 {
     }
 }
 
+/// `token`'s log probability under `softmax(logits)` (temperature 1, natural log, as
+/// OpenAI and vLLM report them) and the `top` most likely tokens with theirs, most likely
+/// first (ties: lower id first).
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = if max.is_finite() {
+        max + logits
+            .iter()
+            .map(|&l| f64::from(l - max).exp())
+            .sum::<f64>()
+            .ln() as f32
+    } else {
+        f32::NAN
+    };
+    let lp = |l: f32| l - lse;
+    let chosen = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| lp(l));
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = top.min(idx.len());
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_logit);
+    }
+    idx.truncate(k);
+    idx.sort_by(by_logit);
+    (
+        chosen,
+        idx.into_iter()
+            .map(|i| (i, lp(logits[i as usize])))
+            .collect(),
+    )
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = match params.seed {
@@ -115,6 +153,20 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_log_softmax_with_the_top_alternatives_first() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let (lp, top) = logprobs(&logits, 2, 3);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((lp - (2.0f32.exp() / z).ln()).abs() < 1e-5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert!((top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-5);
+        let total: f32 = logprobs(&logits, 0, 4).1.iter().map(|t| t.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(logprobs(&logits, 0, 0).1.is_empty());
+        assert_eq!(logprobs(&logits, 0, 9).1.len(), 4);
+    }
 
     #[test]
     fn greedy_picks_max_and_top_k_one_is_greedy() {

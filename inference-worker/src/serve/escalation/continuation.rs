@@ -161,6 +161,9 @@ impl Continuation {
             ignore_eos: self.checked.ignore_eos,
             arrived: Instant::now(),
             confidence: None,
+            // The tokens generated here are reported as the first ones were.
+            logprobs: self.checked.logprobs,
+            prompt_logprobs: false,
         };
         let mut rx = match self.engine.submit(req) {
             Ok(rx) => rx,
@@ -206,6 +209,9 @@ impl Continuation {
                         completion_tokens: done_tokens + completion_tokens,
                     });
                     return;
+                }
+                Event::Logprob(l) => {
+                    let _ = tx.send(Event::Logprob(l));
                 }
                 other => {
                     let _ = tx.send(other);
