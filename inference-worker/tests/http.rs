@@ -744,3 +744,82 @@ async fn logprobs_echo_and_token_id_prompts() {
         .json();
     assert!(v["choices"][0]["logprobs"].is_null());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_generated_side_by_side_and_streamed_by_index() {
+    let s = start(EngineConfig::default(), server_config()).await;
+    // Sampled with a seed: three choices, reproducible, each counted in the usage.
+    let req = json!({"model": MODEL, "prompt": "Once", "max_tokens": 6, "temperature": 1.0,
+                     "seed": 42, "n": 3, "ignore_eos": true});
+    let a = post_json(s.addr, "/v1/completions", &req).await.json();
+    let b = post_json(s.addr, "/v1/completions", &req).await.json();
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                assert_eq!(c["index"], i, "{v}");
+                c["text"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    assert_eq!(texts(&a).len(), 3);
+    assert_eq!(texts(&a), texts(&b), "the same seed gives the same choices");
+    assert!(
+        texts(&a).iter().any(|t| t != &texts(&a)[0]),
+        "choices are sampled independently: {a}"
+    );
+    assert_eq!(a["usage"]["completion_tokens"], 18);
+    assert_eq!(a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"]);
+
+    // Streamed chat, two greedy choices: chunks of both indices, one finish each, the usage
+    // of both, one [DONE]; each choice's text equals the single greedy answer.
+    let one = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5, "temperature": 0, "ignore_eos": true});
+    let whole = post_json(s.addr, "/v1/chat/completions", &one).await.json();
+    let answer = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    let mut req = one.clone();
+    req["n"] = 2.into();
+    req["stream"] = true.into();
+    req["stream_options"] = json!({"include_usage": true});
+    let events = SseReader::open(s.addr, "/v1/chat/completions", &req)
+        .await
+        .collect()
+        .await;
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for i in 0..2u64 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty()))
+            .filter(|c| c["choices"][0]["index"] == i)
+            .collect();
+        let text: String = mine
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, answer, "choice {i}");
+        let finishes = mine
+            .iter()
+            .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+            .count();
+        assert_eq!(finishes, 1, "choice {i}");
+    }
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 10, "{usage}");
+
+    let too_many = post_json(
+        s.addr,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "x", "n": 9}),
+    )
+    .await;
+    assert_eq!(too_many.status, 400);
+    assert_eq!(too_many.json()["error"]["param"], "n");
+}

@@ -93,6 +93,24 @@ def main() -> None:
     assert len(content) == chat_lp.usage.completion_tokens, content
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content), content
 
+    # n choices, also streamed (chunks carry their choice's index).
+    two = client.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1], two
+    assert two.choices[0].text == two.choices[1].text, two
+    by_index = {}
+    for ch in client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        n=2,
+        stream=True,
+    ):
+        for choice in ch.choices:
+            by_index.setdefault(choice.index, []).append(choice.delta.content or "")
+    assert sorted(by_index) == [0, 1], by_index
+    assert "".join(by_index[0]) == "".join(by_index[1]), by_index
+
     # Errors surface as the client's typed exceptions.
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])

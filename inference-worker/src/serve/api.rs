@@ -131,6 +131,9 @@ pub enum Prompt {
     Ids(Vec<u32>),
 }
 
+/// Most choices one request may ask for (`n`).
+pub const MAX_N: i64 = 8;
+
 /// Most alternatives a response reports per token (vLLM's and OpenAI's chat limit).
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
@@ -253,6 +256,8 @@ pub struct Checked {
     pub logprobs: Option<usize>,
     /// Completions: return the prompt (and, with `logprobs`, its tokens' log probabilities).
     pub echo: bool,
+    /// How many choices to generate (each its own sequence in the batch).
+    pub n: usize,
 }
 
 /// Parses a JSON body, mapping every failure to a 400 in OpenAI's format.
@@ -279,10 +284,12 @@ impl CommonParams {
             .with_status(StatusCode::NOT_FOUND)
             .with_code("model_not_found"));
         }
-        if let Some(n) = self.n
-            && n != 1
-        {
-            return Err(ApiError::invalid(Some("n"), "only n=1 is supported"));
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ApiError::invalid(
+                Some("n"),
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+            ));
         }
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => None,
@@ -355,6 +362,7 @@ impl CommonParams {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             logprobs: None,
             echo: false,
+            n: n as usize,
         })
     }
 }

@@ -14,6 +14,7 @@ use crate::serve::escalation::{
 };
 use crate::serve::metrics::Metrics;
 use crate::serve::response::{Kind, Started, respond};
+use crate::serve::sampling::SamplingParams;
 use crate::serve::text::{ChatMessage, TextCodec};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -313,12 +314,20 @@ async fn start(
         Some(m) => m,
         None => room.min(limits.max_tokens),
     };
-    let escalator = st.escalator.as_ref().filter(|_| job.may_escalate);
+    // Several choices are generated here, never escalated (a hand-off continues one answer).
+    let escalator = st
+        .escalator
+        .as_ref()
+        .filter(|_| job.may_escalate && checked.n == 1);
     let confidence = escalator.and_then(|e| e.config.confidence_check());
-    let req = GenRequest {
+    let request = |choice: usize| GenRequest {
         prompt_ids: job.prompt_ids.clone(),
         max_tokens,
-        sampling: checked.sampling.clone(),
+        sampling: SamplingParams {
+            // Each choice its own reproducible stream of random numbers.
+            seed: checked.sampling.seed.map(|s| s.wrapping_add(choice as u64)),
+            ..checked.sampling.clone()
+        },
         stop: checked.stop.clone(),
         ignore_eos: checked.ignore_eos,
         arrived: job.arrived,
@@ -326,7 +335,16 @@ async fn start(
         logprobs: checked.logprobs,
         prompt_logprobs: checked.echo && checked.logprobs.is_some(),
     };
-    match served.engine.submit(req) {
+    let mut more = Vec::with_capacity(checked.n.saturating_sub(1));
+    for choice in 1..checked.n {
+        // A full queue refuses the whole request (the choices queued so far are dropped,
+        // which cancels them).
+        more.push(served.engine.submit(request(choice)).map_err(|e| match e {
+            crate::Error::QueueFull => queue_full(st),
+            other => ApiError::from_error(&other, st.config.retry_after_secs),
+        })?);
+    }
+    match served.engine.submit(request(0)) {
         Ok(rx) => {
             let continuation = match (escalator, confidence) {
                 (Some(e), Some(_)) => Some(Arc::new(Continuation {
@@ -344,6 +362,7 @@ async fn start(
                 rx,
                 continuation,
                 header: None,
+                more,
             })
         }
         Err(crate::Error::QueueFull) => {
@@ -360,6 +379,7 @@ async fn start(
                     rx,
                     continuation: None,
                     header: Some((ESCALATED_HEADER, "overloaded")),
+                    more: vec![],
                 }),
                 Err(e) => Err(match esc.config.on_cloud_unavailable {
                     OnCloudUnavailable::Fail => cloud_unavailable_error(&e.0),

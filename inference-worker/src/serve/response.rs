@@ -24,6 +24,8 @@ pub(super) struct Started {
     pub(super) continuation: Option<Arc<Continuation>>,
     /// A response header known before the response starts.
     pub(super) header: Option<(&'static str, &'static str)>,
+    /// The other choices' generations when the request asked for `n` > 1.
+    pub(super) more: Vec<UnboundedReceiver<Event>>,
 }
 
 /// The whole generation (non-streaming responses).
@@ -177,6 +179,7 @@ pub(super) async fn respond(
         rx,
         continuation,
         header,
+        more,
     } = started;
     let created = now_secs();
     let model = st.config.model_name.clone();
@@ -185,10 +188,12 @@ pub(super) async fn respond(
         Kind::Chat => "chatcmpl",
     });
     if checked.stream {
-        let stream = sse_stream(StreamState {
+        // (`echo` is refused with `stream` when the request is checked.)
+        let state = |index, rx, continuation, tail| StreamState {
             kind,
-            id,
-            model,
+            index,
+            id: id.clone(),
+            model: model.clone(),
             created,
             include_usage: checked.include_usage,
             rx,
@@ -197,69 +202,114 @@ pub(super) async fn respond(
             pending: Default::default(),
             started: false,
             done: false,
+            tail,
             wants_logprobs: checked.logprobs.is_some(),
             logprobs: vec![],
             offset: 0,
-        });
-        // (`echo` is refused with `stream` when the request is checked.)
-        let mut resp = Sse::new(stream).into_response();
+        };
+        let mut resp = if more.is_empty() {
+            Sse::new(sse_stream(state(0, rx, continuation, None))).into_response()
+        } else {
+            // Every choice's chunks as they come, then one usage chunk and [DONE].
+            let totals = Arc::new(std::sync::Mutex::new(Usage::new(0, 0)));
+            let choices = std::iter::once(rx)
+                .chain(more)
+                .enumerate()
+                .map(|(i, rx)| Box::pin(sse_stream(state(i, rx, None, Some(totals.clone())))));
+            let merged = futures::stream::select_all(choices);
+            let (object, include_usage) = (chunk_object(kind), checked.include_usage);
+            let (id, model) = (id.clone(), model.clone());
+            let tail = futures::stream::once(async move {
+                let usage = totals.lock().expect("usage totals").clone();
+                let u = json!({
+                    "id": id, "object": object, "created": created, "model": model,
+                    "choices": [], "usage": usage,
+                });
+                futures::stream::iter(
+                    include_usage
+                        .then(|| u.to_string())
+                        .into_iter()
+                        .chain(["[DONE]".to_string()])
+                        .map(|d| Ok(SseEvent::default().data(d))),
+                )
+            });
+            Sse::new(futures::StreamExt::chain(
+                merged,
+                futures::StreamExt::flatten(tail),
+            ))
+            .into_response()
+        };
         if let Some((name, value)) = header {
             set_header(&mut resp, name, value);
         }
         return resp;
     }
-    match collect(rx, continuation).await {
-        Err(e) => e.into_response(),
-        Ok(Collected {
-            text,
-            finish,
-            usage,
-            mark,
-            logprobs,
-            prompt_logprobs,
-        }) => {
-            let wants = checked.logprobs.is_some();
-            let mut body = match kind {
-                Kind::Completion => {
-                    let lp = wants.then(|| {
-                        completion_choice_logprobs(
-                            prompt_logprobs.as_ref().filter(|_| echo.is_some()),
-                            &logprobs,
-                        )
-                    });
-                    let text = match echo {
-                        Some(p) => format!("{p}{text}"),
-                        None => text,
-                    };
-                    json!({
-                        "id": id, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}],
-                        "usage": usage,
-                    })
-                }
-                Kind::Chat => json!({
-                    "id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": wants.then(|| chat_logprobs(&logprobs)),
-                        "finish_reason": finish,
-                    }],
-                    "usage": usage,
-                }),
-            };
-            if let Some(m) = &mark {
-                body["escalation"] = escalation_field(m);
+    let mut collected = vec![collect(rx, continuation).await];
+    for rx in more {
+        collected.push(collect(rx, None).await);
+    }
+    let collected = match collected.into_iter().collect::<Result<Vec<_>, _>>() {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let wants = checked.logprobs.is_some();
+    // The prompt counts once, every choice's tokens count.
+    let usage = Usage::new(
+        collected[0].usage.prompt_tokens,
+        collected.iter().map(|c| c.usage.completion_tokens).sum(),
+    );
+    let mark = collected[0].mark;
+    let choices: Vec<Value> = collected
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| match kind {
+            Kind::Completion => {
+                let lp = wants.then(|| {
+                    completion_choice_logprobs(
+                        c.prompt_logprobs.as_ref().filter(|_| echo.is_some()),
+                        &c.logprobs,
+                    )
+                });
+                let text = match echo {
+                    Some(p) => format!("{p}{}", c.text),
+                    None => c.text,
+                };
+                json!({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish})
             }
-            let mut resp = Json(body).into_response();
-            if let Some(m) = mark {
-                set_header(&mut resp, ESCALATED_HEADER, m.reason);
-                if !m.by_cloud {
-                    set_header(&mut resp, ESCALATION_FAILED_HEADER, "cloud_unavailable");
-                }
-            }
-            resp
+            Kind::Chat => json!({
+                "index": index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": wants.then(|| chat_logprobs(&c.logprobs)),
+                "finish_reason": c.finish,
+            }),
+        })
+        .collect();
+    let object = match kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion",
+    };
+    let mut body = json!({
+        "id": id, "object": object, "created": created, "model": model,
+        "choices": choices, "usage": usage,
+    });
+    if let Some(m) = &mark {
+        body["escalation"] = escalation_field(m);
+    }
+    let mut resp = Json(body).into_response();
+    if let Some(m) = mark {
+        set_header(&mut resp, ESCALATED_HEADER, m.reason);
+        if !m.by_cloud {
+            set_header(&mut resp, ESCALATION_FAILED_HEADER, "cloud_unavailable");
         }
+    }
+    resp
+}
+
+/// The `object` of a streamed chunk.
+fn chunk_object(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion.chunk",
     }
 }
 
@@ -293,6 +343,8 @@ fn chunk(
 
 struct StreamState {
     kind: Kind,
+    /// The choice this stream carries.
+    index: usize,
     id: String,
     model: String,
     created: u64,
@@ -303,6 +355,9 @@ struct StreamState {
     pending: std::collections::VecDeque<String>,
     started: bool,
     done: bool,
+    /// One of several choices: its usage is added here, and the merged stream ends with the
+    /// usage chunk and [DONE] (None: this stream ends itself).
+    tail: Option<Arc<std::sync::Mutex<Usage>>>,
     /// Whether the request asked for log probabilities; those of tokens whose text has
     /// not been sent yet; the completion text's length in characters so far.
     wants_logprobs: bool,
@@ -311,9 +366,18 @@ struct StreamState {
 }
 
 impl StreamState {
+    /// Ends this stream after what is pending ([DONE] unless a merged stream adds it).
+    fn end(&mut self) {
+        if self.tail.is_none() {
+            self.pending.push_back("[DONE]".into());
+        }
+        self.done = true;
+    }
+
     /// A chunk carrying the log probabilities gathered since the last one.
     fn chunk(&mut self, text: Option<&str>, finish: Option<&str>) -> Value {
         let mut c = chunk(self.kind, &self.id, &self.model, self.created, text, finish);
+        c["choices"][0]["index"] = self.index.into();
         if self.wants_logprobs {
             let tokens = std::mem::take(&mut self.logprobs);
             c["choices"][0]["logprobs"] = match self.kind {
@@ -346,7 +410,8 @@ fn sse_stream(state: StreamState) -> impl Stream<Item = Result<SseEvent, Infalli
             if !s.started {
                 s.started = true;
                 if matches!(s.kind, Kind::Chat) {
-                    let c = chunk(s.kind, &s.id, &s.model, s.created, None, None);
+                    let mut c = chunk(s.kind, &s.id, &s.model, s.created, None, None);
+                    c["choices"][0]["index"] = s.index.into();
                     s.pending.push_back(c.to_string());
                 }
                 continue;
@@ -369,11 +434,14 @@ fn sse_stream(state: StreamState) -> impl Stream<Item = Result<SseEvent, Infalli
                         c["escalation"] = escalation_field(m);
                     }
                     s.pending.push_back(c.to_string());
+                    if let Some(totals) = &s.tail {
+                        let mut t = totals.lock().expect("usage totals");
+                        *t = Usage::new(prompt_tokens, t.completion_tokens + completion_tokens);
+                        s.done = true;
+                        continue;
+                    }
                     if s.include_usage {
-                        let object = match s.kind {
-                            Kind::Completion => "text_completion",
-                            Kind::Chat => "chat.completion.chunk",
-                        };
+                        let object = chunk_object(s.kind);
                         let mut u = json!({
                             "id": s.id, "object": object, "created": s.created, "model": s.model,
                             "choices": [], "usage": Usage::new(prompt_tokens, completion_tokens),
@@ -388,8 +456,7 @@ fn sse_stream(state: StreamState) -> impl Stream<Item = Result<SseEvent, Infalli
                 }
                 Some(Event::Error(e)) => {
                     s.pending.push_back(internal(e).body().to_string());
-                    s.pending.push_back("[DONE]".into());
-                    s.done = true;
+                    s.end();
                 }
                 Some(Event::LowConfidence(h)) => match &s.continuation {
                     // The rest of the stream comes from the continuation, re-wrapped in
@@ -398,16 +465,14 @@ fn sse_stream(state: StreamState) -> impl Stream<Item = Result<SseEvent, Infalli
                     None => {
                         let e = internal("an unexpected hand-off".into());
                         s.pending.push_back(e.body().to_string());
-                        s.pending.push_back("[DONE]".into());
-                        s.done = true;
+                        s.end();
                     }
                 },
                 Some(Event::Escalated(m)) => s.mark = Some(m),
                 Some(Event::CloudUnavailable(why)) => {
                     s.pending
                         .push_back(cloud_unavailable_error(&why).body().to_string());
-                    s.pending.push_back("[DONE]".into());
-                    s.done = true;
+                    s.end();
                 }
                 None => return None,
             }
