@@ -250,6 +250,15 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
             "spec.cloud.service.type: Unsupported value",
         ),
         (
+            "a name that cannot begin a Service name",
+            {
+                let mut o = tis(base());
+                o.metadata.name = Some("chat.v2".into());
+                o
+            },
+            "metadata.name must be a DNS-1035 label",
+        ),
+        (
             "TLS without a Secret",
             tis(with(base(), &["tls"], json!({}))),
             "secretName: Required value",

@@ -20,7 +20,37 @@ use kube::CustomResourceExt;
 
 /// All CRDs this operator serves, in a stable order (`crdgen` writes one file each).
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![tidy(InferenceService::crd()), tidy(EdgeNode::crd())]
+    vec![
+        tidy(with_service_name_rule(InferenceService::crd())),
+        tidy(EdgeNode::crd()),
+    ]
+}
+
+/// An InferenceService's name starts its children's Service names (`<name>-cloud`, ...),
+/// which must be DNS-1035 labels: refuse other names at admission instead of failing every
+/// apply later. (Root-level CEL may read `metadata.name`; the derive cannot put it there.)
+fn with_service_name_rule(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::ValidationRule;
+    for v in &mut crd.spec.versions {
+        if let Some(schema) = v
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            schema
+                .x_kubernetes_validations
+                .get_or_insert_with(Vec::new)
+                .push(ValidationRule {
+                    rule: "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')".into(),
+                    message: Some(
+                        "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter): it begins the names of the service's Services"
+                            .into(),
+                    ),
+                    ..Default::default()
+                });
+        }
+    }
+    crd
 }
 
 /// Makes schemars' output read well in Kubernetes: unsigned formats the apiserver does not
