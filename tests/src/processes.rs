@@ -132,6 +132,31 @@ pub fn spawn_operator(env: &crate::LocalEnv, args: &[&str], log: &Path) -> (Kill
     (Killed(child), port)
 }
 
+/// One `tidal-operator run` replica under leader election, as a test runs two or more: named
+/// `identity`, watching `ctx`'s namespace and holding its Lease there for `lease_seconds`, with
+/// `extra` flags; its log goes to a temp file named after the namespace and identity.
+pub fn spawn_elected_operator(
+    ctx: &crate::TestCtx,
+    identity: &str,
+    lease_seconds: u64,
+    extra: &[&str],
+) -> (Killed, u16) {
+    let log = std::env::temp_dir().join(format!("{}-{identity}.log", ctx.namespace));
+    let lease = lease_seconds.to_string();
+    let mut args = vec![
+        "--identity",
+        identity,
+        "--watch-namespace",
+        &ctx.namespace,
+        "--lease-namespace",
+        &ctx.namespace,
+        "--lease-duration-seconds",
+        &lease,
+    ];
+    args.extend_from_slice(extra);
+    spawn_operator(&ctx.env, &args, &log)
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Killed(pub Child);
 

@@ -27,7 +27,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use tidal_e2e::processes::{
-    Killed, Prometheus, completion_load, spawn_operator, start_worker, write_fixture_with,
+    Killed, Prometheus, completion_load, spawn_elected_operator, start_worker, write_fixture_with,
 };
 use tidal_e2e::{TestCtx, install_crds};
 use tidal_operator::children::ANNOTATION_HELD_EXPERTS;
@@ -177,25 +177,12 @@ async fn a_new_expert_plan_rolls_out_through_a_leader_kill_never_routing_to_a_sh
     let mut operators: BTreeMap<String, Killed> = ["op-a", "op-b"]
         .into_iter()
         .map(|id| {
-            let log = std::env::temp_dir().join(format!("{}-{id}.log", ctx.namespace));
-            let (process, _port) = spawn_operator(
-                &ctx.env,
-                &[
-                    "--identity",
-                    id,
-                    "--watch-namespace",
-                    &ctx.namespace,
-                    "--lease-namespace",
-                    &ctx.namespace,
-                    "--lease-duration-seconds",
-                    &LEASE_SECONDS.to_string(),
-                    // Rates over 10 s (Prometheus scrapes every second); 5 s ready time.
-                    "--rate-window",
-                    "10s",
-                    "--default-ready-seconds",
-                    "5",
-                ],
-                &log,
+            // Rates over 10 s (Prometheus scrapes every second); 5 s ready time.
+            let (process, _port) = spawn_elected_operator(
+                &ctx,
+                id,
+                LEASE_SECONDS,
+                &["--rate-window", "10s", "--default-ready-seconds", "5"],
             );
             (id.to_string(), process)
         })

@@ -5,7 +5,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
-use tidal_e2e::processes::{Killed, metric_sum, spawn_operator};
+use tidal_e2e::processes::{Killed, metric_sum, spawn_elected_operator};
 use tidal_e2e::{CONVERGE, TestCtx, eventually, install_crds};
 use tidal_operator::crd::InferenceService;
 
@@ -16,21 +16,7 @@ struct Operator {
 }
 
 fn start(ctx: &TestCtx, identity: &str) -> Operator {
-    let log = std::env::temp_dir().join(format!("{}-{identity}.log", ctx.namespace));
-    let (process, port) = spawn_operator(
-        &ctx.env,
-        &[
-            "--identity",
-            identity,
-            "--watch-namespace",
-            &ctx.namespace,
-            "--lease-namespace",
-            &ctx.namespace,
-            "--lease-duration-seconds",
-            "6",
-        ],
-        &log,
-    );
+    let (process, port) = spawn_elected_operator(ctx, identity, 6, &[]);
     Operator {
         identity: identity.into(),
         port,

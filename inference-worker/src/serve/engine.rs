@@ -54,24 +54,18 @@ pub enum Event {
     /// The prompt's tokens: the first (which has no log probability), then the others with
     /// theirs; sent first (requests with [`GenRequest::prompt_logprobs`]).
     PromptLogprobs {
-        first: TokenText,
+        first: String,
         rest: Vec<TokenLogprob>,
     },
 }
 
 /// One token with its log probability and the most likely alternatives at its position.
+/// Tokens are given by their own text (lossy where a token is part of a UTF-8 character).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
-    pub token: TokenText,
+    pub token: String,
     pub logprob: f32,
-    pub top: Vec<(TokenText, f32)>,
-}
-
-/// A token id and its text on its own (lossy where it is part of a UTF-8 character).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenText {
-    pub id: u32,
-    pub text: String,
+    pub top: Vec<(String, f32)>,
 }
 
 /// How an escalated response was served (reported to the client).
@@ -292,10 +286,11 @@ impl Engine {
         }
         let mut cache = self.model.new_cache();
         let mut sampler = Sampler::new(req.sampling.clone());
-        let logits = if req.prompt_logprobs {
+        let forward = if req.prompt_logprobs {
             // Every position's logits: each scores the prompt token after it.
-            match self.model.forward_all(&req.prompt_ids, &mut cache) {
-                Ok(mut rows) => {
+            self.model
+                .forward_all(&req.prompt_ids, &mut cache)
+                .map(|mut rows| {
                     let top = req.logprobs.unwrap_or(0);
                     let rest = rows
                         .iter()
@@ -305,19 +300,15 @@ impl Engine {
                     let first = self.token_text(req.prompt_ids[0]);
                     let _ = events.send(Event::PromptLogprobs { first, rest });
                     rows.pop().expect("a row per prompt token")
-                }
-                Err(e) => {
-                    let _ = events.send(Event::Error(e.to_string()));
-                    return;
-                }
-            }
+                })
         } else {
-            match self.model.forward(&req.prompt_ids, &mut cache) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = events.send(Event::Error(e.to_string()));
-                    return;
-                }
+            self.model.forward(&req.prompt_ids, &mut cache)
+        };
+        let logits = match forward {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = events.send(Event::Error(e.to_string()));
+                return;
             }
         };
         self.metrics
@@ -415,11 +406,8 @@ impl Engine {
         self.running = running;
     }
 
-    fn token_text(&self, id: u32) -> TokenText {
-        TokenText {
-            id,
-            text: self.codec.decode(&[id]).unwrap_or_default(),
-        }
+    fn token_text(&self, id: u32) -> String {
+        self.codec.decode(&[id]).unwrap_or_default()
     }
 
     fn token_logprob(&self, logits: &[f32], id: u32, top: usize) -> TokenLogprob {

@@ -2,7 +2,7 @@
 //! stream of OpenAI chunks (following a low-confidence hand-off to its continuation).
 
 use crate::serve::api::{ApiError, Checked, Usage};
-use crate::serve::engine::{EscalationMark, Event, TokenLogprob, TokenText};
+use crate::serve::engine::{EscalationMark, Event, TokenLogprob};
 use crate::serve::escalation::cloud::cloud_unavailable_error;
 use crate::serve::escalation::continuation::Continuation;
 use crate::serve::escalation::{ESCALATED_HEADER, ESCALATION_FAILED_HEADER};
@@ -35,7 +35,7 @@ struct Collected {
     usage: Usage,
     mark: Option<EscalationMark>,
     logprobs: Vec<TokenLogprob>,
-    prompt_logprobs: Option<(TokenText, Vec<TokenLogprob>)>,
+    prompt_logprobs: Option<(String, Vec<TokenLogprob>)>,
 }
 
 /// `logprobs` of a chat choice or chunk: one entry per token.
@@ -43,54 +43,57 @@ fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
     let entry = |text: &str, logprob: f32| json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()});
     json!({
         "content": tokens.iter().map(|t| {
-            let mut e = entry(&t.token.text, t.logprob);
-            e["top_logprobs"] = t.top.iter().map(|(a, lp)| entry(&a.text, *lp)).collect();
+            let mut e = entry(&t.token, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|(a, lp)| entry(a, *lp)).collect();
             e
         }).collect::<Vec<_>>(),
         "refusal": null,
     })
 }
 
-/// `logprobs` of a completion choice or chunk (the legacy format): parallel lists, with
-/// character offsets into the returned text counted from `offset`.
-fn completion_logprobs(tokens: &[Option<&TokenLogprob>], texts: &[&str], offset: usize) -> Value {
+/// `logprobs` of a completion choice or chunk (the legacy format): parallel lists of the
+/// tokens (text, and log probability unless it has none), with character offsets into the
+/// returned text counted from `offset`; also the offset after the last token.
+fn completion_logprobs(tokens: &[(&str, Option<&TokenLogprob>)], offset: usize) -> (Value, usize) {
     let mut at = offset;
-    let mut text_offset = Vec::with_capacity(texts.len());
-    for t in texts {
+    let mut text_offset = Vec::with_capacity(tokens.len());
+    for (text, _) in tokens {
         text_offset.push(at);
-        at += t.chars().count();
+        at += text.chars().count();
     }
-    json!({
-        "tokens": texts,
-        "token_logprobs": tokens.iter().map(|t| t.map(|t| t.logprob)).collect::<Vec<_>>(),
+    let lp = json!({
+        "tokens": tokens.iter().map(|(text, _)| text).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|(_, t)| t.map(|t| t.logprob)).collect::<Vec<_>>(),
         // Keyed by text: tokens with the same text keep the likeliest (listed first).
-        "top_logprobs": tokens.iter().map(|t| t.map(|t| {
+        "top_logprobs": tokens.iter().map(|(_, t)| t.map(|t| {
             let mut m = serde_json::Map::new();
             for (a, lp) in &t.top {
-                m.entry(a.text.clone()).or_insert(json!(lp));
+                m.entry(a.clone()).or_insert(json!(lp));
             }
             m
         })).collect::<Vec<_>>(),
         "text_offset": text_offset,
-    })
+    });
+    (lp, at)
+}
+
+/// A generated token as a completion `logprobs` entry.
+fn generated(t: &TokenLogprob) -> (&str, Option<&TokenLogprob>) {
+    (&t.token, Some(t))
 }
 
 /// The generated tokens' completion `logprobs`, after `echo`'s prompt tokens when given.
 fn completion_choice_logprobs(
-    prompt: Option<&(TokenText, Vec<TokenLogprob>)>,
-    generated: &[TokenLogprob],
+    prompt: Option<&(String, Vec<TokenLogprob>)>,
+    tokens: &[TokenLogprob],
 ) -> Value {
-    let mut tokens: Vec<Option<&TokenLogprob>> = vec![];
-    let mut texts: Vec<&str> = vec![];
+    let mut entries: Vec<(&str, Option<&TokenLogprob>)> = vec![];
     if let Some((first, rest)) = prompt {
-        tokens.push(None);
-        texts.push(&first.text);
-        tokens.extend(rest.iter().map(Some));
-        texts.extend(rest.iter().map(|t| t.token.text.as_str()));
+        entries.push((first, None));
+        entries.extend(rest.iter().map(generated));
     }
-    tokens.extend(generated.iter().map(Some));
-    texts.extend(generated.iter().map(|t| t.token.text.as_str()));
-    completion_logprobs(&tokens, &texts, 0)
+    entries.extend(tokens.iter().map(generated));
+    completion_logprobs(&entries, 0).0
 }
 
 /// Waits for the whole generation, following a low-confidence hand-off to its
@@ -313,32 +316,25 @@ fn chunk_object(kind: Kind) -> &'static str {
     }
 }
 
-/// Builds OpenAI's chunk objects; `delta` None means the role-only opening chunk (chat).
-fn chunk(
-    kind: Kind,
-    id: &str,
-    model: &str,
-    created: u64,
-    text: Option<&str>,
-    finish: Option<&str>,
-) -> Value {
-    match kind {
-        Kind::Completion => json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
-        }),
+/// Builds OpenAI's chunk objects for `s`'s choice; `text` and `finish` None mean the
+/// role-only opening chunk (chat).
+fn chunk(s: &StreamState, text: Option<&str>, finish: Option<&str>) -> Value {
+    let (id, model, created, index) = (&s.id, &s.model, s.created, s.index);
+    let object = chunk_object(s.kind);
+    let choice = match s.kind {
+        Kind::Completion => {
+            json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+        }
         Kind::Chat => {
             let delta = match (text, finish) {
                 (None, None) => json!({"role": "assistant", "content": ""}),
                 (Some(t), _) => json!({"content": t}),
                 (None, Some(_)) => json!({}),
             };
-            json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            })
+            json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
         }
-    }
+    };
+    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
 }
 
 struct StreamState {
@@ -376,20 +372,15 @@ impl StreamState {
 
     /// A chunk carrying the log probabilities gathered since the last one.
     fn chunk(&mut self, text: Option<&str>, finish: Option<&str>) -> Value {
-        let mut c = chunk(self.kind, &self.id, &self.model, self.created, text, finish);
-        c["choices"][0]["index"] = self.index.into();
+        let mut c = chunk(self, text, finish);
         if self.wants_logprobs {
             let tokens = std::mem::take(&mut self.logprobs);
             c["choices"][0]["logprobs"] = match self.kind {
                 Kind::Chat => chat_logprobs(&tokens),
                 Kind::Completion => {
-                    let texts: Vec<&str> = tokens.iter().map(|t| t.token.text.as_str()).collect();
-                    let lp = completion_logprobs(
-                        &tokens.iter().map(Some).collect::<Vec<_>>(),
-                        &texts,
-                        self.offset,
-                    );
-                    self.offset += texts.iter().map(|t| t.chars().count()).sum::<usize>();
+                    let entries: Vec<_> = tokens.iter().map(generated).collect();
+                    let (lp, end) = completion_logprobs(&entries, self.offset);
+                    self.offset = end;
                     lp
                 }
             };
@@ -410,8 +401,7 @@ fn sse_stream(state: StreamState) -> impl Stream<Item = Result<SseEvent, Infalli
             if !s.started {
                 s.started = true;
                 if matches!(s.kind, Kind::Chat) {
-                    let mut c = chunk(s.kind, &s.id, &s.model, s.created, None, None);
-                    c["choices"][0]["index"] = s.index.into();
+                    let c = chunk(&s, None, None);
                     s.pending.push_back(c.to_string());
                 }
                 continue;
