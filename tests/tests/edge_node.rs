@@ -287,27 +287,32 @@ async fn five_cuts_in_a_row_change_the_phase_once_each_way() {
         )
         .await;
     }
-    // One Event per phase change: five times Offline, five times Ready again, and at most
-    // one Degraded on the way down each time; nothing in between.
+    // One Event per phase change: five times Offline, five times Ready again, and Degraded on
+    // the way down. A Ready beyond the five restores can only be a recovery from Degraded (a
+    // renewal late under load, which the policy announces as such), never from anything else.
     let reasons = eventually("the phase Events", CONVERGE, || async {
         let r = event_reasons(&ctx, &en_name).await?;
         let n = |what: &str| r.iter().filter(|x| x.as_str() == what).count();
-        if n("Offline") == 5 && n("Ready") == 5 {
+        if n("Offline") == 5 && n("Ready") >= 5 {
             Ok(r)
         } else {
             Err(format!("event reasons {r:?}"))
         }
     })
     .await;
-    let degraded = reasons.iter().filter(|r| r.as_str() == "Degraded").count();
-    assert!(degraded <= 5, "{reasons:?}");
+    let n = |what: &str| reasons.iter().filter(|x| x.as_str() == what).count();
+    let (degraded, ready) = (n("Degraded"), n("Ready"));
+    assert!(
+        ready - 5 <= degraded,
+        "a Ready without a phase change before it: {reasons:?}"
+    );
     assert_eq!(
         reasons.len(),
-        10 + degraded,
+        5 + ready + degraded,
         "only phase changes are announced: {reasons:?}"
     );
     eprintln!(
-        "[edge-flap] 5 cuts and restores: 5 Offline, 5 Ready, {degraded} Degraded Events, \
+        "[edge-flap] 5 cuts and restores: 5 Offline, {ready} Ready, {degraded} Degraded Events, \
          nothing else"
     );
 }
