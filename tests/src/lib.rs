@@ -269,6 +269,59 @@ where
     }
 }
 
+/// The reasons of the Events about EdgeNode `name`, one per occurrence (a repeated Event is
+/// one object whose `series.count` grows).
+pub async fn edge_event_reasons(client: &Client, name: &str) -> Result<Vec<String>, String> {
+    use k8s_openapi::api::events::v1::Event;
+    // EdgeNodes are cluster-scoped: their Events go to `default`.
+    Ok(Api::<Event>::namespaced(client.clone(), "default")
+        .list(&kube::api::ListParams::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .flat_map(|e| {
+            let times = e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize;
+            std::iter::repeat_n(e.reason.unwrap_or_default(), times)
+        })
+        .collect())
+}
+
+/// After `cuts` cuts and restores of EdgeNode `name`, waits for its phase Events and checks
+/// that nothing flapped: exactly `cuts` times Offline, `cuts` times Ready again, Degraded on
+/// the way down; a Ready beyond the restores can only be a recovery from Degraded (a renewal
+/// late under load, which the policy announces as such); no other Event. Returns the number
+/// of (Ready, Degraded) Events.
+pub async fn assert_phase_changed_once_each_way(
+    client: &Client,
+    name: &str,
+    cuts: usize,
+) -> (usize, usize) {
+    let reasons = eventually("the phase Events", CONVERGE, || async {
+        let r = edge_event_reasons(client, name).await?;
+        let n = |what: &str| r.iter().filter(|x| x.as_str() == what).count();
+        if n("Offline") == cuts && n("Ready") >= cuts {
+            Ok(r)
+        } else {
+            Err(format!("event reasons {r:?}"))
+        }
+    })
+    .await;
+    let n = |what: &str| reasons.iter().filter(|x| x.as_str() == what).count();
+    let (degraded, ready) = (n("Degraded"), n("Ready"));
+    assert!(
+        ready - cuts <= degraded,
+        "a Ready without a phase change before it: {reasons:?}"
+    );
+    assert_eq!(
+        reasons.len(),
+        cuts + ready + degraded,
+        "only phase changes are announced: {reasons:?}"
+    );
+    (ready, degraded)
+}
+
 /// Installs (server-side applies) Tidal's CRDs and waits until the API server serves them.
 pub async fn install_crds(ctx: &TestCtx) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -22,7 +22,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
-use tidal_e2e::{CONVERGE, LocalEnv, TestCtx, eventually, install_crds};
+use tidal_e2e::{
+    CONVERGE, LocalEnv, TestCtx, assert_phase_changed_once_each_way, edge_event_reasons,
+    eventually, install_crds,
+};
 use tidal_operator::children::BuildConfig;
 use tidal_operator::controller::Context;
 use tidal_operator::crd::{EdgeNode, EdgeNodeStatus, EdgePhase};
@@ -234,24 +237,6 @@ async fn reconnect(leases: &Api<Lease>, node: &str, kwok_holder: &str) -> Timest
     resumed_at
 }
 
-/// The reasons of the Events about EdgeNode `name`, one per occurrence (a repeated Event is
-/// one object whose `series.count` grows).
-async fn event_reasons(ctx: &TestCtx, name: &str) -> Result<Vec<String>, String> {
-    // EdgeNodes are cluster-scoped: their Events go to `default`.
-    Ok(Api::<Event>::namespaced(ctx.client.clone(), "default")
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| e.to_string())?
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .flat_map(|e| {
-            let times = e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize;
-            std::iter::repeat_n(e.reason.unwrap_or_default(), times)
-        })
-        .collect())
-}
-
 #[tokio::test]
 async fn five_cuts_in_a_row_change_the_phase_once_each_way() {
     let Some(ctx) = TestCtx::new("edgenode-flap").await else {
@@ -287,30 +272,7 @@ async fn five_cuts_in_a_row_change_the_phase_once_each_way() {
         )
         .await;
     }
-    // One Event per phase change: five times Offline, five times Ready again, and Degraded on
-    // the way down. A Ready beyond the five restores can only be a recovery from Degraded (a
-    // renewal late under load, which the policy announces as such), never from anything else.
-    let reasons = eventually("the phase Events", CONVERGE, || async {
-        let r = event_reasons(&ctx, &en_name).await?;
-        let n = |what: &str| r.iter().filter(|x| x.as_str() == what).count();
-        if n("Offline") == 5 && n("Ready") >= 5 {
-            Ok(r)
-        } else {
-            Err(format!("event reasons {r:?}"))
-        }
-    })
-    .await;
-    let n = |what: &str| reasons.iter().filter(|x| x.as_str() == what).count();
-    let (degraded, ready) = (n("Degraded"), n("Ready"));
-    assert!(
-        ready - 5 <= degraded,
-        "a Ready without a phase change before it: {reasons:?}"
-    );
-    assert_eq!(
-        reasons.len(),
-        5 + ready + degraded,
-        "only phase changes are announced: {reasons:?}"
-    );
+    let (ready, degraded) = assert_phase_changed_once_each_way(&ctx.client, &en_name, 5).await;
     eprintln!(
         "[edge-flap] 5 cuts and restores: 5 Offline, {ready} Ready, {degraded} Degraded Events, \
          nothing else"
@@ -424,7 +386,7 @@ async fn heartbeat_loss_turns_offline_and_recovery_turns_ready() {
 
     // Each phase change is an Event on the EdgeNode.
     eventually("phase Events", CONVERGE, || async {
-        let reasons = event_reasons(&ctx, &en_name).await?;
+        let reasons = edge_event_reasons(&ctx.client, &en_name).await?;
         if reasons.iter().any(|r| r == "Offline") && reasons.iter().any(|r| r == "Ready") {
             Ok(())
         } else {

@@ -848,8 +848,8 @@ impl EdgeTraffic {
                 .build()
                 .expect("http client");
             let mut inflight = Vec::new();
-            // Bounded: at most 10 minutes of traffic.
-            for _ in 0..600 {
+            // Bounded: at most 15 minutes of traffic.
+            for _ in 0..900 {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
@@ -942,7 +942,7 @@ async fn base_of_pod(ctx: &TestCtx, pod: &str) -> Result<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
-async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_back() {
+async fn real_node_edge_node_cut_off_five_times_fails_over_to_the_cloud_and_back() {
     use tidal_operator::crd::EdgeNode;
 
     let _edge = EDGE.lock().await;
@@ -1140,6 +1140,39 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
         },
     )
     .await;
+
+    // Four more cuts in a row, under the same traffic: each time Offline once, the cloud
+    // answers the site, Ready once after the restore, and the edge takes its traffic back.
+    for round in 2..=5 {
+        let (_, cloud_before) = traffic.served();
+        let cut = Cut::edge("tidal-edge");
+        eventually(&format!("Offline, cut {round}"), START, || phase("Offline")).await;
+        eventually(
+            &format!("the cloud serves the site, cut {round}"),
+            START,
+            || async {
+                match traffic.served() {
+                    (_, cloud) if cloud >= cloud_before + 3 => Ok(()),
+                    other => Err(format!("served by (edge, cloud): {other:?}")),
+                }
+            },
+        )
+        .await;
+        drop(cut);
+        eventually(&format!("Ready, restore {round}"), START, || phase("Ready")).await;
+        let (edge_before, _) = traffic.served();
+        eventually(
+            &format!("the edge serves the site, restore {round}"),
+            START,
+            || async {
+                match traffic.served() {
+                    (edge, _) if edge >= edge_before + 3 => Ok(()),
+                    other => Err(format!("served by (edge, cloud): {other:?}")),
+                }
+            },
+        )
+        .await;
+    }
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     let failed = traffic.failed.lock().unwrap().clone();
@@ -1150,9 +1183,13 @@ async fn real_node_edge_node_cut_off_goes_offline_fails_over_to_the_cloud_and_ba
          {} failed: {failed:?} (edge {by_edge}, cloud {by_cloud})",
         failed.len()
     );
+    // No flapping beyond the offline policy: one phase change each way per cut.
+    let (ready, degraded) =
+        tidal_e2e::assert_phase_changed_once_each_way(&ctx.client, &site, 5).await;
     eprintln!(
-        "[real-edge] {site} went Offline when cut, failed over to the cloud, and came back; \
-         site traffic: {by_edge} by the edge, {by_cloud} by the cloud, none failed"
+        "[real-edge] {site} cut off and restored 5 times: {ready} Ready, 5 Offline, {degraded} \
+         Degraded Events; each time it failed over to the cloud and came back; site traffic: \
+         {by_edge} by the edge, {by_cloud} by the cloud, none failed"
     );
 }
 
