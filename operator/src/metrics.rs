@@ -67,6 +67,7 @@ pub struct AutoscalerMetrics {
     pub current_replicas: Family<TargetLabels, Gauge>,
     pub max_replicas: Family<TargetLabels, Gauge>,
     pub metrics_available: Family<ServiceLabels, Gauge>,
+    pub advisory: Family<ServiceLabels, Gauge>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub plan_imbalance: Family<ServiceLabels, FloatGauge>,
 }
@@ -124,6 +125,11 @@ impl AutoscalerMetrics {
             "metrics_available",
             "1 when the last snapshot was fresh, 0 while decisions are held",
             self.metrics_available.clone(),
+        );
+        a.register(
+            "advisory",
+            "1 when autoscaling.mode is Advisory: desired_replicas is recommended, not applied",
+            self.advisory.clone(),
         );
         a.register(
             "decisions",

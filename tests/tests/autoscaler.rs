@@ -3,7 +3,8 @@
 //! A load step raises the Deployment's replicas; with Prometheus stopped nothing scales down
 //! and `MetricsAvailable` turns False; once metrics return and the load is gone, replicas fall
 //! after the scale-down stabilisation window. Under load, the decision sizes queueing headroom
-//! from the TTFT the workers measure.
+//! from the TTFT the workers measure. The service starts in `Advisory` mode: the load step is
+//! recommended (status, Event, metric) and no replica changes, until it is switched to `Active`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Event;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture};
 use tidal_e2e::{CONVERGE, RunningOperator, TestCtx, eventually, install_crds};
@@ -85,6 +86,8 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
             "cloud": {"minReplicas": 1, "maxReplicas": 6,
                       "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
             "autoscaling": {
+                // Trialled first: decisions published, not applied (switched to Active below).
+                "mode": "Advisory",
                 "prometheusUrl": prom.url(),
                 "intervalSeconds": 5,
                 "targetRpsPerReplica": 1.0,
@@ -122,6 +125,70 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
         4 * 120,
         stop.clone(),
     );
+    // Advisory: the load step is recommended (status, Event, metrics), not applied.
+    let recommended = eventually(
+        "an advisory recommendation of >= 3 replicas",
+        CONVERGE,
+        || async {
+            let st = services
+                .get(SERVICE)
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .ok_or("no status")?;
+            match st.recommended_replicas.get(DEPLOYMENT) {
+                Some(&r) if r >= 3 => Ok(r),
+                r => Err(format!("recommended {r:?}")),
+            }
+        },
+    )
+    .await;
+    let (_, _, _, why) = autoscaler_state(&services).await.unwrap();
+    assert!(why.starts_with("advisory, not applied: cloud"), "{why}");
+    let events: Api<Event> = ctx.api();
+    let announced = eventually("a Recommendation event", CONVERGE, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("Recommendation"))
+            .and_then(|e| e.message)
+            .ok_or("no Recommendation event".to_string())
+    })
+    .await;
+    assert!(
+        announced.starts_with("cloud 1 -> ") && announced.contains("(advisory, not applied)"),
+        "{announced}"
+    );
+    let rendered = operator.metrics.render();
+    assert!(
+        rendered
+            .lines()
+            .any(|l| l.starts_with("tidal_autoscaler_advisory{")
+                && l.contains(&format!("inference_service=\"{SERVICE}\""))
+                && l.ends_with(" 1")),
+        "the advisory gauge:\n{rendered}"
+    );
+    assert_eq!(
+        replicas(&deps).await.unwrap(),
+        1,
+        "an advisory autoscaler changes no replicas"
+    );
+    let status = services.get(SERVICE).await.unwrap().status.unwrap();
+    assert!(status.autoscaled_replicas.is_empty(), "{status:?}");
+    eprintln!("[autoscaler] advisory: recommended {recommended}, replicas stayed 1: {announced}");
+
+    // Trusted: the same loop (its history kept) now applies its decisions.
+    services
+        .patch(
+            SERVICE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"autoscaling": {"mode": "Active"}}})),
+        )
+        .await
+        .unwrap();
     let peak = eventually(
         "the load step raises replicas to >= 3",
         CONVERGE,
@@ -135,10 +202,21 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
         },
     )
     .await;
-    let (_, _, _, reason) = autoscaler_state(&services).await.unwrap();
+    let (_, _, _, reason) = eventually("an applied decision", CONVERGE, || async {
+        let s = autoscaler_state(&services).await?;
+        (!s.3.starts_with("advisory"))
+            .then_some(s.clone())
+            .ok_or(format!("{s:?}"))
+    })
+    .await;
     assert!(
         reason.contains("cloud"),
         "decision reason names the tier: {reason}"
+    );
+    let status = services.get(SERVICE).await.unwrap().status.unwrap();
+    assert!(
+        status.recommended_replicas.is_empty(),
+        "recommendations withdrawn once Active: {status:?}"
     );
     // The workers' p95 TTFT (from their histograms, through Prometheus) sets how much of the
     // 1 s objective is left for queueing, and the decision sizes spare capacity for it.
@@ -155,7 +233,6 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
     .await;
     // The Event follows the scale write (status, scale, then events), so it may land a moment
     // after the replicas the test saw: wait for it rather than race it.
-    let events: Api<Event> = ctx.api();
     eventually("an Autoscaled event was published", CONVERGE, || async {
         let scaled = events
             .list(&ListParams::default())

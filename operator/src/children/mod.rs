@@ -171,10 +171,15 @@ fn owner_reference(tis: &InferenceService) -> Result<OwnerReference, SpecError> 
     })
 }
 
-/// Replicas the autoscaler decided for a Deployment, while autoscaling is enabled.
+/// Replicas the autoscaler decided for a Deployment, while autoscaling is enabled and active
+/// (an advisory autoscaler only recommends).
 fn autoscaled(tis: &InferenceService, deployment: &str) -> Option<i32> {
-    let enabled = tis.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
-    if !enabled {
+    let active = tis
+        .spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.enabled && a.mode == crate::crd::AutoscalingMode::Active);
+    if !active {
         return None;
     }
     tis.status

@@ -172,6 +172,9 @@ pub fn compute_status(
         autoscaled_replicas: previous
             .map(|p| p.autoscaled_replicas.clone())
             .unwrap_or_default(),
+        recommended_replicas: previous
+            .map(|p| p.recommended_replicas.clone())
+            .unwrap_or_default(),
         placement: previous.and_then(|p| p.placement.clone()),
     }
 }

@@ -674,6 +674,9 @@ fn autoscaled_replicas_from_status_win_while_autoscaling_is_enabled() {
         .autoscaled_replicas
         .insert("llama-chat-cloud".into(), 40);
     assert_eq!(desired(&tis), 4, "still clamped to maxReplicas");
+    tis.spec.autoscaling.as_mut().unwrap().mode = crate::crd::AutoscalingMode::Advisory;
+    assert_eq!(desired(&tis), 2, "an advisory autoscaler only recommends");
+    tis.spec.autoscaling.as_mut().unwrap().mode = crate::crd::AutoscalingMode::Active;
     tis.spec.autoscaling.as_mut().unwrap().enabled = false;
     assert_eq!(desired(&tis), 2, "autoscaling off: the spec decides");
 }

@@ -478,6 +478,18 @@ impl CloudUnavailable {
     }
 }
 
+/// Whether the autoscaler's decisions are applied.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum AutoscalingMode {
+    /// Decisions change replicas (and roll out expert placements).
+    #[default]
+    Active,
+    /// Decisions are published, never applied.
+    Advisory,
+}
+
 fn default_interval() -> u32 {
     15
 }
@@ -492,6 +504,11 @@ pub struct AutoscalingSpec {
     /// Turn the autoscaler off to keep replicas where the spec puts them.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// `Active` scales the service; `Advisory` computes and publishes every decision (status
+    /// `recommendedReplicas`, Events, metrics: recommended vs actual) and leaves replicas where
+    /// the spec puts them: how to trial the autoscaler before trusting it.
+    #[serde(default)]
+    pub mode: AutoscalingMode,
     /// Prometheus base URL the autoscaler queries (defaults to the operator's --prometheus-url).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^https?://[^\\\\s]+$')").message("prometheusUrl must be an http(s) URL"))]
@@ -646,6 +663,10 @@ pub struct InferenceServiceStatus {
     /// instead of the spec's while autoscaling is enabled.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub autoscaled_replicas: BTreeMap<String, i32>,
+    /// `autoscaling.mode: Advisory`: the replicas the autoscaler would set, by Deployment
+    /// name (not applied; compare with each Deployment's replicas).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub recommended_replicas: BTreeMap<String, i32>,
     /// The expert placement the autoscaler chose, and how far its rollout has got.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementStatus>,

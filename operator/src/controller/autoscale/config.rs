@@ -1,7 +1,7 @@
 //! The autoscaler core's [`Config`] from an InferenceService spec (pure).
 
 use crate::autoscaler::{Behavior, Bounds, Config, EdgeConfig, ExpertsConfig, Method, Slo};
-use crate::crd::{ForecastMethod, InferenceServiceSpec};
+use crate::crd::{AutoscalingMode, ForecastMethod, InferenceServiceSpec};
 
 /// Assumed when the spec gives no `targetRpsPerReplica` (refined online from saturation).
 pub const DEFAULT_TARGET_RPS: f64 = 1.0;
@@ -14,6 +14,13 @@ fn bounds(min: i32, max: i32) -> Bounds {
         min,
         max: (max.max(0) as u32).max(min),
     }
+}
+
+/// `autoscaling.mode: Advisory`: decisions are published, never applied.
+pub fn advisory(spec: &InferenceServiceSpec) -> bool {
+    spec.autoscaling
+        .as_ref()
+        .is_some_and(|a| a.mode == AutoscalingMode::Advisory)
 }
 
 /// `None` when the spec does not enable autoscaling.

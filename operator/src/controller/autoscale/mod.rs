@@ -79,6 +79,8 @@ struct Loop {
     pending_forecasts: VecDeque<(f64, f64)>,
     rollout: rollout::Tracker,
     metrics_available: Option<bool>,
+    /// Advisory mode: the recommendations announced last tick (deployment -> (from, to)).
+    announced: std::collections::BTreeMap<String, (u32, u32)>,
 }
 
 impl Loop {
@@ -93,6 +95,7 @@ impl Loop {
             pending_forecasts: VecDeque::new(),
             rollout: rollout::Tracker::default(),
             metrics_available: None,
+            announced: Default::default(),
         }
     }
 }
@@ -216,7 +219,9 @@ async fn tick_one(
     let decision = l.core.step(now, obs.snapshot.as_ref().ok(), &obs.facts);
 
     let targets = plan::targets(&name, &obs.cloud_kind, &decision, &obs.sites_up);
-    // Placement rollout: one stage per tick, gated on the shard Deployments' rollout.
+    let advisory = config::advisory(&tis.spec);
+    // Placement rollout: one stage per tick, gated on the shard Deployments' rollout; an
+    // advisory autoscaler rolls out nothing (its plan is in the decision's reason).
     let shards = obs.facts.shards.len() as u32;
     let shards_ready: Vec<Option<String>> = (0..shards)
         .map(|k| {
@@ -224,15 +229,19 @@ async fn tick_one(
                 .rolled_out_holding(&ChildKind::ExpertShard(k).name(&name))
         })
         .collect();
-    let placement = obs.placement_now.as_ref().and_then(|current| {
-        l.rollout.advance(
-            current,
-            decision.plan.as_ref(),
-            &shards_ready,
-            Instant::now(),
-            Duration::from_secs_f64(l.config.interval_s.max(30.0)),
-        )
-    });
+    let placement = obs
+        .placement_now
+        .as_ref()
+        .filter(|_| !advisory)
+        .and_then(|current| {
+            l.rollout.advance(
+                current,
+                decision.plan.as_ref(),
+                &shards_ready,
+                Instant::now(),
+                Duration::from_secs_f64(l.config.interval_s.max(30.0)),
+            )
+        });
     let status = plan::status_patch(
         &obs.status,
         obs.generation,
@@ -241,9 +250,19 @@ async fn tick_one(
         &obs.snapshot,
         &targets,
         placement.as_ref(),
+        advisory,
     );
-    let scales = plan::scale_writes(&decision, &targets, &obs.deployments);
-    let notes = plan::events(&scales, placement.as_ref(), l.metrics_available, &decision);
+    let mut scales = plan::scale_writes(&decision, &targets, &obs.deployments);
+    let notes = if advisory {
+        // Recommended, announced, never written.
+        let would_write = std::mem::take(&mut scales);
+        let mut notes = plan::events(&[], None, l.metrics_available, &decision);
+        notes.extend(plan::recommendations(&would_write, &mut l.announced));
+        notes
+    } else {
+        l.announced.clear();
+        plan::events(&scales, placement.as_ref(), l.metrics_available, &decision)
+    };
 
     apply::status(ctx, tis, &status).await?;
     if let Some(p) = &placement {
@@ -280,6 +299,9 @@ fn record_metrics(
     m.metrics_available
         .get_or_create(&svc)
         .set(i64::from(decision.metrics_available));
+    m.advisory
+        .get_or_create(&svc)
+        .set(i64::from(config::advisory(&tis.spec)));
     let mut direction = "hold";
     for (dep, Target { kind, replicas, .. }) in targets {
         let r = replicas;

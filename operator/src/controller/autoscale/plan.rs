@@ -236,6 +236,41 @@ pub fn events(
     out
 }
 
+/// Advisory mode: the writes it would make, announced once each (while a recommendation
+/// stays the same it is not repeated every tick); `announced` holds those of the last tick,
+/// and is replaced by this tick's.
+pub fn recommendations(
+    would_write: &[ScaleWrite],
+    announced: &mut BTreeMap<String, (u32, u32)>,
+) -> Vec<Note> {
+    let notes = would_write
+        .iter()
+        .filter(|w| announced.get(&w.deployment) != Some(&(w.from, w.to)))
+        .map(|w| Note {
+            warning: false,
+            reason: "Recommendation",
+            action: if w.to > w.from {
+                "RecommendScaleUp"
+            } else {
+                "RecommendScaleDown"
+            }
+            .into(),
+            note: fit_note(format!(
+                "{} {} -> {} (advisory, not applied): {}",
+                target_label(&w.kind),
+                w.from,
+                w.to,
+                w.reason
+            )),
+        })
+        .collect();
+    *announced = would_write
+        .iter()
+        .map(|w| (w.deployment.clone(), (w.from, w.to)))
+        .collect();
+    notes
+}
+
 /// The API server rejects an Event whose note is over 1 kB (and the Event is lost): a long
 /// decision reason (many offline sites, every term noted) is cut at a character boundary.
 pub fn fit_note(mut note: String) -> String {
@@ -256,10 +291,42 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// The replicas map of a status patch: the targets (or, while metrics are unavailable, what
+/// was there before), and null for Deployments no longer targeted (removed by the merge).
+fn replicas_map(
+    previous: &BTreeMap<String, i32>,
+    targets: &Targets,
+    available: bool,
+) -> BTreeMap<String, Option<i32>> {
+    let mut replicas: BTreeMap<String, Option<i32>> = previous
+        .keys()
+        .filter(|k| !targets.contains_key(*k))
+        .map(|k| (k.clone(), None))
+        .collect();
+    if available {
+        for (dep, t) in targets {
+            replicas.insert(dep.clone(), Some(t.replicas as i32));
+        }
+    } else {
+        // Holding: keep what was decided before.
+        for (k, v) in previous {
+            replicas.insert(k.clone(), Some(*v));
+        }
+    }
+    replicas
+}
+
+/// Every entry of `previous` removed (null in a merge patch).
+fn cleared(previous: &BTreeMap<String, i32>) -> BTreeMap<String, Option<i32>> {
+    previous.keys().map(|k| (k.clone(), None)).collect()
+}
+
 /// The status patch of a tick, merged onto `current` (read fresh, so conditions are merged
 /// and not overwritten with a stale copy): `MetricsAvailable` and `ScalingLimited`, the
 /// replicas the InferenceService controller applies (`autoscaledReplicas`; held while metrics
-/// are unavailable), the forecast, the decision's reason and the placement stage written.
+/// are unavailable) or, in advisory mode, only recommends (`recommendedReplicas`), the
+/// forecast, the decision's reason and the placement stage written.
+#[allow(clippy::too_many_arguments)]
 pub fn status_patch(
     current: &InferenceServiceStatus,
     generation: Option<i64>,
@@ -268,6 +335,7 @@ pub fn status_patch(
     snapshot: &Result<Snapshot, Unavailable>,
     targets: &Targets,
     placement: Option<&PlacementStatus>,
+    advisory: bool,
 ) -> serde_json::Value {
     let mut conds = vec![match snapshot {
         Ok(_) if decision.metrics_available => DesiredCondition::new(
@@ -320,23 +388,18 @@ pub fn status_patch(
     });
     let conditions = merge_conditions(&current.conditions, &conds, generation, now);
 
-    // Deployments no longer targeted are removed from the map (null in a merge patch).
-    let mut replicas: BTreeMap<String, Option<i32>> = current
-        .autoscaled_replicas
-        .keys()
-        .filter(|k| !targets.contains_key(*k))
-        .map(|k| (k.clone(), None))
-        .collect();
-    if decision.metrics_available {
-        for (dep, t) in targets {
-            replicas.insert(dep.clone(), Some(t.replicas as i32));
-        }
+    let available = decision.metrics_available;
+    let (autoscaled, recommended) = if advisory {
+        (
+            cleared(&current.autoscaled_replicas),
+            replicas_map(&current.recommended_replicas, targets, available),
+        )
     } else {
-        // Holding: keep what was decided before.
-        for (k, v) in &current.autoscaled_replicas {
-            replicas.insert(k.clone(), Some(*v));
-        }
-    }
+        (
+            replicas_map(&current.autoscaled_replicas, targets, available),
+            cleared(&current.recommended_replicas),
+        )
+    };
     let reason = match &decision.hold_reason {
         Some(h) => format!("holding: {h}"),
         None => {
@@ -360,10 +423,16 @@ pub fn status_patch(
             parts.join("; ")
         }
     };
+    let reason = if advisory {
+        format!("advisory, not applied: {reason}")
+    } else {
+        reason
+    };
     let mut patch = serde_json::json!({
         "status": {
             "conditions": conditions,
-            "autoscaledReplicas": replicas,
+            "autoscaledReplicas": autoscaled,
+            "recommendedReplicas": recommended,
             "lastDecision": DecisionStatus { time: Some(now.clone()), reason },
         }
     });
@@ -508,7 +577,7 @@ mod tests {
         let d = decision(true);
         let t = targets("m", &ChildKind::Router, &d, &sites());
         let snapshot: Result<Snapshot, Unavailable> = Ok(Snapshot::default());
-        let p = status_patch(&current, Some(4), &now, &d, &snapshot, &t, None);
+        let p = status_patch(&current, Some(4), &now, &d, &snapshot, &t, None, false);
         let r = &p["status"]["autoscaledReplicas"];
         assert_eq!(r["m-router"], 3);
         assert_eq!(r["m-experts-1"], 2);
@@ -535,7 +604,16 @@ mod tests {
             reason: "PrometheusUnavailable",
             message: "connection refused".into(),
         });
-        let p = status_patch(&current, Some(4), &now, &decision(false), &gone, &t, None);
+        let p = status_patch(
+            &current,
+            Some(4),
+            &now,
+            &decision(false),
+            &gone,
+            &t,
+            None,
+            false,
+        );
         let r = &p["status"]["autoscaledReplicas"];
         assert_eq!(
             (r["m-router"].as_i64(), r["m-old"].as_i64()),
@@ -552,5 +630,91 @@ mod tests {
                 .unwrap()
                 .starts_with("holding: ")
         );
+    }
+
+    #[test]
+    fn advisory_publishes_recommendations_and_clears_what_the_controller_would_apply() {
+        let now = crate::controller::now();
+        let current = InferenceServiceStatus {
+            autoscaled_replicas: [("m-router".to_string(), 5)].into(),
+            recommended_replicas: [("m-gone".to_string(), 1)].into(),
+            ..Default::default()
+        };
+        let d = decision(true);
+        let t = targets("m", &ChildKind::Router, &d, &sites());
+        let snapshot: Result<Snapshot, Unavailable> = Ok(Snapshot::default());
+        let p = status_patch(&current, Some(4), &now, &d, &snapshot, &t, None, true);
+        let st = &p["status"];
+        assert_eq!(st["recommendedReplicas"]["m-router"], 3);
+        assert_eq!(st["recommendedReplicas"]["m-experts-1"], 2);
+        assert!(st["recommendedReplicas"]["m-gone"].is_null());
+        // An Active decision left over from before is withdrawn: the spec decides again.
+        assert_eq!(
+            st["autoscaledReplicas"],
+            serde_json::json!({"m-router": null})
+        );
+        let reason = st["lastDecision"]["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("advisory, not applied: cloud 3"),
+            "{reason}"
+        );
+        // And back to Active: the recommendations are withdrawn.
+        let advisory_before = InferenceServiceStatus {
+            recommended_replicas: [("m-router".to_string(), 3)].into(),
+            ..Default::default()
+        };
+        let p = status_patch(
+            &advisory_before,
+            Some(5),
+            &now,
+            &d,
+            &snapshot,
+            &t,
+            None,
+            false,
+        );
+        assert_eq!(
+            p["status"]["recommendedReplicas"],
+            serde_json::json!({"m-router": null})
+        );
+        assert_eq!(p["status"]["autoscaledReplicas"]["m-router"], 3);
+    }
+
+    #[test]
+    fn a_recommendation_is_announced_once_until_it_changes() {
+        let d = decision(true);
+        let t = targets("m", &ChildKind::Router, &d, &sites());
+        let mut announced = BTreeMap::new();
+        let would = scale_writes(&d, &t, &deps(&[("m-router", 1), ("m-experts-0", 2)]));
+        let notes = recommendations(&would, &mut announced);
+        let got: Vec<(&str, &str, &str)> = notes
+            .iter()
+            .map(|n| (n.reason, n.action.as_str(), n.note.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "Recommendation",
+                    "RecommendScaleDown",
+                    "shard/0 2 -> 1 (advisory, not applied): expert load"
+                ),
+                (
+                    "Recommendation",
+                    "RecommendScaleUp",
+                    "cloud 1 -> 3 (advisory, not applied): forecast 2.4 rps"
+                ),
+            ]
+        );
+        // The same recommendation on the next tick is not news.
+        assert!(recommendations(&would, &mut announced).is_empty());
+        // Someone scaled the router by hand: the recommendation against it is.
+        let would = scale_writes(&d, &t, &deps(&[("m-router", 2), ("m-experts-0", 2)]));
+        let notes = recommendations(&would, &mut announced);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].note.starts_with("cloud 2 -> 3"), "{notes:?}");
+        // Actual and recommended agree: nothing to say, and a later divergence is news again.
+        assert!(recommendations(&[], &mut announced).is_empty());
+        assert_eq!(recommendations(&would, &mut announced).len(), 2);
     }
 }
