@@ -63,6 +63,9 @@ pub struct AutoscalerMetrics {
     pub upper_rps: Family<TargetLabels, FloatGauge>,
     pub horizon_seconds: Family<TargetLabels, FloatGauge>,
     pub error_ratio: Family<TargetLabels, FloatGauge>,
+    pub upper_exceeded_ratio: Family<TargetLabels, FloatGauge>,
+    pub band_coverage_ratio: Family<TargetLabels, FloatGauge>,
+    pub upper_level: Family<TargetLabels, FloatGauge>,
     pub desired_replicas: Family<TargetLabels, Gauge>,
     pub current_replicas: Family<TargetLabels, Gauge>,
     pub max_replicas: Family<TargetLabels, Gauge>,
@@ -104,6 +107,21 @@ impl AutoscalerMetrics {
             "error_ratio",
             "|forecast made one horizon ago - actual| / actual",
             self.error_ratio.clone(),
+        );
+        f.register(
+            "upper_exceeded_ratio",
+            "Share of recent forecasts whose actual exceeded the upper bound (nominal: 1 - quantile)",
+            self.upper_exceeded_ratio.clone(),
+        );
+        f.register(
+            "band_coverage_ratio",
+            "Share of recent forecasts whose actual fell inside the band (nominal: 2 * quantile - 1)",
+            self.band_coverage_ratio.clone(),
+        );
+        f.register(
+            "upper_level",
+            "Residual quantile level the upper bound uses now (adaptive calibration; starts at the quantile)",
+            self.upper_level.clone(),
         );
         let a = root.sub_registry_with_prefix("tidal_autoscaler");
         a.register(

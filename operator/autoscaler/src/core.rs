@@ -243,6 +243,7 @@ impl Autoscaler {
         let pred = self.cloud.predict(horizon, self.config.interval_s);
         let cloud_decision =
             self.cloud_decision(now_s, &cloud, pred, facts, horizon, extra, &offline);
+        let calibration = self.cloud.calibration();
         let forecast = pred.map(|p| ForecastSummary {
             now: cloud.arrival_rps,
             predicted: p.point,
@@ -250,6 +251,7 @@ impl Autoscaler {
             upper: p.upper,
             horizon_s: horizon,
             method: p.method,
+            calibration,
         });
         let (shards, plan) = self.shard_decisions(now_s, snap, facts, fresh);
         Decision {

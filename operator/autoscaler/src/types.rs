@@ -164,6 +164,9 @@ pub struct ForecastSummary {
     pub horizon_s: f64,
     /// The method actually used (Auto resolves to one of the others).
     pub method: Method,
+    /// How the interval has held its nominal levels lately (`None` before any forecast was
+    /// scored at its horizon).
+    pub calibration: Option<crate::forecast::Calibration>,
 }
 
 /// The decision for one target.

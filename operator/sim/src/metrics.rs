@@ -20,8 +20,10 @@ pub struct Summary {
     pub cold_starts: u32,
     /// Mean absolute percentage error of the point forecast at its horizon.
     pub mape: Option<f64>,
-    /// Fraction of actuals inside the forecast's prediction interval.
+    /// Fraction of actuals inside the forecast's prediction interval (nominal 2q − 1).
     pub coverage: Option<f64>,
+    /// Fraction of actuals above the upper bound, the one provisioned for (nominal 1 − q).
+    pub exceeded: Option<f64>,
     /// Forecasts scored (targets inside the trace with a non-negligible actual).
     pub forecasts_scored: usize,
     /// Share of forecasts made by each method, most used first (e.g. `ets 80 %`).
@@ -61,7 +63,7 @@ pub fn summarize(run: &RunResult, cloud_arrivals: &[f64], tick_s: f64) -> Summar
     let mean_rate = cloud_arrivals.iter().sum::<f64>() / duration.max(1e-9);
     // Near-zero actuals make percentage errors meaningless.
     let floor = (0.05 * mean_rate).max(1e-9);
-    let (mut ape, mut inside, mut n) = (0.0, 0usize, 0usize);
+    let (mut ape, mut inside, mut above, mut n) = (0.0, 0usize, 0usize, 0usize);
     for f in &run.forecasts {
         let Some(actual) = actual_rate(cloud_arrivals, tick_s, f.target_s, run.interval_s) else {
             continue;
@@ -73,6 +75,9 @@ pub fn summarize(run: &RunResult, cloud_arrivals: &[f64], tick_s: f64) -> Summar
         ape += (f.predicted - actual).abs() / actual;
         if actual >= f.lower - 1e-9 && actual <= f.upper + 1e-9 {
             inside += 1;
+        }
+        if actual > f.upper + 1e-9 {
+            above += 1;
         }
     }
     Summary {
@@ -90,6 +95,7 @@ pub fn summarize(run: &RunResult, cloud_arrivals: &[f64], tick_s: f64) -> Summar
         cold_starts: t.cold_starts,
         mape: (n > 0).then(|| ape / n as f64),
         coverage: (n > 0).then(|| inside as f64 / n as f64),
+        exceeded: (n > 0).then(|| above as f64 / n as f64),
         forecasts_scored: n,
         methods: method_shares(&run.forecasts),
     }
@@ -148,7 +154,7 @@ mod tests {
         arr.extend(vec![0.0; 50]);
         let r = run(vec![
             fc(20.0, 12.0, 8.0, 14.0), // actual 10: APE 0.2, inside
-            fc(40.0, 5.0, 6.0, 9.0),   // actual 10: APE 0.5, outside
+            fc(40.0, 5.0, 6.0, 9.0),   // actual 10: APE 0.5, outside, above the upper bound
             fc(90.0, 3.0, 0.0, 5.0),   // actual 0: skipped
             fc(500.0, 3.0, 0.0, 5.0),  // past the end: skipped
         ]);
@@ -156,6 +162,7 @@ mod tests {
         assert_eq!(s.forecasts_scored, 2);
         assert!((s.mape.unwrap() - 0.35).abs() < 1e-12);
         assert_eq!(s.coverage, Some(0.5));
+        assert_eq!(s.exceeded, Some(0.5));
         assert_eq!(s.methods, vec![(Method::Ets, 0.75), (Method::Naive, 0.25)]);
     }
 

@@ -342,6 +342,11 @@ fn record_metrics(
         m.lower_rps.get_or_create(&t).set(f.lower);
         m.upper_rps.get_or_create(&t).set(f.upper);
         m.horizon_seconds.get_or_create(&t).set(f.horizon_s);
+        if let Some(c) = f.calibration {
+            m.upper_exceeded_ratio.get_or_create(&t).set(c.exceeded);
+            m.band_coverage_ratio.get_or_create(&t).set(c.covered);
+            m.upper_level.get_or_create(&t).set(c.upper_level);
+        }
         // Score forecasts whose horizon has come.
         while let Some(&(due, predicted)) = l.pending_forecasts.front() {
             if due > now {
