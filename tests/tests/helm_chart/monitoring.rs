@@ -101,6 +101,8 @@ fn operator_metrics(n: u64) -> String {
             ("tidal_forecast_upper_rps", 15.0),
             ("tidal_forecast_horizon_seconds", 60.0),
             ("tidal_forecast_error_ratio", 0.1),
+            ("tidal_forecast_upper_exceeded_ratio", 0.1),
+            ("tidal_forecast_band_coverage_ratio", 0.8),
             ("tidal_autoscaler_desired_replicas", 3.0),
             ("tidal_autoscaler_current_replicas", 2.0),
         ] {
