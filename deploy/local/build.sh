@@ -135,7 +135,11 @@ cargo_tool() {
   log "building $crate $version (a few minutes cold; cached afterwards)"
   local tmp="$dir.tmp.$$" start=$SECONDS rc=0
   rm -rf "$tmp" && mkdir -p "$tmp"
+  # Tools, not products: a quick -O1 build without LTO instead of their release profile
+  # (cold CI pays for each of these once).
   (unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS RUSTC_WRAPPER
+   export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+     CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_DEBUG=false
    CARGO_TARGET_DIR="$tmp/target" cargo install --quiet --locked "$@" \
      --root "$tmp" "$crate" --version "$version") &
   local pid=$!
@@ -152,7 +156,13 @@ cargo_tool() {
   log "built $crate in $((SECONDS - start)) s"
 }
 
-build_cargo_deny() { cargo_tool "$CARGO_DENY_BIN" cargo-deny "$CARGO_DENY_VERSION" --no-default-features; }
+# cargo-deny reads `cargo metadata` offline (the tests never reach the network), which needs
+# every locked crate in cargo's cache, those of other platforms too (windows-sys): a build
+# fetches only the host's. A no-op once fetched.
+build_cargo_deny() {
+  cargo_tool "$CARGO_DENY_BIN" cargo-deny "$CARGO_DENY_VERSION" --no-default-features
+  (cd "$LOCAL_DIR/../.." && cargo fetch --locked --quiet)
+}
 build_cargo_sbom() { cargo_tool "$CARGO_SBOM_BIN" cargo-sbom "$CARGO_SBOM_VERSION"; }
 
 case "${1:-all}" in

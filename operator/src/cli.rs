@@ -56,6 +56,12 @@ pub struct RunArgs {
     /// Watch InferenceServices in this namespace only (default: all namespaces).
     #[arg(long, env = "TIDAL_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
+    /// Manage only the EdgeNodes these labels select (a label selector, e.g.
+    /// `tidal.rs/edge-pool=eu-stores`; default: every EdgeNode). EdgeNodes are cluster-scoped:
+    /// two operators in one cluster (namespace-scoped installs) need disjoint selectors, or both
+    /// would publish every EdgeNode's phase.
+    #[arg(long, env = "TIDAL_EDGE_NODE_SELECTOR")]
+    pub edge_node_selector: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "TIDAL_LOG_JSON")]
     pub log_json: bool,

@@ -74,6 +74,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     {
         let c = Arc::get_mut(&mut ctx).expect("not shared yet");
         c.namespace = args.watch_namespace.clone();
+        c.edge_node_selector = args.edge_node_selector.clone().filter(|s| !s.is_empty());
         c.autoscale = controller::autoscale::Settings {
             enabled: !args.disable_autoscaler,
             prometheus_url: args.prometheus_url.clone(),

@@ -113,7 +113,9 @@ async fn setup(test: &str, set: &[&str]) -> Option<(TestCtx, Release)> {
         .await
         .expect("label the namespace restricted");
     let watch = format!("watchNamespace={}", ctx.namespace);
-    let mut values = vec!["nodeSelector.tidal\\.rs/tier=cloud", &watch];
+    // Only this test's EdgeNodes (see `edge_site`): other tests' operators run beside it.
+    let pool = format!("edgeNodeSelector=tidal.rs/edge-pool={}", ctx.namespace);
+    let mut values = vec!["nodeSelector.tidal\\.rs/tier=cloud", &watch, &pool];
     values.extend_from_slice(set);
     let release = Release::install(&ctx, &values);
     Some((ctx, release))

@@ -10,6 +10,8 @@ use std::collections::VecDeque;
 
 use tidal_autoscaler::TierSample;
 
+use super::engine::Target;
+
 /// What every replica of a target is like; the same for every policy.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ReplicaModel {
@@ -52,6 +54,62 @@ pub struct TierTotals {
     /// Changes of the replica count.
     pub scale_events: u32,
     pub cold_starts: u32,
+    /// TTFT of everything served.
+    pub ttft: TtftHistogram,
+}
+
+/// Log-spaced TTFT histogram, 20 bins per decade from 10 ms (about 12 % wide: quantiles are
+/// read to that precision); fixed-size so totals stay `Copy`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TtftHistogram {
+    bins: [f64; TtftHistogram::BINS],
+}
+
+impl Default for TtftHistogram {
+    fn default() -> Self {
+        TtftHistogram {
+            bins: [0.0; Self::BINS],
+        }
+    }
+}
+
+impl TtftHistogram {
+    const BINS: usize = 120;
+    const PER_DECADE: f64 = 20.0;
+    const LOW_S: f64 = 0.01;
+
+    pub fn add(&mut self, ttft_s: f64, weight: f64) {
+        if weight.is_nan() || weight <= 0.0 || !ttft_s.is_finite() {
+            return;
+        }
+        let x = (ttft_s.max(Self::LOW_S) / Self::LOW_S).log10() * Self::PER_DECADE;
+        let i = (x.floor().max(0.0) as usize).min(Self::BINS - 1);
+        self.bins[i] += weight;
+    }
+
+    pub fn merge(&mut self, other: &TtftHistogram) {
+        for (a, b) in self.bins.iter_mut().zip(&other.bins) {
+            *a += b;
+        }
+    }
+
+    /// The `q` quantile (the geometric middle of its bin); `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total: f64 = self.bins.iter().sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut acc = 0.0;
+        let i = self
+            .bins
+            .iter()
+            .position(|b| {
+                acc += b;
+                acc >= q * total - 1e-9
+            })
+            .unwrap_or(Self::BINS - 1);
+        Some(Self::LOW_S * 10f64.powf((i as f64 + 0.5) / Self::PER_DECADE))
+    }
 }
 
 /// Accumulated since the last observation (what a Prometheus range query would return).
@@ -214,6 +272,7 @@ impl Tier {
             self.window
                 .ttft
                 .push((self.model.prefill_s + mean_wait, take));
+            self.totals.ttft.add(self.model.prefill_s + mean_wait, take);
             done += take;
             front.count -= take;
             front.start_s = a2;
@@ -250,6 +309,46 @@ impl Tier {
             ready_times_s: w.ready_times,
             online,
         }
+    }
+}
+
+impl Target for Tier {
+    type Arrivals = f64;
+
+    fn desired(&self) -> u32 {
+        Tier::desired(self)
+    }
+    fn ready(&self) -> u32 {
+        Tier::ready(self)
+    }
+    fn queue_len(&self) -> f64 {
+        Tier::queue_len(self)
+    }
+    fn busy(&self) -> bool {
+        Tier::queue_len(self) > 0.0
+    }
+    fn count(arrivals: &f64) -> f64 {
+        *arrivals
+    }
+    fn set_desired(&mut self, now_s: f64, n: u32) {
+        Tier::set_desired(self, now_s, n)
+    }
+    fn fail_over_to(&mut self, to: &mut Self) {
+        for c in self.take_queue() {
+            to.enqueue(c);
+        }
+    }
+    fn tick(&mut self, t0: f64, dt: f64, arrivals: &f64) {
+        Tier::tick(self, t0, dt, *arrivals)
+    }
+    fn observe(&mut self, now_s: f64, online: bool) -> TargetObs {
+        Tier::observe(self, now_s, online)
+    }
+    fn finish(&mut self) {
+        Tier::finish(self)
+    }
+    fn totals(&self) -> &TierTotals {
+        &self.totals
     }
 }
 

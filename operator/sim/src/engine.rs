@@ -1,11 +1,13 @@
 //! The replay loop: routes a trace's arrivals to the cloud and edge sites, advances the
-//! cluster model tick by tick, and asks the policy for replica counts at its sync interval.
+//! cluster model tick by tick (the fluid [`Tier`] or the discrete-event [`BatchTier`]), and
+//! asks the policy for replica counts at its sync interval.
 
 use tidal_autoscaler::Method;
 
-use super::cluster::{ReplicaModel, Tier, TierTotals};
+use super::cluster::{ReplicaModel, TargetObs, Tier, TierTotals};
+use super::des::{BatchModel, BatchTier};
 use super::policy::{Observation, Policy, TargetSpec};
-use super::trace::Trace;
+use super::trace::{Request, Trace};
 
 /// A scheduled outage of one edge site: `[start_s, end_s)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -83,6 +85,39 @@ pub struct RunResult {
     pub forecasts: Vec<ForecastPoint>,
 }
 
+/// A scaling target as the replay drives it: the fluid [`Tier`] or the discrete-event
+/// [`BatchTier`]. `Arrivals` is what arrives in one tick (a count, or the requests).
+pub trait Target {
+    type Arrivals: Default;
+    fn desired(&self) -> u32;
+    fn ready(&self) -> u32;
+    fn queue_len(&self) -> f64;
+    /// Requests still waiting for their first token (the replay runs past the trace's end
+    /// until none is left).
+    fn busy(&self) -> bool;
+    /// Requests in one tick's arrivals.
+    fn count(arrivals: &Self::Arrivals) -> f64;
+    fn set_desired(&mut self, now_s: f64, n: u32);
+    /// Hands the waiting requests to `to` (a site cut off fails over to the cloud); they no
+    /// longer count as arrived here.
+    fn fail_over_to(&mut self, to: &mut Self);
+    /// Advances `[t0, t0 + dt)` with `arrivals` arriving during it.
+    fn tick(&mut self, t0: f64, dt: f64, arrivals: &Self::Arrivals);
+    /// What a policy sees at `now_s`, covering everything since the last observation.
+    fn observe(&mut self, now_s: f64, online: bool) -> TargetObs;
+    /// Whatever still waits at the end is dropped.
+    fn finish(&mut self);
+    fn totals(&self) -> &TierTotals;
+}
+
+/// One tick's arrivals per target after routing and outages.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routed<A> {
+    pub cloud: Vec<A>,
+    /// Per site, per tick.
+    pub sites: Vec<Vec<A>>,
+}
+
 /// Arrivals per tick for the cloud and for each site, after routing and outages.
 pub fn route(trace: &Trace, edge: Option<&EdgeSetup>) -> (Vec<f64>, Vec<Vec<f64>>) {
     let Some(e) = edge.filter(|e| e.sites > 0) else {
@@ -104,23 +139,84 @@ pub fn route(trace: &Trace, edge: Option<&EdgeSetup>) -> (Vec<f64>, Vec<Vec<f64>
     (cloud, sites)
 }
 
-fn initial(arrivals: &[f64], tick_s: f64, spec: &TargetSpec) -> u32 {
+/// [`route`] for single requests: request `i` goes to site `⌊u / share⌋` for the
+/// low-discrepancy `u = frac(i φ)` when `u` falls in the edge fraction and that site is
+/// online at its arrival, otherwise to the cloud; grouped per tick of `trace`.
+pub fn route_requests(
+    trace: &Trace,
+    requests: &[Request],
+    edge: Option<&EdgeSetup>,
+) -> Routed<Vec<Request>> {
+    let n = trace.arrivals.len();
+    let sites_n = edge.map_or(0, |e| e.sites);
+    let mut out = Routed {
+        cloud: vec![Vec::new(); n],
+        sites: vec![vec![Vec::new(); n]; sites_n],
+    };
+    const PHI: f64 = 0.618_033_988_749_894_9;
+    for (i, r) in requests.iter().enumerate() {
+        let k = ((r.t_s / trace.tick_s).floor() as usize).min(n.saturating_sub(1));
+        let site = edge.filter(|e| e.sites > 0).and_then(|e| {
+            let share = e.fraction.clamp(0.0, 1.0) / e.sites as f64;
+            let u = (i as f64 * PHI).fract();
+            let s = (u / share.max(1e-12)) as usize;
+            (s < e.sites && e.online(s, r.t_s)).then_some(s)
+        });
+        match site {
+            Some(s) => out.sites[s][k].push(*r),
+            None => out.cloud[k].push(*r),
+        }
+    }
+    out
+}
+
+fn initial<A>(arrivals: &[A], count: impl Fn(&A) -> f64, tick_s: f64, spec: &TargetSpec) -> u32 {
     let n = ((60.0 / tick_s).ceil() as usize).clamp(1, arrivals.len().max(1));
-    let rate = arrivals.iter().take(n).sum::<f64>() / (n as f64 * tick_s);
+    let rate = arrivals.iter().take(n).map(count).sum::<f64>() / (n as f64 * tick_s);
     ((rate / spec.target_rps_per_replica - 1e-9).ceil().max(0.0) as u32).clamp(spec.min, spec.max)
 }
 
-/// Replays `trace` under `policy`. Every target starts warm with enough replicas for the first
-/// minute's load; after the trace ends the queues drain (up to the queue timeout) so requests
-/// still waiting are served or dropped, but cost is counted up to the trace's end only.
+/// Replays `trace` under `policy` in the fluid model. Every target starts warm with enough
+/// replicas for the first minute's load; after the trace ends the queues drain (up to the
+/// queue timeout) so requests still waiting are served or dropped, but cost is counted up to
+/// the trace's end only.
 pub fn simulate(trace: &Trace, setup: &SimSetup, policy: &mut dyn Policy) -> RunResult {
+    let (cloud, sites) = route(trace, setup.edge.as_ref());
+    let model = setup.model;
+    replay(trace, setup, policy, &Routed { cloud, sites }, |n| {
+        Tier::new(model, n)
+    })
+}
+
+/// [`simulate`] in the discrete-event mode: requests (see [`super::des::requests`], routed by
+/// [`route_requests`]) on replicas that batch as `batch` says.
+pub fn simulate_des(
+    trace: &Trace,
+    routed: &Routed<Vec<Request>>,
+    setup: &SimSetup,
+    batch: &BatchModel,
+    policy: &mut dyn Policy,
+) -> RunResult {
+    replay(trace, setup, policy, routed, |n| {
+        BatchTier::new(batch.clone(), n)
+    })
+}
+
+fn replay<T: Target>(
+    trace: &Trace,
+    setup: &SimSetup,
+    policy: &mut dyn Policy,
+    routed: &Routed<T::Arrivals>,
+    make: impl Fn(u32) -> T,
+) -> RunResult {
     let dt = trace.tick_s;
-    let (cloud_arr, site_arr) = route(trace, setup.edge.as_ref());
-    let mut cloud = Tier::new(setup.model, initial(&cloud_arr, dt, &setup.cloud));
-    let mut sites: Vec<Tier> = match &setup.edge {
-        Some(e) => site_arr
+    let none = T::Arrivals::default();
+    let mut cloud = make(initial(&routed.cloud, T::count, dt, &setup.cloud));
+    let mut sites: Vec<T> = match &setup.edge {
+        Some(e) => routed
+            .sites
             .iter()
-            .map(|a| Tier::new(setup.model, initial(a, dt, &e.spec)))
+            .map(|a| make(initial(a, T::count, dt, &e.spec)))
             .collect(),
         None => vec![],
     };
@@ -139,7 +235,7 @@ pub fn simulate(trace: &Trace, setup: &SimSetup, policy: &mut dyn Policy) -> Run
         if k == n {
             cost_at_end = Some(sum_cost(&cloud, &sites));
         }
-        if k >= n && cloud.queue_len() + sites.iter().map(Tier::queue_len).sum::<f64>() <= 0.0 {
+        if k >= n && !cloud.busy() && !sites.iter().any(T::busy) {
             break;
         }
         let online: Vec<bool> = (0..sites.len())
@@ -148,9 +244,7 @@ pub fn simulate(trace: &Trace, setup: &SimSetup, policy: &mut dyn Policy) -> Run
         for i in 0..sites.len() {
             if was_online[i] && !online[i] {
                 // The site is cut off: its backlog fails over to the cloud.
-                for c in sites[i].take_queue() {
-                    cloud.enqueue(c);
-                }
+                sites[i].fail_over_to(&mut cloud);
             }
             was_online[i] = online[i];
         }
@@ -186,35 +280,36 @@ pub fn simulate(trace: &Trace, setup: &SimSetup, policy: &mut dyn Policy) -> Run
                 time_s: t,
                 cloud_desired: cloud.desired(),
                 cloud_ready: cloud.ready(),
-                edge_desired: sites.iter().map(Tier::desired).sum(),
+                edge_desired: sites.iter().map(T::desired).sum(),
                 cloud_arrival_rps: seen_rps,
                 cloud_queue: seen_queue,
                 misses_so_far: std::iter::once(&cloud)
                     .chain(&sites)
-                    .map(|s| s.totals.served_late + s.totals.dropped)
+                    .map(|s| s.totals().served_late + s.totals().dropped)
                     .sum(),
             });
             while next_sync <= t + 1e-9 {
                 next_sync += interval;
             }
         }
-        cloud.tick(t, dt, cloud_arr.get(k).copied().unwrap_or(0.0));
+        cloud.tick(t, dt, routed.cloud.get(k).unwrap_or(&none));
         for (i, s) in sites.iter_mut().enumerate() {
-            s.tick(t, dt, site_arr[i].get(k).copied().unwrap_or(0.0));
+            s.tick(t, dt, routed.sites[i].get(k).unwrap_or(&none));
         }
     }
     cloud.finish();
     for s in &mut sites {
         s.finish();
     }
-    let mut totals = cloud.totals;
+    let mut totals = *cloud.totals();
     for s in &sites {
-        let x = s.totals;
+        let x = s.totals();
         totals.arrived += x.arrived;
         totals.served_ok += x.served_ok;
         totals.served_late += x.served_late;
         totals.dropped += x.dropped;
         totals.cold_starts += x.cold_starts;
+        totals.ttft.merge(&x.ttft);
     }
     let (rs, ev) = cost_at_end.unwrap_or_else(|| sum_cost(&cloud, &sites));
     totals.replica_seconds = rs;
@@ -228,9 +323,10 @@ pub fn simulate(trace: &Trace, setup: &SimSetup, policy: &mut dyn Policy) -> Run
     }
 }
 
-fn sum_cost(cloud: &Tier, sites: &[Tier]) -> (f64, u32) {
-    let rs =
-        cloud.totals.replica_seconds + sites.iter().map(|s| s.totals.replica_seconds).sum::<f64>();
-    let ev = cloud.totals.scale_events + sites.iter().map(|s| s.totals.scale_events).sum::<u32>();
-    (rs, ev)
+fn sum_cost<T: Target>(cloud: &T, sites: &[T]) -> (f64, u32) {
+    let all = || std::iter::once(cloud).chain(sites).map(T::totals);
+    (
+        all().map(|t| t.replica_seconds).sum(),
+        all().map(|t| t.scale_events).sum(),
+    )
 }

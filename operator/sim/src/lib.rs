@@ -4,13 +4,15 @@
 //! accuracy.
 //!
 //! - [`trace`]: trace files -> arrivals per tick; [`synthetic`]: seeded patterns.
-//! - [`cluster`]: one scaling target (replicas, cold start, FIFO queue, TTFT).
+//! - [`cluster`]: one scaling target (replicas, cold start, FIFO queue, TTFT) as a fluid;
+//!   [`des`]: the same as discrete events (requests, batching replicas, queueing).
 //! - [`policy`], [`baselines`], [`tidal`]: the policies under test.
 //! - [`engine`]: the replay loop; [`metrics`]: scores; [`report`], [`plot`]: output.
 //! - [`frontier`]: policies compared at matched cost and SLO over a swept target utilisation.
 
 pub mod baselines;
 pub mod cluster;
+pub mod des;
 pub mod engine;
 pub mod frontier;
 pub mod metrics;
@@ -244,16 +246,9 @@ pub fn run_scenario(
     variants: &[TidalOptions],
 ) -> Scenario {
     let (cloud_arrivals, _) = engine::route(&trace, setup.edge.as_ref());
-    let mut policies: Vec<Box<dyn Policy>> =
-        policies.iter().map(|p| p.build(&setup, tidal)).collect();
-    for v in variants {
-        let edge = setup.edge.as_ref().map(|e| e.spec);
-        let p = TidalPolicy::new(setup.cloud, edge, &setup.model, v).named(&variant_name(v));
-        policies.push(Box::new(p));
-    }
     let mut runs = Vec::new();
     let mut summaries = Vec::new();
-    for policy in &mut policies {
+    for mut policy in build_all(&setup, policies, tidal, variants) {
         let run = engine::simulate(&trace, &setup, policy.as_mut());
         summaries.push(metrics::summarize(&run, &cloud_arrivals, trace.tick_s));
         runs.push(run);
@@ -266,6 +261,60 @@ pub fn run_scenario(
         cloud_arrivals,
         curves: Vec::new(),
     }
+}
+
+/// The policies, then Tidal with each of `variants`.
+fn build_all(
+    setup: &SimSetup,
+    policies: &[PolicyKind],
+    tidal: &TidalOptions,
+    variants: &[TidalOptions],
+) -> Vec<Box<dyn Policy>> {
+    let mut out: Vec<Box<dyn Policy>> = policies.iter().map(|p| p.build(setup, tidal)).collect();
+    for v in variants {
+        let edge = setup.edge.as_ref().map(|e| e.spec);
+        let p = TidalPolicy::new(setup.cloud, edge, &setup.model, v).named(&variant_name(v));
+        out.push(Box::new(p));
+    }
+    out
+}
+
+/// [`run_scenario`] in the discrete-event mode: the trace's requests (or ones drawn from its
+/// arrivals with `seed`) on replicas of `max_batch` slots that batch like the worker
+/// ([`des::BatchModel::calibrated`] from `setup`). No sweep: it is the slow mode.
+pub fn run_scenario_des(
+    trace: Trace,
+    setup: SimSetup,
+    policies: &[PolicyKind],
+    tidal: &TidalOptions,
+    variants: &[TidalOptions],
+    max_batch: u32,
+    seed: u64,
+) -> Result<Scenario, String> {
+    let batch = des::BatchModel::calibrated(
+        setup.model,
+        max_batch,
+        trace.mean_input_tokens,
+        trace.mean_output_tokens,
+    )?;
+    let requests = des::requests(&trace, seed);
+    let routed = engine::route_requests(&trace, &requests, setup.edge.as_ref());
+    let cloud_arrivals: Vec<f64> = routed.cloud.iter().map(|r| r.len() as f64).collect();
+    let mut runs = Vec::new();
+    let mut summaries = Vec::new();
+    for mut policy in build_all(&setup, policies, tidal, variants) {
+        let run = engine::simulate_des(&trace, &routed, &setup, &batch, policy.as_mut());
+        summaries.push(metrics::summarize(&run, &cloud_arrivals, trace.tick_s));
+        runs.push(run);
+    }
+    Ok(Scenario {
+        trace,
+        setup,
+        runs,
+        summaries,
+        cloud_arrivals,
+        curves: Vec::new(),
+    })
 }
 
 /// `setup` with every policy's target load per replica at `utilization` of the replica's

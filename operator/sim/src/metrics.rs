@@ -18,6 +18,8 @@ pub struct Summary {
     pub mean_replicas: f64,
     pub scale_events: u32,
     pub cold_starts: u32,
+    /// TTFT 95th percentile of everything served (to a histogram bin, ~12 %).
+    pub ttft_p95_s: Option<f64>,
     /// Mean absolute percentage error of the point forecast at its horizon.
     pub mape: Option<f64>,
     /// Fraction of actuals inside the forecast's prediction interval (nominal 2q − 1).
@@ -93,6 +95,7 @@ pub fn summarize(run: &RunResult, cloud_arrivals: &[f64], tick_s: f64) -> Summar
         mean_replicas: t.replica_seconds / duration.max(1e-9),
         scale_events: t.scale_events,
         cold_starts: t.cold_starts,
+        ttft_p95_s: t.ttft.quantile(0.95),
         mape: (n > 0).then(|| ape / n as f64),
         coverage: (n > 0).then(|| inside as f64 / n as f64),
         exceeded: (n > 0).then(|| above as f64 / n as f64),
@@ -118,6 +121,7 @@ mod tests {
                 replica_seconds: 300.0,
                 scale_events: 3,
                 cold_starts: 2,
+                ..Default::default()
             },
             syncs: vec![],
             forecasts,

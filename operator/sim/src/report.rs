@@ -356,6 +356,78 @@ pub fn section(sc: &Scenario, plot_link: Option<&str>) -> String {
     s
 }
 
+/// The discrete-event section: per scenario, each policy's SLO attainment, TTFT p95 and cost
+/// in the fluid model and as discrete events, then Tidal ÷ the best baseline in both.
+pub fn des_section(rows: &[(String, Vec<Summary>, Vec<Summary>)], max_batch: u32) -> String {
+    let mut s = format!(
+        "## Discrete-event mode\n\n\
+         The same scenarios replayed request by request (`tidal-sim run --mode des`): each \
+         request's own arrival time and prompt/output lengths (drawn from the per-tick arrivals \
+         for the synthetic patterns, seeded), replicas of {max_batch} slots that batch like the \
+         worker (prefill alone on the replica, then one decode step per token for the whole \
+         batch, a step {:.1}x longer at batch {max_batch} than alone, as measured through HTTP in \
+         inference-worker/BENCHMARKS.md; scaled so a full replica completes the fluid model's \
+         capacity), least-loaded dispatch, drain on scale-down. TTFT includes waiting for a slot \
+         and behind other prefills, so requests queue below saturation. Same targets, SLO and \
+         policies as above, at the shared target utilisation (no sweep). The ServeGen traces \
+         are aggregate rates over 14 days (hundreds of millions of requests) and stay fluid.\n\n",
+        super::des::WORKER_STEP_S[2].1 / super::des::WORKER_STEP_S[0].1
+    );
+    s.push_str(
+        "| Scenario | Tidal misses ÷ best baseline (fluid / DES) | Tidal replica-s ÷ best \
+         baseline (fluid / DES) | best baseline (fluid / DES) |\n|---|---|---|---|\n",
+    );
+    let vs = |sums: &[Summary]| -> Option<(f64, f64, String)> {
+        let t = sums.iter().find(|x| x.policy == "tidal")?;
+        let b = best_baseline(sums)?;
+        Some((
+            div(1.0 - t.slo_attainment, 1.0 - b.slo_attainment),
+            div(t.replica_seconds, b.replica_seconds),
+            b.policy.clone(),
+        ))
+    };
+    for (name, fluid, des) in rows {
+        let (Some(f), Some(d)) = (vs(fluid), vs(des)) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {name} | {} / {} | {} / {} | {} / {} |",
+            opt_ratio(Some(f.0)),
+            opt_ratio(Some(d.0)),
+            opt_ratio(Some(f.1)),
+            opt_ratio(Some(d.1)),
+            f.2,
+            d.2
+        );
+    }
+    s.push_str(
+        "\n| Scenario | Policy | SLO attainment (fluid / DES) | TTFT p95 (fluid / DES) | \
+         replica-s (fluid / DES) | dropped (DES) |\n|---|---|---|---|---|---|\n",
+    );
+    let secs = |x: Option<f64>| x.map_or("–".into(), |v| format!("{v:.2} s"));
+    for (name, fluid, des) in rows {
+        for d in des {
+            let Some(f) = fluid.iter().find(|f| f.policy == d.policy) else {
+                continue;
+            };
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} / {} | {} / {} | {:.0} / {:.0} | {:.0} |",
+                d.policy,
+                pct(Some(f.slo_attainment)),
+                pct(Some(d.slo_attainment)),
+                secs(f.ttft_p95_s),
+                secs(d.ttft_p95_s),
+                f.replica_seconds,
+                d.replica_seconds,
+                d.dropped
+            );
+        }
+    }
+    s
+}
+
 /// Every policy's sync points as CSV (`policy,time_s,cloud_desired,cloud_ready,edge_desired,
 /// cloud_arrival_rps,cloud_queue,misses_so_far`), then Tidal's forecasts
 /// (`forecast,made_at_s,target_s,predicted,lower,upper`), then the swept points
@@ -525,6 +597,7 @@ pub fn bench_document(
     assumptions: &str,
     summary: Option<&str>,
     sections: &[String],
+    des: Option<&str>,
     analysis: Option<&str>,
 ) -> String {
     let mut s = String::from(
@@ -558,6 +631,10 @@ pub fn bench_document(
         s.push_str(sec);
         s.push('\n');
     }
+    if let Some(des) = des {
+        s.push_str(des);
+        s.push('\n');
+    }
     s.push_str("## Trace attribution\n\n");
     s.push_str(ATTRIBUTION);
     s
@@ -577,6 +654,7 @@ mod tests {
             mean_replicas: rs / 100.0,
             scale_events: 1,
             cold_starts: 1,
+            ttft_p95_s: None,
             mape: None,
             coverage: None,
             exceeded: None,
@@ -662,7 +740,7 @@ mod tests {
     fn analysis_survives_regeneration() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("B.md");
-        let doc = bench_document("cmd", "model", None, &[], Some("Tidal wins here."));
+        let doc = bench_document("cmd", "model", None, &[], None, Some("Tidal wins here."));
         std::fs::write(&path, &doc).unwrap();
         assert_eq!(
             existing_analysis(&path).as_deref(),

@@ -101,6 +101,7 @@ impl Synthetic {
             arrivals,
             mean_input_tokens: 1000.0,
             mean_output_tokens: 250.0,
+            requests: vec![],
         }
     }
 

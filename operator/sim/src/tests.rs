@@ -179,6 +179,36 @@ fn an_offline_edge_site_fails_over_to_the_cloud_and_is_reported_offline() {
     for s in &sc.summaries {
         assert!((s.requests - total).abs() < 1e-6, "{s:?}");
     }
+
+    // As single requests: none goes to the site while it is cut off, none is lost, and every
+    // policy runs on batching replicas.
+    let requests = des::requests(&sc.trace, 1);
+    assert_eq!(requests.len() as f64, total);
+    let routed = engine::route_requests(&sc.trace, &requests, sc.setup.edge.as_ref());
+    let count = |ticks: &[Vec<trace::Request>], r: std::ops::Range<usize>| -> usize {
+        ticks[r].iter().map(Vec::len).sum()
+    };
+    assert_eq!(count(&routed.sites[0], 600..1200), 0);
+    assert!(count(&routed.sites[0], 0..600) > 0);
+    // 40 rps from 450 s to 900 s: with site 0 cut off, the cloud takes 80 % instead of 60 %.
+    let cloud = count(&routed.cloud, 600..900) as f64 / 300.0;
+    assert!((cloud - 32.0).abs() < 2.0, "{cloud}");
+    let sc = run_scenario_des(
+        sc.trace,
+        sc.setup,
+        &PolicyKind::ALL,
+        &TidalOptions::default(),
+        &[],
+        des::DEFAULT_MAX_BATCH,
+        1,
+    )
+    .unwrap();
+    for (s, r) in sc.summaries.iter().zip(&sc.runs) {
+        assert_eq!(s.requests, total, "{s:?}");
+        let t = &r.totals;
+        assert_eq!(t.served_ok + t.served_late + t.dropped, total, "{s:?}");
+        assert!(s.slo_attainment > 0.5 && s.ttft_p95_s.is_some(), "{s:?}");
+    }
 }
 
 #[test]

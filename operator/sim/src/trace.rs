@@ -1,6 +1,7 @@
 //! Request traces: read one of the formats in `shared/traces/` (detected from the content) and
 //! turn it into arrival counts per simulation tick (a fluid representation: 14 days at
 //! hundreds of requests per second would be hundreds of millions of individual requests).
+//! Request-level traces also keep their requests (time and sizes) for the discrete-event mode.
 
 use std::path::Path;
 
@@ -8,6 +9,15 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::synthetic::poisson;
+
+/// One request of a request-level trace.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Request {
+    /// Seconds since the trace's first request.
+    pub t_s: f64,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+}
 
 /// Arrivals per tick, plus the mean request size (used to derive prefill time).
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +28,9 @@ pub struct Trace {
     pub arrivals: Vec<f64>,
     pub mean_input_tokens: f64,
     pub mean_output_tokens: f64,
+    /// The trace's own requests in arrival order (unscaled); empty for aggregate-rate traces
+    /// and synthetic patterns, whose requests the discrete-event mode draws from `arrivals`.
+    pub requests: Vec<Request>,
 }
 
 impl Trace {
@@ -51,6 +64,8 @@ impl Trace {
     pub fn truncate(&mut self, duration_s: f64) {
         let n = (duration_s / self.tick_s).ceil() as usize;
         self.arrivals.truncate(n.max(1));
+        let end = self.duration_s();
+        self.requests.retain(|r| r.t_s < end);
     }
 }
 
@@ -205,8 +220,8 @@ pub fn parse(name: &str, text: &str, opts: &LoadOptions) -> Result<Trace, TraceE
     }
 }
 
-/// One request: arrival time (s, any origin), prompt and generated tokens.
-type Request = (f64, f64, f64);
+/// One parsed row: arrival time (s, any origin), prompt and generated tokens.
+type Row = (f64, f64, f64);
 
 fn bad(name: &str, line: usize, msg: impl Into<String>) -> TraceError {
     TraceError::Bad {
@@ -216,7 +231,7 @@ fn bad(name: &str, line: usize, msg: impl Into<String>) -> TraceError {
     }
 }
 
-fn from_requests(name: &str, mut reqs: Vec<Request>, opts: &LoadOptions) -> Trace {
+fn from_requests(name: &str, mut reqs: Vec<Row>, opts: &LoadOptions) -> Trace {
     reqs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let t0 = reqs[0].0;
     let last = reqs[reqs.len() - 1].0 - t0;
@@ -230,12 +245,21 @@ fn from_requests(name: &str, mut reqs: Vec<Request>, opts: &LoadOptions) -> Trac
         out += o;
     }
     let count = reqs.len() as f64;
+    let tokens = |x: f64| x.round().min(f64::from(u32::MAX)) as u32;
     Trace {
         name: name.to_string(),
         tick_s: opts.tick_s,
         arrivals,
         mean_input_tokens: inp / count,
         mean_output_tokens: out / count,
+        requests: reqs
+            .iter()
+            .map(|&(t, i, o)| Request {
+                t_s: t - t0,
+                input_tokens: tokens(i),
+                output_tokens: tokens(o),
+            })
+            .collect(),
     }
 }
 
@@ -250,7 +274,7 @@ fn parse_num(name: &str, line: usize, field: &str, s: &str) -> Result<f64, Trace
     Ok(v)
 }
 
-fn parse_azure(name: &str, text: &str) -> Result<Vec<Request>, TraceError> {
+fn parse_azure(name: &str, text: &str) -> Result<Vec<Row>, TraceError> {
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(false)
@@ -336,7 +360,7 @@ struct MooncakeLine {
     output_length: f64,
 }
 
-fn parse_mooncake(name: &str, text: &str) -> Result<Vec<Request>, TraceError> {
+fn parse_mooncake(name: &str, text: &str) -> Result<Vec<Row>, TraceError> {
     let mut out = Vec::new();
     for (i, l) in text.lines().enumerate() {
         let l = l.trim();
@@ -434,6 +458,7 @@ fn parse_servegen(name: &str, text: &str, opts: &LoadOptions) -> Result<Trace, T
         // The aggregate files carry no token counts; a typical chat request.
         mean_input_tokens: 1000.0,
         mean_output_tokens: 250.0,
+        requests: vec![],
     })
 }
 
@@ -451,6 +476,10 @@ mod tests {
         let t = parse("az", AZURE, &LoadOptions::default()).unwrap();
         // t = 0, 0.052, 2.52 s from the first request.
         assert_eq!(t.arrivals, vec![2.0, 0.0, 1.0]);
+        assert_eq!(t.requests.len(), 3);
+        let r = t.requests[2];
+        assert!((r.t_s - 2.52).abs() < 1e-3, "{r:?}");
+        assert_eq!((r.input_tokens, r.output_tokens), (100, 30));
         assert!((t.mean_input_tokens - (4808.0 + 3180.0 + 100.0) / 3.0).abs() < 1e-9);
         assert!((t.mean_output_tokens - 16.0).abs() < 1e-9);
     }

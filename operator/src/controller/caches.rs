@@ -101,7 +101,10 @@ impl Shared {
             ),
             edge_nodes: Watched::new(
                 kube::Api::<EdgeNode>::all(ctx.client.clone()),
-                watcher::Config::default(),
+                match &ctx.edge_node_selector {
+                    Some(s) => watcher::Config::default().labels(s),
+                    None => watcher::Config::default(),
+                },
                 strip::managed_fields::<EdgeNode>,
             ),
             deployments: Watched::new(

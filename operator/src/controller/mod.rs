@@ -91,6 +91,8 @@ pub struct Context {
     pub reporter: Reporter,
     /// Watch InferenceServices in this namespace only (all namespaces when `None`).
     pub namespace: Option<String>,
+    /// Manage only the EdgeNodes this label selector matches (all when `None`).
+    pub edge_node_selector: Option<String>,
     /// The autoscaler loop's settings.
     pub autoscale: autoscale::Settings,
     /// Concurrency and debounce of the controllers' reconcile queues.
@@ -125,6 +127,7 @@ impl Context {
                 instance,
             },
             namespace: None,
+            edge_node_selector: None,
             autoscale: autoscale::Settings::default(),
             controller_config: Default::default(),
         })

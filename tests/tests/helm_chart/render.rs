@@ -133,15 +133,15 @@ async fn rendered_templates_match_the_committed_snapshots() {
         "metadata.name"
     );
     assert_eq!(env_vars["TIDAL_METRICS_ADDR"]["value"], "0.0.0.0:8080");
-    assert!(
-        !env_vars.contains_key("TIDAL_PROMETHEUS_URL"),
-        "unset by default"
-    );
+    for unset in ["TIDAL_PROMETHEUS_URL", "TIDAL_EDGE_NODE_SELECTOR"] {
+        assert!(!env_vars.contains_key(unset), "{unset} unset by default");
+    }
     let with_url = documents(&helm_template(
         &env,
         &[
             "--set",
-            "prometheusUrl=http://prom.monitoring:9090,watchNamespace=team-a,logJson=false",
+            "prometheusUrl=http://prom.monitoring:9090,watchNamespace=team-a,logJson=false,\
+             edgeNodeSelector=tidal.rs/edge-pool=team-a",
         ],
     ));
     let env_text = serde_json::to_string(
@@ -152,6 +152,7 @@ async fn rendered_templates_match_the_committed_snapshots() {
         r#"{"name":"TIDAL_PROMETHEUS_URL","value":"http://prom.monitoring:9090"}"#,
         r#"{"name":"TIDAL_WATCH_NAMESPACE","value":"team-a"}"#,
         r#"{"name":"TIDAL_LOG_JSON","value":"false"}"#,
+        r#"{"name":"TIDAL_EDGE_NODE_SELECTOR","value":"tidal.rs/edge-pool=team-a"}"#,
     ] {
         assert!(env_text.contains(expected), "{expected} in {env_text}");
     }

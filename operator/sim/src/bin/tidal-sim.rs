@@ -5,12 +5,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tidal_sim::engine::Outage;
 use tidal_sim::synthetic::{Pattern, Synthetic};
 use tidal_sim::tidal::TidalOptions;
 use tidal_sim::trace::{self, Trace};
-use tidal_sim::{ModelOptions, PolicyKind, Scenario, plot, report, run_scenario, sweep};
+use tidal_sim::{
+    ModelOptions, PolicyKind, Scenario, plot, report, run_scenario, run_scenario_des, sweep,
+};
 
 #[derive(Parser)]
 #[command(
@@ -52,12 +54,22 @@ struct RunArgs {
         default_value = "tidal,hpa,kpa,aibrix"
     )]
     policies: Vec<PolicyKind>,
+    /// Cluster model: `fluid` (arrival counts per tick; fast) or `des` (discrete events: each
+    /// request on replicas that batch like the worker; no sweep).
+    #[arg(long, env = "TIDAL_SIM_MODE", value_enum, default_value_t = Mode::Fluid)]
+    mode: Mode,
     /// Directory for the table (<name>.md), the plot (<name>.svg) and the time series
     /// (<name>.csv).
     #[arg(long, env = "TIDAL_SIM_OUT", default_value = "sim-out")]
     out: PathBuf,
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Fluid,
+    Des,
 }
 
 #[derive(Args)]
@@ -78,6 +90,10 @@ struct BenchArgs {
     /// Skip the synthetic patterns.
     #[arg(long, env = "TIDAL_SIM_NO_SYNTHETIC")]
     no_synthetic: bool,
+    /// Skip the discrete-event section (every request-level trace and synthetic pattern
+    /// replayed again as single requests on batching replicas).
+    #[arg(long, env = "TIDAL_SIM_NO_DES")]
+    no_des: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -167,6 +183,9 @@ struct Common {
     /// Skip the matched comparison (one run per policy only).
     #[arg(long, env = "TIDAL_SIM_NO_SWEEP")]
     no_sweep: bool,
+    /// Slots per replica in the discrete-event mode (the worker's `--max-batch`).
+    #[arg(long, env = "TIDAL_SIM_MAX_BATCH", default_value_t = tidal_sim::des::DEFAULT_MAX_BATCH)]
+    max_batch: u32,
     /// Threads for the sweep (default: the available cores).
     #[arg(long, env = "TIDAL_SIM_THREADS")]
     threads: Option<usize>,
@@ -292,20 +311,53 @@ fn scenario(
     Ok(sc)
 }
 
+fn des_scenario(
+    trace: Trace,
+    common: &Common,
+    model: &ModelOptions,
+    policies: &[PolicyKind],
+) -> anyhow::Result<Scenario> {
+    let start = Instant::now();
+    let name = trace.name.clone();
+    let setup = model
+        .setup(&trace)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("trace {name}"))?;
+    let sc = run_scenario_des(
+        trace,
+        setup,
+        policies,
+        &common.tidal(),
+        &common.variants(),
+        common.max_batch,
+        common.seed,
+    )
+    .map_err(anyhow::Error::msg)
+    .with_context(|| format!("trace {name} (discrete-event mode)"))?;
+    eprintln!(
+        "{name}: discrete-event replay in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(sc)
+}
+
 fn run(a: RunArgs) -> anyhow::Result<()> {
     let trace = match (&a.trace, a.synthetic) {
         (Some(p), _) => a.common.load(p)?,
         (None, Some(p)) => a.common.synthetic(p),
         (None, None) => bail!("give --trace PATH or --synthetic KIND"),
     };
-    let sc = scenario(
-        trace,
-        &a.common,
-        &a.common.model(),
-        &a.common.tidal(),
-        &a.policies,
-        &a.common.variants(),
-    )?;
+    let sc = match a.mode {
+        Mode::Fluid => scenario(
+            trace,
+            &a.common,
+            &a.common.model(),
+            &a.common.tidal(),
+            &a.policies,
+            &a.common.variants(),
+        )?,
+        Mode::Des => des_scenario(trace, &a.common, &a.common.model(), &a.policies)?,
+    };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let svg = a.out.join(format!("{}.svg", sc.trace.name));
     plot::plot_scenario(&sc, &svg)?;
@@ -373,6 +425,18 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     };
     let mut sections = Vec::new();
     let mut verdicts = Vec::new();
+    // Request-level traces and the (hour- to day-long) synthetic patterns also run as single
+    // requests; the 14-day aggregate-rate traces would be hundreds of millions of them.
+    let des_inputs: Vec<(Trace, ModelOptions)> = if a.no_des {
+        vec![]
+    } else {
+        traces
+            .iter()
+            .filter(|(t, _)| !t.requests.is_empty() || t.name.starts_with("synthetic"))
+            .cloned()
+            .collect()
+    };
+    let mut fluid = Vec::new();
     for (t, m) in traces {
         let sc = scenario(
             t,
@@ -386,7 +450,16 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         plot::plot_scenario(&sc, &svg)?;
         verdicts.extend(report::verdict(&sc));
         sections.push(report::section(&sc, Some(&rel(&svg))));
+        fluid.push((sc.trace.name.clone(), sc.summaries));
     }
+    let mut des_rows = Vec::new();
+    for (t, m) in des_inputs {
+        let sc = des_scenario(t, &a.common, &m, &PolicyKind::ALL)?;
+        if let Some((_, f)) = fluid.iter().find(|(n, _)| *n == sc.trace.name) {
+            des_rows.push((sc.trace.name.clone(), f.clone(), sc.summaries));
+        }
+    }
+    let des = (!des_rows.is_empty()).then(|| report::des_section(&des_rows, a.common.max_batch));
     let command = bench_command(&a);
     let analysis = report::existing_analysis(&a.out);
     let doc = report::bench_document(
@@ -396,6 +469,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             .then(|| report::verdict_table(&verdicts))
             .as_deref(),
         &sections,
+        des.as_deref(),
         analysis.as_deref(),
     );
     report::write(&a.out, &doc)?;
