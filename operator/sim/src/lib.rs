@@ -246,10 +246,24 @@ pub fn run_scenario(
     variants: &[TidalOptions],
 ) -> Scenario {
     let (cloud_arrivals, _) = engine::route(&trace, setup.edge.as_ref());
+    let all = build_all(&setup, policies, tidal, variants);
+    replay_each(trace, setup, cloud_arrivals, all, |t, s, p| {
+        engine::simulate(t, s, p)
+    })
+}
+
+/// Runs `replay` once per policy and scores each run against `cloud_arrivals`.
+fn replay_each(
+    trace: Trace,
+    setup: SimSetup,
+    cloud_arrivals: Vec<f64>,
+    policies: Vec<Box<dyn Policy>>,
+    replay: impl Fn(&Trace, &SimSetup, &mut dyn Policy) -> RunResult,
+) -> Scenario {
     let mut runs = Vec::new();
     let mut summaries = Vec::new();
-    for mut policy in build_all(&setup, policies, tidal, variants) {
-        let run = engine::simulate(&trace, &setup, policy.as_mut());
+    for mut policy in policies {
+        let run = replay(&trace, &setup, policy.as_mut());
         summaries.push(metrics::summarize(&run, &cloud_arrivals, trace.tick_s));
         runs.push(run);
     }
@@ -300,21 +314,10 @@ pub fn run_scenario_des(
     let requests = des::requests(&trace, seed);
     let routed = engine::route_requests(&trace, &requests, setup.edge.as_ref());
     let cloud_arrivals: Vec<f64> = routed.cloud.iter().map(|r| r.len() as f64).collect();
-    let mut runs = Vec::new();
-    let mut summaries = Vec::new();
-    for mut policy in build_all(&setup, policies, tidal, variants) {
-        let run = engine::simulate_des(&trace, &routed, &setup, &batch, policy.as_mut());
-        summaries.push(metrics::summarize(&run, &cloud_arrivals, trace.tick_s));
-        runs.push(run);
-    }
-    Ok(Scenario {
-        trace,
-        setup,
-        runs,
-        summaries,
-        cloud_arrivals,
-        curves: Vec::new(),
-    })
+    let all = build_all(&setup, policies, tidal, variants);
+    Ok(replay_each(trace, setup, cloud_arrivals, all, |t, s, p| {
+        engine::simulate_des(t, &routed, s, &batch, p)
+    }))
 }
 
 /// `setup` with every policy's target load per replica at `utilization` of the replica's

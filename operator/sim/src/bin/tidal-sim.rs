@@ -285,10 +285,7 @@ fn scenario(
 ) -> anyhow::Result<Scenario> {
     let start = Instant::now();
     let name = trace.name.clone();
-    let setup = model
-        .setup(&trace)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("trace {name}"))?;
+    let setup = setup_for(model, &trace)?;
     let sweep = (!common.no_sweep && !common.sweep_utilizations.is_empty()).then(|| {
         let threads = common.threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
@@ -311,6 +308,14 @@ fn scenario(
     Ok(sc)
 }
 
+/// The simulated cluster for `trace`, or an error naming the trace.
+fn setup_for(model: &ModelOptions, trace: &Trace) -> anyhow::Result<tidal_sim::engine::SimSetup> {
+    model
+        .setup(trace)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("trace {}", trace.name))
+}
+
 fn des_scenario(
     trace: Trace,
     common: &Common,
@@ -319,10 +324,7 @@ fn des_scenario(
 ) -> anyhow::Result<Scenario> {
     let start = Instant::now();
     let name = trace.name.clone();
-    let setup = model
-        .setup(&trace)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("trace {name}"))?;
+    let setup = setup_for(model, &trace)?;
     let sc = run_scenario_des(
         trace,
         setup,
