@@ -154,6 +154,14 @@ struct Seq {
     output_tokens: u32,
 }
 
+/// What the replicas report back from an advance.
+#[derive(Default)]
+struct Done {
+    /// TTFTs of prefills that finished.
+    first_tokens: Vec<f64>,
+    completed: u32,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Replica {
     /// Serves from this time on (creation + cold start).
@@ -184,17 +192,7 @@ impl Replica {
             f64::INFINITY
         }
     }
-}
 
-/// What one replica reports back from an advance.
-#[derive(Default)]
-struct Done {
-    /// TTFTs of prefills that finished.
-    first_tokens: Vec<f64>,
-    completed: u32,
-}
-
-impl Replica {
     /// Advances from `now` by `dt`, which reaches at most its next event; processes the event
     /// when reached.
     fn advance(&mut self, now: f64, dt: f64, m: &BatchModel, done: &mut Done) {
