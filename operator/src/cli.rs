@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// burst of updates (a rollout's status changes) costs one reconcile.
     #[arg(long, env = "TIDAL_RECONCILE_DEBOUNCE_MS", default_value_t = 200)]
     pub reconcile_debounce_ms: u64,
+    /// Seconds between the fast path's readings of every ready worker's queue depth (its own
+    /// `/metrics`), which scale a target up on a backlog sustained over 6 s between the slow
+    /// ticks; 0 turns the fast path off.
+    #[arg(long, env = "TIDAL_FAST_PATH_INTERVAL_SECONDS", default_value_t = 2.0)]
+    pub fast_path_interval_seconds: f64,
     /// Do not run the autoscaler (replicas then follow the spec).
     #[arg(long, env = "TIDAL_DISABLE_AUTOSCALER")]
     pub disable_autoscaler: bool,

@@ -72,6 +72,8 @@ pub struct AutoscalerMetrics {
     pub metrics_available: Family<ServiceLabels, Gauge>,
     pub advisory: Family<ServiceLabels, Gauge>,
     pub decisions: Family<DecisionLabels, Counter>,
+    /// Scale-ups (or, in advisory mode, recommendations) the fast path made.
+    pub fast_scale_ups: Family<TargetLabels, Counter>,
     pub plan_imbalance: Family<ServiceLabels, FloatGauge>,
 }
 
@@ -153,6 +155,11 @@ impl AutoscalerMetrics {
             "decisions",
             "Autoscaler decisions by direction",
             self.decisions.clone(),
+        );
+        a.register(
+            "fast_scale_ups",
+            "Scale-ups the fast path made on a sustained worker backlog (recommended in advisory mode)",
+            self.fast_scale_ups.clone(),
         );
         root.sub_registry_with_prefix("tidal_expert").register(
             "plan_imbalance",

@@ -80,6 +80,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             prometheus_url: args.prometheus_url.clone(),
             rate_window: args.rate_window.clone(),
             default_ready_time_s: args.default_ready_seconds,
+            fast_path: (args.fast_path_interval_seconds > 0.0).then(|| {
+                crate::autoscaler::FastPathConfig {
+                    interval_s: args.fast_path_interval_seconds,
+                    ..Default::default()
+                }
+            }),
         };
         c.controller_config = kube::runtime::controller::Config::default()
             .concurrency(args.max_concurrent_reconciles)

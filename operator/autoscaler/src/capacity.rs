@@ -1,6 +1,8 @@
 //! Capacity per replica: the configured prior (a target at the configured utilisation), lowered
 //! when observed throughput at saturation shows the replicas cannot sustain it, times a feedback
-//! factor that drops when the measured latency breaches the SLO.
+//! factor that drops when the measured latency breaches the SLO — but only when the breach is
+//! the load's doing: latency that stays above the SLO at light load (long prompts, a slow
+//! model) is not bought down by more replicas, so such breaches hold the factor.
 
 use super::types::{Slo, TierSample};
 
@@ -26,6 +28,20 @@ const FACTOR_MIN: f64 = 0.25;
 const RECOVERY: f64 = 1.02;
 /// "Comfortably under": the worst latency / SLO ratio is below this.
 const RECOVERY_BELOW: f64 = 0.8;
+/// "Light load": arrivals at most this share of what the ready replicas carry at the target.
+/// At half the target utilisation queueing adds little, so the latency measured there is the
+/// part of it that does not depend on the load (the floor).
+const LIGHT_LOAD: f64 = 0.5;
+/// Served above this multiple of the arrivals: a backlog from before is being drained.
+const DRAINING_ABOVE: f64 = 1.1;
+/// EWMA weight of one light-load latency sample.
+const FLOOR_ALPHA: f64 = 0.2;
+/// A breach is the load's doing only when the latency is this much above the light-load floor:
+/// the queueing a target utilisation adds (about a quarter of the service time at 80 %, for
+/// batching replicas) must show before more replicas can be expected to help.
+const FLOOR_MARGIN: f64 = 1.25;
+/// Decreases remembered for taking back: enough to reach the floor from 1.0 (0.85^9 < 0.25).
+const DECREASES_KEPT: usize = 9;
 
 /// Online estimate of the load one replica sustains within the SLO.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +55,12 @@ pub struct Capacity {
     pub saturated_samples: u64,
     /// Steps that lowered the SLO factor.
     pub breaches: u64,
+    /// Latency / SLO ratio at light load (EWMA), once seen.
+    floor_ratio: Option<f64>,
+    /// Breaches not counted against capacity because the light-load floor explains them.
+    pub floor_breaches: u64,
+    /// Latency / SLO ratios of the decreases still in the factor, oldest first.
+    decreases: Vec<f64>,
 }
 
 impl Capacity {
@@ -55,6 +77,9 @@ impl Capacity {
             last_ready: 0,
             saturated_samples: 0,
             breaches: 0,
+            floor_ratio: None,
+            floor_breaches: 0,
+            decreases: Vec::new(),
         }
     }
 
@@ -69,6 +94,11 @@ impl Capacity {
 
     pub fn slo_factor(&self) -> f64 {
         self.slo_factor
+    }
+
+    /// Latency / SLO ratio measured at light load (the part no replica count lowers), once seen.
+    pub fn floor_ratio(&self) -> Option<f64> {
+        self.floor_ratio
     }
 
     /// What the decision divides demand by: the prior target, lowered (never raised) by what
@@ -118,7 +148,33 @@ impl Capacity {
             .learned
             .clamp(self.prior * LEARN_MIN, self.prior * LEARN_MAX);
 
+        // Light on average, not bursty (bursts queue at any average load; the queueing
+        // headroom answers them) and not draining an earlier backlog (served above arrivals:
+        // the latencies measured then are of requests that queued before).
+        let light = !saturated
+            && !bursts_explain
+            && s.arrival_rps > 0.0
+            && s.served_rps <= s.arrival_rps * DRAINING_ABOVE
+            && s.arrival_rps <= LIGHT_LOAD * self.prior * ready_f;
+        if let (Some(r), true) = (ratio, light && stable) {
+            let f = self.floor_ratio.get_or_insert(r);
+            *f += FLOOR_ALPHA * (r - *f);
+        }
+        // Within the margin of what light load already shows, more replicas buy nothing.
+        let floor = self.floor_ratio.unwrap_or(0.0) * FLOOR_MARGIN;
+        // Decreases made on breaches the floor now explains were not the load's doing: take
+        // them back (the factor would otherwise keep the over-provisioning they caused).
+        let before = self.decreases.len();
+        self.decreases.retain(|&r| r > floor);
+        for _ in self.decreases.len()..before {
+            self.slo_factor = (self.slo_factor / BREACH_DECREASE).min(1.0);
+        }
         match ratio {
+            Some(r) if r > 1.0 && r <= floor => {
+                // The SLO is out of the replicas' reach: hold the capacity estimate.
+                self.floor_breaches += 1;
+                self.slo_factor = (self.slo_factor * RECOVERY).min(1.0);
+            }
             Some(r) if r > 1.0 => {
                 // A breach only says the capacity estimate is too high when we had provisioned
                 // for the load and no backlog is left: arrivals above the capacity we had
@@ -127,10 +183,17 @@ impl Capacity {
                 if !saturated && !bursts_explain && s.arrival_rps <= provisioned * 1.05 {
                     self.slo_factor = (self.slo_factor * BREACH_DECREASE).max(FACTOR_MIN);
                     self.breaches += 1;
+                    if self.decreases.len() == DECREASES_KEPT {
+                        self.decreases.remove(0);
+                    }
+                    self.decreases.push(r);
                 }
             }
             Some(r) if r < RECOVERY_BELOW => {
                 self.slo_factor = (self.slo_factor * RECOVERY).min(1.0);
+                if self.slo_factor >= 1.0 {
+                    self.decreases.clear();
+                }
             }
             _ => {}
         }
@@ -236,5 +299,56 @@ mod tests {
             c.observe(&sample(10.0, 10.0, 0.0, 0.2), 4, &slo(), false);
         }
         assert!((c.effective() - c.learned()).abs() < 1e-9 && c.slo_factor() == 1.0);
+    }
+
+    #[test]
+    fn breaches_that_light_load_shows_too_hold_the_factor() {
+        // Long prompts: the TTFT p95 is 1.5x the SLO whatever the load. Provisioned breaches
+        // first lower the factor; once light-load samples show the same latency, breaches no
+        // longer count and the factor recovers.
+        let mut c = Capacity::new(10.0);
+        c.observe(&sample(30.0, 30.0, 0.0, 1.5), 4, &slo(), false);
+        c.observe(&sample(30.0, 30.0, 0.0, 1.5), 4, &slo(), false);
+        assert!(c.slo_factor() < 0.75, "{}", c.slo_factor());
+        assert_eq!(c.floor_ratio(), None);
+        // Light load (5 rps on 4 replicas of 10: an eighth of the target), still 1.5x.
+        for _ in 0..10 {
+            c.observe(&sample(5.0, 5.0, 0.0, 1.5), 4, &slo(), false);
+        }
+        assert!((c.floor_ratio().unwrap() - 1.5).abs() < 1e-9);
+        assert!(
+            (c.slo_factor() - 1.0).abs() < 1e-9,
+            "the two decreases taken back: {}",
+            c.slo_factor()
+        );
+        let held = c.breaches;
+        for _ in 0..200 {
+            c.observe(&sample(30.0, 30.0, 0.0, 1.6), 4, &slo(), false);
+        }
+        assert_eq!(
+            c.breaches, held,
+            "no breach within the floor's margin counts"
+        );
+        assert_eq!(c.slo_factor(), 1.0);
+        // Far above the floor (queueing): the load's doing, counted again.
+        c.observe(&sample(30.0, 30.0, 0.0, 3.0), 4, &slo(), false);
+        assert_eq!(c.breaches, held + 1);
+        assert!(c.slo_factor() < 1.0);
+    }
+
+    #[test]
+    fn a_floor_under_the_slo_changes_nothing() {
+        // Light-load latency well inside the SLO: every provisioned breach counts as before.
+        let mut with_floor = Capacity::new(10.0);
+        for _ in 0..10 {
+            with_floor.observe(&sample(5.0, 5.0, 0.0, 0.3), 4, &slo(), false);
+        }
+        let mut without = Capacity::new(10.0);
+        without.observe(&sample(5.0, 5.0, 0.0, 0.3), 4, &slo(), false);
+        for c in [&mut with_floor, &mut without] {
+            c.observe(&sample(30.0, 30.0, 0.0, 1.2), 4, &slo(), false);
+        }
+        assert_eq!(with_floor.slo_factor(), without.slo_factor());
+        assert!(with_floor.slo_factor() < 1.0);
     }
 }

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use super::capacity::{Capacity, replicas_for};
+use super::fast::{FastPath, FastPathConfig, FastScale, WorkerLoad};
 use super::forecast::{Forecaster, Prediction, normal_quantile, quantile_sorted};
 use super::level::MEAN_SAMPLES;
 use super::plan_gate::PlanGate;
@@ -43,6 +44,15 @@ struct Site {
     waits: WaitBudget,
     /// Highest point forecast of the last step the site was online.
     last_load: Option<f64>,
+    fast: FastPath,
+}
+
+/// What the fast path asks for: scale-ups only, per target that has one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FastDecision {
+    pub cloud: Option<FastScale>,
+    /// Keyed by EdgeNode name.
+    pub edge: BTreeMap<String, FastScale>,
 }
 
 /// The queueing headroom of one target (the cloud tier or a site) at arrival `rate`, in
@@ -109,6 +119,7 @@ pub struct Autoscaler {
     experts: Option<Experts>,
     /// Time of the last snapshot whose data was recorded.
     last_snapshot_s: Option<f64>,
+    fast: FastPath,
 }
 
 impl Autoscaler {
@@ -130,6 +141,7 @@ impl Autoscaler {
             sites: BTreeMap::new(),
             experts,
             last_snapshot_s: None,
+            fast: FastPath::default(),
             config,
         }
     }
@@ -197,7 +209,55 @@ impl Autoscaler {
             stabilizer: Stabilizer::new(),
             waits: WaitBudget::default(),
             last_load: None,
+            fast: FastPath::default(),
         })
+    }
+
+    /// The fast path at `now_s` (see [`super::fast`]): the workers' queue readings of the
+    /// cloud tier and of the sites, and the scale-ups a sustained backlog asks for. Each is
+    /// remembered by its target's scale-down window, so the slow path keeps the replicas until
+    /// its own forecast (or the window) lets them go.
+    pub fn fast_step(
+        &mut self,
+        now_s: f64,
+        cfg: &FastPathConfig,
+        cloud: Option<WorkerLoad>,
+        sites: &BTreeMap<String, WorkerLoad>,
+    ) -> FastDecision {
+        let behavior = self.config.behavior;
+        let horizon = self.horizon_s();
+        let mut out = FastDecision::default();
+        if let Some(r) = cloud {
+            self.fast.observe(r, cfg);
+            let lasting = self.cloud.persistence(horizon).map_or(1.0, |p| p.beta);
+            out.cloud = self.fast.recommend(
+                cfg,
+                &self.capacity,
+                horizon,
+                lasting,
+                &behavior,
+                self.config.cloud,
+            );
+            if let Some(s) = &out.cloud {
+                self.stabilizer.remember(now_s, s.steady);
+            }
+        }
+        let Some(bounds) = self.config.edge.as_ref().map(|e| e.per_site) else {
+            return out;
+        };
+        for (name, &r) in sites {
+            let site = self.site_mut(name);
+            site.fast.observe(r, cfg);
+            let lasting = site.forecaster.persistence(horizon).map_or(1.0, |p| p.beta);
+            if let Some(s) =
+                site.fast
+                    .recommend(cfg, &site.capacity, horizon, lasting, &behavior, bounds)
+            {
+                site.stabilizer.remember(now_s, s.steady);
+                out.edge.insert(name.clone(), s);
+            }
+        }
+        out
     }
 
     /// One decision at `now_s`. `snapshot` is `None` when Prometheus could not be queried.
@@ -378,6 +438,12 @@ impl Autoscaler {
                 self.capacity.prior(),
                 self.capacity.learned(),
                 self.capacity.slo_factor()
+            ));
+        }
+        if let Some(floor) = self.capacity.floor_ratio().filter(|f| *f > 1.0) {
+            // Say why breaches do not scale the service up: replicas cannot fix them.
+            reason.push_str(&format!(
+                " (latency at light load {floor:.2}x the SLO: not a capacity shortfall)"
             ));
         }
         z.decide(
@@ -1187,19 +1253,77 @@ mod tests {
         d.unwrap()
     }
 
-    fn run_slo(ttft: f64) -> (Decision, f64) {
+    #[test]
+    fn fast_path_scales_up_between_steps_and_the_slow_path_keeps_it() {
         let mut a = Autoscaler::new(config());
-        let d = run_20(&mut a, facts(5), |_, t| Snapshot {
-            cloud: Some(tier(50.0, ttft)),
-            ..snapshot(t, 50.0)
-        });
-        (d, a.effective_capacity())
+        let mut f = facts(5);
+        let d = a.step(0.0, Some(&snapshot(0.0, 50.0)), &f);
+        apply(&mut f, &d);
+        assert_eq!(d.cloud.replicas, 5);
+        // A step to ~90 rps: 5 saturated replicas, the backlog growing 40/s for 6 s.
+        let cfg = FastPathConfig::default();
+        let mut raised = None;
+        for (i, t) in [2.0, 4.0, 6.0, 8.0].into_iter().enumerate() {
+            let load = WorkerLoad {
+                time_s: t,
+                waiting: 10.0 + 80.0 * i as f64,
+                ready: 5,
+                desired: f.cloud.desired,
+            };
+            let edge = BTreeMap::from([(
+                "site-a".to_string(),
+                WorkerLoad {
+                    time_s: t,
+                    waiting: 0.0,
+                    ready: 1,
+                    desired: 1,
+                },
+            )]);
+            let fd = a.fast_step(t, &cfg, Some(load), &edge);
+            assert!(fd.edge.is_empty(), "no backlog at the site: {fd:?}");
+            if i < 2 {
+                assert_eq!(fd.cloud, None, "not sustained yet at {t} s");
+            }
+            raised = raised.or(fd.cloud);
+        }
+        let raised = raised.expect("a sustained backlog scales up");
+        // 90 rps of arrivals, and 170 + 40/s × 45 s to drain within the 45 s horizon.
+        assert_eq!(
+            (raised.steady, raised.replicas),
+            (9, 14),
+            "{}",
+            raised.reason
+        );
+        f.cloud.desired = raised.replicas;
+        // The slow path, still seeing the old 50 rps and no queue, keeps the arrivals' part
+        // (its scale-down window remembers it) and lets the drain's part go.
+        let d = a.step(15.0, Some(&snapshot(15.0, 50.0)), &f);
+        assert_eq!(d.cloud.replicas, 9, "{:?}", d.cloud);
+    }
+
+    /// 50 rps for 20 steps of 15 s, the TTFT p95 a function of the ready replicas.
+    fn run_slo(ttft: impl Fn(u32) -> f64) -> (Decision, f64) {
+        let mut a = Autoscaler::new(config());
+        let mut f = facts(5);
+        let mut d = None;
+        for i in 0..20 {
+            let t = i as f64 * 15.0;
+            let snap = Snapshot {
+                cloud: Some(tier(50.0, ttft(f.cloud.ready))),
+                ..snapshot(t, 50.0)
+            };
+            let dec = a.step(t, Some(&snap), &f);
+            apply(&mut f, &dec);
+            d = Some(dec);
+        }
+        (d.unwrap(), a.effective_capacity())
     }
 
     #[test]
     fn slo_breach_lowers_effective_capacity() {
-        let (ok, cap_ok) = run_slo(0.5);
-        let (bad, cap_bad) = run_slo(2.0);
+        let (ok, cap_ok) = run_slo(|_| 0.5);
+        // Breaching until each replica carries at most 4 rps (13 replicas): more replicas help.
+        let (bad, cap_bad) = run_slo(|ready| if ready < 13 { 2.0 } else { 0.5 });
         assert!((cap_ok - 10.0).abs() < 1e-9);
         assert!(cap_bad < 0.8 * cap_ok, "{cap_bad}");
         // 50 rps / 10 = 5, plus one for queueing within the 0.5 s the TTFT leaves for waiting.
@@ -1209,6 +1333,21 @@ mod tests {
             bad.cloud.reason.contains("SLO factor"),
             "{}",
             bad.cloud.reason
+        );
+    }
+
+    #[test]
+    fn slo_breach_that_replicas_do_not_lower_is_not_scaled_for() {
+        // The TTFT stays at twice the SLO however many replicas serve (long prompts): once light
+        // load shows it, the capacity estimate returns to the prior and the reason says why.
+        let (d, cap) = run_slo(|_| 2.0);
+        assert!((cap - 10.0).abs() < 1e-9, "{cap}");
+        // 50 rps / 10 (no queueing headroom: the TTFT leaves no time for waiting).
+        assert_eq!(d.cloud.replicas, 5, "{}", d.cloud.reason);
+        assert!(
+            d.cloud.reason.contains("not a capacity shortfall"),
+            "{}",
+            d.cloud.reason
         );
     }
 

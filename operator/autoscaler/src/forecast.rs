@@ -611,7 +611,7 @@ impl Forecaster {
 
     /// How much of a deviation from the recent mean lasts `horizon_s`, measured on the samples
     /// an ETS fit sees.
-    fn persistence(&self, horizon_s: f64) -> Option<Persistence> {
+    pub fn persistence(&self, horizon_s: f64) -> Option<Persistence> {
         let lag = (horizon_s / self.dt).round().max(1.0) as usize;
         Persistence::measure(&self.recent(ETS_MAX_SAMPLES), lag)
     }

@@ -7,7 +7,8 @@
 //! The types in [`types`] are the contract between the three; add fields, never rename.
 //!
 //! One job per module: [`forecast`] (bounded history, cached augurs models, conformal
-//! intervals), [`level`] (the smoothed demand now and how much of it lasts a horizon), [`capacity`] (capacity per replica, learned and SLO-corrected), [`stabilize`]
+//! intervals), [`level`] (the smoothed demand now and how much of it lasts a horizon), [`capacity`] (capacity per replica, learned and SLO-corrected), [`fast`] (scale-ups
+//! from the workers' own queue readings, every second or two), [`stabilize`]
 //! (windows, step limits, bounds), [`queueing`] (headroom for waits within the TTFT SLO),
 //! [`planner`] (expert placement and shard replicas), [`plan_gate`] (when a new placement may
 //! replace the one in force or a rollout in progress), and
@@ -15,6 +16,7 @@
 
 pub mod capacity;
 pub mod core;
+pub mod fast;
 pub mod forecast;
 pub mod level;
 pub mod plan_gate;
@@ -23,5 +25,6 @@ pub mod queueing;
 pub mod stabilize;
 pub mod types;
 
-pub use self::core::Autoscaler;
+pub use self::core::{Autoscaler, FastDecision};
+pub use self::fast::{FastPathConfig, FastScale, WorkerLoad};
 pub use self::types::*;

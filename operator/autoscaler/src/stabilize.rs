@@ -27,6 +27,14 @@ impl Stabilizer {
         Self::default()
     }
 
+    /// Remembers a recommendation acted on outside [`Stabilizer::apply`] (the fast path's
+    /// scale-ups), so the scale-down window holds it like its own.
+    pub fn remember(&mut self, now_s: f64, replicas: u32) {
+        if self.recs.back().is_none_or(|&(t, _)| t <= now_s) {
+            self.recs.push_back((now_s, replicas));
+        }
+    }
+
     /// Applies bounds, windows and step limits to `recommended` given the `current` desired.
     pub fn apply(
         &mut self,

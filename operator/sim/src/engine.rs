@@ -2,11 +2,11 @@
 //! cluster model tick by tick (the fluid [`Tier`] or the discrete-event [`BatchTier`]), and
 //! asks the policy for replica counts at its sync interval.
 
-use tidal_autoscaler::Method;
+use tidal_autoscaler::{Method, WorkerLoad};
 
 use super::cluster::{ReplicaModel, TargetObs, Tier, TierTotals};
 use super::des::{BatchModel, BatchTier};
-use super::policy::{Observation, Policy, TargetSpec};
+use super::policy::{FastObservation, Observation, Policy, TargetSpec};
 use super::trace::{Request, Trace};
 
 /// A scheduled outage of one edge site: `[start_s, end_s)`.
@@ -227,6 +227,9 @@ fn replay<T: Target>(
     let drain = (setup.model.max_wait_s / dt).ceil() as usize + 1;
     // The first sync comes after one interval, so that it sees a full window of metrics.
     let mut next_sync = interval;
+    // The fast path reads the workers between syncs (from its first interval on).
+    let fast_interval = policy.fast_interval_s().map(|f| f.max(dt));
+    let mut next_fast = fast_interval.unwrap_or(f64::INFINITY);
     let mut syncs = Vec::new();
     let mut forecasts = Vec::new();
     let mut cost_at_end: Option<(f64, u32)> = None;
@@ -292,6 +295,12 @@ fn replay<T: Target>(
                 next_sync += interval;
             }
         }
+        if k < n && t + 1e-9 >= next_fast {
+            fast_path(policy, t, &mut cloud, &mut sites, &names, &online);
+            while next_fast <= t + 1e-9 {
+                next_fast += fast_interval.unwrap_or(f64::INFINITY);
+            }
+        }
         cloud.tick(t, dt, routed.cloud.get(k).unwrap_or(&none));
         for (i, s) in sites.iter_mut().enumerate() {
             s.tick(t, dt, routed.sites[i].get(k).unwrap_or(&none));
@@ -320,6 +329,45 @@ fn replay<T: Target>(
         totals,
         syncs,
         forecasts,
+    }
+}
+
+/// One fast-path reading: each online target's queue as its workers report it; raises only.
+fn fast_path<T: Target>(
+    policy: &mut dyn Policy,
+    t: f64,
+    cloud: &mut T,
+    sites: &mut [T],
+    names: &[String],
+    online: &[bool],
+) {
+    let read = |x: &T| WorkerLoad {
+        time_s: t,
+        waiting: x.queue_len(),
+        ready: x.ready(),
+        desired: x.desired(),
+    };
+    let obs = FastObservation {
+        time_s: t,
+        cloud: read(cloud),
+        sites: sites
+            .iter()
+            .zip(names)
+            .zip(online)
+            .filter(|(_, on)| **on)
+            .map(|((s, n), _)| (n.clone(), read(s)))
+            .collect(),
+    };
+    let act = policy.fast(&obs);
+    if let Some(r) = act.cloud.filter(|&r| r > cloud.desired()) {
+        cloud.set_desired(t, r);
+    }
+    for (name, r) in act.sites {
+        if let Some(i) = names.iter().position(|n| *n == name)
+            && r > sites[i].desired()
+        {
+            sites[i].set_desired(t, r);
+        }
     }
 }
 

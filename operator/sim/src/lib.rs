@@ -231,9 +231,15 @@ pub struct Scenario {
     pub curves: Vec<Curve>,
 }
 
-/// The name of a Tidal variant in reports: `tidal-q<quantile>`.
+/// The name of a Tidal variant in reports: `tidal-q<quantile>`, or `tidal-no-fast` for the
+/// default quantile without the fast path (`tidal-q<quantile>-no-fast` for both).
 pub fn variant_name(opts: &TidalOptions) -> String {
-    format!("tidal-q{}", opts.quantile)
+    let default_q = opts.quantile == TidalOptions::default().quantile;
+    match (opts.fast.is_some(), default_q) {
+        (true, _) => format!("tidal-q{}", opts.quantile),
+        (false, true) => "tidal-no-fast".to_string(),
+        (false, false) => format!("tidal-q{}-no-fast", opts.quantile),
+    }
 }
 
 /// Replays `trace` under each policy, then under Tidal with each of `variants` (other

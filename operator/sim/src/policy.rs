@@ -1,7 +1,7 @@
 //! Scaling policies the simulator compares: the interface, and the per-target wrapper that
 //! runs one instance of a single-target baseline per scaling target.
 
-use tidal_autoscaler::ForecastSummary;
+use tidal_autoscaler::{ForecastSummary, WorkerLoad};
 
 use super::cluster::TargetObs;
 
@@ -24,12 +24,37 @@ pub struct Action {
     pub forecast: Option<ForecastSummary>,
 }
 
+/// What a fast path reads between syncs: each target's workers (queue, ready, desired).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FastObservation {
+    pub time_s: f64,
+    pub cloud: WorkerLoad,
+    /// (site name, reading), online sites only.
+    pub sites: Vec<(String, WorkerLoad)>,
+}
+
+/// Scale-ups a fast path asks for (never down).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct FastAction {
+    pub cloud: Option<u32>,
+    /// (site name, replicas).
+    pub sites: Vec<(String, u32)>,
+}
+
 /// A scaling policy under test.
 pub trait Policy {
     fn name(&self) -> &str;
     /// Seconds between syncs.
     fn interval_s(&self) -> f64;
     fn decide(&mut self, obs: &Observation) -> Action;
+    /// Seconds between fast-path readings, for a policy that has a fast path.
+    fn fast_interval_s(&self) -> Option<f64> {
+        None
+    }
+    /// The fast path between syncs.
+    fn fast(&mut self, _obs: &FastObservation) -> FastAction {
+        FastAction::default()
+    }
 }
 
 /// Replica bounds and the load one replica is meant to carry: the same for every policy.

@@ -505,6 +505,16 @@ pub fn assumptions(m: &ModelOptions, t: &TidalOptions) -> String {
             m.target_utilization * 100.0
         ),
     };
+    let fast = match t.fast {
+        Some(f) => format!(
+            "Fast path: every {:.0} s the workers' queue depth (as their `/metrics` report it), \
+scale-up only when every reading of {:.0} s shows a backlog (at least one request waiting per \
+two ready replicas): to the arrivals the backlog's growth reveals plus what drains it within \
+the horizon; the scale-down window remembers the arrivals' part.",
+            f.interval_s, f.window_s
+        ),
+        None => "No fast path.".to_string(),
+    };
     format!(
         "- **Fluid, discrete-time cluster** (one tick = 1 s for the hour-long traces, 5 s for the \
 14-day ServeGen ones): arrivals are counts per tick, queued FIFO; each ready replica completes a \
@@ -524,7 +534,7 @@ first minute.
 desired/ready replicas).
 - **Tidal**: the `tidal_autoscaler` core as it stands in this checkout, every {:.0} s, \
 method Auto, quantile {:.2}, horizon = observed ready time (cold start), configured scale-down window {:.0} s (the core shortens it to 2 × (horizon + interval) once it forecasts), \
-SLO p95 TTFT {:.1} s; replicas that become ready are reported as `ready_times_s`.
+SLO p95 TTFT {:.1} s; replicas that become ready are reported as `ready_times_s`. {fast}
 - **HPA**: 15 s sync, metric = arrival rate per replica, tolerance 0.1, 300 s scale-down \
 stabilisation (max recommendation in the window), scale-up at most max(100 %, 4 pods) per sync.
 - **KPA** (Knative): 2 s tick, rate averaged over a 60 s stable and a 6 s panic window, panic \
@@ -549,7 +559,8 @@ at least as good as every baseline on both. Where Tidal's cheapest setting still
 headroom does not go below what the TTFT objective needs), it is matched the other way round: the baselines re-tuned to \
 the cost and to the SLO attainment of Tidal's cheapest setting (\"yes, at Tidal's cheapest setting\").
 - **`tidal-q<quantile>` rows** (when asked for): the same core with another provisioning \
-quantile, for tuning; never counted as a baseline.
+quantile, for tuning; **`tidal-no-fast`**: the same core without its fast path (the slow loop \
+alone). Never counted as a baseline.
 - **Limits of the model**: service is deterministic (fluid), so there is no queueing delay \
 below 100 % utilisation; real replicas see latency rise earlier, so policies that run close to \
 capacity look better here than they would be. No request-size variation, no per-replica \

@@ -52,6 +52,47 @@ fn all_policies_run_on_a_step_trace_and_tidal_scales_at_the_first_step() {
 }
 
 #[test]
+fn the_fast_path_misses_fewer_burst_requests_than_the_slow_path_alone() {
+    // Bursts shorter than a few slow intervals: the workers' queues, read every 2 s, bring
+    // replicas in before the 15 s loop sees the rate; both modes of the cluster model.
+    let trace = Synthetic::new(Pattern::Bursts).generate();
+    let setup = ModelOptions::default().setup(&trace).unwrap();
+    let slow = TidalOptions {
+        fast: None,
+        ..TidalOptions::default()
+    };
+    assert_eq!(variant_name(&slow), "tidal-no-fast");
+    let fluid = run_scenario(
+        trace.clone(),
+        setup.clone(),
+        &[PolicyKind::Tidal],
+        &TidalOptions::default(),
+        &[slow],
+    );
+    let des = run_scenario_des(
+        trace,
+        setup,
+        &[PolicyKind::Tidal],
+        &TidalOptions::default(),
+        &[slow],
+        des::DEFAULT_MAX_BATCH,
+        1,
+    )
+    .unwrap();
+    for sc in [&fluid, &des] {
+        let misses = |name: &str| {
+            let s = sc.summaries.iter().find(|s| s.policy == name).unwrap();
+            s.requests * (1.0 - s.slo_attainment)
+        };
+        let (fast, no_fast) = (misses("tidal"), misses("tidal-no-fast"));
+        assert!(
+            fast < no_fast,
+            "fast path {fast}, slow path alone {no_fast}"
+        );
+    }
+}
+
+#[test]
 fn on_a_fast_ramp_tidal_meets_the_slo_at_least_as_often_as_hpa() {
     // 20 -> 80 rps in five minutes and back: faster than HPA's reactive steps plus a cold start.
     let mut syn = Synthetic::new(Pattern::Ramps);

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 
 use tidal_autoscaler::{
-    Autoscaler, Behavior, Bounds, ClusterFacts, Config, EdgeConfig, Method, ReplicaCounts,
-    SiteSample, Slo, Snapshot,
+    Autoscaler, Behavior, Bounds, ClusterFacts, Config, EdgeConfig, FastPathConfig, Method,
+    ReplicaCounts, SiteSample, Slo, Snapshot,
 };
 
 use super::cluster::{ReplicaModel, TargetObs};
-use super::policy::{Action, Observation, Policy, TargetSpec};
+use super::policy::{Action, FastAction, FastObservation, Observation, Policy, TargetSpec};
 
 /// Knobs of the Tidal policy that are not part of the shared cluster model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -19,6 +19,8 @@ pub struct TidalOptions {
     pub quantile: f64,
     pub down_window_s: f64,
     pub seed: u64,
+    /// The fast path on the workers' queues (`None`: the slow path alone).
+    pub fast: Option<FastPathConfig>,
 }
 
 impl Default for TidalOptions {
@@ -28,6 +30,7 @@ impl Default for TidalOptions {
             quantile: 0.9,
             down_window_s: 300.0,
             seed: 1,
+            fast: Some(FastPathConfig::default()),
         }
     }
 }
@@ -36,6 +39,7 @@ impl Default for TidalOptions {
 pub struct TidalPolicy {
     core: Autoscaler,
     interval_s: f64,
+    fast: Option<FastPathConfig>,
     name: String,
 }
 
@@ -82,6 +86,7 @@ impl TidalPolicy {
         TidalPolicy {
             core: Autoscaler::new(config),
             interval_s: opts.interval_s,
+            fast: opts.fast,
             name: "tidal".into(),
         }
     }
@@ -150,6 +155,24 @@ impl Policy for TidalPolicy {
                 .map(|(n, o)| d.edge.get(n).map_or(o.desired, |t| t.replicas))
                 .collect(),
             forecast: d.forecast,
+        }
+    }
+
+    fn fast_interval_s(&self) -> Option<f64> {
+        self.fast.map(|f| f.interval_s)
+    }
+
+    fn fast(&mut self, obs: &FastObservation) -> FastAction {
+        let Some(cfg) = self.fast else {
+            return FastAction::default();
+        };
+        let sites = obs.sites.iter().cloned().collect::<BTreeMap<_, _>>();
+        let d = self
+            .core
+            .fast_step(obs.time_s, &cfg, Some(obs.cloud), &sites);
+        FastAction {
+            cloud: d.cloud.map(|s| s.replicas),
+            sites: d.edge.into_iter().map(|(n, s)| (n, s.replicas)).collect(),
         }
     }
 }

@@ -666,8 +666,14 @@ async fn network_policies_let_in_only_the_named_peers() {
             &json!([{"podSelector": {}},
                 {"podSelector": {"matchLabels": {
                     "app.kubernetes.io/managed-by": "tidal-operator", "tidal.rs/tier": "edge"}}},
+                {"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": "tidal-system"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "tidal",
+                    "app.kubernetes.io/instance": "tidal",
+                    "app.kubernetes.io/component": "operator"}}},
                 prometheus]),
-            "serving: clients of the namespace, edge workers escalating, Prometheus"
+            "serving: clients of the namespace, edge workers escalating, the operator's fast \
+             path reading /metrics, Prometheus"
         );
         for p in [shards, serving] {
             assert_eq!(p["spec"]["policyTypes"], json!(["Ingress"]));

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tidal_autoscaler::FastPathConfig;
 use tidal_sim::engine::Outage;
 use tidal_sim::synthetic::{Pattern, Synthetic};
 use tidal_sim::tidal::TidalOptions;
@@ -168,6 +169,12 @@ struct Common {
     /// Also run Tidal with each of these quantiles (rows `tidal-q<quantile>`, for tuning).
     #[arg(long, env = "TIDAL_SIM_TIDAL_VARIANT_QUANTILES", value_delimiter = ',')]
     tidal_variant_quantiles: Vec<f64>,
+    /// Tidal without its fast path (the workers' queues read every 2 s between syncs).
+    #[arg(long, env = "TIDAL_SIM_TIDAL_NO_FAST_PATH")]
+    tidal_no_fast_path: bool,
+    /// Also run Tidal without its fast path (row `tidal-no-fast`).
+    #[arg(long, env = "TIDAL_SIM_TIDAL_VARIANT_NO_FAST")]
+    tidal_variant_no_fast: bool,
     /// Tidal's scale-down stabilisation window in seconds.
     #[arg(long, env = "TIDAL_SIM_TIDAL_DOWN_WINDOW_S", default_value_t = 300.0)]
     tidal_down_window_s: f64,
@@ -240,17 +247,26 @@ impl Common {
             quantile: self.tidal_quantile,
             down_window_s: self.tidal_down_window_s,
             seed: self.seed,
+            fast: (!self.tidal_no_fast_path).then(FastPathConfig::default),
         }
     }
 
     fn variants(&self) -> Vec<TidalOptions> {
-        self.tidal_variant_quantiles
+        let mut v: Vec<TidalOptions> = self
+            .tidal_variant_quantiles
             .iter()
             .map(|&quantile| TidalOptions {
                 quantile,
                 ..self.tidal()
             })
-            .collect()
+            .collect();
+        if self.tidal_variant_no_fast {
+            v.push(TidalOptions {
+                fast: None,
+                ..self.tidal()
+            });
+        }
+        v
     }
 
     fn load(&self, path: &Path) -> anyhow::Result<Trace> {

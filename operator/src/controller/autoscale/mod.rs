@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod fast;
 pub mod observe;
 pub mod plan;
 pub mod promql;
@@ -33,7 +34,7 @@ use tracing::{info, warn};
 use self::observe::Caches;
 use self::plan::{Deployments, Target, Targets, target_label};
 use super::Context;
-use crate::autoscaler::{Autoscaler, Config, Decision};
+use crate::autoscaler::{Autoscaler, Config, Decision, FastPathConfig};
 use crate::children::{ChildKind, LABEL_SERVICE};
 use crate::crd::InferenceService;
 use crate::error::Result;
@@ -52,6 +53,8 @@ pub struct Settings {
     pub prometheus_url: Option<String>,
     pub rate_window: String,
     pub default_ready_time_s: f64,
+    /// The fast path on the workers' queues (`None`: off).
+    pub fast_path: Option<FastPathConfig>,
 }
 
 impl Default for Settings {
@@ -61,6 +64,7 @@ impl Default for Settings {
             prometheus_url: None,
             rate_window: "1m".into(),
             default_ready_time_s: 60.0,
+            fast_path: Some(FastPathConfig::default()),
         }
     }
 }
@@ -72,6 +76,8 @@ struct Loop {
     uid: Option<String>,
     core: Autoscaler,
     next_due: Instant,
+    /// When the fast path reads the workers next.
+    next_fast: Instant,
     backfilled: bool,
     /// Pods whose time-to-ready has been recorded.
     seen_pods: HashSet<String>,
@@ -90,6 +96,7 @@ impl Loop {
             config,
             uid,
             next_due: Instant::now(),
+            next_fast: Instant::now(),
             backfilled: false,
             seen_pods: HashSet::new(),
             pending_forecasts: VecDeque::new(),
@@ -141,6 +148,7 @@ pub async fn run(
         pod_stream.for_each(|_| futures::future::ready(())),
     )];
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let http = fast::http_client();
     let mut loops: HashMap<ObjectRef<InferenceService>, Loop> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -156,6 +164,7 @@ pub async fn run(
         }
         let services = store.state();
         let mut due = Vec::new();
+        let mut fast_due = Vec::new();
         let mut live = HashSet::new();
         for tis in services {
             let key = ObjectRef::from_obj(&*tis);
@@ -175,6 +184,13 @@ pub async fn run(
             if l.next_due <= Instant::now() {
                 l.next_due = Instant::now() + Duration::from_secs_f64(l.config.interval_s);
                 due.push(tis);
+            } else if let Some(f) = ctx.autoscale.fast_path
+                && l.next_fast <= Instant::now()
+            {
+                // Between slow ticks (the first tick is a slow one). It needs no Prometheus:
+                // it also acts while the slow path holds for missing metrics (only upwards).
+                l.next_fast = Instant::now() + Duration::from_secs_f64(f.interval_s);
+                fast_due.push(tis);
             }
         }
         loops.retain(|k, _| live.contains(k));
@@ -194,6 +210,28 @@ pub async fn run(
             })
         });
         let done: Vec<_> = futures::stream::iter(work)
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        loops.extend(done);
+        let fast = fast_due.into_iter().filter_map(|tis| {
+            let key = ObjectRef::from_obj(&*tis);
+            let mut l = loops.remove(&key)?;
+            let (ctx, http, recorder, caches) = (ctx.clone(), &http, &recorder, &caches);
+            let cfg = ctx.autoscale.fast_path?;
+            Some(async move {
+                if let Err(e) = fast::tick(&ctx, http, &cfg, caches, recorder, &tis, &mut l).await {
+                    warn!(service = %key, error = %e, "autoscaler fast path failed");
+                    ctx.metrics.observe_reconcile(
+                        "autoscaler-fast",
+                        Duration::ZERO,
+                        Some(e.reason()),
+                    );
+                }
+                (key, l)
+            })
+        });
+        let done: Vec<_> = futures::stream::iter(fast)
             .buffer_unordered(8)
             .collect()
             .await;

@@ -44,7 +44,7 @@ pub struct Observation {
     pub generation: Option<i64>,
 }
 
-fn of_service<'a, K: kube::Resource + 'a>(
+pub(super) fn of_service<'a, K: kube::Resource + 'a>(
     objects: impl IntoIterator<Item = &'a std::sync::Arc<K>>,
     ns: &'a str,
     service: &'a str,

@@ -175,15 +175,9 @@ pub struct Note {
     pub note: String,
 }
 
-/// The Events of a tick: one per scale write, one per placement stage written, and one when
-/// metrics availability changes (a first tick with fresh metrics says nothing).
-pub fn events(
-    scales: &[ScaleWrite],
-    placement: Option<&PlacementStatus>,
-    metrics_available_before: Option<bool>,
-    decision: &Decision,
-) -> Vec<Note> {
-    let mut out: Vec<Note> = scales
+/// One `Autoscaled` Event per scale write.
+pub fn scale_notes(scales: &[ScaleWrite]) -> Vec<Note> {
+    scales
         .iter()
         .map(|s| Note {
             warning: false,
@@ -202,7 +196,18 @@ pub fn events(
                 s.reason
             )),
         })
-        .collect();
+        .collect()
+}
+
+/// The Events of a tick: one per scale write, one per placement stage written, and one when
+/// metrics availability changes (a first tick with fresh metrics says nothing).
+pub fn events(
+    scales: &[ScaleWrite],
+    placement: Option<&PlacementStatus>,
+    metrics_available_before: Option<bool>,
+    decision: &Decision,
+) -> Vec<Note> {
+    let mut out = scale_notes(scales);
     if let Some(p) = placement {
         let why = p.message.as_deref().unwrap_or("");
         out.push(Note {
