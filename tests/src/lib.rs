@@ -423,6 +423,8 @@ impl RunningOperator {
                 prometheus_url: None,
                 rate_window: "10s".into(),
                 default_ready_time_s: 5.0,
+                // Pods here run on fake nodes: nothing answers at their IPs.
+                fast_path: None,
             }),
         )
     }

@@ -110,24 +110,29 @@ pub fn queue_depth(text: &str) -> Option<f64> {
 /// Reads the workers at `ips` on `port`: (requests waiting, workers that answered). `None`
 /// when none answered (nothing is decided on no data).
 async fn read(http: &reqwest::Client, ips: &[String], port: i32) -> Option<(f64, u32)> {
-    let reads = futures::stream::iter(ips.iter().map(|ip| async move {
-        let url = if ip.contains(':') {
-            format!("http://[{ip}]:{port}/metrics")
-        } else {
-            format!("http://{ip}:{port}/metrics")
-        };
-        let text = tokio::time::timeout(READ_TIMEOUT, async {
-            http.get(&url)
-                .send()
-                .await?
-                .error_for_status()?
-                .text()
-                .await
-        })
-        .await
-        .ok()?
-        .ok()?;
-        queue_depth(&text)
+    // Owned addresses and client per read: a stream of futures borrowing from the slice would
+    // make the loop's future `Send` only for some lifetimes (it is spawned).
+    let reads = futures::stream::iter(ips.iter().cloned().map(|ip| {
+        let http = http.clone();
+        async move {
+            let url = if ip.contains(':') {
+                format!("http://[{ip}]:{port}/metrics")
+            } else {
+                format!("http://{ip}:{port}/metrics")
+            };
+            let text = tokio::time::timeout(READ_TIMEOUT, async {
+                http.get(&url)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .text()
+                    .await
+            })
+            .await
+            .ok()?
+            .ok()?;
+            queue_depth(&text)
+        }
     }))
     .buffer_unordered(READS_IN_FLIGHT)
     .collect::<Vec<_>>()
