@@ -229,7 +229,8 @@ impl Autoscaler {
         let mut out = FastDecision::default();
         if let Some(r) = cloud {
             self.fast.observe(r, cfg);
-            let lasting = self.cloud.persistence(horizon).map_or(1.0, |p| p.beta);
+            let cloud = &self.cloud;
+            let lasting = || cloud.persistence(horizon).map_or(1.0, |p| p.beta);
             out.cloud = self.fast.recommend(
                 cfg,
                 &self.capacity,
@@ -248,7 +249,8 @@ impl Autoscaler {
         for (name, &r) in sites {
             let site = self.site_mut(name);
             site.fast.observe(r, cfg);
-            let lasting = site.forecaster.persistence(horizon).map_or(1.0, |p| p.beta);
+            let forecaster = &site.forecaster;
+            let lasting = || forecaster.persistence(horizon).map_or(1.0, |p| p.beta);
             if let Some(s) =
                 site.fast
                     .recommend(cfg, &site.capacity, horizon, lasting, &behavior, bounds)

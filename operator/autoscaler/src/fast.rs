@@ -101,7 +101,7 @@ impl FastPath {
         cfg: &FastPathConfig,
         capacity: &Capacity,
         horizon_s: f64,
-        lasting: f64,
+        lasting: impl FnOnce() -> f64,
         behavior: &Behavior,
         bounds: Bounds,
     ) -> Option<FastScale> {
@@ -116,6 +116,8 @@ impl FastPath {
         } else {
             0.0
         };
+        // Measured only once a backlog is sustained (it reads the series' history).
+        let lasting = lasting();
         let lasting = if lasting.is_finite() {
             lasting.clamp(0.0, 1.0)
         } else {
@@ -206,7 +208,7 @@ mod tests {
             (6.0, 64.0, 4, 4),
         ]);
         let s = f
-            .recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+            .recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
             .unwrap();
         assert!((s.arrivals_rps - 50.0).abs() < 1e-9, "{s:?}");
         assert_eq!(s.steady, 5, "{}", s.reason);
@@ -219,7 +221,14 @@ mod tests {
             ..BEHAVIOR
         };
         assert_eq!(
-            f.recommend(&CFG, &cap, 60.0, 1.0, &limited, Bounds { min: 1, max: 4 }),
+            f.recommend(
+                &CFG,
+                &cap,
+                60.0,
+                || 1.0,
+                &limited,
+                Bounds { min: 1, max: 4 }
+            ),
             None
         );
     }
@@ -235,12 +244,12 @@ mod tests {
             (6.0, 64.0, 4, 4),
         ]);
         let s = f
-            .recommend(&CFG, &cap, 60.0, 0.1, &BEHAVIOR, BOUNDS)
+            .recommend(&CFG, &cap, 60.0, || 0.1, &BEHAVIOR, BOUNDS)
             .unwrap();
         // 40 + 0.1 × (10 + 11.1) rps.
         assert_eq!((s.steady, s.replicas), (5, 5), "{}", s.reason);
         assert!(
-            f.recommend(&CFG, &cap, 60.0, 0.0, &BEHAVIOR, BOUNDS)
+            f.recommend(&CFG, &cap, 60.0, || 0.0, &BEHAVIOR, BOUNDS)
                 .is_none()
         );
     }
@@ -252,7 +261,7 @@ mod tests {
         let short = feed(&[(0.0, 40.0, 4, 4), (2.0, 60.0, 4, 4)]);
         assert!(
             short
-                .recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+                .recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
                 .is_none()
         );
         // One reading without a backlog inside the window.
@@ -263,7 +272,7 @@ mod tests {
             (6.0, 100.0, 4, 4),
         ]);
         assert!(
-            gap.recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+            gap.recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
                 .is_none()
         );
         // No ready replica: nothing to measure (the slow path starts from zero).
@@ -274,7 +283,7 @@ mod tests {
             (6.0, 9.0, 0, 1),
         ]);
         assert!(
-            none.recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+            none.recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
                 .is_none()
         );
         // Old readings leave the window.
@@ -286,7 +295,7 @@ mod tests {
         ]);
         assert!(
             later
-                .recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+                .recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
                 .is_none()
         );
     }
@@ -303,7 +312,7 @@ mod tests {
             (6.0, 8.0, 4, 4),
         ]);
         let s = standing
-            .recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+            .recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
             .unwrap();
         assert_eq!((s.steady, s.replicas), (4, 5), "{}", s.reason);
         // Growing 30/s on 4 ready: 70 rps + (190 + 30 × 60) / 60 to drain = 11 replicas; with
@@ -317,12 +326,12 @@ mod tests {
             ])
         };
         let s = growing(8)
-            .recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+            .recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
             .unwrap();
         assert_eq!((s.steady, s.replicas), (7, 11), "{}", s.reason);
         assert!(
             growing(11)
-                .recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+                .recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
                 .is_none()
         );
         // A draining backlog on more replicas lowers the estimate below what runs.
@@ -334,7 +343,7 @@ mod tests {
         ]);
         assert!(
             draining
-                .recommend(&CFG, &cap, 60.0, 1.0, &BEHAVIOR, BOUNDS)
+                .recommend(&CFG, &cap, 60.0, || 1.0, &BEHAVIOR, BOUNDS)
                 .is_none()
         );
     }

@@ -17,10 +17,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::events::Recorder;
 
-use super::observe::{Caches, of_service};
+use super::observe::{Caches, cloud_kind, of_service, ready_condition, sites_up};
 use super::plan::{self, Deployments, ScaleWrite};
 use super::{Loop, apply, unix_now};
-use crate::autoscaler::{FastPathConfig, FastScale, WorkerLoad};
+use crate::autoscaler::{FastPathConfig, WorkerLoad};
 use crate::children::{ChildKind, LABEL_EDGE_NODE, LABEL_ROLE, LABEL_TIER, WORKER_PORT};
 use crate::controller::Context;
 use crate::crd::InferenceService;
@@ -42,20 +42,13 @@ pub struct Workers {
     pub sites: BTreeMap<String, Vec<String>>,
 }
 
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// The service's ready worker pods with an IP, grouped by target (expert shards are not
 /// request queues: left out).
 pub fn workers<'a>(pods: impl IntoIterator<Item = &'a Arc<Pod>>) -> Workers {
     let mut out = Workers::default();
     for p in pods {
         let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
-        let (Some(ip), true) = (ip, ready(p)) else {
+        let (Some(ip), true) = (ip, ready_condition(p).is_some()) else {
             continue;
         };
         let labels = p.labels();
@@ -155,13 +148,14 @@ pub(super) async fn tick(
         return Ok(());
     }
     let (name, ns) = (tis.name_any(), tis.namespace().unwrap_or_default());
-    let cloud_kind = if tis.spec.cloud.experts.is_some() {
-        ChildKind::Router
-    } else {
-        ChildKind::Cloud
-    };
+    let cloud_kind = cloud_kind(tis);
     let all_pods = caches.pods.state();
-    let w = workers(of_service(&all_pods, &ns, &name));
+    let mut w = workers(of_service(&all_pods, &ns, &name));
+    // A site that is not up is not read (its pods would only time out) nor scaled, as in the
+    // slow path.
+    let up = sites_up(tis.status.as_ref().unwrap_or(&Default::default()));
+    w.sites
+        .retain(|site, _| up.get(site).copied().unwrap_or(false));
     let all_deployments = caches.deployments.state();
     let deps = Deployments::from_objects(of_service(&all_deployments, &ns, &name).map(|d| &**d));
     let now = unix_now();
@@ -173,38 +167,40 @@ pub(super) async fn tick(
             desired: deps.counts(&kind.name(&name)).desired,
         })
     };
-    let cloud = load(read(http, &w.cloud, WORKER_PORT).await, &cloud_kind);
-    let mut sites = BTreeMap::new();
-    for (site, ips) in &w.sites {
-        let kind = ChildKind::Edge(site.clone());
-        if let Some(r) = load(read(http, ips, WORKER_PORT).await, &kind) {
-            sites.insert(site.clone(), r);
-        }
-    }
+    // Every target at once: a silent one costs one timeout, not one per target.
+    let (cloud, sites) = futures::join!(
+        read(http, &w.cloud, WORKER_PORT),
+        futures::future::join_all(w.sites.values().map(|ips| read(http, ips, WORKER_PORT)))
+    );
+    let cloud = load(cloud, &cloud_kind);
+    let sites: BTreeMap<String, WorkerLoad> = w
+        .sites
+        .keys()
+        .zip(sites)
+        .filter_map(|(site, r)| Some((site.clone(), load(r, &ChildKind::Edge(site.clone()))?)))
+        .collect();
     let d = l.core.fast_step(now, cfg, cloud, &sites);
-    let raises: Vec<(ChildKind, FastScale)> = d
+    let raises = d
         .cloud
         .map(|s| (cloud_kind.clone(), s))
         .into_iter()
-        .chain(d.edge.into_iter().map(|(n, s)| (ChildKind::Edge(n), s)))
-        .collect();
-    if raises.is_empty() {
-        return Ok(());
-    }
+        .chain(d.edge.into_iter().map(|(n, s)| (ChildKind::Edge(n), s)));
     let writes: Vec<ScaleWrite> = raises
-        .iter()
         .filter_map(|(kind, s)| {
             let dep = kind.name(&name);
             let current = deps.0.get(&dep)?.replicas;
-            (s.replicas > current).then(|| ScaleWrite {
+            (s.replicas > current).then_some(ScaleWrite {
                 deployment: dep,
-                kind: kind.clone(),
+                kind,
                 from: current,
                 to: s.replicas,
-                reason: s.reason.clone(),
+                reason: s.reason,
             })
         })
         .collect();
+    if writes.is_empty() {
+        return Ok(());
+    }
     let advisory = super::config::advisory(&tis.spec);
     let field = if advisory {
         "recommendedReplicas"
@@ -215,9 +211,6 @@ pub(super) async fn tick(
         .iter()
         .map(|w| (w.deployment.as_str(), w.to))
         .collect();
-    if replicas.is_empty() {
-        return Ok(());
-    }
     let patch = serde_json::json!({ "status": { field: replicas } });
     apply::status(ctx, tis, &patch).await?;
     let notes = if advisory {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodCondition};
 use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 use tracing::debug;
@@ -59,6 +59,40 @@ pub(super) fn of_service<'a, K: kube::Resource + 'a>(
     })
 }
 
+/// The pod's `Ready` condition when it is true.
+pub(super) fn ready_condition(p: &Pod) -> Option<&PodCondition> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// The Deployment the cloud tier's replicas are counted on: the router's for MoE with expert
+/// shards, else the cloud workers'.
+pub(super) fn cloud_kind(tis: &InferenceService) -> ChildKind {
+    if tis.spec.cloud.experts.is_some() {
+        ChildKind::Router
+    } else {
+        ChildKind::Cloud
+    }
+}
+
+/// EdgeNode name -> whether the site is up (Ready or Degraded), from the service's status.
+pub(super) fn sites_up(status: &InferenceServiceStatus) -> BTreeMap<String, bool> {
+    status
+        .edge
+        .iter()
+        .map(|e| {
+            (
+                e.edge_node.clone(),
+                e.phase == "Ready" || e.phase == "Degraded",
+            )
+        })
+        .collect()
+}
+
 /// Seconds from creation to Ready of the service's pods that became ready since last asked.
 pub fn new_ready_times<'a>(
     pods: impl IntoIterator<Item = &'a std::sync::Arc<Pod>>,
@@ -73,12 +107,8 @@ pub fn new_ready_times<'a>(
             continue;
         }
         let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        let ready_at = p
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
-            .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0));
+        let ready_at =
+            ready_condition(p).and_then(|c| c.last_transition_time.as_ref().map(|t| t.0));
         if let (Some(c), Some(r)) = (created, ready_at) {
             seen.insert(uid);
             let secs = (r.as_millisecond() - c.as_millisecond()) as f64 / 1000.0;
@@ -98,22 +128,9 @@ pub(super) async fn observe(
 ) -> Result<Observation> {
     let name = tis.name_any();
     let ns = tis.namespace().unwrap_or_default();
-    let cloud_kind = if tis.spec.cloud.experts.is_some() {
-        ChildKind::Router
-    } else {
-        ChildKind::Cloud
-    };
+    let cloud_kind = cloud_kind(tis);
     let status = tis.status.clone().unwrap_or_default();
-    let sites_up: BTreeMap<String, bool> = status
-        .edge
-        .iter()
-        .map(|e| {
-            (
-                e.edge_node.clone(),
-                e.phase == "Ready" || e.phase == "Degraded",
-            )
-        })
-        .collect();
+    let sites_up = sites_up(&status);
     let shards = l.config.experts.as_ref().map(|x| x.shards).unwrap_or(0);
 
     let all_deployments = caches.deployments.state();
