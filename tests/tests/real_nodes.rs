@@ -632,6 +632,135 @@ async fn real_node_load_step_adds_worker_pods_and_scale_down_under_load_fails_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
+async fn real_node_worker_backlog_scales_up_through_the_fast_path_without_prometheus() {
+    // No Prometheus at all: the slow loop holds every decision (MetricsAvailable=False). Only
+    // the fast path, reading the worker pods' own /metrics every 2 s, can add a pod.
+    let Some((ctx, _release)) = setup("real-fast", &[]).await else {
+        return;
+    };
+    let ns = ctx.namespace.clone();
+    let name = "queue";
+    let spec = json!({
+        "model": {"uri": fixture_model(&ctx, "llama"), "architecture": "llama"},
+        "cloud": {"minReplicas": 1, "maxReplicas": 3,
+                  "nodeSelector": {"tidal.rs/tier": "cloud"},
+                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+        "autoscaling": {
+            "intervalSeconds": 30,
+            "targetRpsPerReplica": 2.0,
+            "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": 1},
+        }
+    });
+    create_service(&ctx, name, spec).await;
+    let selector = format!("app.kubernetes.io/instance={name}");
+    eventually("one worker pod Ready", START, || async {
+        match ready_pods(&ctx, &ns, &selector).await.len() {
+            1 => Ok(()),
+            n => Err(format!("{n} ready")),
+        }
+    })
+    .await;
+    let services = ctx.api::<InferenceService>();
+    eventually("MetricsAvailable=False (no Prometheus)", START, || async {
+        let st = services
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .ok_or("no status")?;
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "MetricsAvailable" && c.status == "False")
+            .map(|_| ())
+            .ok_or_else(|| format!("{:?}", st.conditions))
+    })
+    .await;
+
+    // A closed loop of 40 clients on a worker that runs 16 at once: about 24 always wait in
+    // its queue.
+    let svc = ctx
+        .api::<Service>()
+        .get(&format!("{name}-cloud"))
+        .await
+        .expect("worker Service");
+    let ip = svc.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
+    let url = format!("http://{ip}:8080/v1/completions");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            let (url, stop, sent) = (url.clone(), stop.clone(), sent.clone());
+            tokio::spawn(async move {
+                let http = tidal_e2e::processes::http_client();
+                while !stop.load(Ordering::Relaxed) {
+                    let body = json!({"model": name, "prompt": "hello", "max_tokens": 32});
+                    let _ = http
+                        .post(&url)
+                        .json(&body)
+                        .timeout(Duration::from_secs(30))
+                        .send()
+                        .await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let deployments = ctx.api::<Deployment>();
+    let grown = eventually("the backlog adds a worker pod", START, || async {
+        let replicas = deployments
+            .get(&format!("{name}-cloud"))
+            .await
+            .map_err(|e| e.to_string())?
+            .spec
+            .and_then(|s| s.replicas)
+            .unwrap_or(0);
+        if replicas >= 2 {
+            Ok(replicas)
+        } else {
+            Err(format!("replicas {replicas}"))
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+    let events = ctx
+        .api::<Event>()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    let scaled: Vec<String> = events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Autoscaled"))
+        .filter_map(|e| e.message.clone())
+        .collect();
+    assert!(
+        !scaled.is_empty() && scaled.iter().all(|m| m.contains("fast path:")),
+        "every scale-up came from the fast path: {scaled:?}"
+    );
+    let st = services.get(name).await.unwrap().status.unwrap();
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "MetricsAvailable" && c.status == "False"),
+        "the slow loop still held: {:?}",
+        st.conditions
+    );
+    assert!(
+        st.autoscaled_replicas.get(&format!("{name}-cloud")) >= Some(&2),
+        "{:?}",
+        st.autoscaled_replicas
+    );
+    eprintln!(
+        "[real-fast] {} requests; Deployment at {grown} replicas; events {scaled:?}",
+        sent.load(Ordering::Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
 async fn real_node_expert_shard_pod_killed_then_shards_scaled_down_under_load_fail_no_request() {
     let Some((ctx, _release)) = setup("real-shard", &[]).await else {
         return;

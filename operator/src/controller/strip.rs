@@ -98,6 +98,8 @@ pub fn pod(p: &mut Pod) {
                 ..Default::default()
             },
         ),
+        // The fast path reads each ready worker's /metrics at its IP.
+        pod_ip: s.pod_ip,
         ..Default::default()
     });
 }

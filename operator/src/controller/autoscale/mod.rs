@@ -413,7 +413,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stripped_pods_keep_what_ready_times_need() {
+    fn stripped_pods_keep_what_ready_times_and_the_fast_path_need() {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "m-cloud-1", "namespace": "prod", "uid": "p1",
                          "labels": {"tidal.rs/inference-service": "m"},
@@ -434,6 +434,11 @@ mod tests {
         assert_eq!(pod.labels()["tidal.rs/inference-service"], "m");
         let conditions = pod.status.as_ref().unwrap().conditions.as_ref().unwrap();
         assert_eq!(conditions.len(), 1);
+        // The fast path reads the worker at its IP.
+        assert_eq!(
+            pod.status.as_ref().unwrap().pod_ip.as_deref(),
+            Some("198.18.0.7")
+        );
 
         let pods = [Arc::new(pod)];
         let mut seen = HashSet::new();
