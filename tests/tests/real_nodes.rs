@@ -819,6 +819,24 @@ async fn real_node_expert_shard_pod_killed_then_shards_scaled_down_under_load_fa
         .await
         .expect("router Service");
     let ip = svc.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
+    // Ready pods are not yet a routed Service: kube-proxy programs the endpoints a moment
+    // later (until then a connection is refused), and this test counts every failure.
+    eventually(
+        "the router answers through its ClusterIP",
+        START,
+        || async {
+            tidal_e2e::processes::http_client()
+                .post(format!("http://{ip}:8080/v1/completions"))
+                .json(&json!({"model": name, "prompt": "hello", "max_tokens": 2}))
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = variable_load(
         vec![format!("http://{ip}:8080")],
