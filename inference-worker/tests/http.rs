@@ -823,3 +823,89 @@ async fn n_choices_are_generated_side_by_side_and_streamed_by_index() {
     assert_eq!(too_many.status, 400);
     assert_eq!(too_many.json()["error"]["param"], "n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_through_an_edge_site_service_are_counted_by_its_name() {
+    let s = start(
+        EngineConfig::default(),
+        ServerConfig {
+            site_service_prefix: Some("chat-edge-".into()),
+            ..server_config()
+        },
+    )
+    .await;
+    // A real client resolving Service DNS names to this server, as kube-proxy would route
+    // them: a sleeping site's Service, the cloud's own, and a site name too long to be one.
+    let long = format!("chat-edge-{}", "x".repeat(60));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .resolve("chat-edge-store-1.default.svc", s.addr)
+        .resolve("chat-cloud.default.svc", s.addr)
+        .resolve(&format!("{long}.default.svc"), s.addr)
+        .build()
+        .unwrap();
+    let port = s.addr.port();
+    let post = |host: String, path: &'static str| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .post(format!("http://{host}:{port}{path}"))
+                .header("content-type", "application/json")
+                .body(greedy_completion("hi", 1).to_string())
+                .send()
+                .await
+                .unwrap();
+            let connection = r
+                .headers()
+                .get("connection")
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), connection)
+        }
+    };
+    let site = "chat-edge-store-1.default.svc".to_string();
+    // A site's clients get a connection per request: none stays pinned here once the site's
+    // own replica is ready again.
+    let close = (200, Some("close".to_string()));
+    assert_eq!(post(site.clone(), "/v1/completions").await, close);
+    assert_eq!(post(site.clone(), "/v1/completions").await, close);
+    // A bad request still arrived through the site: demand is demand.
+    let bad = client
+        .post(format!("http://{site}:{port}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(json!({"model": MODEL}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    // Not inference: not counted.
+    let models = client
+        .get(format!("http://{site}:{port}/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status().as_u16(), 200);
+    assert_eq!(
+        post("chat-cloud.default.svc".into(), "/v1/completions").await,
+        (200, None),
+        "the cloud's own clients keep their connections"
+    );
+    assert_eq!(
+        post(format!("{long}.default.svc"), "/v1/completions").await,
+        (200, None)
+    );
+    let text = String::from_utf8(http(s.addr, "GET", "/metrics", b"").await.body).unwrap();
+    assert_eq!(
+        metric_value(
+            &text,
+            "tidal_worker_site_requests_total",
+            r#"site="chat-edge-store-1""#
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    let sites = text
+        .lines()
+        .filter(|l| l.starts_with("tidal_worker_site_requests_total"))
+        .count();
+    assert_eq!(sites, 1, "only the site's Service is a label: {text}");
+}

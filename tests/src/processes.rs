@@ -245,10 +245,21 @@ pub fn variable_load(
     max_requests: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<LoadReport> {
+    variable_load_with(http_client(), targets, model, rate, max_requests, stop)
+}
+
+/// [`variable_load`] through `client` (e.g. one that resolves Service DNS names).
+pub fn variable_load_with(
+    client: reqwest::Client,
+    targets: Vec<String>,
+    model: &str,
+    rate: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    max_requests: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<LoadReport> {
     use std::sync::atomic::Ordering;
     let model = model.to_string();
     tokio::spawn(async move {
-        let client = http_client();
         let mut inflight = Vec::new();
         let mut sent = 0;
         let start = std::time::Instant::now();

@@ -1342,6 +1342,265 @@ async fn real_node_edge_node_cut_off_five_times_fails_over_to_the_cloud_and_back
     );
 }
 
+/// What an InferenceService's status says serves an edge site: `edge` or `cloud`.
+async fn site_served_by(ctx: &TestCtx, name: &str, site: &str) -> Result<String, String> {
+    let t = ctx
+        .api::<InferenceService>()
+        .get(name)
+        .await
+        .map_err(|e| e.to_string())?;
+    t.status
+        .ok_or("no status")?
+        .edge
+        .iter()
+        .find(|e| e.edge_node == site)
+        .and_then(|e| e.served_by.clone())
+        .ok_or_else(|| format!("no servedBy for {site}"))
+}
+
+/// A load through a Service's DNS name, as a client in the cluster addresses it (so the
+/// request's `Host` names the Service), connected to its ClusterIP from the host.
+async fn load_by_name(
+    ctx: &TestCtx,
+    svc: &str,
+    model: &str,
+    rate: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<tidal_e2e::processes::LoadReport> {
+    let host = format!("{svc}.{}.svc.cluster.local", ctx.namespace);
+    let ip: std::net::IpAddr = base_of_service(ctx, svc)
+        .await
+        .unwrap()
+        .trim_start_matches("http://")
+        .trim_end_matches(":8080")
+        .parse()
+        .unwrap();
+    let client = tidal_e2e::processes::http_client_builder()
+        .resolve(&host, std::net::SocketAddr::new(ip, 8080))
+        .build()
+        .unwrap();
+    tidal_e2e::processes::variable_load_with(
+        client,
+        vec![format!("http://{host}:8080")],
+        model,
+        rate,
+        600,
+        stop,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
+async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_wakes_on_their_demand()
+ {
+    let _edge = EDGE.lock().await;
+    let prometheus = format!("prometheusUrl={}", prometheus_url());
+    let Some((ctx, _release)) = setup(
+        "real-sleep",
+        &[
+            &prometheus,
+            "extraEnv[0].name=TIDAL_RATE_WINDOW",
+            "extraEnv[0].value=20s",
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    let ns = ctx.namespace.clone();
+    let (site, _site_guard) = edge_site(&ctx).await;
+    let name = "nap";
+    let uri = fixture_model(&ctx, "llama");
+    // minReplicasPerNode 0: the site may sleep. The quiet rule: under one request per 5 s
+    // interval; 20 s of quiet before it sleeps.
+    let spec = json!({
+        "model": {"uri": uri, "architecture": "llama"},
+        "cloud": {"minReplicas": 1, "maxReplicas": 2,
+                  "nodeSelector": {"tidal.rs/tier": "cloud"},
+                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+        "edge": {"model": {"uri": uri, "architecture": "llama"},
+                 "edgeNodeSelector": {"matchLabels": {"tidal.rs/edge-pool": ns}},
+                 "minReplicasPerNode": 0, "maxReplicasPerNode": 1,
+                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+        "autoscaling": {
+            "intervalSeconds": 5,
+            "targetRpsPerReplica": 2.0,
+            "forecast": {"method": "Naive", "horizonSeconds": 10, "quantile": 0.5},
+            "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": 2},
+            "scaleDown": {"stabilizationWindowSeconds": 20, "maxStep": 2},
+        },
+    });
+    create_service(&ctx, name, spec).await;
+    let site_service = format!("{name}-edge-{site}");
+    let edge_selector =
+        format!("app.kubernetes.io/instance={name},app.kubernetes.io/component=edge");
+    let cloud_selector =
+        format!("app.kubernetes.io/instance={name},app.kubernetes.io/component=cloud");
+    let services = ctx.api::<Service>();
+    let selects = |component: &'static str| {
+        let services = services.clone();
+        let svc = site_service.clone();
+        async move {
+            let s = services.get(&svc).await.map_err(|e| e.to_string())?;
+            let sel = s.spec.and_then(|s| s.selector).unwrap_or_default();
+            match sel.get("app.kubernetes.io/component") {
+                Some(c) if c == component => Ok(()),
+                other => Err(format!("{svc} selects component {other:?}")),
+            }
+        }
+    };
+
+    // Asleep from the start (no demand seen yet): no edge pod, the site's Service routes to
+    // the cloud tier, which answers the site's clients.
+    eventually(
+        "the cloud pod Ready and the sleeping site's Service on the cloud tier",
+        START,
+        || async {
+            let cloud = ready_pods(&ctx, &ns, &cloud_selector).await;
+            if cloud.len() != 1 {
+                return Err(format!("cloud {cloud:?}"));
+            }
+            selects("cloud").await?;
+            if pod_count(&ctx, &edge_selector).await? != 0 {
+                return Err("an edge pod exists".into());
+            }
+            match site_served_by(&ctx, name, &site).await?.as_str() {
+                "cloud" => answers(&base_of_service(&ctx, &site_service).await?, name).await,
+                other => Err(format!("servedBy {other}")),
+            }
+        },
+    )
+    .await;
+
+    // The site's clients, 1 request/s by its Service's name: the cloud workers count them as
+    // the site's, the autoscaler wakes the site, and its Service moves to the edge pod once it
+    // is ready. Not one request fails on the way.
+    let rate = Arc::new(AtomicU64::new(1000));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load_by_name(&ctx, &site_service, name, rate.clone(), stop.clone()).await;
+    eventually(
+        "the cloud workers count the site's requests",
+        START,
+        || async {
+            let q = format!(
+                "sum(tidal_worker_site_requests_total{{namespace=\"{ns}\",site=\"{site_service}\"}})"
+            );
+            let r = prom_query(&q).await?;
+            match r.first().and_then(|v| v["value"][1].as_str()) {
+                Some(v) if v.parse::<f64>().is_ok_and(|v| v > 0.0) => Ok(()),
+                _ => Err(format!("{q}: {r:?}")),
+            }
+        },
+    )
+    .await;
+    eventually(
+        "the site wakes: an edge pod Ready on tidal-edge, its Service on it",
+        START,
+        || async {
+            let edge = ready_pods(&ctx, &ns, &edge_selector).await;
+            if edge.len() != 1 || edge[0].1 != "tidal-edge" {
+                return Err(format!("edge {edge:?}"));
+            }
+            selects("edge").await?;
+            match site_served_by(&ctx, name, &site).await?.as_str() {
+                "edge" => Ok(()),
+                other => Err(format!("servedBy {other}")),
+            }
+        },
+    )
+    .await;
+    // Some of the site's requests on its own pod, then the clients leave.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    let woke = load.await.unwrap();
+    assert!(
+        woke.failures.is_empty(),
+        "{} of {} of the site's requests failed while it woke: {:?}",
+        woke.failures.len(),
+        woke.sent,
+        woke.failures
+    );
+    // Its pod served them (Prometheus scrapes it every 5 s).
+    eventually("the awake site's pod served its clients", START, || async {
+        let q = format!(
+            "sum(tidal_worker_requests_total{{namespace=\"{ns}\",tidal_tier=\"edge\",endpoint=\"/v1/completions\"}})"
+        );
+        let r = prom_query(&q).await?;
+        match r.first().and_then(|v| v["value"][1].as_str()) {
+            Some(v) if v.parse::<f64>().is_ok_and(|v| v > 0.0) => Ok(()),
+            _ => Err(format!("{q}: {r:?}")),
+        }
+    })
+    .await;
+
+    // Quiet: a request every 10 s (under the 1-per-5-s rule). The site sleeps again, its
+    // Service back on the cloud before its pod goes, and every one of these requests is
+    // answered across that switch.
+    let rate = Arc::new(AtomicU64::new(100));
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = load_by_name(&ctx, &site_service, name, rate, stop.clone()).await;
+    eventually(
+        "the quiet site sleeps: no edge pod, its Service on the cloud tier",
+        START,
+        || async {
+            selects("cloud").await?;
+            let n = pod_count(&ctx, &edge_selector).await?;
+            if n != 0 {
+                return Err(format!("{n} edge pods"));
+            }
+            match site_served_by(&ctx, name, &site).await?.as_str() {
+                "cloud" => Ok(()),
+                other => Err(format!("servedBy {other}")),
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    stop.store(true, Ordering::Relaxed);
+    let slept = trickle.await.unwrap();
+    assert!(slept.sent >= 2, "{slept:?}");
+    assert!(
+        slept.failures.is_empty(),
+        "{} of {} of the site's requests failed while it went to sleep: {:?}",
+        slept.failures.len(),
+        slept.sent,
+        slept.failures
+    );
+    let events = ctx
+        .api::<Event>()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    let notes = |reason: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter_map(|e| e.message.clone())
+            .collect()
+    };
+    let routing = notes("EdgeSiteRouting");
+    assert!(
+        routing.iter().any(|n| n.contains("routes to them again"))
+            && routing
+                .iter()
+                .any(|n| n.contains("routes to the cloud tier")),
+        "{routing:?}"
+    );
+    let scaled = notes("Autoscaled");
+    assert!(
+        scaled
+            .iter()
+            .any(|n| n.contains(&site) && n.contains("1 -> 0") && n.contains("quiet")),
+        "{scaled:?}"
+    );
+    eprintln!(
+        "[real-sleep] {site}: woke on {} requests through its Service (none failed), slept on \
+         a trickle of {} (none failed); routing {routing:?}",
+        woke.sent, slept.sent
+    );
+}
+
 /// The version Cargo.lock pins for `name` (the one version of it in the graph).
 fn locked_version(name: &str) -> String {
     let lock = std::fs::read_to_string(repo_root().join("Cargo.lock")).unwrap();

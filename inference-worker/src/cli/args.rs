@@ -126,6 +126,11 @@ pub struct ServeArgs {
     /// and metrics stay open. An edge worker presents the first key to its cloud.
     #[arg(long, env = "TIDAL_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// Count inference requests addressed to a host whose first DNS label starts with this
+    /// (`<service>-edge-`: an edge site's Service routed to this cloud worker while the site
+    /// has no ready replica) in `tidal_worker_site_requests_total{site}`. Set by the operator.
+    #[arg(long, env = "TIDAL_SITE_SERVICE_PREFIX")]
+    pub site_service_prefix: Option<String>,
     /// This expert shard's index in the placement plan (expert role).
     #[arg(long, env = "TIDAL_SHARD")]
     pub shard: Option<usize>,

@@ -41,6 +41,10 @@ pub struct ServerConfig {
     pub escalation: Option<EscalationConfig>,
     /// When set, `/v1/*` requires one of these keys (see [`crate::serve::auth`]).
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// Inference requests addressed to a host whose first DNS label starts with this (an
+    /// edge site's Service, `<service>-edge-`) are counted by that name: a site with no
+    /// ready replica routes its clients here, and the autoscaler still sees its demand.
+    pub site_service_prefix: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
             retry_after_secs: 1,
             escalation: None,
             api_keys: None,
+            site_service_prefix: None,
         }
     }
 }
@@ -165,11 +170,47 @@ async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Nex
         p @ ("/v1/completions" | "/v1/chat/completions" | "/v1/models") => p.to_string(),
         _ => String::new(),
     };
-    let resp = next.run(req).await;
+    let via_site = endpoint.ends_with("completions")
+        && st
+            .config
+            .site_service_prefix
+            .as_deref()
+            .and_then(|prefix| site_service(&req, prefix))
+            .inspect(|site| st.metrics.record_site_request(site))
+            .is_some();
+    let http1 = req.version() < axum::http::Version::HTTP_2;
+    let mut resp = next.run(req).await;
+    if via_site && http1 {
+        // A site's clients reach this worker only while the site has no ready replica: a
+        // kept-alive connection would stay pinned here after it wakes (kube-proxy balances
+        // connections, not requests), so each of their requests gets its own.
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     if !endpoint.is_empty() {
         st.metrics.record_request(&endpoint, resp.status().as_u16());
     }
     resp
+}
+
+/// The edge site Service a request was addressed to: its host's first DNS label
+/// (`chat-edge-store-1` of `chat-edge-store-1.ns.svc:8080`), when it starts with `prefix`
+/// and is a valid Service name. HTTP/2 carries the host in the URI, HTTP/1.1 in `Host`.
+fn site_service<'a>(req: &'a Request, prefix: &str) -> Option<&'a str> {
+    let host = match req.uri().host() {
+        Some(h) => h,
+        None => req.headers().get(axum::http::header::HOST)?.to_str().ok()?,
+    };
+    let label = host.split([':', '.']).next()?;
+    let valid = label.len() > prefix.len()
+        && label.len() <= 63
+        && label.starts_with(prefix)
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    valid.then_some(label)
 }
 
 /// `/v1/*` needs a key when the worker has keys; probes and metrics never do.

@@ -18,6 +18,14 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabels {
+    pub site: String,
+}
+
+/// Distinct `site` labels one worker exports; later ones count as `other` (bounded series).
+pub const MAX_SITES: usize = 256;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExpertLabels {
     pub layer: String,
     pub expert: String,
@@ -57,6 +65,8 @@ impl EscalationReason {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    /// Inference requests that came in through an edge site's Service (by its name).
+    pub site_requests: Family<SiteLabels, Counter>,
     pub queue_depth: Gauge,
     pub running: Gauge,
     /// KV positions held by the running sequences over what the worker can hold
@@ -74,6 +84,8 @@ pub struct Metrics {
     pub escalation_duration: Family<ReasonLabels, Histogram, fn() -> Histogram>,
     /// Escalations the cloud could not take, by reason and what happened instead.
     pub escalation_unavailable: Family<UnavailableLabels, Counter>,
+    /// The `site` labels seen so far (at most [`MAX_SITES`]).
+    site_count: Mutex<std::collections::HashSet<String>>,
     /// Serialises copying model-side expert counts into `expert_tokens`.
     expert_sync: Mutex<()>,
     /// Router <-> expert shard traffic (expert disaggregation).
@@ -103,6 +115,7 @@ impl Metrics {
         let shards = crate::disagg::metrics::ShardMetrics::default();
         shards.register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
+        let site_requests = Family::<SiteLabels, Counter>::default();
         let queue_depth = Gauge::default();
         let running = Gauge::default();
         let kv_cache_usage = Gauge::<f64, AtomicU64>::default();
@@ -123,6 +136,11 @@ impl Metrics {
             "tidal_worker_requests",
             "HTTP requests to the API endpoints, by endpoint and status code",
             requests.clone(),
+        );
+        registry.register(
+            "tidal_worker_site_requests",
+            "Inference requests that reached this worker through an edge site's Service (a site with no ready replica routes to the cloud tier), by that Service's name",
+            site_requests.clone(),
         );
         registry.register(
             "tidal_worker_queue_depth",
@@ -249,6 +267,8 @@ impl Metrics {
         Self {
             registry,
             requests,
+            site_requests,
+            site_count: Mutex::new(std::collections::HashSet::new()),
             queue_depth,
             running,
             kv_cache_usage,
@@ -273,6 +293,21 @@ impl Metrics {
                 endpoint: endpoint.into(),
                 status: status.to_string(),
             })
+            .inc();
+    }
+
+    /// One inference request that came in through the edge site Service `site`.
+    pub fn record_site_request(&self, site: &str) {
+        let site = {
+            let mut seen = self.site_count.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.contains(site) || (seen.len() < MAX_SITES && seen.insert(site.to_string())) {
+                site
+            } else {
+                "other"
+            }
+        };
+        self.site_requests
+            .get_or_create(&SiteLabels { site: site.into() })
             .inc();
     }
 

@@ -472,10 +472,23 @@ impl Autoscaler {
         let Some(edge_cfg) = self.config.edge.clone() else {
             return (out, extra, offline);
         };
+        // A site asleep (scaled to zero, which its bounds allow) has no worker series: with
+        // no request attributed to it either (its Service routes to the cloud tier, whose
+        // workers count what comes through it), its demand is measured as zero.
+        let can_sleep = edge_cfg.per_site.min == 0;
+        let load_of = |name: &str, s: &SiteSample| -> Option<TierSample> {
+            let asleep = can_sleep
+                && facts
+                    .edge
+                    .get(name)
+                    .is_some_and(|c| c.desired == 0 && c.ready == 0);
+            s.load
+                .or_else(|| (s.online && asleep).then(TierSample::default))
+        };
         // Record the samples of every site that reported, even those not in the facts.
         if fresh {
             for (name, s) in &snap.edge {
-                if let (true, Some(load)) = (s.online, s.load)
+                if let (true, Some(load)) = (s.online, load_of(name, s))
                     && load.arrival_rps.is_finite()
                 {
                     let ready = facts.edge.get(name).map_or(0, |c| c.ready);
@@ -499,7 +512,10 @@ impl Autoscaler {
         let interval = self.config.interval_s;
         let q = (self.config.quantile * 100.0).round();
         for (name, &counts) in &facts.edge {
-            let sample = snap.edge.get(name).copied();
+            let sample = snap.edge.get(name).map(|s| SiteSample {
+                online: s.online,
+                load: load_of(name, s),
+            });
             let held = |why: String| TargetDecision {
                 replicas: counts.desired,
                 previous: counts.desired,
@@ -526,7 +542,7 @@ impl Autoscaler {
                 }) if load.arrival_rps.is_finite() => {
                     let pred = site.forecaster.predict(horizon, interval);
                     // The same sizing as the cloud tier, on the site's own state.
-                    let z = Sizing::new(
+                    let mut z = Sizing::new(
                         Target {
                             forecaster: &site.forecaster,
                             waits: &site.waits,
@@ -541,13 +557,20 @@ impl Autoscaler {
                         0.0,
                     );
                     site.last_load = Some(z.expected);
-                    let reason = format!(
+                    let mut reason = format!(
                         "forecast p{q} {:.1} rps over {horizon:.0} s{} / {:.1} rps per replica = {}",
                         z.upper,
                         persistence_note(pred, horizon, interval),
                         z.cap,
                         z.forecast_only
                     );
+                    if can_sleep && z.quiet(load.arrival_rps, interval) {
+                        z.sleep();
+                        reason.push_str(&format!(
+                            "; quiet (under one request per {interval:.0} s, now and at p{q} over the horizon): \
+                             the site may sleep, its Service then routes to the cloud tier"
+                        ));
+                    }
                     z.decide(
                         reason,
                         &mut site.stabilizer,
@@ -764,6 +787,27 @@ impl Sizing {
             backlog,
             by_queue: backlog.map_or(0, |b| replicas_for(b.rps(horizon, drain_s), cap)),
         }
+    }
+
+    /// Whether the target is quiet: under one request per interval now, expected, and at the
+    /// upper quantile over the horizon, with no backlog. Why this rule: a replica that serves
+    /// less than one request per sync interval idles, and the forecast cannot tell such a
+    /// trickle from noise; the cloud tier serves it for a fraction of a replica.
+    fn quiet(&self, now_rps: f64, interval_s: f64) -> bool {
+        let below = 1.0 / interval_s.max(1e-9);
+        self.backlog.is_none()
+            && [now_rps, self.expected, self.upper]
+                .iter()
+                .all(|r| r.is_finite() && *r < below)
+    }
+
+    /// A quiet target (one whose bounds allow zero) needs no replica: its down window still
+    /// holds it until it has been quiet that long.
+    fn sleep(&mut self) {
+        self.forecast_only = 0;
+        self.queueing = None;
+        self.steady = 0;
+        self.kept = 0;
     }
 
     /// The demand-driven recommendation (what the scale-down window remembers).
@@ -1178,6 +1222,119 @@ mod tests {
             d = Some(dec);
         }
         d.unwrap()
+    }
+
+    /// One step of a service with one edge site `edge-a` (bounds 0..10, 5 rps per replica):
+    /// its sample (`None`: no series at all), replicas applied as if ready at once.
+    fn site_step(
+        a: &mut Autoscaler,
+        f: &mut ClusterFacts,
+        t: f64,
+        site: Option<TierSample>,
+    ) -> TargetDecision {
+        let mut s = snapshot(t, 20.0);
+        s.edge.insert(
+            "edge-a".into(),
+            SiteSample {
+                online: true,
+                load: site,
+            },
+        );
+        let d = a.step(t, Some(&s), f);
+        apply(f, &d);
+        d.edge["edge-a"].clone()
+    }
+
+    #[test]
+    fn a_quiet_site_sleeps_after_its_down_window_and_wakes_on_demand_routed_through_the_cloud() {
+        let mut a = Autoscaler::new(config());
+        let mut f = facts(2);
+        f.edge.insert("edge-a".into(), ReplicaCounts::default());
+        let mut t = 0.0;
+        let mut d = None;
+        for _ in 0..40 {
+            d = Some(site_step(&mut a, &mut f, t, Some(untimed(10.0))));
+            t += 15.0;
+        }
+        assert_eq!(d.unwrap().replicas, 2, "10 rps / 5 per replica");
+        // Quiet: under one request per 15 s interval. Held through the down window first.
+        let mut asleep_at = None;
+        for i in 0..40 {
+            let d = site_step(&mut a, &mut f, t, Some(untimed(0.01)));
+            if d.replicas == 0 && asleep_at.is_none() {
+                asleep_at = Some(i);
+                assert!(d.reason.contains("quiet"), "{}", d.reason);
+            }
+            t += 15.0;
+        }
+        let asleep_at = asleep_at.expect("the quiet site sleeps");
+        assert!(
+            asleep_at >= 4,
+            "not before its down window: step {asleep_at}"
+        );
+        // Asleep, the site has no worker series; with nothing attributed it reads as zero
+        // demand and stays asleep (not "no metrics: hold").
+        for _ in 0..10 {
+            let d = site_step(&mut a, &mut f, t, None);
+            assert_eq!(d.replicas, 0, "{}", d.reason);
+            assert!(d.reason.contains("quiet"), "{}", d.reason);
+            t += 15.0;
+        }
+        // Its clients come back through its Service, served and counted by the cloud tier's
+        // workers: the site wakes at once, and grows to that demand as it lasts.
+        let d = site_step(&mut a, &mut f, t, Some(untimed(6.0)));
+        assert!(d.replicas >= 1, "{}", d.reason);
+        assert!(!d.reason.contains("quiet"), "{}", d.reason);
+        let mut d = d;
+        for _ in 0..8 {
+            t += 15.0;
+            d = site_step(&mut a, &mut f, t, Some(untimed(6.0)));
+        }
+        // 6 rps / 5 per replica (the ramp's higher forecasts still in the down window).
+        assert!((2..=3).contains(&d.replicas), "{}", d.reason);
+        // A site whose bounds keep a replica never sleeps.
+        let mut cfg = config();
+        cfg.edge.as_mut().unwrap().per_site.min = 1;
+        let mut a = Autoscaler::new(cfg);
+        let mut f = facts(2);
+        f.edge.insert("edge-a".into(), ReplicaCounts::default());
+        for i in 0..60 {
+            let d = site_step(&mut a, &mut f, i as f64 * 15.0, Some(untimed(0.0)));
+            assert_eq!(d.replicas, 1, "{}", d.reason);
+        }
+    }
+
+    #[test]
+    fn a_site_quiet_every_night_wakes_before_its_morning() {
+        // 0 rps until 06:00, 8 rps after, every day; two days of history.
+        let rate = |t: f64| if t % 86400.0 < 21600.0 { 0.0 } else { 8.0 };
+        let mut a = Autoscaler::new(config());
+        let start = 2.0 * 86400.0 + 5.0 * 3600.0;
+        let history: Vec<(f64, f64)> = (0..(start / 15.0) as u64)
+            .map(|i| (i as f64 * 15.0, rate(i as f64 * 15.0)))
+            .collect();
+        a.backfill_site("edge-a", &history);
+        let mut f = facts(2);
+        f.edge.insert("edge-a".into(), ReplicaCounts::default());
+        // Night: asleep, nothing routed through the site's Service.
+        let mut t = start;
+        let mut woke = None;
+        while t < 2.0 * 86400.0 + 21600.0 {
+            let d = site_step(&mut a, &mut f, t, None);
+            if d.replicas > 0 && woke.is_none() {
+                woke = Some(t);
+            }
+            if woke.is_none() {
+                assert!(d.reason.contains("quiet"), "{}", d.reason);
+            }
+            t += 15.0;
+        }
+        let woke = woke.expect("the forecast wakes the site before its load returns");
+        let lead = 2.0 * 86400.0 + 21600.0 - woke;
+        // Ready before the first request: at least the 45 s a replica takes to start, and
+        // not hours of idle replica either.
+        // (The seasonal path is known per 10-minute coarse bucket.)
+        assert!((45.0..=900.0).contains(&lead), "woke {lead} s ahead");
     }
 
     #[test]

@@ -330,6 +330,9 @@ impl Target for Tier {
     fn count(arrivals: &f64) -> f64 {
         *arrivals
     }
+    fn merge(into: &mut f64, more: &f64) {
+        *into += more;
+    }
     fn set_desired(&mut self, now_s: f64, n: u32) {
         Tier::set_desired(self, now_s, n)
     }

@@ -379,6 +379,11 @@ impl Target for BatchTier {
         arrivals.len() as f64
     }
 
+    fn merge(into: &mut Vec<Request>, more: &Vec<Request>) {
+        into.extend_from_slice(more);
+        into.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
+    }
+
     fn set_desired(&mut self, now_s: f64, n: u32) {
         let cur = self.desired();
         if n == cur {

@@ -83,6 +83,68 @@ pub struct RunResult {
     pub totals: TierTotals,
     pub syncs: Vec<SyncPoint>,
     pub forecasts: Vec<ForecastPoint>,
+    /// How the edge sites slept and woke.
+    pub sleep: SleepStats,
+}
+
+/// Edge sites with no ready replica, and their demand coming back.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct SleepStats {
+    /// Requests the edge sites received (cloud-served ones included).
+    pub edge_requests: f64,
+    /// Requests the cloud tier served for online sites with no ready replica (their Service
+    /// routed there: policies that route idle sites to the cloud only).
+    pub served_by_cloud: f64,
+    /// Times a site went to zero replicas.
+    pub sleeps: u32,
+    /// Times a site's demand came back (to one request per sync interval) after it slept, with
+    /// a replica of its own already ready (its cold start hidden), and without.
+    pub returns_hidden: u32,
+    pub returns_exposed: u32,
+    /// Replica-seconds of the edge sites (up to the trace's end).
+    pub edge_replica_seconds: f64,
+}
+
+/// Per-site bookkeeping of [`SleepStats`].
+#[derive(Clone, Debug, Default)]
+struct SiteSleep {
+    /// Asleep since its demand was last at one request per interval.
+    slept: bool,
+    /// Arrivals of the last interval's ticks.
+    recent: std::collections::VecDeque<f64>,
+    recent_sum: f64,
+}
+
+impl SiteSleep {
+    /// One tick at a site: `arrivals`, its counts after the tick's decisions.
+    fn tick(
+        &mut self,
+        stats: &mut SleepStats,
+        arrivals: f64,
+        window: usize,
+        desired: u32,
+        ready: u32,
+    ) {
+        stats.edge_requests += arrivals;
+        self.recent.push_back(arrivals);
+        self.recent_sum += arrivals;
+        while self.recent.len() > window.max(1) {
+            self.recent_sum -= self.recent.pop_front().unwrap_or(0.0);
+        }
+        let busy = self.recent_sum >= 1.0 - 1e-9;
+        if desired == 0 && ready == 0 && !busy && !self.slept {
+            stats.sleeps += 1;
+            self.slept = true;
+        } else if self.slept && busy {
+            // Demand is back: was a replica of the site's own ready for it?
+            if ready > 0 {
+                stats.returns_hidden += 1;
+            } else {
+                stats.returns_exposed += 1;
+            }
+            self.slept = false;
+        }
+    }
 }
 
 /// A scaling target as the replay drives it: the fluid [`Tier`] or the discrete-event
@@ -97,6 +159,8 @@ pub trait Target {
     fn busy(&self) -> bool;
     /// Requests in one tick's arrivals.
     fn count(arrivals: &Self::Arrivals) -> f64;
+    /// `more` arriving in the same tick as `into`.
+    fn merge(into: &mut Self::Arrivals, more: &Self::Arrivals);
     fn set_desired(&mut self, now_s: f64, n: u32);
     /// Hands the waiting requests to `to` (a site cut off fails over to the cloud); they no
     /// longer count as arrived here.
@@ -223,6 +287,14 @@ fn replay<T: Target>(
     let names: Vec<String> = (0..sites.len()).map(EdgeSetup::site_name).collect();
     let mut was_online = vec![true; sites.len()];
     let interval = policy.interval_s().max(dt);
+    // A site with no ready replica has its Service routed to the cloud tier (Tidal's
+    // operator does this); its requests still count as its demand.
+    let route_idle = policy.routes_idle_sites_to_cloud();
+    let mut to_cloud_since_sync = vec![0.0; sites.len()];
+    let mut last_sync = 0.0;
+    let mut sleep = SleepStats::default();
+    let mut site_sleep = vec![SiteSleep::default(); sites.len()];
+    let window = (interval / dt).round().max(1.0) as usize;
     let n = trace.arrivals.len();
     let drain = (setup.model.max_wait_s / dt).ceil() as usize + 1;
     // The first sync comes after one interval, so that it sees a full window of metrics.
@@ -233,10 +305,12 @@ fn replay<T: Target>(
     let mut syncs = Vec::new();
     let mut forecasts = Vec::new();
     let mut cost_at_end: Option<(f64, u32)> = None;
+    let mut edge_cost_at_end: Option<f64> = None;
     for k in 0..n + drain {
         let t = k as f64 * dt;
         if k == n {
             cost_at_end = Some(sum_cost(&cloud, &sites));
+            edge_cost_at_end = Some(sites.iter().map(|s| s.totals().replica_seconds).sum());
         }
         if k >= n && !cloud.busy() && !sites.iter().any(T::busy) {
             break;
@@ -252,6 +326,8 @@ fn replay<T: Target>(
             was_online[i] = online[i];
         }
         if k < n && t + 1e-9 >= next_sync {
+            let span = (t - last_sync).max(dt);
+            last_sync = t;
             let obs = Observation {
                 time_s: t,
                 cloud: cloud.observe(t, true),
@@ -259,7 +335,13 @@ fn replay<T: Target>(
                     .iter_mut()
                     .zip(&online)
                     .zip(&names)
-                    .map(|((s, &on), name)| (name.clone(), s.observe(t, on)))
+                    .zip(to_cloud_since_sync.iter_mut())
+                    .map(|(((s, &on), name), routed)| {
+                        let mut o = s.observe(t, on);
+                        // Counted by the cloud workers as this site's (its Service's name).
+                        o.sample.arrival_rps += std::mem::take(routed) / span;
+                        (name.clone(), o)
+                    })
                     .collect(),
             };
             let (seen_rps, seen_queue) =
@@ -301,9 +383,39 @@ fn replay<T: Target>(
                 next_fast += fast_interval.unwrap_or(f64::INFINITY);
             }
         }
-        cloud.tick(t, dt, routed.cloud.get(k).unwrap_or(&none));
+        let mut spilled: Option<T::Arrivals> = None;
         for (i, s) in sites.iter_mut().enumerate() {
-            s.tick(t, dt, routed.sites[i].get(k).unwrap_or(&none));
+            let arrivals = routed.sites[i].get(k).unwrap_or(&none);
+            if k < n {
+                site_sleep[i].tick(
+                    &mut sleep,
+                    T::count(arrivals),
+                    window,
+                    s.desired(),
+                    s.ready(),
+                );
+            }
+            if route_idle && online[i] && s.ready() == 0 {
+                // Its waiting requests and new ones go where its Service now points.
+                s.fail_over_to(&mut cloud);
+                let c = T::count(arrivals);
+                if c > 0.0 {
+                    to_cloud_since_sync[i] += c;
+                    sleep.served_by_cloud += c;
+                    T::merge(spilled.get_or_insert_with(T::Arrivals::default), arrivals);
+                }
+                s.tick(t, dt, &none);
+            } else {
+                s.tick(t, dt, arrivals);
+            }
+        }
+        let own = routed.cloud.get(k).unwrap_or(&none);
+        match spilled.as_mut() {
+            Some(extra) => {
+                T::merge(extra, own);
+                cloud.tick(t, dt, extra);
+            }
+            None => cloud.tick(t, dt, own),
         }
     }
     cloud.finish();
@@ -323,12 +435,15 @@ fn replay<T: Target>(
     let (rs, ev) = cost_at_end.unwrap_or_else(|| sum_cost(&cloud, &sites));
     totals.replica_seconds = rs;
     totals.scale_events = ev;
+    sleep.edge_replica_seconds =
+        edge_cost_at_end.unwrap_or_else(|| sites.iter().map(|s| s.totals().replica_seconds).sum());
     RunResult {
         policy: policy.name().to_string(),
         interval_s: interval,
         totals,
         syncs,
         forecasts,
+        sleep,
     }
 }
 

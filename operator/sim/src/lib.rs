@@ -128,6 +128,8 @@ pub struct ModelOptions {
     /// Edge sites (0 = no edge tier).
     pub edge_sites: usize,
     pub edge_fraction: f64,
+    /// Fewest replicas per edge site (default: `min_replicas`); 0 lets a site sleep.
+    pub edge_min_replicas: Option<u32>,
     pub edge_max_replicas: u32,
     pub outages: Vec<Outage>,
 }
@@ -147,6 +149,7 @@ impl Default for ModelOptions {
             max_replicas: 64,
             edge_sites: 0,
             edge_fraction: 0.3,
+            edge_min_replicas: None,
             edge_max_replicas: 16,
             outages: vec![],
         }
@@ -190,7 +193,7 @@ impl ModelOptions {
             outages: self.outages.clone(),
             spec: TargetSpec {
                 target_rps_per_replica: target,
-                min: self.min_replicas,
+                min: self.edge_min_replicas.unwrap_or(self.min_replicas),
                 max: self.edge_max_replicas,
             },
         });
@@ -281,6 +284,75 @@ fn replay_each(
         cloud_arrivals,
         curves: Vec::new(),
     }
+}
+
+/// One row of the edge scale-to-zero study ([`sleep_study`]).
+#[derive(Clone, Debug)]
+pub struct SleepRow {
+    pub policy: String,
+    /// Each site's fewest replicas.
+    pub edge_min: u32,
+    /// `fluid` or `discrete-event`.
+    pub mode: &'static str,
+    pub summary: Summary,
+    pub sleep: engine::SleepStats,
+}
+
+/// Edge sites that may sleep, on `trace` with `model`'s edge tier: Tidal with its sites kept
+/// at `model.min_replicas` (always on) and at 0 (a quiet site sleeps and its Service routes to
+/// the cloud tier meanwhile), and KPA at 0 (Knative's scale to zero: a site's requests wait at
+/// the site for a replica to start). Fluid mode, and discrete-event when `des_batch` is given.
+pub fn sleep_study(
+    trace: &Trace,
+    model: &ModelOptions,
+    tidal: &TidalOptions,
+    des_batch: Option<u32>,
+    seed: u64,
+) -> Result<Vec<SleepRow>, String> {
+    let cases = [
+        (PolicyKind::Tidal, model.min_replicas),
+        (PolicyKind::Tidal, 0),
+        (PolicyKind::Kpa, 0),
+    ];
+    let mut rows = Vec::new();
+    for (kind, edge_min) in cases {
+        let m = ModelOptions {
+            edge_min_replicas: Some(edge_min),
+            ..model.clone()
+        };
+        let setup = m.setup(trace)?;
+        let (cloud_arrivals, _) = engine::route(trace, setup.edge.as_ref());
+        let mut policy = kind.build(&setup, tidal);
+        let run = engine::simulate(trace, &setup, policy.as_mut());
+        rows.push(SleepRow {
+            policy: kind.name().into(),
+            edge_min,
+            mode: "fluid",
+            summary: metrics::summarize(&run, &cloud_arrivals, trace.tick_s),
+            sleep: run.sleep,
+        });
+        if let Some(max_batch) = des_batch {
+            let batch = des::BatchModel::calibrated(
+                setup.model,
+                max_batch,
+                trace.mean_input_tokens,
+                trace.mean_output_tokens,
+            )?;
+            let requests = des::requests(trace, seed);
+            let routed = engine::route_requests(trace, &requests, setup.edge.as_ref());
+            let cloud: Vec<f64> = routed.cloud.iter().map(|r| r.len() as f64).collect();
+            let mut policy = kind.build(&setup, tidal);
+            let run = engine::simulate_des(trace, &routed, &setup, &batch, policy.as_mut());
+            rows.push(SleepRow {
+                policy: kind.name().into(),
+                edge_min,
+                mode: "discrete-event",
+                summary: metrics::summarize(&run, &cloud, trace.tick_s),
+                sleep: run.sleep,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// The policies, then Tidal with each of `variants`.

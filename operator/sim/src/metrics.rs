@@ -125,6 +125,7 @@ mod tests {
             },
             syncs: vec![],
             forecasts,
+            sleep: Default::default(),
         }
     }
 

@@ -55,6 +55,11 @@ pub trait Policy {
     fn fast(&mut self, _obs: &FastObservation) -> FastAction {
         FastAction::default()
     }
+    /// Whether an online edge site with no ready replica has its traffic served by the cloud
+    /// tier (its Service pointed there) rather than waiting for a replica of its own.
+    fn routes_idle_sites_to_cloud(&self) -> bool {
+        false
+    }
 }
 
 /// Replica bounds and the load one replica is meant to carry: the same for every policy.

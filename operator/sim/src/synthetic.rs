@@ -18,6 +18,11 @@ pub enum Pattern {
     Bursts,
     /// Daily sinusoid between 0.4x and 1.6x the base rate, peak mid-day.
     Diurnal,
+    /// Business hours: nothing from 21:00 to 08:00; half the base rate from the 08:00
+    /// opening, the base rate from 09:00 to 18:00, half again until the 21:00 closing (a
+    /// shop's or office's site: its demand jumps from nothing when it opens).
+    /// Not in [`Pattern::ALL`]: the edge scale-to-zero study uses it.
+    StoreHours,
 }
 
 impl Pattern {
@@ -34,6 +39,7 @@ impl Pattern {
             Pattern::Ramps => "ramps",
             Pattern::Bursts => "bursts",
             Pattern::Diurnal => "diurnal",
+            Pattern::StoreHours => "store-hours",
         }
     }
 
@@ -41,6 +47,7 @@ impl Pattern {
     pub fn default_duration_s(self) -> f64 {
         match self {
             Pattern::Diurnal => 2.0 * 86400.0,
+            Pattern::StoreHours => 3.0 * 86400.0,
             _ => 3600.0,
         }
     }
@@ -51,9 +58,12 @@ impl FromStr for Pattern {
     fn from_str(s: &str) -> Result<Self, String> {
         Pattern::ALL
             .into_iter()
+            .chain([Pattern::StoreHours])
             .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
             .ok_or_else(|| {
-                format!("unknown synthetic pattern {s:?}: one of steps, ramps, bursts, diurnal")
+                format!(
+                    "unknown synthetic pattern {s:?}: one of steps, ramps, bursts, diurnal, store-hours"
+                )
             })
     }
 }
@@ -122,6 +132,14 @@ impl Synthetic {
             Pattern::Diurnal => {
                 let day = (t % 86400.0) / 86400.0;
                 b * (1.0 - 0.6 * (2.0 * std::f64::consts::PI * day).cos())
+            }
+            Pattern::StoreHours => {
+                let h = (t % 86400.0) / 3600.0;
+                b * match h {
+                    h if !(8.0..21.0).contains(&h) => 0.0,
+                    h if (9.0..18.0).contains(&h) => 1.0,
+                    _ => 0.5,
+                }
             }
         }
     }
@@ -211,6 +229,26 @@ mod tests {
         let t = s.generate();
         let hour = |h: usize| t.arrivals[h * 60..(h + 1) * 60].iter().sum::<f64>() / 3600.0;
         assert!(hour(12) > 2.5 * hour(0), "{} vs {}", hour(12), hour(0));
+    }
+
+    #[test]
+    fn store_hours_are_closed_at_night() {
+        let mut s = Synthetic::new(Pattern::StoreHours);
+        s.tick_s = 60.0;
+        let t = s.generate();
+        let hour = |d: usize, h: usize| {
+            let k = d * 1440 + h * 60;
+            t.arrivals[k..k + 60].iter().sum::<f64>() / 3600.0
+        };
+        for d in 0..3 {
+            assert_eq!(hour(d, 3) + hour(d, 7) + hour(d, 22), 0.0);
+            assert!(hour(d, 8) > 5.0, "opens at 08:00: {}", hour(d, 8));
+            assert!((hour(d, 12) - 20.0).abs() < 2.0, "{}", hour(d, 12));
+        }
+        assert_eq!(
+            "store-hours".parse::<Pattern>().unwrap(),
+            Pattern::StoreHours
+        );
     }
 
     #[test]

@@ -340,3 +340,64 @@ fn the_sweep_reproduces_the_shared_target_run_and_feeds_the_matched_verdict() {
     assert!(summary.contains("synthetic-steps"), "{summary}");
     assert_eq!(summary.contains("| yes |"), v.wins(), "{summary}");
 }
+
+#[test]
+fn quiet_edge_sites_sleep_cheaper_with_their_clients_served_by_the_cloud_and_wake_ahead() {
+    // Three days of business hours (nothing at night), 2 sites with 30 % of the load.
+    let mut syn = Synthetic::new(Pattern::StoreHours);
+    syn.tick_s = 15.0;
+    let trace = syn.generate();
+    let model = ModelOptions {
+        edge_sites: 2,
+        edge_fraction: 0.3,
+        ..ModelOptions::default()
+    };
+    let rows = sleep_study(&trace, &model, &TidalOptions::default(), None, 1).unwrap();
+    let row = |policy: &str, min: u32| {
+        rows.iter()
+            .find(|r| r.policy == policy && r.edge_min == min)
+            .unwrap()
+    };
+    let (on, asleep, kpa) = (row("tidal", 1), row("tidal", 0), row("kpa", 0));
+    for r in [on, asleep, kpa] {
+        eprintln!(
+            "{} min {}: attainment {:.4}, replica-s {:.0}, {:?}",
+            r.policy, r.edge_min, r.summary.slo_attainment, r.summary.replica_seconds, r.sleep
+        );
+    }
+    // Every night each site sleeps (2 sites x 3 nights, the first from the start).
+    assert!(asleep.sleep.sleeps >= 6, "{:?}", asleep.sleep);
+    assert_eq!(on.sleep.sleeps, 0, "{:?}", on.sleep);
+    // Sleeping saves most of the sites' night: a clear cut in their replica-seconds.
+    assert!(
+        asleep.sleep.edge_replica_seconds < 0.8 * on.sleep.edge_replica_seconds,
+        "{:?} vs {:?}",
+        asleep.sleep,
+        on.sleep
+    );
+    // Requests that came while a site slept went to the cloud: none waits for a cold start,
+    // so sleeping costs no more misses than staying on (within 0.2 % of the requests) ...
+    assert!(asleep.sleep.served_by_cloud > 0.0, "{:?}", asleep.sleep);
+    assert!(
+        asleep.summary.slo_attainment >= on.summary.slo_attainment - 0.002,
+        "{:?} vs {:?}",
+        asleep.summary,
+        on.summary
+    );
+    // ... where a site that waits for its own replica (Knative's activator) misses what
+    // arrives during each cold start.
+    assert!(
+        kpa.summary.slo_attainment < asleep.summary.slo_attainment,
+        "{:?} vs {:?}",
+        kpa.summary,
+        asleep.summary
+    );
+    // The daily pattern is learnt: from the second morning on, the site's replica is ready
+    // before its demand is back.
+    assert!(
+        asleep.sleep.returns_hidden >= 2,
+        "hidden {} exposed {}",
+        asleep.sleep.returns_hidden,
+        asleep.sleep.returns_exposed
+    );
+}

@@ -114,6 +114,10 @@ impl Policy for TidalPolicy {
         self.interval_s
     }
 
+    fn routes_idle_sites_to_cloud(&self) -> bool {
+        true
+    }
+
     fn decide(&mut self, obs: &Observation) -> Action {
         let snapshot = Snapshot {
             time_s: obs.time_s,

@@ -4,6 +4,7 @@
 mod applied;
 mod labels;
 mod placement;
+mod routing;
 mod selection;
 mod status;
 mod workload;
@@ -11,6 +12,7 @@ mod workload;
 pub use applied::{ANNOTATION_APPLIED_HASH, stamp, why_apply};
 pub use labels::*;
 pub use placement::*;
+pub use routing::route_idle_sites;
 pub use selection::matches as selector_matches;
 pub use status::*;
 pub use workload::{MODEL_MOUNT, WorkerArgs, oci_model_reference, service_needs_replacing};
@@ -126,6 +128,9 @@ pub struct Children {
     pub plan: Option<PlacementPlan>,
     /// Edge sites out of service whose load the cloud took over (for status and events).
     pub failed_over_sites: Vec<String>,
+    /// Edge sites whose Service routes to the cloud tier (no ready replica of their own);
+    /// filled by [`route_idle_sites`].
+    pub sites_on_cloud: Vec<String>,
 }
 
 impl Children {
@@ -406,10 +411,17 @@ pub fn desired_children(
     };
 
     // The cloud tier's own workload: the full model, or the router in front of the shards.
-    let args = match &placement_cm {
+    let mut args = match &placement_cm {
         Some(_) => WorkerArgs::router(&spec.model),
         None => WorkerArgs::full(&spec.model),
     };
+    if spec.edge.is_some() {
+        // A site with no ready replica routes its clients here: count them by its Service.
+        args = args.with_env(
+            "TIDAL_SITE_SERVICE_PREFIX",
+            ChildKind::Edge(String::new()).service_name(&name),
+        );
+    }
     let deployment = workload::deployment(
         &base,
         &cloud_kind,
@@ -440,6 +452,7 @@ pub fn desired_children(
         config_maps,
         plan,
         failed_over_sites,
+        sites_on_cloud: Vec::new(),
     };
     let (deps, svcs, cms) = children.names();
     // Two EdgeNodes whose names differ only by '.' and '-' would share one Service.

@@ -61,6 +61,13 @@ pub fn compute_status(
             ChildKind::Edge(node) => edge.push(EdgeSiteStatus {
                 edge_node: node.clone(),
                 phase: w.edge_phase.map(|p| p.as_str()).unwrap_or("Unknown").into(),
+                served_by: w.service.as_ref().map(|_| {
+                    if children.sites_on_cloud.contains(node) {
+                        "cloud".into()
+                    } else {
+                        "edge".into()
+                    }
+                }),
                 replicas: t,
             }),
         }

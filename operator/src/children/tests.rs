@@ -813,3 +813,100 @@ fn an_exposed_tier_gets_its_service_type_and_annotations_and_shards_stay_interna
             .all(|w| { service_spec(w).type_.is_none() })
     );
 }
+
+#[test]
+fn an_edge_site_without_a_ready_replica_routes_its_service_to_the_cloud_tier() {
+    let (svcs, nodes) = load_example("cloud-edge.yaml");
+    let mut tis = svcs[0].clone();
+    tis.spec.edge.as_mut().unwrap().min_replicas_per_node = 0;
+    // The autoscaler put berlin to sleep; paris runs one replica.
+    let mut status = crate::crd::InferenceServiceStatus::default();
+    status
+        .autoscaled_replicas
+        .insert("assistant-edge-berlin".into(), 0);
+    status
+        .autoscaled_replicas
+        .insert("assistant-edge-paris".into(), 1);
+    tis.status = Some(status);
+    let build = |tis: &InferenceService, ready: &dyn Fn(&str) -> Option<i32>| {
+        let mut c = desired_children(
+            tis,
+            &facts(&nodes, EdgePhase::Ready),
+            &BuildConfig::default(),
+        )
+        .unwrap();
+        route_idle_sites(&mut c, "assistant", ready);
+        c
+    };
+    let selector = |c: &Children, kind: &ChildKind| {
+        let w = c.workloads.iter().find(|w| &w.kind == kind).unwrap();
+        service_spec(w).selector.clone().unwrap()
+    };
+    let site = |n: &str| ChildKind::Edge(n.into());
+    let cloud = ChildKind::Cloud.selector_labels("assistant");
+    let own = |n: &str| site(n).selector_labels("assistant");
+
+    // paris has a ready replica: its own pods; berlin is at zero: the cloud's.
+    let c = build(&tis, &|d| (d == "assistant-edge-paris").then_some(1));
+    assert_eq!(selector(&c, &site("berlin")), cloud);
+    assert_eq!(selector(&c, &site("paris")), own("paris"));
+    assert_eq!(c.sites_on_cloud, vec!["berlin".to_string()]);
+    let berlin = c
+        .workloads
+        .iter()
+        .find(|w| w.kind == site("berlin"))
+        .unwrap();
+    assert_eq!(berlin.desired, 0, "minReplicasPerNode 0 lets a site sleep");
+    // The Service keeps its name, type and port: clients notice nothing.
+    assert_eq!(
+        berlin.service.as_ref().unwrap().metadata.name.as_deref(),
+        Some("assistant-edge-berlin")
+    );
+    let status = compute_status(
+        "assistant",
+        Some(1),
+        &c,
+        &Observed::new(),
+        None,
+        &Time(Timestamp::UNIX_EPOCH),
+    );
+    let served: Vec<_> = status
+        .edge
+        .iter()
+        .map(|e| (e.edge_node.as_str(), e.served_by.as_deref()))
+        .collect();
+    assert_eq!(
+        served,
+        vec![("berlin", Some("cloud")), ("paris", Some("edge"))]
+    );
+
+    // Waking up: berlin wants a replica, none is ready yet: still the cloud's.
+    tis.status
+        .as_mut()
+        .unwrap()
+        .autoscaled_replicas
+        .insert("assistant-edge-berlin".into(), 1);
+    let c = build(&tis, &|d| (d == "assistant-edge-paris").then_some(1));
+    assert_eq!(selector(&c, &site("berlin")), cloud);
+    // Its replica is ready: back to its own pods.
+    let c = build(&tis, &|_| Some(1));
+    assert_eq!(selector(&c, &site("berlin")), own("berlin"));
+    assert!(c.sites_on_cloud.is_empty());
+    // A site whose pods all failed serves from the cloud too, whatever its minimum.
+    let c = build(&tis, &|d| (d == "assistant-edge-berlin").then_some(1));
+    assert_eq!(selector(&c, &site("paris")), cloud);
+
+    // The cloud workers count what reaches them through a site's Service.
+    let cloud_w = c
+        .workloads
+        .iter()
+        .find(|w| w.kind == ChildKind::Cloud)
+        .unwrap();
+    assert_eq!(
+        env_of(cloud_w, "TIDAL_SITE_SERVICE_PREFIX").as_deref(),
+        Some("assistant-edge-")
+    );
+    let (dense, _) = load_example("dense-cloud.yaml");
+    let c = desired_children(&dense[0], &[], &BuildConfig::default()).unwrap();
+    assert_eq!(env_of(&c.workloads[0], "TIDAL_SITE_SERVICE_PREFIX"), None);
+}

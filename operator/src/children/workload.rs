@@ -101,7 +101,7 @@ impl WorkerArgs {
             env: vec![],
         }
     }
-    fn with_env(mut self, name: &str, value: impl ToString) -> Self {
+    pub(super) fn with_env(mut self, name: &str, value: impl ToString) -> Self {
         self.env.push((name.into(), value.to_string()));
         self
     }

@@ -22,8 +22,8 @@ use tracing::{debug, info, warn};
 use super::caches::{Objects, Shared};
 use super::{Context, cached, now};
 use crate::children::{
-    self, Children, EdgeFacts, FIELD_MANAGER, LABEL_SERVICE, Observed, SpecError, compute_status,
-    invalid_spec_status,
+    self, ChildKind, Children, EdgeFacts, FIELD_MANAGER, LABEL_SERVICE, Observed, SpecError,
+    compute_status, invalid_spec_status,
 };
 use crate::crd::{EdgeNode, InferenceService, InferenceServiceStatus, condition_type as ct};
 use crate::error::{Error, Result};
@@ -37,7 +37,6 @@ struct State {
     deployments: Store<Deployment>,
     services: Store<Service>,
     config_maps: Store<ConfigMap>,
-    recorder: Recorder,
 }
 
 impl State {
@@ -83,7 +82,6 @@ pub async fn run(
     inputs: Inputs,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
     let children_cfg = watcher::Config::default().labels(LABEL_SERVICE);
     // Services and ConfigMaps only this controller reads; the rest comes shared. Children are
     // cached whole (applies compare against them), less their managedFields.
@@ -105,7 +103,6 @@ pub async fn run(
         .with_config(ctx.controller_config.clone());
     let services = controller.store();
     let state = Arc::new(State {
-        recorder: Recorder::new(client.clone(), ctx.reporter.clone()),
         ctx,
         edge_nodes,
         deployments,
@@ -190,7 +187,7 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
     };
     let previous = tis.status.as_ref();
 
-    let children = match children::desired_children(tis, &edge, &ctx.build) {
+    let mut children = match children::desired_children(tis, &edge, &ctx.build) {
         Ok(c) => c,
         Err(spec_error) => {
             let status =
@@ -201,6 +198,11 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
         }
     };
 
+    // Sites with no ready replica of their own serve from the cloud tier.
+    children::route_idle_sites(&mut children, &name, |d| {
+        let live = state.deployments.get(&ObjectRef::new(d).within(&ns))?;
+        Some(replica_counts(&live).1)
+    });
     let observed = apply_children(&children, &ns, state).await?;
     prune(tis, &ns, &children, state).await?;
     let status = compute_status(
@@ -412,7 +414,11 @@ async fn publish(
         action: action.into(),
         secondary,
     };
-    match state.recorder.publish(&event, &tis.object_ref(&())).await {
+    // A recorder per Event: kube's folds one alike in (reason, action, objects) to an Event of
+    // the last 6 minutes into a series that keeps the first note, and each of these is a
+    // change of its own ("2 -> 3" must not show as a second "1 -> 2").
+    let recorder = Recorder::new(state.ctx.client.clone(), state.ctx.reporter.clone());
+    match recorder.publish(&event, &tis.object_ref(&())).await {
         Ok(()) => state.ctx.metrics.write(CONTROLLER, "event"),
         Err(e) => warn!(error = %e, "failed to publish event"),
     }
@@ -492,6 +498,31 @@ async fn publish_changes(
         )
         .await;
     }
+    for (site, to_cloud, note) in routing_changes(previous, status, &tis.name_any()) {
+        let related = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            name: Some(ChildKind::Edge(site).service_name(&tis.name_any())),
+            namespace: tis.namespace(),
+            ..Default::default()
+        };
+        publish(
+            tis,
+            state,
+            EventType::Normal,
+            "EdgeSiteRouting",
+            // Distinct actions: Events alike in (reason, action, object) form one series,
+            // which keeps only its first note.
+            if to_cloud {
+                "RouteToCloud"
+            } else {
+                "RouteToEdge"
+            },
+            note,
+            Some(related),
+        )
+        .await;
+    }
     let ready = |s: Option<&InferenceServiceStatus>| {
         s.and_then(|s| {
             s.conditions
@@ -520,6 +551,48 @@ async fn publish_changes(
         )
         .await;
     }
+}
+
+/// Sites whose Service changed target since `previous`: (site, now on the cloud tier, what an
+/// Event says of it).
+fn routing_changes(
+    previous: Option<&InferenceServiceStatus>,
+    status: &InferenceServiceStatus,
+    service: &str,
+) -> Vec<(String, bool, String)> {
+    let before = |site: &str| {
+        previous?
+            .edge
+            .iter()
+            .find(|e| e.edge_node == site)?
+            .served_by
+            .clone()
+    };
+    status
+        .edge
+        .iter()
+        .filter_map(|e| {
+            let now = e.served_by.as_deref()?;
+            // A new site starts on the cloud until its first replica is ready: no news.
+            let was = before(&e.edge_node)?;
+            if was == now {
+                return None;
+            }
+            let svc = ChildKind::Edge(e.edge_node.clone()).service_name(service);
+            let note = if now == "cloud" {
+                format!(
+                    "edge site {} has no ready replica ({}/{} ready): Service {svc} routes to the cloud tier",
+                    e.edge_node, e.replicas.ready_replicas, e.replicas.desired
+                )
+            } else {
+                format!(
+                    "edge site {} has {} ready replica(s): Service {svc} routes to them again",
+                    e.edge_node, e.replicas.ready_replicas
+                )
+            };
+            Some((e.edge_node.clone(), now == "cloud", note))
+        })
+        .collect()
 }
 
 /// "desired replicas of new workloads: a 1, b 2", cut to fit an Event's note.
@@ -588,7 +661,6 @@ mod tests {
         });
         let ctx = context(client.clone());
         let state = State {
-            recorder: Recorder::new(client, ctx.reporter.clone()),
             ctx,
             edge_nodes: synced_store(),
             deployments: synced_store(),
@@ -713,6 +785,45 @@ mod tests {
                 .any(|e| e["edgeNode"] == "new" && e["phase"] == "Unknown"),
             "{status}"
         );
+    }
+
+    #[test]
+    fn a_site_changing_what_serves_it_is_told_once_each_way() {
+        use crate::crd::{EdgeSiteStatus, TierStatus};
+        let site = |by: Option<&str>, ready: i32, desired: i32| InferenceServiceStatus {
+            edge: vec![EdgeSiteStatus {
+                edge_node: "store.1".into(),
+                phase: "Ready".into(),
+                served_by: by.map(String::from),
+                replicas: TierStatus {
+                    ready_replicas: ready,
+                    desired,
+                    ..Default::default()
+                },
+            }],
+            ..Default::default()
+        };
+        let edge = site(Some("edge"), 1, 1);
+        let cloud = site(Some("cloud"), 0, 0);
+        let to_cloud = routing_changes(Some(&edge), &cloud, "chat");
+        assert_eq!(to_cloud.len(), 1);
+        assert_eq!(to_cloud[0].0, "store.1");
+        assert!(to_cloud[0].1);
+        assert!(
+            to_cloud[0].2.contains(
+                "no ready replica (0/0 ready): Service chat-edge-store-1 routes to the cloud tier"
+            ),
+            "{to_cloud:?}"
+        );
+        let back = routing_changes(Some(&cloud), &site(Some("edge"), 1, 1), "chat");
+        assert!(
+            !back[0].1 && back[0].2.contains("routes to them again"),
+            "{back:?}"
+        );
+        assert!(routing_changes(Some(&cloud), &cloud, "chat").is_empty());
+        // A new site (or one from before the field existed) starts without news.
+        assert!(routing_changes(None, &cloud, "chat").is_empty());
+        assert!(routing_changes(Some(&site(None, 0, 0)), &cloud, "chat").is_empty());
     }
 
     #[test]

@@ -387,7 +387,10 @@ pub struct EdgeTier {
     #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)")
         .message("edge.edgeNodeSelector must select EdgeNodes with matchLabels or matchExpressions"))]
     pub edge_node_selector: LabelSelector,
-    /// Fewest replicas on each selected, online EdgeNode.
+    /// Fewest replicas on each selected, online EdgeNode. 0 lets a quiet site sleep (under
+    /// one request per autoscaling interval for its scale-down window): its Service then routes
+    /// its clients to the cloud tier, whose workers count their requests as the site's, and
+    /// the autoscaler brings a replica back when its forecast or that demand asks for one.
     #[serde(default = "default_one_i32")]
     #[schemars(range(min = 0, max = 64))]
     pub min_replicas_per_node: i32,
@@ -742,6 +745,10 @@ pub struct EdgeSiteStatus {
     pub edge_node: String,
     /// The EdgeNode's phase when last seen.
     pub phase: String,
+    /// What the site's Service routes to: `edge` (its own replicas, while one is ready) or
+    /// `cloud` (the cloud tier's, while none is: scaled to zero, starting, or failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<String>,
     #[serde(flatten)]
     pub replicas: TierStatus,
 }

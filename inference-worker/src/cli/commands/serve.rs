@@ -49,6 +49,7 @@ pub async fn serve(
                 Some(path) => Some(Arc::new(ApiKeys::open(path)?)),
                 None => None,
             },
+            site_service_prefix: args.site_service_prefix.clone(),
             ..ServerConfig::default()
         },
         metrics.clone(),

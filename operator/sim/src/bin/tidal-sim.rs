@@ -44,7 +44,7 @@ struct RunArgs {
         conflicts_with = "synthetic"
     )]
     trace: Option<PathBuf>,
-    /// Synthetic pattern: steps, ramps, bursts or diurnal.
+    /// Synthetic pattern: steps, ramps, bursts, diurnal or store-hours.
     #[arg(long, env = "TIDAL_SIM_SYNTHETIC")]
     synthetic: Option<Pattern>,
     /// Policies to compare, comma-separated.
@@ -155,6 +155,10 @@ struct Common {
     /// Fraction of the load that goes to the edge sites.
     #[arg(long, env = "TIDAL_SIM_EDGE_FRACTION", default_value_t = 0.3)]
     edge_fraction: f64,
+    /// Fewest replicas per edge site (default: --min-replicas); 0 lets a quiet site sleep
+    /// (Tidal routes its requests to the cloud tier meanwhile).
+    #[arg(long, env = "TIDAL_SIM_EDGE_MIN_REPLICAS")]
+    edge_min_replicas: Option<u32>,
     #[arg(long, env = "TIDAL_SIM_EDGE_MAX_REPLICAS", default_value_t = 16)]
     edge_max_replicas: u32,
     /// Edge outages as SITE:START_S:END_S, comma-separated (site 0 is edge-0).
@@ -236,6 +240,7 @@ impl Common {
             max_replicas: self.max_replicas,
             edge_sites: self.edge_sites,
             edge_fraction: self.edge_fraction,
+            edge_min_replicas: self.edge_min_replicas,
             edge_max_replicas: self.edge_max_replicas,
             outages: self.edge_outages.clone(),
         }
@@ -283,7 +288,11 @@ impl Common {
         s.seed = self.seed;
         s.tick_s = self
             .tick_s
-            .unwrap_or(if p == Pattern::Diurnal { 5.0 } else { 1.0 });
+            .unwrap_or(if matches!(p, Pattern::Diurnal | Pattern::StoreHours) {
+                5.0
+            } else {
+                1.0
+            });
         if let Some(d) = self.duration_s {
             s.duration_s = d;
         }
@@ -478,6 +487,27 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let des = (!des_rows.is_empty()).then(|| report::des_section(&des_rows, a.common.max_batch));
+    if !a.no_synthetic && model.edge_sites == 0 {
+        // Edge sites that sleep: three days of business hours, 2 sites with 30 % of the load.
+        let trace = a.common.synthetic(Pattern::StoreHours);
+        let m = ModelOptions {
+            edge_sites: 2,
+            edge_fraction: 0.3,
+            ..model.clone()
+        };
+        let batch = (!a.no_des).then_some(a.common.max_batch);
+        let rows = tidal_sim::sleep_study(&trace, &m, &tidal, batch, a.common.seed)
+            .map_err(anyhow::Error::msg)?;
+        let header = report::scenario_header(&tidal_sim::Scenario {
+            setup: m.setup(&trace).map_err(anyhow::Error::msg)?,
+            trace,
+            runs: vec![],
+            summaries: vec![],
+            cloud_arrivals: vec![],
+            curves: vec![],
+        });
+        sections.push(report::sleep_section(&header, &rows));
+    }
     let command = bench_command(&a);
     let analysis = report::existing_analysis(&a.out);
     let doc = report::bench_document(

@@ -54,8 +54,14 @@ pub async fn scales(ctx: &Context, tis: &InferenceService, writes: &[ScaleWrite]
 }
 
 /// Publishes Events; a failed publish is logged, never fails the tick.
-pub async fn events(ctx: &Context, recorder: &Recorder, tis: &InferenceService, notes: &[Note]) {
+///
+/// Each through a recorder of its own: kube's `Recorder` folds an Event alike in (type,
+/// reason, action, object) to one published in the last 6 minutes into a series that keeps
+/// the first note, and every note here is a distinct decision ("cloud 2 -> 3" must not show
+/// as a second "cloud 1 -> 2").
+pub async fn events(ctx: &Context, tis: &InferenceService, notes: &[Note]) {
     for n in notes {
+        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
         let event = Event {
             type_: if n.warning {
                 EventType::Warning
@@ -107,7 +113,6 @@ mod tests {
             }
         });
         let ctx = context(client.clone());
-        let recorder = Recorder::new(client, ctx.reporter.clone());
         let patch = serde_json::json!({"status": {"autoscaledReplicas": {"m-cloud": 3}}});
         let writes = [ScaleWrite {
             deployment: "m-cloud".into(),
@@ -124,7 +129,14 @@ mod tests {
         }];
         status(&ctx, &tis, &patch).await.unwrap();
         scales(&ctx, &tis, &writes).await.unwrap();
-        events(&ctx, &recorder, &tis, &notes).await;
+        events(&ctx, &tis, &notes).await;
+        // The next decision is an Event of its own with its own note, not a second count of
+        // the first.
+        let next = [Note {
+            note: "cloud 3 -> 4: forecast 3.1 rps".into(),
+            ..notes[0].clone()
+        }];
+        events(&ctx, &tis, &next).await;
 
         let calls = calls.lock().unwrap().clone();
         let got: Vec<(&str, &str)> = calls
@@ -143,8 +155,10 @@ mod tests {
                     "/apis/apps/v1/namespaces/prod/deployments/m-cloud/scale"
                 ),
                 ("POST", "/apis/events.k8s.io/v1/namespaces/prod/events"),
+                ("POST", "/apis/events.k8s.io/v1/namespaces/prod/events"),
             ]
         );
+        assert_eq!(calls[3].body["note"], "cloud 3 -> 4: forecast 3.1 rps");
         assert_eq!(calls[0].body, patch);
         assert_eq!(calls[1].body, serde_json::json!({"spec": {"replicas": 3}}));
         assert!(
@@ -162,9 +176,8 @@ mod tests {
         let tis = service();
         let (client, calls) = mock_client(|call| call.body.clone());
         let ctx = context(client.clone());
-        let recorder = Recorder::new(client, ctx.reporter.clone());
         scales(&ctx, &tis, &[]).await.unwrap();
-        events(&ctx, &recorder, &tis, &[]).await;
+        events(&ctx, &tis, &[]).await;
         assert!(calls.lock().unwrap().is_empty());
     }
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::runtime::events::Recorder;
 
 use super::observe::{Caches, cloud_kind, of_service, ready_condition, sites_up};
 use super::plan::{self, Deployments, ScaleWrite};
@@ -140,7 +139,6 @@ pub(super) async fn tick(
     http: &reqwest::Client,
     cfg: &FastPathConfig,
     caches: &Caches,
-    recorder: &Recorder,
     tis: &InferenceService,
     l: &mut Loop,
 ) -> Result<()> {
@@ -219,7 +217,7 @@ pub(super) async fn tick(
         apply::scales(ctx, tis, &writes).await?;
         plan::scale_notes(&writes)
     };
-    apply::events(ctx, recorder, tis, &notes).await;
+    apply::events(ctx, tis, &notes).await;
     for w in &writes {
         ctx.metrics
             .autoscaler

@@ -26,7 +26,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use tracing::{info, warn};
@@ -147,7 +146,6 @@ pub async fn run(
     let watches = [tokio::spawn(
         pod_stream.for_each(|_| futures::future::ready(())),
     )];
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let http = fast::http_client();
     let mut loops: HashMap<ObjectRef<InferenceService>, Loop> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -198,10 +196,10 @@ pub async fn run(
             let key = ObjectRef::from_obj(&*tis);
             let l = loops.remove(&key)?;
             let ctx = ctx.clone();
-            let (recorder, caches) = (&recorder, &caches);
+            let caches = &caches;
             Some(async move {
                 let mut l = l;
-                if let Err(e) = tick_one(&ctx, caches, recorder, &tis, &mut l).await {
+                if let Err(e) = tick_one(&ctx, caches, &tis, &mut l).await {
                     warn!(service = %key, error = %e, "autoscaler tick failed");
                     ctx.metrics
                         .observe_reconcile("autoscaler", Duration::ZERO, Some(e.reason()));
@@ -217,10 +215,10 @@ pub async fn run(
         let fast = fast_due.into_iter().filter_map(|tis| {
             let key = ObjectRef::from_obj(&*tis);
             let mut l = loops.remove(&key)?;
-            let (ctx, http, recorder, caches) = (ctx.clone(), &http, &recorder, &caches);
+            let (ctx, http, caches) = (ctx.clone(), &http, &caches);
             let cfg = ctx.autoscale.fast_path?;
             Some(async move {
-                if let Err(e) = fast::tick(&ctx, http, &cfg, caches, recorder, &tis, &mut l).await {
+                if let Err(e) = fast::tick(&ctx, http, &cfg, caches, &tis, &mut l).await {
                     warn!(service = %key, error = %e, "autoscaler fast path failed");
                     ctx.metrics.observe_reconcile(
                         "autoscaler-fast",
@@ -247,7 +245,6 @@ pub async fn run(
 async fn tick_one(
     ctx: &Context,
     caches: &Caches,
-    recorder: &Recorder,
     tis: &InferenceService,
     l: &mut Loop,
 ) -> Result<()> {
@@ -307,7 +304,7 @@ async fn tick_one(
         l.rollout.wrote(p);
     }
     apply::scales(ctx, tis, &scales).await?;
-    apply::events(ctx, recorder, tis, &notes).await;
+    apply::events(ctx, tis, &notes).await;
     l.metrics_available = Some(decision.metrics_available);
     record_metrics(ctx, tis, &decision, &targets, &obs.deployments, l, now);
     Ok(())

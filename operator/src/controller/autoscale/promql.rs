@@ -59,6 +59,17 @@ impl Scope {
         )
     }
 
+    /// Requests per second that reached the cloud tier through an edge site's Service (a site
+    /// with no ready replica routes there), by that Service's name
+    /// (`tidal_worker_site_requests_total{site}`, counted by the cloud workers).
+    pub fn routed_site_rps(&self) -> String {
+        format!(
+            "sum by (site) (rate(tidal_worker_site_requests_total{}[{}]))",
+            self.selector(Tier::Cloud, ""),
+            self.window
+        )
+    }
+
     /// Requests completed successfully per second (`tidal_worker_requests_total{status="200"}`).
     pub fn served_rps(&self, tier: Tier) -> String {
         let sel = self.selector(
@@ -178,6 +189,11 @@ mod tests {
         assert!(q.contains(r#"tidal_tier="edge""#), "{q}");
         let p = scope().ttft_p95(Tier::Edge);
         assert!(p.contains("sum by (le, tidal_edge_node)"), "{p}");
+        // What sleeping sites send to the cloud tier: counted by its workers, per site.
+        assert_eq!(
+            scope().routed_site_rps(),
+            r#"sum by (site) (rate(tidal_worker_site_requests_total{namespace="prod",tidal_inference_service="chat",tidal_tier="cloud",tidal_role=~"full|router"}[1m]))"#
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use prometheus_http_query::Client;
 
 use super::promql::{Scope, Tier};
 use crate::autoscaler::{SiteSample, Snapshot, TierSample};
+use crate::children::ChildKind;
 
 /// Why no snapshot could be read, in words for the `MetricsAvailable` condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,9 +167,21 @@ impl Source {
             let running = self.by_site(&scope.running(Tier::Edge)).await?;
             let ttft = self.by_site(&scope.ttft_p95(Tier::Edge)).await?;
             let tpot = self.by_site(&scope.tpot_p95(Tier::Edge)).await?;
+            let routed: BTreeMap<String, f64> = self
+                .instant(&scope.routed_site_rps())
+                .await?
+                .into_iter()
+                .filter_map(|(m, v)| Some((m.get("site")?.clone(), v)))
+                .collect();
             for (site, online) in sites {
-                let load = arrivals.get(site).map(|a| TierSample {
-                    arrival_rps: *a,
+                let load = site_arrivals(
+                    arrivals.get(site).copied(),
+                    routed
+                        .get(&ChildKind::Edge(site.clone()).service_name(&scope.service))
+                        .copied(),
+                )
+                .map(|a| TierSample {
+                    arrival_rps: a,
                     served_rps: served.get(site).copied().unwrap_or(0.0),
                     queue_depth: queue.get(site).copied().unwrap_or(0.0),
                     running: running.get(site).copied().unwrap_or(0.0),
@@ -212,6 +225,15 @@ impl Source {
     }
 }
 
+/// A site's demand: what its own workers saw plus what reached the cloud tier through its
+/// Service (while it had no ready replica); `None` when neither has a series.
+fn site_arrivals(own: Option<f64>, via_cloud: Option<f64>) -> Option<f64> {
+    match (own, via_cloud) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! A fake Prometheus over real HTTP: what the autoscaler does with garbage, a wrong
@@ -221,6 +243,14 @@ mod tests {
     use axum::http::StatusCode;
     use axum::response::{IntoResponse, Response};
     use serde_json::json;
+
+    #[test]
+    fn a_site_demand_adds_what_reached_the_cloud_through_its_service() {
+        assert_eq!(site_arrivals(None, None), None, "no series: no data");
+        assert_eq!(site_arrivals(Some(2.0), None), Some(2.0));
+        assert_eq!(site_arrivals(None, Some(0.5)), Some(0.5), "asleep");
+        assert_eq!(site_arrivals(Some(2.0), Some(0.5)), Some(2.5), "waking");
+    }
 
     /// How the fake answers.
     #[derive(Clone, Copy)]
