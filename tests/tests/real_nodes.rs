@@ -121,6 +121,21 @@ async fn setup(test: &str, set: &[&str]) -> Option<(TestCtx, Release)> {
     Some((ctx, release))
 }
 
+/// [`setup`] with the operator pointed at the real nodes' Prometheus (which discovers the
+/// worker pods itself); rates over 20 s, as Prometheus scrapes every 5 s.
+async fn setup_scraped(test: &str) -> Option<(TestCtx, Release)> {
+    let prometheus = format!("prometheusUrl={}", prometheus_url());
+    setup(
+        test,
+        &[
+            &prometheus,
+            "extraEnv[0].name=TIDAL_RATE_WINDOW",
+            "extraEnv[0].value=20s",
+        ],
+    )
+    .await
+}
+
 /// The holder of a Lease in `leases` that `accept` takes (the error lists every holder).
 async fn lease_holder(
     leases: &Api<Lease>,
@@ -460,19 +475,7 @@ async fn ttft_p95_ms(ns: &str, service: &str, window: &str) -> Result<f64, Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
 async fn real_node_load_step_adds_worker_pods_and_scale_down_under_load_fails_no_request() {
-    // The operator pointed at the real nodes' Prometheus (which discovers the worker pods
-    // itself); rates over 20 s, as Prometheus scrapes every 5 s.
-    let prometheus = format!("prometheusUrl={}", prometheus_url());
-    let Some((ctx, _release)) = setup(
-        "real-scale",
-        &[
-            &prometheus,
-            "extraEnv[0].name=TIDAL_RATE_WINDOW",
-            "extraEnv[0].value=20s",
-        ],
-    )
-    .await
-    else {
+    let Some((ctx, _release)) = setup_scraped("real-scale").await else {
         return;
     };
     let ns = ctx.namespace.clone();
@@ -1394,17 +1397,7 @@ async fn load_by_name(
 async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_wakes_on_their_demand()
  {
     let _edge = EDGE.lock().await;
-    let prometheus = format!("prometheusUrl={}", prometheus_url());
-    let Some((ctx, _release)) = setup(
-        "real-sleep",
-        &[
-            &prometheus,
-            "extraEnv[0].name=TIDAL_RATE_WINDOW",
-            "extraEnv[0].value=20s",
-        ],
-    )
-    .await
-    else {
+    let Some((ctx, _release)) = setup_scraped("real-sleep").await else {
         return;
     };
     let ns = ctx.namespace.clone();

@@ -322,15 +322,16 @@ pub fn sleep_study(
         };
         let setup = m.setup(trace)?;
         let (cloud_arrivals, _) = engine::route(trace, setup.edge.as_ref());
-        let mut policy = kind.build(&setup, tidal);
-        let run = engine::simulate(trace, &setup, policy.as_mut());
-        rows.push(SleepRow {
+        let row = |mode, run: RunResult, cloud: &[f64]| SleepRow {
             policy: kind.name().into(),
             edge_min,
-            mode: "fluid",
-            summary: metrics::summarize(&run, &cloud_arrivals, trace.tick_s),
+            mode,
+            summary: metrics::summarize(&run, cloud, trace.tick_s),
             sleep: run.sleep,
-        });
+        };
+        let mut policy = kind.build(&setup, tidal);
+        let run = engine::simulate(trace, &setup, policy.as_mut());
+        rows.push(row("fluid", run, &cloud_arrivals));
         if let Some(max_batch) = des_batch {
             let batch = des::BatchModel::calibrated(
                 setup.model,
@@ -343,13 +344,7 @@ pub fn sleep_study(
             let cloud: Vec<f64> = routed.cloud.iter().map(|r| r.len() as f64).collect();
             let mut policy = kind.build(&setup, tidal);
             let run = engine::simulate_des(trace, &routed, &setup, &batch, policy.as_mut());
-            rows.push(SleepRow {
-                policy: kind.name().into(),
-                edge_min,
-                mode: "discrete-event",
-                summary: metrics::summarize(&run, &cloud, trace.tick_s),
-                sleep: run.sleep,
-            });
+            rows.push(row("discrete-event", run, &cloud));
         }
     }
     Ok(rows)

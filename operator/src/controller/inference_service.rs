@@ -468,13 +468,7 @@ async fn publish_changes(
             "ScaleDown"
         };
         let note = format!("{name}: desired replicas {old} -> {}{why}", w.desired);
-        let related = ObjectReference {
-            api_version: Some("apps/v1".into()),
-            kind: Some("Deployment".into()),
-            name: Some(name.clone()),
-            namespace: tis.namespace(),
-            ..Default::default()
-        };
+        let related = child_ref(tis, "apps/v1", "Deployment", name.clone());
         publish(
             tis,
             state,
@@ -499,13 +493,8 @@ async fn publish_changes(
         .await;
     }
     for (site, to_cloud, note) in routing_changes(previous, status, &tis.name_any()) {
-        let related = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            name: Some(ChildKind::Edge(site).service_name(&tis.name_any())),
-            namespace: tis.namespace(),
-            ..Default::default()
-        };
+        let svc = ChildKind::Edge(site).service_name(&tis.name_any());
+        let related = child_ref(tis, "v1", "Service", svc);
         publish(
             tis,
             state,
@@ -550,6 +539,22 @@ async fn publish_changes(
             None,
         )
         .await;
+    }
+}
+
+/// A child of `tis`, as an Event's related object.
+fn child_ref(
+    tis: &InferenceService,
+    api_version: &str,
+    kind: &str,
+    name: String,
+) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(kind.into()),
+        name: Some(name),
+        namespace: tis.namespace(),
+        ..Default::default()
     }
 }
 
