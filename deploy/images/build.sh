@@ -194,6 +194,22 @@ build_tidal() {
     --label "org.opencontainers.image.version=$APP_VERSION" \
     --label "org.opencontainers.image.description=Tidal's candle-based LLM server (full, router, expert and edge roles)"
   rm -rf "$tmp"
+  forget_on_nodes "ghcr.io/tidal-rs/tidal-operator:$APP_VERSION" "ghcr.io/tidal-rs/tidal-worker:$APP_VERSION" \
+    "$(tidal_ref tidal-operator)" "$(tidal_ref tidal-worker)"
+}
+
+# forget_on_nodes REF...: running real nodes drop their copies of REF. The chart's images keep
+# the app version's tag across rebuilds and are pulled IfNotPresent, so a node that pulled an
+# earlier build would go on starting it; without its copy the next pod pulls this one.
+forget_on_nodes() {
+  local sock ref
+  for sock in "$TIDAL_LOCAL_STATE"/nodes/*/containerd.sock; do
+    [ -S "$sock" ] || continue
+    for ref in "$@"; do
+      "$CONTAINERD_BIN/ctr" --address "$sock" -n k8s.io images rm "$ref" >/dev/null 2>&1 || true
+    done
+    log "$(basename "$(dirname "$sock")"): dropped its copies of the previous tidal images"
+  done
 }
 
 # model DIR REPO:TAG: the files at the image's root, so the volume's mount point is the
