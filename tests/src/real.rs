@@ -50,15 +50,34 @@ pub async fn real_nodes(ctx: &TestCtx) -> Vec<String> {
         .collect()
 }
 
-/// Panics with what to run when the real nodes are not up.
+/// The real nodes once both are Ready; panics with what to run when they are not up.
+///
+/// Another test may have cut `tidal-edge` off for a while (it restores it when it ends):
+/// while both Node objects exist this waits for them to be Ready again (up to 15 minutes).
 pub async fn require_real_nodes(ctx: &TestCtx) -> Vec<String> {
-    let nodes = real_nodes(ctx).await;
-    assert!(
-        nodes.iter().any(|n| n == "tidal-cloud") && nodes.iter().any(|n| n == "tidal-edge"),
-        "the real nodes tidal-cloud and tidal-edge are not Ready (found {nodes:?}); \
-         run `deploy/local/tidal-local test` (it starts them), or `tidal-local nodes` first"
-    );
-    nodes
+    const WANT: [&str; 2] = ["tidal-cloud", "tidal-edge"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    loop {
+        let ready = real_nodes(ctx).await;
+        if WANT.iter().all(|w| ready.iter().any(|n| n == w)) {
+            return ready;
+        }
+        let all: Vec<String> = Api::<Node>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await
+            .expect("list nodes")
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect();
+        let exist = WANT.iter().all(|w| all.iter().any(|n| n == w));
+        assert!(
+            exist && std::time::Instant::now() < deadline,
+            "the real nodes tidal-cloud and tidal-edge are not Ready (Ready: {ready:?}); \
+             run `deploy/local/tidal-local test` (it starts them), or `tidal-local nodes` first"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// Runs `deploy/images/build.sh ARGS` (pushes to the local registry); panics on failure.

@@ -1156,7 +1156,8 @@ async fn real_node_edge_node_cut_off_five_times_fails_over_to_the_cloud_and_back
     eventually("EdgeNode Ready", START, || phase("Ready")).await;
 
     // The site's traffic, to the site's Service, through a gateway that fails over to the
-    // cloud Service.
+    // cloud Service (until the site's Service itself routes to the cloud tier: a cut-off site
+    // has no ready replica).
     let traffic = Arc::new(EdgeTraffic {
         edge: std::sync::Mutex::new(base_of_service(&ctx, &site_service).await.unwrap()),
         ..Default::default()
@@ -1252,13 +1253,7 @@ async fn real_node_edge_node_cut_off_five_times_fails_over_to_the_cloud_and_back
         },
     )
     .await;
-    eventually("the cloud serves the site's traffic", START, || async {
-        match traffic.served() {
-            (_, cloud) if cloud >= cloud_before_cut + 3 => Ok(()),
-            other => Err(format!("served by (edge, cloud): {other:?}")),
-        }
-    })
-    .await;
+    site_served_through(&ctx, name, &site, "cloud", &traffic, "cut 1").await;
 
     // Back online: Ready again, the edge pod serves, the cloud returns to its own size.
     drop(cut);
@@ -1280,50 +1275,19 @@ async fn real_node_edge_node_cut_off_five_times_fails_over_to_the_cloud_and_back
     )
     .await;
     // The site's traffic returns to its edge pod, and no request was lost on the way.
-    let (edge_before_restore, _) = traffic.served();
-    eventually(
-        "the edge pod serves the site's traffic again",
-        START,
-        || async {
-            match traffic.served() {
-                (edge, _) if edge >= edge_before_restore + 3 => Ok(()),
-                other => Err(format!("served by (edge, cloud): {other:?}")),
-            }
-        },
-    )
-    .await;
+    site_served_through(&ctx, name, &site, "edge", &traffic, "restore 1").await;
 
     // Four more cuts in a row, under the same traffic: each time Offline once, the cloud
     // answers the site, Ready once after the restore, and the edge takes its traffic back.
     for round in 2..=5 {
-        let (_, cloud_before) = traffic.served();
         let cut = Cut::edge("tidal-edge");
         eventually(&format!("Offline, cut {round}"), START, || phase("Offline")).await;
-        eventually(
-            &format!("the cloud serves the site, cut {round}"),
-            START,
-            || async {
-                match traffic.served() {
-                    (_, cloud) if cloud >= cloud_before + 3 => Ok(()),
-                    other => Err(format!("served by (edge, cloud): {other:?}")),
-                }
-            },
-        )
-        .await;
+        let what = format!("cut {round}");
+        site_served_through(&ctx, name, &site, "cloud", &traffic, &what).await;
         drop(cut);
         eventually(&format!("Ready, restore {round}"), START, || phase("Ready")).await;
-        let (edge_before, _) = traffic.served();
-        eventually(
-            &format!("the edge serves the site, restore {round}"),
-            START,
-            || async {
-                match traffic.served() {
-                    (edge, _) if edge >= edge_before + 3 => Ok(()),
-                    other => Err(format!("served by (edge, cloud): {other:?}")),
-                }
-            },
-        )
-        .await;
+        let what = format!("restore {round}");
+        site_served_through(&ctx, name, &site, "edge", &traffic, &what).await;
     }
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
@@ -1343,6 +1307,42 @@ async fn real_node_edge_node_cut_off_five_times_fails_over_to_the_cloud_and_back
          Degraded Events; each time it failed over to the cloud and came back; site traffic: \
          {by_edge} by the edge, {by_cloud} by the cloud, none failed"
     );
+}
+
+/// Waits until the site's Service routes to `tier` (`edge` or `cloud`), then until the site's
+/// traffic has had 3 more answers. Cut off, a site has no ready replica and its Service routes
+/// to the cloud tier (the gateway's fallback to the cloud Service covers the seconds before).
+async fn site_served_through(
+    ctx: &TestCtx,
+    name: &str,
+    site: &str,
+    tier: &str,
+    traffic: &EdgeTraffic,
+    what: &str,
+) {
+    eventually(
+        &format!("{what}: the site's Service on the {tier} tier"),
+        START,
+        || async {
+            match site_served_by(ctx, name, site).await?.as_str() {
+                t if t == tier => Ok(()),
+                other => Err(format!("servedBy {other}")),
+            }
+        },
+    )
+    .await;
+    let (e, c) = traffic.served();
+    eventually(
+        &format!("{what}: the site's traffic answered"),
+        START,
+        || async {
+            match traffic.served() {
+                (e2, c2) if e2 + c2 >= e + c + 3 => Ok(()),
+                other => Err(format!("served by (edge, cloud): {other:?}")),
+            }
+        },
+    )
+    .await;
 }
 
 /// What an InferenceService's status says serves an edge site: `edge` or `cloud`.
