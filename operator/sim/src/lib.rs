@@ -286,6 +286,34 @@ fn replay_each(
     }
 }
 
+/// What a discrete-event replay of `trace` needs: the batching model calibrated for `setup`,
+/// the trace's requests (drawn with `seed`) routed to targets, and the cloud's arrivals per tick.
+#[allow(clippy::type_complexity)]
+fn des_inputs(
+    trace: &Trace,
+    setup: &SimSetup,
+    max_batch: u32,
+    seed: u64,
+) -> Result<
+    (
+        des::BatchModel,
+        engine::Routed<Vec<trace::Request>>,
+        Vec<f64>,
+    ),
+    String,
+> {
+    let batch = des::BatchModel::calibrated(
+        setup.model,
+        max_batch,
+        trace.mean_input_tokens,
+        trace.mean_output_tokens,
+    )?;
+    let requests = des::requests(trace, seed);
+    let routed = engine::route_requests(trace, &requests, setup.edge.as_ref());
+    let cloud = routed.cloud.iter().map(|r| r.len() as f64).collect();
+    Ok((batch, routed, cloud))
+}
+
 /// One row of the edge scale-to-zero study ([`sleep_study`]).
 #[derive(Clone, Debug)]
 pub struct SleepRow {
@@ -333,15 +361,7 @@ pub fn sleep_study(
         let run = engine::simulate(trace, &setup, policy.as_mut());
         rows.push(row("fluid", run, &cloud_arrivals));
         if let Some(max_batch) = des_batch {
-            let batch = des::BatchModel::calibrated(
-                setup.model,
-                max_batch,
-                trace.mean_input_tokens,
-                trace.mean_output_tokens,
-            )?;
-            let requests = des::requests(trace, seed);
-            let routed = engine::route_requests(trace, &requests, setup.edge.as_ref());
-            let cloud: Vec<f64> = routed.cloud.iter().map(|r| r.len() as f64).collect();
+            let (batch, routed, cloud) = des_inputs(trace, &setup, max_batch, seed)?;
             let mut policy = kind.build(&setup, tidal);
             let run = engine::simulate_des(trace, &routed, &setup, &batch, policy.as_mut());
             rows.push(row("discrete-event", run, &cloud));
@@ -378,15 +398,7 @@ pub fn run_scenario_des(
     max_batch: u32,
     seed: u64,
 ) -> Result<Scenario, String> {
-    let batch = des::BatchModel::calibrated(
-        setup.model,
-        max_batch,
-        trace.mean_input_tokens,
-        trace.mean_output_tokens,
-    )?;
-    let requests = des::requests(&trace, seed);
-    let routed = engine::route_requests(&trace, &requests, setup.edge.as_ref());
-    let cloud_arrivals: Vec<f64> = routed.cloud.iter().map(|r| r.len() as f64).collect();
+    let (batch, routed, cloud_arrivals) = des_inputs(&trace, &setup, max_batch, seed)?;
     let all = build_all(&setup, policies, tidal, variants);
     Ok(replay_each(trace, setup, cloud_arrivals, all, |t, s, p| {
         engine::simulate_des(t, &routed, s, &batch, p)
