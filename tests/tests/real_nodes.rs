@@ -1106,16 +1106,7 @@ async fn real_node_edge_node_cut_off_five_times_fails_over_to_the_cloud_and_back
     let edge_nodes: Api<EdgeNode> = Api::all(ctx.client.clone());
     let name = "assist";
     let uri = fixture_model(&ctx, "llama");
-    let spec = json!({
-        "model": {"uri": uri, "architecture": "llama"},
-        "cloud": {"minReplicas": 1, "maxReplicas": 2,
-                  "nodeSelector": {"tidal.rs/tier": "cloud"},
-                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
-        "edge": {"model": {"uri": uri, "architecture": "llama"},
-                 "edgeNodeSelector": {"matchLabels": {"tidal.rs/edge-pool": ns}},
-                 "minReplicasPerNode": 2, "maxReplicasPerNode": 2,
-                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
-    });
+    let spec = cloud_and_edge(&uri, &ns, 2, 2);
     create_service(&ctx, name, spec).await;
     // The site's own Service: its clients' stable address, whatever pods serve it.
     let site_service = format!("{name}-edge-{site}");
@@ -1309,6 +1300,21 @@ async fn real_node_edge_node_cut_off_five_times_fails_over_to_the_cloud_and_back
     );
 }
 
+/// A llama `uri` on one or two cloud pods and `min..=max` pods on each EdgeNode of this
+/// test's pool (`tidal-edge`), small requests each.
+fn cloud_and_edge(uri: &str, ns: &str, min: i32, max: i32) -> serde_json::Value {
+    json!({
+        "model": {"uri": uri, "architecture": "llama"},
+        "cloud": {"minReplicas": 1, "maxReplicas": 2,
+                  "nodeSelector": {"tidal.rs/tier": "cloud"},
+                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+        "edge": {"model": {"uri": uri, "architecture": "llama"},
+                 "edgeNodeSelector": {"matchLabels": {"tidal.rs/edge-pool": ns}},
+                 "minReplicasPerNode": min, "maxReplicasPerNode": max,
+                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+    })
+}
+
 /// Waits until the site's Service routes to `tier` (`edge` or `cloud`), then until the site's
 /// traffic has had 3 more answers. Cut off, a site has no ready replica and its Service routes
 /// to the cloud tier (the gateway's fallback to the cloud Service covers the seconds before).
@@ -1406,22 +1412,13 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
     let uri = fixture_model(&ctx, "llama");
     // minReplicasPerNode 0: the site may sleep. The quiet rule: under one request per 5 s
     // interval; 20 s of quiet before it sleeps.
-    let spec = json!({
-        "model": {"uri": uri, "architecture": "llama"},
-        "cloud": {"minReplicas": 1, "maxReplicas": 2,
-                  "nodeSelector": {"tidal.rs/tier": "cloud"},
-                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
-        "edge": {"model": {"uri": uri, "architecture": "llama"},
-                 "edgeNodeSelector": {"matchLabels": {"tidal.rs/edge-pool": ns}},
-                 "minReplicasPerNode": 0, "maxReplicasPerNode": 1,
-                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
-        "autoscaling": {
-            "intervalSeconds": 5,
-            "targetRpsPerReplica": 2.0,
-            "forecast": {"method": "Naive", "horizonSeconds": 10, "quantile": 0.5},
-            "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": 2},
-            "scaleDown": {"stabilizationWindowSeconds": 20, "maxStep": 2},
-        },
+    let mut spec = cloud_and_edge(&uri, &ns, 0, 1);
+    spec["autoscaling"] = json!({
+        "intervalSeconds": 5,
+        "targetRpsPerReplica": 2.0,
+        "forecast": {"method": "Naive", "horizonSeconds": 10, "quantile": 0.5},
+        "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": 2},
+        "scaleDown": {"stabilizationWindowSeconds": 20, "maxStep": 2},
     });
     create_service(&ctx, name, spec).await;
     let site_service = format!("{name}-edge-{site}");
