@@ -16,11 +16,35 @@ pub struct Point {
     pub replica_seconds: f64,
 }
 
+impl Point {
+    pub const fn new(utilization: f64, attainment: f64, replica_seconds: f64) -> Self {
+        Point {
+            utilization,
+            attainment,
+            replica_seconds,
+        }
+    }
+}
+
 /// A policy's points, one per swept utilisation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Curve {
     pub policy: String,
     pub points: Vec<Point>,
+}
+
+/// `a / b`, with 0 / 0 = 1 (both perfect) and x / 0 = ∞.
+pub fn div(a: f64, b: f64) -> f64 {
+    if b.abs() < 1e-12 {
+        if a.abs() < 1e-12 { 1.0 } else { f64::INFINITY }
+    } else {
+        a / b
+    }
+}
+
+/// Misses at attainment `att` ÷ misses at `base` (same requests).
+pub fn miss_ratio(att: f64, base: f64) -> f64 {
+    div(1.0 - att, 1.0 - base)
 }
 
 fn lerp(x: f64, x0: f64, x1: f64, y0: f64, y1: f64) -> f64 {
@@ -130,12 +154,10 @@ pub fn best_baseline(m: &[Matched]) -> (Option<f64>, Option<f64>) {
 mod tests {
     use super::*;
 
+    use Point as P;
+
     fn p(u: f64, att: f64, rs: f64) -> Point {
-        Point {
-            utilization: u,
-            attainment: att,
-            replica_seconds: rs,
-        }
+        P::new(u, att, rs)
     }
 
     #[test]

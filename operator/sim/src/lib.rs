@@ -8,13 +8,15 @@
 //!   [`des`]: the same as discrete events (requests, batching replicas, queueing).
 //! - [`policy`], [`baselines`], [`tidal`]: the policies under test.
 //! - [`engine`]: the replay loop; [`metrics`]: scores; [`report`], [`plot`]: output.
-//! - [`frontier`]: policies compared at matched cost and SLO over a swept target utilisation.
+//! - [`frontier`]: policies compared at matched cost and SLO over a swept target utilisation;
+//!   [`heldout`]: Tidal at a setting chosen on other scenarios (leave-one-out, fresh days).
 
 pub mod baselines;
 pub mod cluster;
 pub mod des;
 pub mod engine;
 pub mod frontier;
+pub mod heldout;
 pub mod metrics;
 pub mod plot;
 pub mod policy;

@@ -1,4 +1,7 @@
-//! Synthetic load patterns (steps, ramps, bursts, diurnal), seeded so runs are reproducible.
+//! Synthetic load patterns, seeded so runs are reproducible: the four the benchmark has always
+//! shown (steps, ramps, bursts, diurnal), the edge sleep study's store hours, and the
+//! [`Pattern::FRESH`] shapes added after the core was tuned (flash crowd, level shifts, holiday
+//! dip, long prompts), which the benchmark replays with seeds of their own as held-out days.
 
 use std::str::FromStr;
 
@@ -23,6 +26,19 @@ pub enum Pattern {
     /// shop's or office's site: its demand jumps from nothing when it opens).
     /// Not in [`Pattern::ALL`]: the edge scale-to-zero study uses it.
     StoreHours,
+    /// A link goes viral: at a random time in the first half the rate jumps within 30 s to
+    /// 5-8x the base, then decays back exponentially (time constant 10-20 minutes).
+    FlashCrowd,
+    /// Three permanent shifts at random times, each multiplying the level by 1.5-2.5 or by
+    /// 0.4-0.67 (kept within 0.25-4x the base): a tenant moves in, a client is switched off.
+    LevelShift,
+    /// The diurnal cycle over four days, the third a holiday at 35 % of a normal day: the
+    /// seasonal history overshoots it, then holds the dip in its history on day four.
+    HolidayDip,
+    /// Long prompts (12,000 tokens on average, 300 out) at a fifth of the base rate (2.4x
+    /// the base's prompt tokens): prefill takes a third of the TTFT objective; the rate wanders
+    /// (log-normal, mean-reverting over 10 minutes, σ 0.35).
+    LongPrompts,
 }
 
 impl Pattern {
@@ -33,6 +49,14 @@ impl Pattern {
         Pattern::Diurnal,
     ];
 
+    /// Shapes added after the core's constants were set: the benchmark's held-out days.
+    pub const FRESH: [Pattern; 4] = [
+        Pattern::FlashCrowd,
+        Pattern::LevelShift,
+        Pattern::HolidayDip,
+        Pattern::LongPrompts,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Pattern::Steps => "steps",
@@ -40,14 +64,20 @@ impl Pattern {
             Pattern::Bursts => "bursts",
             Pattern::Diurnal => "diurnal",
             Pattern::StoreHours => "store-hours",
+            Pattern::FlashCrowd => "flash-crowd",
+            Pattern::LevelShift => "level-shift",
+            Pattern::HolidayDip => "holiday-dip",
+            Pattern::LongPrompts => "long-prompts",
         }
     }
 
-    /// A duration that shows the pattern: one hour, or two days for the diurnal one.
+    /// A duration that shows the pattern: one or two hours, or days for the daily ones.
     pub fn default_duration_s(self) -> f64 {
         match self {
             Pattern::Diurnal => 2.0 * 86400.0,
             Pattern::StoreHours => 3.0 * 86400.0,
+            Pattern::HolidayDip => 4.0 * 86400.0,
+            Pattern::FlashCrowd | Pattern::LevelShift | Pattern::LongPrompts => 7200.0,
             _ => 3600.0,
         }
     }
@@ -56,13 +86,19 @@ impl Pattern {
 impl FromStr for Pattern {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Pattern::ALL
-            .into_iter()
-            .chain([Pattern::StoreHours])
+        let all = || {
+            Pattern::ALL
+                .into_iter()
+                .chain([Pattern::StoreHours])
+                .chain(Pattern::FRESH)
+        };
+        all()
             .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
             .ok_or_else(|| {
+                let names: Vec<&str> = all().map(Pattern::name).collect();
                 format!(
-                    "unknown synthetic pattern {s:?}: one of steps, ramps, bursts, diurnal, store-hours"
+                    "unknown synthetic pattern {s:?}: one of {}",
+                    names.join(", ")
                 )
             })
     }
@@ -93,46 +129,50 @@ impl Synthetic {
     pub fn generate(&self) -> Trace {
         let n = (self.duration_s / self.tick_s).ceil().max(1.0) as usize;
         let mut rng = StdRng::seed_from_u64(self.seed);
-        let bursts = if self.pattern == Pattern::Bursts {
-            burst_windows(&mut rng, self.duration_s)
-        } else {
-            vec![]
-        };
+        // The pattern's random shape first, then the arrivals (the order the earlier patterns'
+        // streams were drawn in, so their traces stay the same).
+        let shape = Shape::draw(self, n, &mut rng);
         let arrivals = (0..n)
             .map(|k| {
                 let t = (k as f64 + 0.5) * self.tick_s;
-                let rate = self.rate_at(t, &bursts);
+                let rate = self.rate_at(t, k, &shape);
                 poisson(&mut rng, rate * self.tick_s)
             })
             .collect();
+        let (mean_input_tokens, mean_output_tokens) = match self.pattern {
+            Pattern::LongPrompts => (12000.0, 300.0),
+            _ => (1000.0, 250.0),
+        };
         Trace {
             name: format!("synthetic-{}", self.pattern.name()),
             tick_s: self.tick_s,
             arrivals,
-            mean_input_tokens: 1000.0,
-            mean_output_tokens: 250.0,
+            mean_input_tokens,
+            mean_output_tokens,
             requests: vec![],
         }
     }
 
-    fn rate_at(&self, t: f64, bursts: &[(f64, f64, f64)]) -> f64 {
+    fn rate_at(&self, t: f64, k: usize, shape: &Shape) -> f64 {
         let b = self.base_rps;
         let x = t / self.duration_s;
+        let diurnal = |t: f64| {
+            let day = (t % 86400.0) / 86400.0;
+            b * (1.0 - 0.6 * (2.0 * std::f64::consts::PI * day).cos())
+        };
         match self.pattern {
             Pattern::Steps => b * [1.0, 2.0, 4.0, 1.0][((x * 4.0) as usize).min(3)],
             Pattern::Ramps => b * (1.0 + 3.0 * (1.0 - (2.0 * x - 1.0).abs())),
             Pattern::Bursts => {
-                let m = bursts
+                let m = shape
+                    .bursts
                     .iter()
                     .filter(|w| t >= w.0 && t < w.1)
                     .map(|w| w.2)
                     .fold(1.0, f64::max);
                 b * m
             }
-            Pattern::Diurnal => {
-                let day = (t % 86400.0) / 86400.0;
-                b * (1.0 - 0.6 * (2.0 * std::f64::consts::PI * day).cos())
-            }
+            Pattern::Diurnal => diurnal(t),
             Pattern::StoreHours => {
                 let h = (t % 86400.0) / 3600.0;
                 b * match h {
@@ -141,8 +181,117 @@ impl Synthetic {
                     _ => 0.5,
                 }
             }
+            Pattern::FlashCrowd => {
+                let (onset, peak, tau) = shape.flash;
+                let since = t - onset;
+                let excess = if since < 0.0 {
+                    0.0
+                } else if since < FLASH_RISE_S {
+                    since / FLASH_RISE_S
+                } else {
+                    (-(since - FLASH_RISE_S) / tau).exp()
+                };
+                b * (1.0 + (peak - 1.0) * excess)
+            }
+            Pattern::LevelShift => {
+                let level = shape
+                    .shifts
+                    .iter()
+                    .take_while(|(at, _)| *at <= t)
+                    .last()
+                    .map_or(1.0, |s| s.1);
+                b * level
+            }
+            Pattern::HolidayDip => {
+                let holiday = (t / 86400.0) as usize == 2;
+                diurnal(t) * if holiday { 0.35 } else { 1.0 }
+            }
+            Pattern::LongPrompts => 0.2 * b * shape.walk.get(k).copied().unwrap_or(1.0),
         }
     }
+}
+
+/// Seconds a flash crowd takes to reach its peak.
+const FLASH_RISE_S: f64 = 30.0;
+
+/// A pattern's random shape, drawn before its arrivals.
+#[derive(Default)]
+struct Shape {
+    /// (start, end, multiplier) of bursts.
+    bursts: Vec<(f64, f64, f64)>,
+    /// Flash crowd: (onset, peak multiplier, decay time constant).
+    flash: (f64, f64, f64),
+    /// Level shifts: (from, level), in time order.
+    shifts: Vec<(f64, f64)>,
+    /// Per-tick multiplier of a mean-reverting log-normal walk.
+    walk: Vec<f64>,
+}
+
+impl Shape {
+    fn draw(s: &Synthetic, ticks: usize, rng: &mut StdRng) -> Shape {
+        let d = s.duration_s;
+        match s.pattern {
+            Pattern::Bursts => Shape {
+                bursts: burst_windows(rng, d),
+                ..Shape::default()
+            },
+            Pattern::FlashCrowd => Shape {
+                flash: (
+                    d * rng.random_range(0.25..0.5),
+                    rng.random_range(5.0..8.0),
+                    rng.random_range(600.0..1200.0),
+                ),
+                ..Shape::default()
+            },
+            Pattern::LevelShift => {
+                let mut at: Vec<f64> = (0..3).map(|_| d * rng.random_range(0.15..0.85)).collect();
+                at.sort_by(f64::total_cmp);
+                let mut level = 1.0_f64;
+                let shifts = at
+                    .into_iter()
+                    .map(|t| {
+                        let factor = if rng.random::<bool>() {
+                            rng.random_range(1.5..2.5)
+                        } else {
+                            rng.random_range(0.4..0.67)
+                        };
+                        level = (level * factor).clamp(0.25, 4.0);
+                        (t, level)
+                    })
+                    .collect();
+                Shape {
+                    shifts,
+                    ..Shape::default()
+                }
+            }
+            Pattern::LongPrompts => {
+                // log-rate x: AR(1) with a 600 s correlation time and stationary σ 0.35; the
+                // multiplier exp(x - σ²/2) has mean 1.
+                let sigma = 0.35_f64;
+                let phi = (-s.tick_s / 600.0).exp();
+                let step = sigma * (1.0 - phi * phi).sqrt();
+                let mut x = 0.0;
+                let walk = (0..ticks)
+                    .map(|_| {
+                        x = phi * x + step * normal(rng);
+                        (x - sigma * sigma / 2.0).exp()
+                    })
+                    .collect();
+                Shape {
+                    walk,
+                    ..Shape::default()
+                }
+            }
+            _ => Shape::default(),
+        }
+    }
+}
+
+/// A standard normal draw (Box-Muller).
+fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(1e-12);
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 /// (start, end, multiplier) of random bursts.
@@ -179,11 +328,7 @@ pub fn poisson(rng: &mut StdRng, lambda: f64) -> f64 {
             k += 1.0;
         }
     }
-    // Box-Muller.
-    let u1: f64 = rng.random::<f64>().max(1e-12);
-    let u2: f64 = rng.random::<f64>();
-    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-    (lambda + z * lambda.sqrt()).round().max(0.0)
+    (lambda + normal(rng) * lambda.sqrt()).round().max(0.0)
 }
 
 #[cfg(test)]
@@ -192,7 +337,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_trace_other_seed_other_trace() {
-        for p in Pattern::ALL {
+        for p in Pattern::ALL.into_iter().chain(Pattern::FRESH) {
             let mut s = Synthetic::new(p);
             s.duration_s = 7200.0;
             s.tick_s = 5.0;
@@ -251,6 +396,93 @@ mod tests {
         );
     }
 
+    /// Mean rate over `[from, to)` seconds.
+    fn mean_rps(t: &Trace, from: f64, to: f64) -> f64 {
+        let (a, b) = ((from / t.tick_s) as usize, (to / t.tick_s) as usize);
+        t.arrivals[a..b].iter().sum::<f64>() / (to - from)
+    }
+
+    #[test]
+    fn a_flash_crowd_jumps_within_the_first_half_and_decays_back() {
+        for seed in 1..4 {
+            let mut s = Synthetic::new(Pattern::FlashCrowd);
+            s.seed = seed;
+            let t = s.generate();
+            assert!(
+                (mean_rps(&t, 0.0, 1500.0) - 20.0).abs() < 1.5,
+                "calm before"
+            );
+            assert!(t.peak_rps(60.0) > 4.5 * 20.0, "peak {}", t.peak_rps(60.0));
+            let end = mean_rps(&t, 6600.0, 7200.0);
+            assert!(
+                end < 1.5 * 20.0,
+                "mostly back to the base by the end: {end}"
+            );
+        }
+    }
+
+    #[test]
+    fn level_shifts_last() {
+        for seed in 1..4 {
+            let mut s = Synthetic::new(Pattern::LevelShift);
+            s.seed = seed;
+            let t = s.generate();
+            let shape = Shape::draw(&s, t.arrivals.len(), &mut StdRng::seed_from_u64(seed));
+            assert_eq!(shape.shifts.len(), 3);
+            let mut level = 1.0;
+            let mut from = 0.0;
+            for (at, next) in shape.shifts.iter().copied().chain([(7200.0, 0.0)]) {
+                // The rate holds each level until the next shift.
+                if at - from > 120.0 {
+                    let got = mean_rps(&t, from, at);
+                    assert!((got / (20.0 * level) - 1.0).abs() < 0.1, "{got} vs {level}");
+                }
+                if next > 0.0 {
+                    let r = next / level;
+                    assert!(
+                        r >= 1.5 - 1e-9 || r <= 0.67 + 1e-9 || next == 4.0 || next == 0.25,
+                        "each shift moves the level: {level} -> {next}"
+                    );
+                }
+                (level, from) = (next, at);
+            }
+        }
+    }
+
+    #[test]
+    fn the_holiday_is_the_third_day_only() {
+        let mut s = Synthetic::new(Pattern::HolidayDip);
+        s.tick_s = 60.0;
+        let t = s.generate();
+        let noon = |d: f64| mean_rps(&t, d * 86400.0 + 11.0 * 3600.0, d * 86400.0 + 13.0 * 3600.0);
+        assert!(
+            noon(2.0) < 0.45 * noon(1.0),
+            "{} vs {}",
+            noon(2.0),
+            noon(1.0)
+        );
+        assert!((noon(3.0) / noon(1.0) - 1.0).abs() < 0.05);
+        assert!((noon(0.0) / noon(1.0) - 1.0).abs() < 0.05);
+    }
+
+    #[test]
+    fn long_prompts_wander_around_the_base_rate() {
+        let t = Synthetic::new(Pattern::LongPrompts).generate();
+        assert_eq!(
+            (t.mean_input_tokens, t.mean_output_tokens),
+            (12000.0, 300.0)
+        );
+        let mean = mean_rps(&t, 0.0, 7200.0);
+        assert!((mean - 4.0).abs() < 4.0 * 0.25, "{mean}");
+        let minutes: Vec<f64> = (0..120)
+            .map(|m| mean_rps(&t, m as f64 * 60.0, (m + 1) as f64 * 60.0))
+            .collect();
+        let (lo, hi) = minutes
+            .iter()
+            .fold((f64::MAX, 0.0_f64), |(l, h), &x| (l.min(x), h.max(x)));
+        assert!(hi > 1.5 * lo, "the rate wanders: {lo}..{hi}");
+    }
+
     #[test]
     fn bursts_exceed_the_base() {
         let t = Synthetic::new(Pattern::Bursts).generate();
@@ -269,7 +501,11 @@ mod tests {
 
     #[test]
     fn pattern_names_round_trip() {
-        for p in Pattern::ALL {
+        for p in Pattern::ALL
+            .into_iter()
+            .chain([Pattern::StoreHours])
+            .chain(Pattern::FRESH)
+        {
             assert_eq!(p.name().parse::<Pattern>().unwrap(), p);
         }
         assert!("sawtooth".parse::<Pattern>().is_err());

@@ -342,6 +342,71 @@ fn the_sweep_reproduces_the_shared_target_run_and_feeds_the_matched_verdict() {
 }
 
 #[test]
+fn held_out_scores_take_tidal_s_setting_from_the_other_scenarios_only() {
+    let policies = [PolicyKind::Tidal, PolicyKind::Hpa, PolicyKind::Kpa];
+    let tidal = TidalOptions::default();
+    let us = [0.6, 0.8, 1.0];
+    let scenario = |p: Pattern| {
+        let mut syn = Synthetic::new(p);
+        syn.duration_s = 1800.0;
+        let trace = syn.generate();
+        let setup = ModelOptions::default().setup(&trace).unwrap();
+        let curves = sweep(&trace, &setup, &policies, &tidal, &us, 2);
+        let mut sc = run_scenario(trace, setup, &policies, &tidal, &[]);
+        sc.curves = curves;
+        sc
+    };
+    let all: Vec<Scenario> = [Pattern::Steps, Pattern::Ramps, Pattern::FlashCrowd]
+        .into_iter()
+        .map(scenario)
+        .collect();
+    let named: Vec<(String, Vec<frontier::Curve>)> = all
+        .iter()
+        .map(|sc| (sc.trace.name.clone(), sc.curves.clone()))
+        .collect();
+    let loo = heldout::leave_one_out(&named[..2]);
+    assert_eq!(loo.len(), 2);
+    for (i, h) in loo.iter().enumerate() {
+        // Scored at the setting the *other* scenario prefers, whatever this one would.
+        let other = &named[1 - i].1;
+        assert_eq!(
+            Some(h.score.point.utilization),
+            heldout::choose(&[other.as_slice()])
+        );
+        assert_eq!(
+            Some(h.score),
+            heldout::score_at(&named[i].1, h.score.point.utilization)
+        );
+    }
+    let setting = heldout::choose(&[&named[0].1, &named[1].1]).unwrap();
+    assert!(us.contains(&setting));
+    let fresh = heldout::HeldOut {
+        trace: named[2].0.clone(),
+        score: heldout::score_at(&named[2].1, setting).unwrap(),
+    };
+    let verdicts: Vec<report::Verdict> = all.iter().filter_map(report::verdict).collect();
+    let doc = report::held_out_section(
+        &loo,
+        &verdicts[..2],
+        setting,
+        std::slice::from_ref(&fresh),
+        &verdicts[2..],
+    );
+    for name in [
+        "synthetic-steps",
+        "synthetic-ramps",
+        "synthetic-flash-crowd",
+    ] {
+        assert!(doc.contains(&format!("| {name} |")), "{doc}");
+    }
+    let wins = loo.iter().filter(|h| h.score.wins()).count();
+    assert!(
+        doc.contains(&format!("better on both on {wins} of 2 shared")),
+        "{doc}"
+    );
+}
+
+#[test]
 fn quiet_edge_sites_sleep_cheaper_with_their_clients_served_by_the_cloud_and_wake_ahead() {
     // Three days of business hours (nothing at night), 2 sites with 30 % of the load.
     let mut syn = Synthetic::new(Pattern::StoreHours);

@@ -12,7 +12,8 @@ use tidal_sim::synthetic::{Pattern, Synthetic};
 use tidal_sim::tidal::TidalOptions;
 use tidal_sim::trace::{self, Trace};
 use tidal_sim::{
-    ModelOptions, PolicyKind, Scenario, plot, report, run_scenario, run_scenario_des, sweep,
+    ModelOptions, PolicyKind, Scenario, heldout, plot, report, run_scenario, run_scenario_des,
+    sweep,
 };
 
 #[derive(Parser)]
@@ -95,6 +96,11 @@ struct BenchArgs {
     /// replayed again as single requests on batching replicas).
     #[arg(long, env = "TIDAL_SIM_NO_DES")]
     no_des: bool,
+    /// Seed of the first fresh synthetic day (flash crowd; the others take the next seeds):
+    /// shapes and seeds the core was never tuned on, scored with Tidal at the setting chosen
+    /// on the other scenarios.
+    #[arg(long, env = "TIDAL_SIM_FRESH_SEED", default_value_t = 20261203)]
+    fresh_seed: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -283,16 +289,18 @@ impl Common {
     }
 
     fn synthetic(&self, p: Pattern) -> Trace {
+        self.synthetic_seeded(p, self.seed)
+    }
+
+    fn synthetic_seeded(&self, p: Pattern, seed: u64) -> Trace {
         let mut s = Synthetic::new(p);
         s.base_rps = self.synthetic_base_rps * self.scale;
-        s.seed = self.seed;
-        s.tick_s = self
-            .tick_s
-            .unwrap_or(if matches!(p, Pattern::Diurnal | Pattern::StoreHours) {
-                5.0
-            } else {
-                1.0
-            });
+        s.seed = seed;
+        let daily = matches!(
+            p,
+            Pattern::Diurnal | Pattern::StoreHours | Pattern::HolidayDip
+        );
+        s.tick_s = self.tick_s.unwrap_or(if daily { 5.0 } else { 1.0 });
         if let Some(d) = self.duration_s {
             s.duration_s = d;
         }
@@ -444,6 +452,20 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             traces.push((t, m));
         }
     }
+    // Fresh days: shapes added after the core was tuned, with seeds of their own.
+    let fresh: Vec<(Trace, ModelOptions)> = if a.no_synthetic {
+        vec![]
+    } else {
+        (0u64..)
+            .zip(Pattern::FRESH)
+            .map(|(i, p)| {
+                let seed = a.fresh_seed.wrapping_add(i);
+                (a.common.synthetic_seeded(p, seed), model.clone())
+            })
+            .collect()
+    };
+    let shared = traces.len();
+    traces.extend(fresh);
     let rel = |p: &Path| -> String {
         let base = a.out.parent().unwrap_or(Path::new("."));
         p.strip_prefix(base)
@@ -464,7 +486,10 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             .collect()
     };
     let mut fluid = Vec::new();
-    for (t, m) in traces {
+    // Each scenario's swept curves, shared ones first, for the held-out results.
+    let mut curves = Vec::new();
+    let mut fresh_verdicts = Vec::new();
+    for (i, (t, m)) in traces.into_iter().enumerate() {
         let sc = scenario(
             t,
             &a.common,
@@ -475,10 +500,18 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         )?;
         let svg = plots.join(format!("{}.svg", sc.trace.name));
         plot::plot_scenario(&sc, &svg)?;
-        verdicts.extend(report::verdict(&sc));
+        if i < shared {
+            verdicts.extend(report::verdict(&sc));
+        } else {
+            fresh_verdicts.extend(report::verdict(&sc));
+        }
         sections.push(report::section(&sc, Some(&rel(&svg))));
+        curves.push((sc.trace.name.clone(), sc.curves));
         fluid.push((sc.trace.name.clone(), sc.summaries));
     }
+    let held_out = (!a.common.no_sweep)
+        .then(|| held_out_section(&curves, shared, &verdicts, &fresh_verdicts))
+        .flatten();
     let mut des_rows = Vec::new();
     for (t, m) in des_inputs {
         let sc = des_scenario(t, &a.common, &m, &PolicyKind::ALL)?;
@@ -516,6 +549,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         (!verdicts.is_empty())
             .then(|| report::verdict_table(&verdicts))
             .as_deref(),
+        held_out.as_deref(),
         &sections,
         des.as_deref(),
         analysis.as_deref(),
@@ -528,6 +562,36 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Leave-one-out over the first `shared` scenarios' curves, and the rest (fresh days) at the
+/// setting chosen on all shared ones; `None` when nothing was swept.
+fn held_out_section(
+    curves: &[(String, Vec<tidal_sim::frontier::Curve>)],
+    shared: usize,
+    verdicts: &[report::Verdict],
+    fresh_verdicts: &[report::Verdict],
+) -> Option<String> {
+    let (train, fresh) = curves.split_at(shared.min(curves.len()));
+    let loo = heldout::leave_one_out(train);
+    let all: Vec<&[tidal_sim::frontier::Curve]> = train.iter().map(|(_, c)| c.as_slice()).collect();
+    let setting = heldout::choose(&all)?;
+    let fresh: Vec<heldout::HeldOut> = fresh
+        .iter()
+        .filter_map(|(name, c)| {
+            Some(heldout::HeldOut {
+                trace: name.clone(),
+                score: heldout::score_at(c, setting)?,
+            })
+        })
+        .collect();
+    Some(report::held_out_section(
+        &loo,
+        verdicts,
+        setting,
+        &fresh,
+        fresh_verdicts,
+    ))
 }
 
 /// The command line that regenerates the document (from the workspace root).
