@@ -349,6 +349,9 @@ pub async fn start_worker(model: &Path, name: &str) -> ProcessGuard {
 pub struct PrometheusConfig {
     pub scrape_configs: serde_json::Value,
     pub rule_files: Vec<PathBuf>,
+    /// OpenMetrics text whose samples are written into the TSDB before it starts
+    /// (`promtool tsdb create-blocks-from openmetrics`): days of history without waiting.
+    pub history: Option<String>,
 }
 
 /// A real Prometheus (Debian's `prometheus` binary, or `$TIDAL_PROMETHEUS`) on 127.0.0.1,
@@ -373,6 +376,7 @@ impl Prometheus {
                 {"job_name": "tidal-workers", "static_configs": static_configs}
             ]),
             rule_files: vec![],
+            history: None,
         })
         .await
     }
@@ -383,13 +387,13 @@ impl Prometheus {
             .prefix("tidal-prometheus")
             .tempdir()
             .expect("temp dir");
-        let config = serde_json::json!({
+        let yaml = serde_json::json!({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": config.rule_files,
             "scrape_configs": config.scrape_configs,
         });
         let path = dir.path().join("prometheus.yml");
-        std::fs::write(&path, config.to_string()).unwrap();
+        std::fs::write(&path, yaml.to_string()).unwrap();
         let check = Command::new("promtool")
             .args(["check", "config"])
             .arg(&path)
@@ -401,6 +405,22 @@ impl Prometheus {
             String::from_utf8_lossy(&check.stdout),
             String::from_utf8_lossy(&check.stderr)
         );
+        if let Some(om) = &config.history {
+            let file = dir.path().join("history.om");
+            std::fs::write(&file, om).unwrap();
+            let out = Command::new("promtool")
+                .args(["tsdb", "create-blocks-from", "openmetrics"])
+                .arg(&file)
+                .arg(dir.path().join("data"))
+                .output()
+                .expect("promtool (Debian's prometheus package) is installed");
+            assert!(
+                out.status.success(),
+                "promtool tsdb create-blocks-from openmetrics: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let mut p = Prometheus {
             port: free_port(),
             dir,

@@ -14,7 +14,9 @@ use k8s_openapi::api::core::v1::Event;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tidal_e2e::processes::{Prometheus, completion_load, start_worker, write_fixture};
+use tidal_e2e::processes::{
+    Prometheus, PrometheusConfig, completion_load, start_worker, write_fixture,
+};
 use tidal_e2e::{CONVERGE, RunningOperator, TestCtx, eventually, install_crds};
 use tidal_operator::crd::InferenceService;
 
@@ -322,4 +324,99 @@ async fn load_step_scales_up_missing_metrics_hold_and_idle_scales_down() {
         "the decision is recorded in status for the controller"
     );
     operator.stop().await;
+}
+
+/// After a restart the operator reads days of a service's demand back from Prometheus as
+/// 10-minute buckets, for the cloud tier and for each edge site (its own workers plus what
+/// reached the cloud through its Service while it slept), so seasonal forecasts need no days
+/// of fresh samples. A real Prometheus whose TSDB holds three days of the workers' counters,
+/// written with promtool as the workers would have been scraped.
+#[tokio::test]
+async fn days_of_demand_are_read_back_per_tier_and_site_from_prometheus() {
+    use tidal_operator::controller::autoscale::promql::Scope;
+    use tidal_operator::controller::autoscale::source::Source;
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (from, to) = (now - 3 * 86400, now - 3600);
+    // (series labels, requests per second), one counter sample a minute.
+    let base = r#"namespace="shop",tidal_inference_service="chat""#;
+    let series = [
+        (
+            "tidal_worker_requests",
+            format!(
+                r#"{base},tidal_tier="cloud",tidal_role="full",endpoint="/v1/chat/completions",status="200""#
+            ),
+            2.0,
+        ),
+        (
+            "tidal_worker_requests",
+            format!(
+                r#"{base},tidal_tier="edge",tidal_role="full",tidal_edge_node="edge-a",endpoint="/v1/chat/completions",status="200""#
+            ),
+            1.0,
+        ),
+        (
+            "tidal_worker_site_requests",
+            format!(r#"{base},tidal_tier="cloud",tidal_role="full",site="chat-edge-edge-a""#),
+            0.5,
+        ),
+    ];
+    let mut om = String::new();
+    for family in ["tidal_worker_requests", "tidal_worker_site_requests"] {
+        om.push_str(&format!("# TYPE {family} counter\n"));
+        for (_, labels, rps) in series.iter().filter(|s| s.0 == family) {
+            for t in (from..=to).step_by(60) {
+                let v = rps * (t - from) as f64;
+                om.push_str(&format!("{family}_total{{{labels}}} {v} {t}\n"));
+            }
+        }
+    }
+    om.push_str("# EOF\n");
+    let prom = Prometheus::start_with(PrometheusConfig {
+        scrape_configs: json!([]),
+        history: Some(om),
+        ..Default::default()
+    })
+    .await;
+    let src = Source::new(&prom.url()).unwrap();
+    let scope = Scope {
+        namespace: "shop".into(),
+        service: "chat".into(),
+        window: "600s".into(),
+    };
+    let (start, end) = ((from / 600 + 2) * 600, (to / 600) * 600);
+    let h = src
+        .history(
+            &scope,
+            &["edge-a".to_string(), "edge-b".to_string()],
+            start,
+            end,
+            600.0,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", prom.log()));
+    let expected = ((end - start) / 600 + 1) as usize;
+    assert_eq!(
+        h.cloud.len(),
+        expected,
+        "one bucket per 10 minutes over days"
+    );
+    assert!(
+        h.cloud.iter().all(|(_, v)| (v - 2.0).abs() < 0.01),
+        "{:?}",
+        &h.cloud[..3]
+    );
+    let site = &h.sites["edge-a"];
+    assert_eq!(site.len(), expected);
+    // Its own 1 rps plus the 0.5 rps its Service sent to the cloud.
+    assert!(
+        site.iter().all(|(_, v)| (v - 1.5).abs() < 0.01),
+        "{:?}",
+        &site[..3]
+    );
+    assert!(!h.sites.contains_key("edge-b"), "no series, no history");
+    assert_eq!(h.cloud[0].0, start as f64);
 }

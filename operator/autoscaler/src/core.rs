@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use super::capacity::{Capacity, replicas_for};
 use super::fast::{FastPath, FastPathConfig, FastScale, WorkerLoad};
-use super::forecast::{Forecaster, Prediction, normal_quantile, quantile_sorted};
+use super::forecast::{Forecaster, History, Prediction, normal_quantile, quantile_sorted};
 use super::level::MEAN_SAMPLES;
 use super::plan_gate::PlanGate;
 use super::planner;
@@ -150,24 +150,15 @@ impl Autoscaler {
         &self.config
     }
 
-    /// Seeds the cloud demand history with `(time_s, rps)` points (e.g. a Prometheus range
-    /// query at start). Points at or before the latest recorded time are ignored.
-    pub fn backfill(&mut self, cloud_rps: &[(f64, f64)]) {
-        let mut pts = cloud_rps.to_vec();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for (t, v) in pts {
-            self.cloud.observe(t, v);
-        }
+    /// Seeds the cloud demand history (e.g. Prometheus range queries at start). Points at or
+    /// before the latest recorded time are ignored.
+    pub fn backfill(&mut self, cloud: &History) {
+        cloud.replay(&mut self.cloud);
     }
 
     /// Seeds one edge site's demand history, like [`Autoscaler::backfill`].
-    pub fn backfill_site(&mut self, site: &str, rps: &[(f64, f64)]) {
-        let mut pts = rps.to_vec();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let s = self.site_mut(site);
-        for (t, v) in pts {
-            s.forecaster.observe(t, v);
-        }
+    pub fn backfill_site(&mut self, site: &str, history: &History) {
+        history.replay(&mut self.site_mut(site).forecaster);
     }
 
     /// The capacity per cloud replica the decisions use now (learned prior x SLO factor).
@@ -1306,35 +1297,67 @@ mod tests {
 
     #[test]
     fn a_site_quiet_every_night_wakes_before_its_morning() {
-        // 0 rps until 06:00, 8 rps after, every day; two days of history.
-        let rate = |t: f64| if t % 86400.0 < 21600.0 { 0.0 } else { 8.0 };
-        let mut a = Autoscaler::new(config());
+        // Two days of history at the loop's interval (a long-running operator).
         let start = 2.0 * 86400.0 + 5.0 * 3600.0;
-        let history: Vec<(f64, f64)> = (0..(start / 15.0) as u64)
-            .map(|i| (i as f64 * 15.0, rate(i as f64 * 15.0)))
+        let samples = (0..(start / 15.0) as u64)
+            .map(|i| (i as f64 * 15.0, opens_at_six(i as f64 * 15.0)))
             .collect();
-        a.backfill_site("edge-a", &history);
-        let mut f = facts(2);
-        f.edge.insert("edge-a".into(), ReplicaCounts::default());
-        // Night: asleep, nothing routed through the site's Service.
-        let mut t = start;
-        let mut woke = None;
-        while t < 2.0 * 86400.0 + 21600.0 {
-            let d = site_step(&mut a, &mut f, t, None);
-            if d.replicas > 0 && woke.is_none() {
-                woke = Some(t);
-            }
-            if woke.is_none() {
-                assert!(d.reason.contains("quiet"), "{}", d.reason);
-            }
-            t += 15.0;
-        }
-        let woke = woke.expect("the forecast wakes the site before its load returns");
-        let lead = 2.0 * 86400.0 + 21600.0 - woke;
+        let lead = wake_lead(&History::samples(samples), start);
         // Ready before the first request: at least the 45 s a replica takes to start, and
         // not hours of idle replica either.
         // (The seasonal path is known per 10-minute coarse bucket.)
         assert!((45.0..=900.0).contains(&lead), "woke {lead} s ahead");
+    }
+
+    #[test]
+    fn a_restarted_operator_wakes_a_site_ahead_from_the_days_it_reads_back() {
+        // What the operator reads back at start: 10-minute bucket means for the days before,
+        // samples at the interval for the last 2 hours only.
+        let start = 2.0 * 86400.0 + 5.0 * 3600.0;
+        let fine_from = start - 2.0 * 3600.0;
+        let buckets = (1..=(fine_from / 600.0) as u64)
+            .map(|b| (b as f64 * 600.0, opens_at_six(b as f64 * 600.0 - 300.0)))
+            .collect();
+        let samples: Vec<(f64, f64)> = (0..480)
+            .map(|i| fine_from + i as f64 * 15.0)
+            .map(|t| (t, opens_at_six(t)))
+            .collect();
+        let days = History {
+            buckets,
+            samples: samples.clone(),
+        };
+        let lead = wake_lead(&days, start);
+        assert!((45.0..=900.0).contains(&lead), "woke {lead} s ahead");
+        // With the last 2 hours alone there is no season to see: it wakes only on demand.
+        let hours = History::samples(samples);
+        assert!(wake_lead(&hours, start) <= 0.0);
+    }
+
+    /// 0 rps until 06:00, 8 rps after, every day.
+    fn opens_at_six(t: f64) -> f64 {
+        if t % 86400.0 < 21600.0 { 0.0 } else { 8.0 }
+    }
+
+    /// Seconds before 06:00 on day 3 that an asleep site with `history` (ending at `start`)
+    /// is woken by its forecast (≤ 0: only once its demand arrived).
+    fn wake_lead(history: &History, start: f64) -> f64 {
+        let mut a = Autoscaler::new(config());
+        a.backfill_site("edge-a", history);
+        let mut f = facts(2);
+        f.edge.insert("edge-a".into(), ReplicaCounts::default());
+        let opening = 2.0 * 86400.0 + 21600.0;
+        let mut t = start;
+        while t < opening + 600.0 {
+            // Its clients' requests reach the cloud tier through its Service from 06:00.
+            let routed = (t >= opening).then(|| tier(opens_at_six(t), 0.5));
+            let d = site_step(&mut a, &mut f, t, routed);
+            if d.replicas > 0 {
+                return opening - t;
+            }
+            assert!(d.reason.contains("quiet"), "{}", d.reason);
+            t += 15.0;
+        }
+        panic!("the site never woke");
     }
 
     #[test]
@@ -1799,7 +1822,7 @@ mod tests {
     fn backfill_seeds_the_forecast() {
         let mut a = Autoscaler::new(config());
         let pts: Vec<(f64, f64)> = (0..200).map(|i| (i as f64 * 15.0, 80.0)).collect();
-        a.backfill(&pts);
+        a.backfill(&History::samples(pts));
         let t = 200.0 * 15.0;
         // The first live sample is low, but the history says 80: the forecast level is high.
         let d = a.step(t, Some(&snapshot(t, 20.0)), &facts(8));

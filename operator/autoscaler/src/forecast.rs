@@ -55,6 +55,45 @@ const MAX_STEPS: usize = 240;
 /// (max level span + γ)/(γ·T) after T outcomes.
 const ACI_GAMMA: f64 = 0.005;
 
+/// Demand history read back when a loop (re)starts: [`COARSE_BUCKET_S`] bucket means
+/// `(end_s, rps)` for the days before (what the seasonal model needs), then samples
+/// `(time_s, rps)` at the loop's interval for the last hours (what the level, the ETS fit and
+/// the burst statistics need).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct History {
+    pub buckets: Vec<(f64, f64)>,
+    pub samples: Vec<(f64, f64)>,
+}
+
+impl History {
+    /// Samples only (no coarse days).
+    pub fn samples(samples: Vec<(f64, f64)>) -> Self {
+        History {
+            buckets: vec![],
+            samples,
+        }
+    }
+
+    /// Feeds `f` the buckets that end before the first sample, then the samples, in time order.
+    pub fn replay(&self, f: &mut Forecaster) {
+        let sorted = |v: &[(f64, f64)]| {
+            let mut v = v.to_vec();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v
+        };
+        let samples = sorted(&self.samples);
+        let first = samples.first().map_or(f64::INFINITY, |s| s.0);
+        for (end, mean) in sorted(&self.buckets) {
+            if end <= first {
+                f.observe_bucket(end, mean);
+            }
+        }
+        for (t, v) in samples {
+            f.observe(t, v);
+        }
+    }
+}
+
 /// How the interval has done lately (the last [`RESIDUALS_MAX`] forecasts scored at their
 /// horizon), and the levels the adaptive calibration uses now.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -352,6 +391,22 @@ impl Forecaster {
     /// Number of complete coarse buckets held.
     pub fn coarse_len(&self) -> usize {
         self.coarse.len()
+    }
+
+    /// Appends a complete coarse bucket read back from history: `mean` over the
+    /// [`COARSE_BUCKET_S`] ending at `end_t` (a Prometheus range query at that step). Only for
+    /// seeding, before any sample: the daily and weekly seasons then need no days of fresh
+    /// samples after a restart. Ignored once samples (or later buckets) are held.
+    pub fn observe_bucket(&mut self, end_t: f64, mean: f64) {
+        if !end_t.is_finite() || !mean.is_finite() || self.last_t.is_some() {
+            return;
+        }
+        let mid = end_t - 0.5 * COARSE_BUCKET_S;
+        let idx = (mid / COARSE_BUCKET_S).floor() as i64;
+        if self.bucket.is_some_and(|(bi, _, _)| bi >= idx) {
+            return;
+        }
+        self.add_to_bucket(mid, mean.max(0.0));
     }
 
     /// Appends a sample. Out-of-order or duplicate times and non-finite values are ignored;
@@ -791,6 +846,37 @@ mod tests {
     fn diurnal(t: f64, i: u64) -> f64 {
         let day = (2.0 * std::f64::consts::PI * t / 86400.0).sin();
         100.0 + 60.0 * day + 8.0 * noise(i)
+    }
+
+    #[test]
+    fn buckets_read_back_seed_the_seasons_before_any_sample_only() {
+        let mut f = Forecaster::new(Method::Auto, 0.9, 15.0);
+        // Two days of 10-minute means, then 2 hours of samples: a daily season at once.
+        let h = History {
+            buckets: (1..=288).map(|b| (b as f64 * 600.0, 5.0)).collect(),
+            samples: (0..480)
+                .map(|i| (172_800.0 + i as f64 * 15.0, 5.0))
+                .collect(),
+        };
+        h.replay(&mut f);
+        // 288 read back, the one the samples spill into after them (the last still filling).
+        assert!(f.coarse_len() >= 288, "{}", f.coarse_len());
+        assert_eq!(f.resolve(), Method::Mstl);
+        // Once samples are held, history cannot be rewritten.
+        let n = f.coarse_len();
+        f.observe_bucket(600.0, 99.0);
+        f.observe_bucket(1e9, 99.0);
+        assert_eq!(f.coarse_len(), n);
+        // Buckets that overlap the samples are left to the samples.
+        let mut g = Forecaster::new(Method::Auto, 0.9, 15.0);
+        History {
+            buckets: vec![(600.0, 1.0), (1200.0, 50.0)],
+            samples: vec![(900.0, 1.0)],
+        }
+        .replay(&mut g);
+        assert_eq!(g.last_time(), Some(900.0));
+        // The bucket ending before the first sample is kept; the one it falls in is theirs.
+        assert_eq!(g.coarse.iter().copied().collect::<Vec<_>>(), vec![1.0]);
     }
 
     #[test]

@@ -27,4 +27,5 @@ pub mod types;
 
 pub use self::core::{Autoscaler, FastDecision};
 pub use self::fast::{FastPathConfig, FastScale, WorkerLoad};
+pub use self::forecast::History;
 pub use self::types::*;

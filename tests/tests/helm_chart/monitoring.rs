@@ -409,6 +409,7 @@ async fn promql_of_rules_and_dashboards_runs_on_a_real_prometheus() {
     let prom = Prometheus::start_with(PrometheusConfig {
         scrape_configs: scrape_configs_with_fake_pods(port),
         rule_files: vec![rules_path.clone()],
+        ..Default::default()
     })
     .await;
 

@@ -41,8 +41,12 @@ use crate::metrics::{DecisionLabels, ServiceLabels, TargetLabels};
 
 /// Field manager of the autoscaler's scale-subresource writes.
 pub const AUTOSCALER_MANAGER: &str = "tidal-autoscaler";
-/// How much history to read back from Prometheus when a service's loop starts.
+/// How much history to read back from Prometheus at the loop's interval when a service's loop
+/// starts (the forecaster's fine window).
 const BACKFILL_SPAN_S: i64 = 2 * 3600;
+/// Days of 10-minute buckets read back before that (the forecaster's coarse window: 4,032
+/// points a series, well inside Prometheus' 11,000-point limit).
+const BACKFILL_DAYS_S: i64 = 28 * 86400;
 
 /// Operator-wide autoscaler settings (flags).
 #[derive(Clone, Debug, PartialEq)]

@@ -12,9 +12,10 @@ use tracing::debug;
 
 use super::plan::Deployments;
 use super::promql::Scope;
-use super::source::{Source, Unavailable};
-use super::{BACKFILL_SPAN_S, Loop, unix_now};
-use crate::autoscaler::{ClusterFacts, Snapshot};
+use super::source::{Histories, Source, Unavailable};
+use super::{BACKFILL_DAYS_S, BACKFILL_SPAN_S, Loop, unix_now};
+use crate::autoscaler::forecast::COARSE_BUCKET_S;
+use crate::autoscaler::{ClusterFacts, History, Snapshot};
 use crate::children::{ChildKind, LABEL_SERVICE};
 use crate::controller::Context;
 use crate::crd::{InferenceService, InferenceServiceStatus, PlacementStatus};
@@ -182,6 +183,63 @@ pub(super) async fn observe(
     })
 }
 
+/// Seeds the loop's forecasters once: [`BACKFILL_DAYS_S`] of 10-minute buckets (the daily and
+/// weekly seasons, so a restart does not cost days of wake-ahead), then [`BACKFILL_SPAN_S`] at
+/// the loop's interval. Retried on the next tick while the samples cannot be read; the days
+/// are best effort (a Prometheus that keeps less returns less).
+async fn backfill(src: &Source, scope: &Scope, l: &mut Loop, sites_up: &BTreeMap<String, bool>) {
+    let now = unix_now() as i64;
+    let fine_from = now - BACKFILL_SPAN_S;
+    let bucket = COARSE_BUCKET_S as i64;
+    // Bucket ends on multiples of the width, as the forecaster counts them.
+    let days_to = fine_from.div_euclid(bucket) * bucket;
+    let sites: Vec<String> = sites_up.keys().cloned().collect();
+    let coarse_scope = Scope {
+        window: format!("{bucket}s"),
+        ..scope.clone()
+    };
+    let days = src
+        .history(
+            &coarse_scope,
+            &sites,
+            days_to - BACKFILL_DAYS_S,
+            days_to,
+            bucket as f64,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            debug!(service = %scope.service, error = %e.message, "no days of history");
+            Histories::default()
+        });
+    let Ok(mut recent) = src
+        .history(scope, &sites, fine_from, now, l.config.interval_s)
+        .await
+    else {
+        return;
+    };
+    debug!(
+        service = %scope.service,
+        buckets = days.cloud.len(),
+        points = recent.cloud.len(),
+        sites = recent.sites.len(),
+        "history read back"
+    );
+    l.core.backfill(&History {
+        buckets: days.cloud,
+        samples: std::mem::take(&mut recent.cloud),
+    });
+    for site in &sites {
+        let h = History {
+            buckets: days.sites.get(site).cloned().unwrap_or_default(),
+            samples: recent.sites.remove(site).unwrap_or_default(),
+        };
+        if !h.buckets.is_empty() || !h.samples.is_empty() {
+            l.core.backfill_site(site, &h);
+        }
+    }
+    l.backfilled = true;
+}
+
 /// The metrics snapshot, or why there is none (history is read back once per loop first).
 async fn snapshot(
     ctx: &Context,
@@ -207,15 +265,7 @@ async fn snapshot(
         })?;
     let src = Source::new(&url)?;
     if !l.backfilled {
-        let now = unix_now() as i64;
-        if let Ok(h) = src
-            .history(&scope, now, BACKFILL_SPAN_S, l.config.interval_s)
-            .await
-        {
-            debug!(service = %name, points = h.len(), "history read back");
-            l.core.backfill(&h);
-            l.backfilled = true;
-        }
+        backfill(&src, &scope, l, sites_up).await;
     }
     let experts = l.config.experts.as_ref().map(|x| x.num_experts);
     src.snapshot(&scope, sites_up, experts).await

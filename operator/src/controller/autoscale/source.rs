@@ -34,6 +34,14 @@ pub struct Source {
     client: Client,
 }
 
+/// Arrivals read back by [`Source::history`]: `(unix_s, rps)` of the cloud tier and of each
+/// edge site that has any.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histories {
+    pub cloud: Vec<(f64, f64)>,
+    pub sites: BTreeMap<String, Vec<(f64, f64)>>,
+}
+
 /// `(labels, value)` of every series an instant query returned.
 type Series = Vec<(HashMap<String, String>, f64)>;
 
@@ -75,38 +83,97 @@ impl Source {
             .collect())
     }
 
-    /// The cloud tier's arrivals over the last `span_s`, one point per `step_s`, to seed the
-    /// forecaster's history when the operator (re)starts.
-    pub async fn history(
+    /// Every series of a range query over `[start, end]` at `step_s`: `(labels, points)`.
+    async fn range(
         &self,
-        scope: &Scope,
-        now_unix: i64,
-        span_s: i64,
+        q: &str,
+        start: i64,
+        end: i64,
         step_s: f64,
-    ) -> Result<Vec<(f64, f64)>, Unavailable> {
-        let q = scope.arrival_rps(Tier::Cloud);
+    ) -> Result<Vec<(HashMap<String, String>, Vec<(f64, f64)>)>, Unavailable> {
         let res = tokio::time::timeout(
             QUERY_TIMEOUT,
-            self.client
-                .query_range(&q, now_unix - span_s, now_unix, step_s)
-                .get(),
+            self.client.query_range(q, start, end, step_s).get(),
         )
         .await
         .map_err(|_| Unavailable::query("timed out"))?
         .map_err(Unavailable::query)?;
-        Ok(res
-            .data()
-            .as_matrix()
-            .and_then(|m| m.first())
+        let Some(m) = res.data().as_matrix() else {
+            return Err(Unavailable::query(format!("{q}: not a range vector")));
+        };
+        Ok(m.iter()
             .map(|series| {
-                series
+                let pts = series
                     .samples()
                     .iter()
                     .map(|s| (s.timestamp(), s.value()))
                     .filter(|(_, v)| v.is_finite())
-                    .collect()
+                    .collect();
+                (series.metric().clone(), pts)
             })
-            .unwrap_or_default())
+            .collect())
+    }
+
+    /// The arrivals of the cloud tier and of each of `sites` (its own workers' plus what
+    /// reached the cloud through its Service) over `[start, end]`, one point per `step_s`
+    /// (each the rate over the scope's window), to seed the forecasters when a loop (re)starts.
+    pub async fn history(
+        &self,
+        scope: &Scope,
+        sites: &[String],
+        start: i64,
+        end: i64,
+        step_s: f64,
+    ) -> Result<Histories, Unavailable> {
+        let cloud = self
+            .range(&scope.arrival_rps(Tier::Cloud), start, end, step_s)
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, pts)| pts)
+            .unwrap_or_default();
+        let mut by_site: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
+        if !sites.is_empty() {
+            let own = self
+                .range(&scope.arrival_rps(Tier::Edge), start, end, step_s)
+                .await?;
+            let routed = self
+                .range(&scope.routed_site_rps(), start, end, step_s)
+                .await?;
+            let service_of =
+                |site: &String| ChildKind::Edge(site.clone()).service_name(&scope.service);
+            let series = own
+                .into_iter()
+                .filter_map(|(m, pts)| Some((m.get("tidal_edge_node")?.clone(), pts)))
+                .chain(routed.into_iter().filter_map(|(m, pts)| {
+                    let svc = m.get("site")?;
+                    Some((sites.iter().find(|s| service_of(s) == *svc)?.clone(), pts))
+                }));
+            for (site, pts) in series {
+                if !sites.contains(&site) {
+                    continue;
+                }
+                let sum = by_site.entry(site).or_default();
+                for (t, v) in pts {
+                    // Millisecond keys: both queries share the same evaluation times.
+                    *sum.entry((t * 1000.0).round() as i64).or_insert(0.0) += v;
+                }
+            }
+        }
+        Ok(Histories {
+            cloud,
+            sites: by_site
+                .into_iter()
+                .map(|(s, pts)| {
+                    (
+                        s,
+                        pts.into_iter()
+                            .map(|(t, v)| (t as f64 / 1000.0, v))
+                            .collect(),
+                    )
+                })
+                .collect(),
+        })
     }
 
     /// One snapshot. `sites` are the edge sites the service runs on, with whether each is
