@@ -51,22 +51,46 @@ impl Score {
 /// Tidal's swept point at `utilization` on a scenario's `curves`, scored against every
 /// baseline curve (`None` without a Tidal curve or that setting).
 pub fn score_at(curves: &[Curve], utilization: f64) -> Option<Score> {
-    let tidal = curves.iter().find(|c| c.policy == "tidal")?;
-    let point = *tidal
+    score_of(curves, TIDAL, utilization)
+}
+
+const TIDAL: &str = "tidal";
+
+/// `policy`'s swept point at `utilization`, scored against every *other* policy's curve
+/// (for Tidal: the baselines).
+pub fn score_of(curves: &[Curve], policy: &str, utilization: f64) -> Option<Score> {
+    let own = curves.iter().find(|c| c.policy == policy)?;
+    let point = *own
         .points
         .iter()
         .find(|p| (p.utilization - utilization).abs() < 1e-9)?;
-    let m = frontier::matched(curves, point.replica_seconds, point.attainment);
-    let (att, cost) = frontier::best_baseline(&m);
-    let base: Vec<&Point> = curves
+    let rivals: Vec<Curve> = curves
         .iter()
-        .filter(|c| !c.policy.starts_with("tidal"))
+        .filter(|c| c.policy != policy)
+        .cloned()
+        .collect();
+    // The best any rival does at a cost and for an attainment.
+    let best = |cost: f64, attainment: f64| {
+        let m = frontier::matched(&rivals, cost, attainment);
+        let att = m
+            .iter()
+            .filter_map(|x| x.attainment_at_cost)
+            .max_by(f64::total_cmp);
+        let cost = m
+            .iter()
+            .filter_map(|x| x.cost_at_attainment)
+            .min_by(f64::total_cmp);
+        (att, cost)
+    };
+    let (att, cost) = best(point.replica_seconds, point.attainment);
+    let pts: Vec<&Point> = rivals
+        .iter()
         .flat_map(|c| &c.points)
         .filter(|p| p.attainment.is_finite() && p.replica_seconds.is_finite())
         .collect();
-    // Every baseline setting costs more: the cheapest one's attainment.
+    // Every rival setting costs more: the cheapest one's attainment.
     let att = att.or_else(|| {
-        base.iter()
+        pts.iter()
             .min_by(|a, b| {
                 a.replica_seconds
                     .total_cmp(&b.replica_seconds)
@@ -74,11 +98,10 @@ pub fn score_at(curves: &[Curve], utilization: f64) -> Option<Score> {
             })
             .map(|p| p.attainment)
     });
-    // No baseline reaches Tidal's attainment: the least cost of the best one any reaches.
+    // No rival reaches this attainment: the least cost of the best one any reaches.
     let cost = cost.or_else(|| {
-        let top = base.iter().map(|p| p.attainment).max_by(f64::total_cmp)?;
-        let m = frontier::matched(curves, point.replica_seconds, top);
-        frontier::best_baseline(&m).1
+        let top = pts.iter().map(|p| p.attainment).max_by(f64::total_cmp)?;
+        best(point.replica_seconds, top).1
     });
     Some(Score {
         point,
@@ -91,14 +114,19 @@ pub fn score_at(curves: &[Curve], utilization: f64) -> Option<Score> {
 /// utilisation whose worse axis ([`Score::worse_axis`]), averaged over the scenarios, is the
 /// lowest; ties go to the higher (cheaper) one. `None` when Tidal was not swept.
 pub fn choose(training: &[&[Curve]]) -> Option<f64> {
+    choose_for(training, TIDAL)
+}
+
+/// [`choose`] for any swept policy, scored against the others.
+pub fn choose_for(training: &[&[Curve]], policy: &str) -> Option<f64> {
     let first = training
         .iter()
-        .find_map(|c| c.iter().find(|c| c.policy == "tidal"))?;
+        .find_map(|c| c.iter().find(|c| c.policy == policy))?;
     let mut best: Option<(f64, f64)> = None;
     for u in first.points.iter().map(|p| p.utilization) {
         let scores: Vec<f64> = training
             .iter()
-            .filter_map(|c| score_at(c, u).map(|s| s.worse_axis()))
+            .filter_map(|c| score_of(c, policy, u).map(|s| s.worse_axis()))
             .collect();
         if scores.len() != training.len() {
             continue;
@@ -111,6 +139,80 @@ pub fn choose(training: &[&[Curve]]) -> Option<f64> {
         }
     }
     best.map(|(u, _)| u)
+}
+
+/// Every policy at the setting it would take from the other scenarios: one point each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AllHeldOut {
+    pub trace: String,
+    /// (policy, its point on this scenario), in the curves' order.
+    pub points: Vec<(String, Point)>,
+}
+
+impl AllHeldOut {
+    /// Tidal's point and the best baseline's (highest attainment; ties to the cheaper), as
+    /// at the shared target.
+    pub fn tidal_and_best_baseline(&self) -> Option<(Point, Point)> {
+        let tidal = self.points.iter().find(|(p, _)| p == TIDAL)?.1;
+        let best = self
+            .points
+            .iter()
+            .filter(|(p, _)| !p.starts_with(TIDAL))
+            .map(|(_, x)| *x)
+            .max_by(|a, b| {
+                a.attainment
+                    .total_cmp(&b.attainment)
+                    .then(b.replica_seconds.total_cmp(&a.replica_seconds))
+            })?;
+        Some((tidal, best))
+    }
+
+    /// How many baselines' points Tidal's is at least as good as on both axes.
+    pub fn dominated_by_tidal(&self) -> usize {
+        let Some(t) = self.points.iter().find(|(p, _)| p == TIDAL).map(|x| x.1) else {
+            return 0;
+        };
+        self.points
+            .iter()
+            .filter(|(p, _)| !p.starts_with(TIDAL))
+            .filter(|(_, b)| {
+                t.attainment >= b.attainment - 1e-12 && t.replica_seconds <= b.replica_seconds
+            })
+            .count()
+    }
+}
+
+/// Leave-one-out with every policy's setting held out: on each scenario in turn, each policy
+/// at the setting [`choose_for`] takes from all the others.
+pub fn leave_one_out_all(scenarios: &[(String, Vec<Curve>)]) -> Vec<AllHeldOut> {
+    (0..scenarios.len())
+        .map(|i| {
+            let training = others(scenarios, i);
+            let (name, curves) = &scenarios[i];
+            let points = curves
+                .iter()
+                .filter_map(|c| {
+                    let u = choose_for(&training, &c.policy)?;
+                    let p = c.points.iter().find(|p| (p.utilization - u).abs() < 1e-9)?;
+                    Some((c.policy.clone(), *p))
+                })
+                .collect();
+            AllHeldOut {
+                trace: name.clone(),
+                points,
+            }
+        })
+        .collect()
+}
+
+/// Every scenario's curves but the `i`-th.
+fn others(scenarios: &[(String, Vec<Curve>)], i: usize) -> Vec<&[Curve]> {
+    scenarios
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, (_, c))| c.as_slice())
+        .collect()
 }
 
 /// One held-out scenario: the setting chosen on the others and its score.
@@ -127,13 +229,7 @@ pub fn leave_one_out(scenarios: &[(String, Vec<Curve>)]) -> Vec<HeldOut> {
         .iter()
         .enumerate()
         .filter_map(|(i, (name, curves))| {
-            let training: Vec<&[Curve]> = scenarios
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, (_, c))| c.as_slice())
-                .collect();
-            let u = choose(&training)?;
+            let u = choose(&others(scenarios, i))?;
             Some(HeldOut {
                 trace: name.clone(),
                 score: score_at(curves, u)?,
@@ -222,6 +318,32 @@ mod tests {
             out[0].score.point.utilization,
             choose(&[&good, &held]).unwrap()
         );
+    }
+
+    #[test]
+    fn every_policy_held_out_takes_its_own_setting_from_the_others() {
+        // kpa's 1.0 setting beats tidal's only point on cost for the same misses: on the
+        // training scenarios kpa therefore keeps 1.0; tidal has one setting.
+        let sc = || {
+            vec![
+                curve("tidal", &[(0.8, 0.95, 120.0)]),
+                curve(
+                    "kpa",
+                    &[(0.6, 0.99, 166.7), (0.8, 0.95, 125.0), (1.0, 0.95, 100.0)],
+                ),
+            ]
+        };
+        let scenarios = vec![("a".to_string(), sc()), ("b".to_string(), sc())];
+        assert_eq!(choose_for(&[&scenarios[1].1], "kpa"), Some(1.0));
+        let all = leave_one_out_all(&scenarios);
+        assert_eq!(all.len(), 2);
+        let (t, b) = all[0].tidal_and_best_baseline().unwrap();
+        assert_eq!((t.utilization, b.utilization), (0.8, 1.0));
+        // Same attainment, tidal costs more: it dominates no baseline point.
+        assert_eq!(all[0].dominated_by_tidal(), 0);
+        // Against kpa's 0.8 setting (tuned on the answer) it would have been as good.
+        let s = score_at(&sc(), 0.8).unwrap();
+        assert!((s.misses_at_its_cost.unwrap() - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -385,8 +385,12 @@ fn held_out_scores_take_tidal_s_setting_from_the_other_scenarios_only() {
         score: heldout::score_at(&named[2].1, setting).unwrap(),
     };
     let verdicts: Vec<report::Verdict> = all.iter().filter_map(report::verdict).collect();
+    let all_held_out = heldout::leave_one_out_all(&named[..2]);
+    assert_eq!(all_held_out.len(), 2);
+    assert_eq!(all_held_out[0].points.len(), policies.len());
     let doc = report::held_out_section(
         &loo,
+        &all_held_out,
         &verdicts[..2],
         setting,
         std::slice::from_ref(&fresh),
@@ -399,6 +403,7 @@ fn held_out_scores_take_tidal_s_setting_from_the_other_scenarios_only() {
     ] {
         assert!(doc.contains(&format!("| {name} |")), "{doc}");
     }
+    assert!(doc.contains("| tidal | hpa | kpa |"), "{doc}");
     let wins = loo.iter().filter(|h| h.score.wins()).count();
     assert!(
         doc.contains(&format!("better on both on {wins} of 2 shared")),

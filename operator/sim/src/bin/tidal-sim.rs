@@ -574,6 +574,7 @@ fn held_out_section(
 ) -> Option<String> {
     let (train, fresh) = curves.split_at(shared.min(curves.len()));
     let loo = heldout::leave_one_out(train);
+    let all_held_out = heldout::leave_one_out_all(train);
     let all: Vec<&[tidal_sim::frontier::Curve]> = train.iter().map(|(_, c)| c.as_slice()).collect();
     let setting = heldout::choose(&all)?;
     let fresh: Vec<heldout::HeldOut> = fresh
@@ -587,6 +588,7 @@ fn held_out_section(
         .collect();
     Some(report::held_out_section(
         &loo,
+        &all_held_out,
         verdicts,
         setting,
         &fresh,
