@@ -3,8 +3,8 @@
 mod common;
 
 use common::{
-    MODEL, SseReader, http, long_context_fixture, metric_value, post_json, server_config, start,
-    start_with,
+    MODEL, SseReader, TestServer, http, long_context_fixture, metric_value, post_json,
+    server_config, start, start_with,
 };
 use serde_json::{Value, json};
 use tidal_worker::serve::engine::EngineConfig;
@@ -824,16 +824,22 @@ async fn n_choices_are_generated_side_by_side_and_streamed_by_index() {
     assert_eq!(too_many.json()["error"]["param"], "n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_through_an_edge_site_service_are_counted_by_its_name() {
-    let s = start(
+/// A cloud worker of the `chat` service, as the operator starts it when `chat` has an edge
+/// tier (its site Services are named `chat-edge-<site>`).
+async fn start_cloud_worker_of_chat() -> TestServer {
+    start(
         EngineConfig::default(),
         ServerConfig {
             site_service_prefix: Some("chat-edge-".into()),
             ..server_config()
         },
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_through_an_edge_site_service_are_counted_by_its_name() {
+    let s = start_cloud_worker_of_chat().await;
     // A real client resolving Service DNS names to this server, as kube-proxy would route
     // them: a sleeping site's Service, the cloud's own, and a site name too long to be one.
     let long = format!("chat-edge-{}", "x".repeat(60));
@@ -908,4 +914,66 @@ async fn requests_through_an_edge_site_service_are_counted_by_its_name() {
         .filter(|l| l.starts_with("tidal_worker_site_requests_total"))
         .count();
     assert_eq!(sites, 1, "only the site's Service is a label: {text}");
+}
+
+/// HTTP/2 clients of a sleeping site get a GOAWAY once their request is answered, so their
+/// next request opens a new connection (which kube-proxy routes to the site once it is
+/// awake); the cloud's own HTTP/2 clients keep theirs.
+#[tokio::test]
+async fn http2_clients_of_an_edge_site_are_sent_away_after_each_answer() {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let s = start_cloud_worker_of_chat().await;
+    // One HTTP/2 connection (prior knowledge); `done` fires when the server ends it.
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let (tx, done) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = tx.send(conn.await.is_ok());
+        });
+        (sender, done)
+    };
+    let port = s.addr.port();
+    let request = |host: &str| {
+        hyper::Request::post(format!("http://{host}:{port}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                greedy_completion("hi", 1).to_string(),
+            )))
+            .unwrap()
+    };
+    let (mut site, site_done) = connect().await;
+    let r = site
+        .send_request(request("chat-edge-store-1.default.svc"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert!(!body.is_empty());
+    // The server closes the connection cleanly (GOAWAY, then EOF), not the client.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), site_done)
+        .await
+        .expect("the site client's connection was ended by the server");
+    assert_eq!(ended, Ok(true));
+    assert!(site.ready().await.is_err(), "no further request on it");
+
+    let (mut cloud, _done) = connect().await;
+    for _ in 0..2 {
+        cloud
+            .ready()
+            .await
+            .expect("the cloud client's connection stays");
+        let r = cloud
+            .send_request(request("chat-cloud.default.svc"))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.into_body().collect().await.unwrap();
+    }
 }

@@ -207,6 +207,18 @@ impl Activity {
     }
 }
 
+/// In every request's extensions: lets a handler have its connection closed once what is in
+/// flight on it is answered (HTTP/2: GOAWAY, so the client opens a new connection, which
+/// kube-proxy may route elsewhere; HTTP/1.1: no keep-alive).
+#[derive(Clone, Debug)]
+pub struct ConnectionCloser(Arc<tokio::sync::Notify>);
+
+impl ConnectionCloser {
+    pub fn close_after_response(&self) {
+        self.0.notify_one();
+    }
+}
+
 /// Counts a request in flight from its head until its response body is dropped.
 struct InFlight(Arc<Activity>);
 
@@ -234,10 +246,13 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(stream);
+    let asked_to_close = Arc::new(tokio::sync::Notify::new());
     let service = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
+        let closer = ConnectionCloser(asked_to_close.clone());
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let (app, guard) = (app.clone(), InFlight::begin(&activity));
+            req.extensions_mut().insert(closer.clone());
             async move {
                 let resp = tower::ServiceExt::oneshot(app, req.map(Body::new)).await?;
                 // The guard lives as long as the response body: a streamed answer is in
@@ -273,6 +288,10 @@ async fn serve_connection<S>(
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
+            }
+            () = asked_to_close.notified(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
             }
             () = tokio::time::sleep(check) => {
                 if activity.idle() < limits.idle_timeout {

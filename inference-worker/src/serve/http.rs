@@ -6,6 +6,7 @@ use crate::serve::api::{
     ApiError, ChatRequest, Checked, CompletionRequest, Limits, Prompt, parse_json,
 };
 use crate::serve::auth::ApiKeys;
+use crate::serve::conn::ConnectionCloser;
 use crate::serve::engine::{EngineHandle, GenRequest};
 use crate::serve::escalation::cloud::{Escalator, Forwarded, cloud_unavailable_error};
 use crate::serve::escalation::continuation::Continuation;
@@ -179,15 +180,22 @@ async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Nex
             .inspect(|site| st.metrics.record_site_request(site))
             .is_some();
     let http1 = req.version() < axum::http::Version::HTTP_2;
+    let closer = req.extensions().get::<ConnectionCloser>().cloned();
     let mut resp = next.run(req).await;
-    if via_site && http1 {
+    if via_site {
         // A site's clients reach this worker only while the site has no ready replica: a
         // kept-alive connection would stay pinned here after it wakes (kube-proxy balances
-        // connections, not requests), so each of their requests gets its own.
-        resp.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            axum::http::HeaderValue::from_static("close"),
-        );
+        // connections, not requests), so each of their requests gets its own (HTTP/2: a
+        // GOAWAY once the connection's streams are answered).
+        if http1 {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        if let Some(c) = closer {
+            c.close_after_response();
+        }
     }
     if !endpoint.is_empty() {
         st.metrics.record_request(&endpoint, resp.status().as_u16());
