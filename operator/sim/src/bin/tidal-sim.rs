@@ -599,7 +599,7 @@ fn held_out_section(
 /// The command line that regenerates the document (from the workspace root).
 fn bench_command(a: &BenchArgs) -> String {
     let mut s = format!(
-        "cargo run -p tidal-sim --bin tidal-sim -- bench --traces-dir {} --out {}",
+        "cargo run --release -p tidal-sim --bin tidal-sim -- bench --traces-dir {} --out {}",
         a.traces_dir.display(),
         a.out.display()
     );
