@@ -440,6 +440,57 @@ pub fn held_out_section(
     s
 }
 
+/// Issue #18 item 2 per scenario: Tidal's interval against its nominal levels, beside the
+/// sampling band a perfectly calibrated interval would still show over that many forecasts.
+pub fn calibration_section(fluid: &[(String, Vec<Summary>)], quantile: f64) -> String {
+    let (above_nominal, band_nominal) = (1.0 - quantile, 2.0 * quantile - 1.0);
+    let mut s = format!(
+        "### Interval calibration per scenario\n\n\
+         How often demand exceeded the upper bound Tidal provisions for (nominal {:.0} %) and how \
+         often it fell inside the band (nominal {:.0} %), with the ±2σ band a perfectly \
+         calibrated interval would still show over that many scored forecasts if they were \
+         independent (they overlap, so the real sampling band is wider). Goal: within ±3 \
+         points of nominal on every trace.\n\n\
+         | scenario | forecasts scored | above upper | ±2σ sampling | band coverage | ±2σ sampling | both within ±3 points |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
+        above_nominal * 100.0,
+        band_nominal * 100.0
+    );
+    let (mut within, mut noise, mut n) = (0, 0, 0);
+    for (name, sums) in fluid {
+        let Some(t) = sums.iter().find(|x| x.policy == "tidal") else {
+            continue;
+        };
+        let (Some(above), Some(cov)) = (t.exceeded, t.coverage) else {
+            continue;
+        };
+        let count = t.forecasts_scored.max(1) as f64;
+        let two_sigma = |p: f64| 2.0 * (p * (1.0 - p) / count).sqrt();
+        let (sa, sc) = (two_sigma(above_nominal), two_sigma(band_nominal));
+        let ok = (above - above_nominal).abs() <= 0.03 && (cov - band_nominal).abs() <= 0.03;
+        n += 1;
+        within += usize::from(ok);
+        noise +=
+            usize::from((above - above_nominal).abs() <= sa && (cov - band_nominal).abs() <= sc);
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {:.1} % | ±{:.1} | {:.1} % | ±{:.1} | {} |",
+            t.forecasts_scored,
+            above * 100.0,
+            sa * 100.0,
+            cov * 100.0,
+            sc * 100.0,
+            yes_no(ok)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nWithin ±3 points of both nominal levels on {within} of {n} scenarios; within the \
+         ±2σ sampling band of a calibrated interval on {noise} of {n}."
+    );
+    s
+}
+
 /// Leave-one-out with every policy's setting chosen on the other scenarios (each by the same
 /// rule, against the other policies), so no one is tuned on the answer.
 fn all_held_out_table(all: &[super::heldout::AllHeldOut]) -> String {
@@ -801,12 +852,13 @@ Apache-2.0; cite ServeGen, arXiv:2505.09999.
 License texts: `shared/traces/LICENSES/`.
 ";
 
-/// The whole benchmark document.
+/// The whole benchmark document; `goals` (held-out results, interval calibration) follows the
+/// summary table.
 pub fn bench_document(
     command: &str,
     assumptions: &str,
     summary: Option<&str>,
-    held_out: Option<&str>,
+    goals: Option<&str>,
     sections: &[String],
     des: Option<&str>,
     analysis: Option<&str>,
@@ -838,8 +890,8 @@ pub fn bench_document(
         s.push_str(summary);
         s.push('\n');
     }
-    if let Some(h) = held_out {
-        s.push_str(h);
+    if let Some(g) = goals {
+        s.push_str(g);
         s.push('\n');
     }
     for sec in sections {
@@ -876,6 +928,40 @@ mod tests {
             forecasts_scored: 0,
             methods: vec![],
         }
+    }
+
+    #[test]
+    fn calibration_is_judged_against_3_points_and_against_sampling_noise() {
+        let tidal = |above: f64, cov: f64, n: usize| Summary {
+            exceeded: Some(above),
+            coverage: Some(cov),
+            forecasts_scored: n,
+            ..summary("tidal", 0.99, 100.0)
+        };
+        let rows = vec![
+            // Calibrated.
+            ("a".to_string(), vec![tidal(0.11, 0.79, 1000)]),
+            // 4 points over on 100 forecasts: outside ±3, inside ±2σ (±6).
+            ("b".to_string(), vec![tidal(0.14, 0.80, 100)]),
+            // Far off on many forecasts: neither.
+            ("c".to_string(), vec![tidal(0.20, 0.65, 1000)]),
+            // No forecast, no row.
+            ("d".to_string(), vec![summary("tidal", 0.99, 100.0)]),
+        ];
+        let s = calibration_section(&rows, 0.9);
+        assert!(
+            s.contains("| a | 1000 | 11.0 % | ±1.9 | 79.0 % | ±2.5 | yes |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("| b | 100 | 14.0 % | ±6.0 | 80.0 % | ±8.0 | no |"),
+            "{s}"
+        );
+        assert!(!s.contains("| d |"), "{s}");
+        assert!(
+            s.contains("Within ±3 points of both nominal levels on 1 of 3 scenarios; within the ±2σ sampling band of a calibrated interval on 2 of 3."),
+            "{s}"
+        );
     }
 
     fn curve(policy: &str, pts: &[(f64, f64, f64)]) -> frontier::Curve {

@@ -512,6 +512,15 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let held_out = (!a.common.no_sweep)
         .then(|| held_out_section(&curves, shared, &verdicts, &fresh_verdicts))
         .flatten();
+    // The goals' sections: held out, then the intervals' calibration on every scenario.
+    let goals = [
+        held_out,
+        Some(report::calibration_section(&fluid, tidal.quantile)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("\n");
     let mut des_rows = Vec::new();
     for (t, m) in des_inputs {
         let sc = des_scenario(t, &a.common, &m, &PolicyKind::ALL)?;
@@ -549,7 +558,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         (!verdicts.is_empty())
             .then(|| report::verdict_table(&verdicts))
             .as_deref(),
-        held_out.as_deref(),
+        Some(goals.as_str()),
         &sections,
         des.as_deref(),
         analysis.as_deref(),
