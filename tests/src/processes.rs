@@ -211,6 +211,19 @@ pub struct LoadReport {
     pub failures: Vec<String>,
 }
 
+impl LoadReport {
+    /// Fails the test with every failed request when any failed `during` (what was going on).
+    pub fn assert_none_failed(&self, during: &str) {
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} requests failed {during}: {:?}",
+            self.failures.len(),
+            self.sent,
+            self.failures
+        );
+    }
+}
+
 /// Sends `rps` completion requests per second, round-robin over `targets`, until `stop` is
 /// set or `max_requests` were sent; returns how many succeeded.
 pub fn completion_load(
@@ -343,6 +356,24 @@ pub async fn start_worker(model: &Path, name: &str) -> ProcessGuard {
     guard
 }
 
+/// Runs Debian's `promtool` with `args`; fails the test with its output unless it succeeds.
+pub fn promtool(args: &[&std::ffi::OsStr]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool (Debian's prometheus package) is installed");
+    assert!(
+        out.status.success(),
+        "promtool {}: {}{}",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// What a test's Prometheus scrapes and evaluates: scrape configs as Prometheus' YAML has them
 /// (JSON is YAML) and rule files.
 #[derive(Debug, Clone, Default)]
@@ -394,32 +425,18 @@ impl Prometheus {
         });
         let path = dir.path().join("prometheus.yml");
         std::fs::write(&path, yaml.to_string()).unwrap();
-        let check = Command::new("promtool")
-            .args(["check", "config"])
-            .arg(&path)
-            .output()
-            .expect("promtool (Debian's prometheus package) is installed");
-        assert!(
-            check.status.success(),
-            "promtool check config: {}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
+        promtool(&["check".as_ref(), "config".as_ref(), path.as_os_str()]);
         if let Some(om) = &config.history {
             let file = dir.path().join("history.om");
             std::fs::write(&file, om).unwrap();
-            let out = Command::new("promtool")
-                .args(["tsdb", "create-blocks-from", "openmetrics"])
-                .arg(&file)
-                .arg(dir.path().join("data"))
-                .output()
-                .expect("promtool (Debian's prometheus package) is installed");
-            assert!(
-                out.status.success(),
-                "promtool tsdb create-blocks-from openmetrics: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let data = dir.path().join("data");
+            promtool(&[
+                "tsdb".as_ref(),
+                "create-blocks-from".as_ref(),
+                "openmetrics".as_ref(),
+                file.as_os_str(),
+                data.as_os_str(),
+            ]);
         }
         let mut p = Prometheus {
             port: free_port(),

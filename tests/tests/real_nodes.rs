@@ -458,6 +458,19 @@ async fn real_node_helm_installed_operator_serves_an_oci_model_through_its_servi
 }
 
 /// p95 of the workers' TTFT over the last `window`, from their histograms in Prometheus.
+/// The notes of the test namespace's Events with `reason`.
+async fn event_notes(ctx: &TestCtx, reason: &str) -> Vec<String> {
+    ctx.api::<Event>()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.message)
+        .collect()
+}
+
 async fn ttft_p95_ms(ns: &str, service: &str, window: &str) -> Result<f64, String> {
     let q = format!(
         "histogram_quantile(0.95, sum by (le) (rate(tidal_worker_time_to_first_token_seconds_bucket\
@@ -608,24 +621,8 @@ async fn real_node_load_step_adds_worker_pods_and_scale_down_under_load_fails_no
     stop.store(true, Ordering::Relaxed);
     let report = load.await.unwrap();
     assert!(report.sent > 20, "{report:?}");
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed across scale-up and scale-down: {:?}",
-        report.failures.len(),
-        report.sent,
-        report.failures
-    );
-    let events = ctx
-        .api::<Event>()
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items;
-    let scaled: Vec<_> = events
-        .iter()
-        .filter(|e| e.reason.as_deref() == Some("Autoscaled"))
-        .filter_map(|e| e.message.clone())
-        .collect();
+    report.assert_none_failed("across scale-up and scale-down");
+    let scaled = event_notes(&ctx, "Autoscaled").await;
     assert!(scaled.len() >= 2, "scaled up and down: {scaled:?}");
     eprintln!(
         "[real-scale] {} requests, none failed; p95 TTFT {p95:.0} ms at 3 pods; events {scaled:?}",
@@ -728,17 +725,7 @@ async fn real_node_worker_backlog_scales_up_through_the_fast_path_without_promet
     for c in clients {
         let _ = c.await;
     }
-    let events = ctx
-        .api::<Event>()
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items;
-    let scaled: Vec<String> = events
-        .iter()
-        .filter(|e| e.reason.as_deref() == Some("Autoscaled"))
-        .filter_map(|e| e.message.clone())
-        .collect();
+    let scaled = event_notes(&ctx, "Autoscaled").await;
     assert!(
         !scaled.is_empty() && scaled.iter().all(|m| m.contains("fast path:")),
         "every scale-up came from the fast path: {scaled:?}"
@@ -941,13 +928,7 @@ async fn real_node_expert_shard_pod_killed_then_shards_scaled_down_under_load_fa
     stop.store(true, Ordering::Relaxed);
     let report = load.await.unwrap();
     assert!(report.sent > 30, "{report:?}");
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed (a shard pod killed, then both shards scaled down): {:?}",
-        report.failures.len(),
-        report.sent,
-        report.failures
-    );
+    report.assert_none_failed("while a shard pod was killed, then both shards scaled down");
     eprintln!(
         "[real-shard] killed {victim} (shard 0 then {after_kill:?}), then scaled both shards \
          2 -> 1 pod (settled after {scale_down_s:.0} s at 2 requests/s); {} requests through \
@@ -1503,13 +1484,7 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, Ordering::Relaxed);
     let woke = load.await.unwrap();
-    assert!(
-        woke.failures.is_empty(),
-        "{} of {} of the site's requests failed while it woke: {:?}",
-        woke.failures.len(),
-        woke.sent,
-        woke.failures
-    );
+    woke.assert_none_failed("while the site woke");
     // Its pod served them (Prometheus scrapes it every 5 s).
     eventually("the awake site's pod served its clients", START, || async {
         let q = format!(
@@ -1549,27 +1524,8 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
     stop.store(true, Ordering::Relaxed);
     let slept = trickle.await.unwrap();
     assert!(slept.sent >= 2, "{slept:?}");
-    assert!(
-        slept.failures.is_empty(),
-        "{} of {} of the site's requests failed while it went to sleep: {:?}",
-        slept.failures.len(),
-        slept.sent,
-        slept.failures
-    );
-    let events = ctx
-        .api::<Event>()
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items;
-    let notes = |reason: &str| -> Vec<String> {
-        events
-            .iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .filter_map(|e| e.message.clone())
-            .collect()
-    };
-    let routing = notes("EdgeSiteRouting");
+    slept.assert_none_failed("while the site went to sleep");
+    let routing = event_notes(&ctx, "EdgeSiteRouting").await;
     assert!(
         routing.iter().any(|n| n.contains("routes to them again"))
             && routing
@@ -1577,7 +1533,7 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
                 .any(|n| n.contains("routes to the cloud tier")),
         "{routing:?}"
     );
-    let scaled = notes("Autoscaled");
+    let scaled = event_notes(&ctx, "Autoscaled").await;
     assert!(
         scaled
             .iter()

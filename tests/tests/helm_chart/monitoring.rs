@@ -1,7 +1,7 @@
 //! The chart's monitoring assets: every PromQL expression of the rules and dashboards runs
 //! against a real Prometheus scraping fake pods through the chart's scrape config.
 
-use tidal_e2e::processes::{Prometheus, PrometheusConfig};
+use tidal_e2e::processes::{Prometheus, PrometheusConfig, promtool};
 
 use super::*;
 
@@ -314,17 +314,7 @@ async fn promql_of_rules_and_dashboards_runs_on_a_real_prometheus() {
     // The control plane is not needed here, but CI must run this test, never skip it.
     let _ = control_plane();
     let rules_path = chart().join("files/rules/tidal.rules.yaml");
-    let check = Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(&rules_path)
-        .output()
-        .expect("promtool (Debian's prometheus package) is installed");
-    assert!(
-        check.status.success(),
-        "promtool check rules: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    promtool(&["check".as_ref(), "rules".as_ref(), rules_path.as_os_str()]);
     let rules: Value =
         serde_yaml::from_str(&std::fs::read_to_string(&rules_path).unwrap()).unwrap();
     let rule_exprs = rule_expressions(&rules);
