@@ -458,6 +458,15 @@ async fn real_node_helm_installed_operator_serves_an_oci_model_through_its_servi
 }
 
 /// p95 of the workers' TTFT over the last `window`, from their histograms in Prometheus.
+/// Ok once Prometheus answers `q` with a first sample above zero.
+async fn positive(q: String) -> Result<(), String> {
+    let r = prom_query(&q).await?;
+    match r.first().and_then(|v| v["value"][1].as_str()) {
+        Some(v) if v.parse::<f64>().is_ok_and(|v| v > 0.0) => Ok(()),
+        _ => Err(format!("{q}: {r:?}")),
+    }
+}
+
 /// The notes of the test namespace's Events with `reason`.
 async fn event_notes(ctx: &TestCtx, reason: &str) -> Vec<String> {
     ctx.api::<Event>()
@@ -1310,12 +1319,7 @@ async fn site_served_through(
     eventually(
         &format!("{what}: the site's Service on the {tier} tier"),
         START,
-        || async {
-            match site_served_by(ctx, name, site).await?.as_str() {
-                t if t == tier => Ok(()),
-                other => Err(format!("servedBy {other}")),
-            }
-        },
+        || async { site_served_by(ctx, name, site, tier).await },
     )
     .await;
     let (e, c) = traffic.served();
@@ -1332,20 +1336,26 @@ async fn site_served_through(
     .await;
 }
 
-/// What an InferenceService's status says serves an edge site: `edge` or `cloud`.
-async fn site_served_by(ctx: &TestCtx, name: &str, site: &str) -> Result<String, String> {
+/// Ok when an InferenceService's status says `tier` (`edge` or `cloud`) serves an edge site.
+async fn site_served_by(ctx: &TestCtx, name: &str, site: &str, tier: &str) -> Result<(), String> {
     let t = ctx
         .api::<InferenceService>()
         .get(name)
         .await
         .map_err(|e| e.to_string())?;
-    t.status
+    let by = t
+        .status
         .ok_or("no status")?
         .edge
         .iter()
         .find(|e| e.edge_node == site)
         .and_then(|e| e.served_by.clone())
-        .ok_or_else(|| format!("no servedBy for {site}"))
+        .ok_or_else(|| format!("no servedBy for {site}"))?;
+    if by == tier {
+        Ok(())
+    } else {
+        Err(format!("servedBy {by}"))
+    }
 }
 
 /// A load through a Service's DNS name, as a client in the cluster addresses it (so the
@@ -1435,10 +1445,8 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
             if pod_count(&ctx, &edge_selector).await? != 0 {
                 return Err("an edge pod exists".into());
             }
-            match site_served_by(&ctx, name, &site).await?.as_str() {
-                "cloud" => answers(&base_of_service(&ctx, &site_service).await?, name).await,
-                other => Err(format!("servedBy {other}")),
-            }
+            site_served_by(&ctx, name, &site, "cloud").await?;
+            answers(&base_of_service(&ctx, &site_service).await?, name).await
         },
     )
     .await;
@@ -1449,20 +1457,11 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
     let rate = Arc::new(AtomicU64::new(1000));
     let stop = Arc::new(AtomicBool::new(false));
     let load = load_by_name(&ctx, &site_service, name, rate.clone(), stop.clone()).await;
-    eventually(
-        "the cloud workers count the site's requests",
-        START,
-        || async {
-            let q = format!(
-                "sum(tidal_worker_site_requests_total{{namespace=\"{ns}\",site=\"{site_service}\"}})"
-            );
-            let r = prom_query(&q).await?;
-            match r.first().and_then(|v| v["value"][1].as_str()) {
-                Some(v) if v.parse::<f64>().is_ok_and(|v| v > 0.0) => Ok(()),
-                _ => Err(format!("{q}: {r:?}")),
-            }
-        },
-    )
+    eventually("the cloud workers count the site's requests", START, || {
+        positive(format!(
+            "sum(tidal_worker_site_requests_total{{namespace=\"{ns}\",site=\"{site_service}\"}})"
+        ))
+    })
     .await;
     eventually(
         "the site wakes: an edge pod Ready on tidal-edge, its Service on it",
@@ -1473,10 +1472,7 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
                 return Err(format!("edge {edge:?}"));
             }
             selects("edge").await?;
-            match site_served_by(&ctx, name, &site).await?.as_str() {
-                "edge" => Ok(()),
-                other => Err(format!("servedBy {other}")),
-            }
+            site_served_by(&ctx, name, &site, "edge").await
         },
     )
     .await;
@@ -1486,15 +1482,10 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
     let woke = load.await.unwrap();
     woke.assert_none_failed("while the site woke");
     // Its pod served them (Prometheus scrapes it every 5 s).
-    eventually("the awake site's pod served its clients", START, || async {
-        let q = format!(
+    eventually("the awake site's pod served its clients", START, || {
+        positive(format!(
             "sum(tidal_worker_requests_total{{namespace=\"{ns}\",tidal_tier=\"edge\",endpoint=\"/v1/completions\"}})"
-        );
-        let r = prom_query(&q).await?;
-        match r.first().and_then(|v| v["value"][1].as_str()) {
-            Some(v) if v.parse::<f64>().is_ok_and(|v| v > 0.0) => Ok(()),
-            _ => Err(format!("{q}: {r:?}")),
-        }
+        ))
     })
     .await;
 
@@ -1513,10 +1504,7 @@ async fn real_node_quiet_edge_site_sleeps_serves_its_clients_from_the_cloud_and_
             if n != 0 {
                 return Err(format!("{n} edge pods"));
             }
-            match site_served_by(&ctx, name, &site).await?.as_str() {
-                "cloud" => Ok(()),
-                other => Err(format!("servedBy {other}")),
-            }
+            site_served_by(&ctx, name, &site, "cloud").await
         },
     )
     .await;
