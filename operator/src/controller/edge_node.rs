@@ -23,6 +23,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::caches::{Objects, Shared};
+use super::written::Written;
 use super::{Context, cached};
 use crate::children::{FIELD_MANAGER, LABEL_EDGE_NODE, LABEL_SERVICE};
 use crate::crd::{EdgeNode, EdgeNodeStatus, EdgePhase, EdgeServiceRef, merge_conditions};
@@ -48,6 +49,10 @@ struct State {
     /// a Lease renewal every ~10 s each).
     nodes: Store<Node>,
     leases: Store<Lease>,
+    /// Placement labels applied per Node and statuses written per EdgeNode that the caches
+    /// may not show yet: a reconcile in between compares with these and writes nothing again.
+    labels_written: Written<BTreeMap<String, String>>,
+    status_written: Written<EdgeNodeStatus>,
 }
 
 /// What the controller takes from the shared watches: stores and triggers.
@@ -106,6 +111,8 @@ pub async fn run(
         edge_nodes: controller.store(),
         nodes,
         leases,
+        labels_written: Written::default(),
+        status_written: Written::default(),
     });
     controller
         .watches_stream(node_stream, move |node| {
@@ -255,6 +262,12 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
     let ctx = &state.ctx;
     let name = en.name_any();
     let nodes = Api::<Node>::all(ctx.client.clone());
+    let en_version = en.resource_version();
+    // The status as last written, if the cache has not caught up with that write yet.
+    let en_status = state
+        .status_written
+        .pending(&name, en_version.as_deref())
+        .or_else(|| en.status.clone());
 
     // Resolve the Node from the candidates the spec names (from the Node cache).
     let candidates: Vec<Arc<Node>> = match (&en.spec.node_name, &en.spec.node_selector) {
@@ -337,8 +350,7 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
         claimed_by: claimed_by.clone(),
         // Only a heartbeat reported while healthy may be kept; coming back from Offline or a
         // late heartbeat always reports the real renewal.
-        reported_heartbeat: en
-            .status
+        reported_heartbeat: en_status
             .as_ref()
             .filter(|s| {
                 s.phase == EdgePhase::Ready
@@ -353,28 +365,39 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
     // Placement labels on the Node: only the labels, only when they differ (no write otherwise).
     if let Some(n) = node.filter(|_| claimed_by.is_none()) {
         let desired = edge::node_labels(&name, &en.spec);
-        if edge::labels_need_apply(
-            &desired,
-            n.metadata.labels.as_ref().unwrap_or(&empty),
-            &owned_labels(n),
-        ) {
+        let node_name = n.name_any();
+        let node_version = n.resource_version();
+        let applied = state
+            .labels_written
+            .pending(&node_name, node_version.as_deref());
+        if applied.as_ref() != Some(&desired)
+            && edge::labels_need_apply(
+                &desired,
+                n.metadata.labels.as_ref().unwrap_or(&empty),
+                &owned_labels(n),
+            )
+        {
             let patch = json!({
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": { "name": n.name_any(), "labels": desired },
             });
+            state.labels_written.forget(&node_name);
             nodes
                 .patch(
-                    &n.name_any(),
+                    &node_name,
                     &PatchParams::apply(FIELD_MANAGER).force(),
                     &Patch::Apply(&patch),
                 )
                 .await?;
             ctx.metrics.write(CONTROLLER, "apply");
+            state
+                .labels_written
+                .record(&node_name, node_version.as_deref(), desired);
         }
     }
 
-    let current = en.status.clone().unwrap_or_default();
+    let current = en_status.clone().unwrap_or_default();
     let (replicas, services) = services_on(&state.deployments, &name);
     let now = super::now();
     let status = EdgeNodeStatus {
@@ -391,13 +414,14 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
         replicas,
         services,
     };
-    if en.status.as_ref() != Some(&status) {
+    if en_status.as_ref() != Some(&status) {
         // Server-side apply of the whole status: fields that became empty are removed too.
         let patch = json!({
             "apiVersion": EdgeNode::api_version(&()),
             "kind": EdgeNode::kind(&()),
             "status": status,
         });
+        state.status_written.forget(&name);
         Api::<EdgeNode>::all(ctx.client.clone())
             .patch_status(
                 &name,
@@ -406,6 +430,9 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
             )
             .await?;
         ctx.metrics.write(CONTROLLER, "status");
+        state
+            .status_written
+            .record(&name, en_version.as_deref(), status.clone());
     }
 
     if edge::phase_change_is_news(current.phase, status.phase) {
@@ -419,7 +446,11 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
 /// still labelled as this EdgeNode's; another EdgeNode may hold it now).
 async fn cleanup(en: &EdgeNode, state: &State) -> Result<Action> {
     let name = en.name_any();
+    state.status_written.forget(&name);
     let node_name = en.status.as_ref().and_then(|s| s.node_name.clone());
+    if let Some(n) = &node_name {
+        state.labels_written.forget(n);
+    }
     let node = node_name.and_then(|n| state.nodes.get(&ObjectRef::new(&n)));
     if let Some(n) = node.filter(|n| n.labels().get(LABEL_EDGE_NODE) == Some(&name))
         && !owned_labels(&n).is_empty()
@@ -474,5 +505,83 @@ async fn publish_phase_change(
     match state.recorder.publish(&event, &en.object_ref(&())).await {
         Ok(()) => state.ctx.metrics.write(CONTROLLER, "event"),
         Err(e) => warn!(error = %e, edgenode = %en.name_any(), "cannot publish phase Event"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Reconcile flows against a mocked API server (tower-test): which requests are made.
+
+    use super::*;
+    use crate::controller::test_support::{context, mock_client, store_with, synced_store};
+
+    #[tokio::test]
+    async fn a_reconcile_before_the_caches_show_its_writes_sends_them_no_second_time() {
+        let (client, calls) = mock_client(|call| {
+            let mut reply = call.body.clone();
+            // A status apply carries no metadata; the answer is an object all the same.
+            reply["metadata"]["name"] = json!("reply");
+            if call.path.ends_with("/status") {
+                reply["spec"] = json!({"nodeName": "n1", "site": "a"});
+            }
+            reply
+        });
+        let ctx = context(client.clone());
+        let mut node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "n1", "resourceVersion": "3"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let mut en: EdgeNode = serde_json::from_value(json!({
+            "apiVersion": "tidal.rs/v1alpha1", "kind": "EdgeNode",
+            "metadata": {"name": "site-a", "resourceVersion": "5", "generation": 1},
+            "spec": {"nodeName": "n1", "site": "a"}
+        }))
+        .unwrap();
+        let state = |node: &Node| State {
+            recorder: Recorder::new(client.clone(), ctx.reporter.clone()),
+            ctx: ctx.clone(),
+            deployments: synced_store(),
+            edge_nodes: synced_store(),
+            nodes: store_with(vec![node.clone()]),
+            leases: synced_store(),
+            labels_written: Written::default(),
+            status_written: Written::default(),
+        };
+        let writes = |path: &str| {
+            calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.method == "PATCH" && c.path == path)
+                .count()
+        };
+        let labels = "/api/v1/nodes/n1";
+        let status = "/apis/tidal.rs/v1alpha1/edgenodes/site-a/status";
+
+        let s = state(&node);
+        reconcile_inner(&en, &s).await.unwrap();
+        assert_eq!((writes(labels), writes(status)), (1, 1));
+        // A Lease renewal triggers another reconcile before the watches bring either write back.
+        reconcile_inner(&en, &s).await.unwrap();
+        assert_eq!((writes(labels), writes(status)), (1, 1));
+
+        // Someone removes the labels (a newer Node version) and clears the status: both are
+        // written again.
+        node.metadata.resource_version = Some("4".into());
+        en.metadata.resource_version = Some("6".into());
+        let State {
+            labels_written,
+            status_written,
+            ..
+        } = s;
+        let s = State {
+            labels_written,
+            status_written,
+            ..state(&node)
+        };
+        reconcile_inner(&en, &s).await.unwrap();
+        assert_eq!((writes(labels), writes(status)), (2, 2));
     }
 }

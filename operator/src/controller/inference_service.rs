@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
 use super::caches::{Objects, Shared};
+use super::written::Written;
 use super::{Context, cached, now};
 use crate::children::{
     self, ChildKind, Children, EdgeFacts, FIELD_MANAGER, LABEL_SERVICE, Observed, SpecError,
@@ -37,6 +38,9 @@ struct State {
     deployments: Store<Deployment>,
     services: Store<Service>,
     config_maps: Store<ConfigMap>,
+    /// Statuses written that the service cache may not show yet (keyed `namespace/name`): a
+    /// reconcile in between compares with these, so it neither writes nor announces twice.
+    status_written: Written<InferenceServiceStatus>,
 }
 
 impl State {
@@ -108,6 +112,7 @@ pub async fn run(
         deployments,
         services: services_cache,
         config_maps,
+        status_written: Written::default(),
     });
     controller
         .owns_stream(dep_stream)
@@ -169,6 +174,7 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     if tis.metadata.deletion_timestamp.is_some() {
+        state.status_written.forget(&format!("{ns}/{name}"));
         return Ok(Action::await_change()); // owner references let the GC remove children
     }
     if !state.synced() {
@@ -185,7 +191,10 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
             .collect(),
         None => Vec::new(),
     };
-    let previous = tis.status.as_ref();
+    let key = format!("{ns}/{name}");
+    let version = tis.resource_version();
+    let pending = state.status_written.pending(&key, version.as_deref());
+    let previous = pending.as_ref().or(tis.status.as_ref());
 
     let mut children = match children::desired_children(tis, &edge, &ctx.build) {
         Ok(c) => c,
@@ -193,7 +202,7 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
             let status =
                 invalid_spec_status(tis.metadata.generation, &spec_error, previous, &now());
             report_invalid(tis, state, &spec_error, previous).await;
-            write_status(tis, &ns, status, state).await?;
+            write_status(tis, &ns, previous, status, state).await?;
             return Ok(Action::await_change());
         }
     };
@@ -214,7 +223,7 @@ async fn reconcile_inner(tis: &InferenceService, state: &State) -> Result<Action
         &now(),
     );
     publish_changes(tis, state, &children, previous, &status).await;
-    write_status(tis, &ns, status, state).await?;
+    write_status(tis, &ns, previous, status, state).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -368,16 +377,22 @@ const AUTOSCALER_OWNED_STATUS: &[&str] = &[
     "autoscaledReplicas",
 ];
 
+/// Writes `status` unless the service already holds it (`previous`: cached, or as last written).
 async fn write_status(
     tis: &InferenceService,
     ns: &str,
+    previous: Option<&InferenceServiceStatus>,
     status: InferenceServiceStatus,
     state: &State,
 ) -> Result<()> {
-    if tis.status.as_ref() == Some(&status) {
+    if previous == Some(&status) {
         return Ok(());
     }
+    let name = tis.name_any();
+    let key = format!("{ns}/{name}");
+    state.status_written.forget(&key);
     let api: Api<InferenceService> = Api::namespaced(state.ctx.client.clone(), ns);
+    let written = status.clone();
     let mut status = serde_json::to_value(&status)?;
     // The autoscaler owns these; a merge patch from this (possibly stale) copy would undo its
     // writes, e.g. put back a placement rollout stage it has already moved past.
@@ -387,13 +402,12 @@ async fn write_status(
         }
     }
     let patch = serde_json::json!({ "status": status });
-    api.patch_status(
-        &tis.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
     state.ctx.metrics.write(CONTROLLER, "status");
+    state
+        .status_written
+        .record(&key, tis.resource_version().as_deref(), written);
     Ok(())
 }
 
@@ -671,6 +685,7 @@ mod tests {
             deployments: synced_store(),
             services: synced_store(),
             config_maps: synced_store(),
+            status_written: Written::default(),
         };
         (Arc::new(state), calls)
     }
@@ -715,6 +730,23 @@ mod tests {
                 && p == "/apis/tidal.rs/v1alpha1/namespaces/prod/inferenceservices/m/status"),
             "{calls:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_before_the_cache_shows_the_written_status_writes_and_announces_nothing() {
+        let mut tis = moe_without_num_experts();
+        tis.metadata.resource_version = Some("7".into());
+        let (state, calls) = mock_state(&tis);
+        reconcile_inner(&tis, &state).await.unwrap();
+        let first = calls.lock().unwrap().len();
+        assert!(first >= 2, "a status write and an Event first");
+        // The same cached object again (its watch event has not arrived): nothing new is sent.
+        reconcile_inner(&tis, &state).await.unwrap();
+        assert_eq!(calls.lock().unwrap().len(), first);
+        // A newer version without the condition (someone cleared the status): written again.
+        tis.metadata.resource_version = Some("8".into());
+        reconcile_inner(&tis, &state).await.unwrap();
+        assert!(calls.lock().unwrap().len() > first);
     }
 
     #[tokio::test]

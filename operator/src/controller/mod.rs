@@ -7,6 +7,7 @@ pub mod inference_service;
 pub mod strip;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub(crate) mod written;
 
 use std::sync::Arc;
 
