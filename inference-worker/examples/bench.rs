@@ -251,6 +251,7 @@ async fn main() {
         seed: 0,
         shards: 1,
         hot_experts: Vec::new(),
+        sparse_step: 1,
     };
     eprintln!("generating the checkpoint in {}", dir.path().display());
     tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();

@@ -1,11 +1,12 @@
-//! Our models against candle-transformers' own Mixtral and Llama on the same
-//! random checkpoints: logits must match closely and greedy generations exactly.
+//! Our models against candle-transformers' own Mixtral, Llama, Qwen2, Qwen3 and
+//! Qwen2-MoE on the same random checkpoints: logits must match closely and greedy
+//! generations exactly.
 
 mod common;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mixtral, qwen2, qwen3};
+use candle_transformers::models::{llama, mixtral, qwen2, qwen2_moe, qwen3};
 use std::path::Path;
 use tidal_worker::model::config::ModelConfig;
 use tidal_worker::model::decoder::Model;
@@ -56,12 +57,18 @@ fn reference(dir: &Path, arch: FixtureArch) -> common::Reference {
             let mut m = qwen3::ModelForCausalLM::new(&cfg, weights(dir)).unwrap();
             common::reference(move |x, offset| m.forward(x, offset))
         }
+        FixtureArch::Qwen2Moe => {
+            let cfg: qwen2_moe::Config = serde_json::from_value(json).unwrap();
+            let mut m = qwen2_moe::Model::new(&cfg, weights(dir)).unwrap();
+            common::reference(move |x, offset| m.forward(x, offset))
+        }
         FixtureArch::Qwen3Moe => unreachable!("GGUF only: see gguf.rs"),
     }
 }
 
 /// Prefill + 24 greedy decode steps on both; compares logits at every step and tokens.
-fn compare(arch: FixtureArch, spec: FixtureSpec) {
+/// Returns our model after the run (its expert counters hold the run's routes).
+fn compare(arch: FixtureArch, spec: FixtureSpec) -> Model {
     let dir = tempfile::tempdir().unwrap();
     tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
     let model = ours(dir.path());
@@ -77,6 +84,85 @@ fn compare(arch: FixtureArch, spec: FixtureSpec) {
         distinct.len() > 1,
         "{arch:?}: generation is constant: {gen_a:?}"
     );
+    model
+}
+
+/// Prompt + decode tokens that [`compare`] runs through the model.
+const COMPARED_TOKENS: u64 = "The quick brown fox".len() as u64 + 24;
+
+/// Like Qwen1.5-MoE: more than two experts per token, their softmax weights kept as they
+/// are (`norm_topk_prob: false`), and a shared expert behind a sigmoid gate.
+fn qwen2_moe_spec(seed: u64) -> FixtureSpec {
+    FixtureSpec {
+        arch: FixtureArch::Qwen2Moe,
+        seed,
+        experts: 8,
+        top_k: 4,
+        ..FixtureSpec::default()
+    }
+}
+
+#[test]
+fn qwen2_moe_with_shared_expert_matches_candle_transformers() {
+    let spec = qwen2_moe_spec(8);
+    compare(FixtureArch::Qwen2Moe, spec.clone());
+
+    // The match means something only if the shared expert and its gate weigh in the
+    // logits: with the gate at a constant 1/2 (zero weights) or without the shared
+    // expert (zero down projection), ours moves by far more than the tolerance.
+    let dir = tempfile::tempdir().unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
+    let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let prompt: Vec<u32> = "The quick brown fox".bytes().map(u32::from).collect();
+    let logits = |zeroed: &str| {
+        let tensors: std::collections::HashMap<_, _> = tidal_worker::model::fixture::tensors(&spec)
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| {
+                let t = if !zeroed.is_empty() && name.ends_with(zeroed) {
+                    t.zeros_like().unwrap()
+                } else {
+                    t
+                };
+                (name, t)
+            })
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let m = Model::load(cfg.clone(), vb).unwrap();
+        // Every position's logits, so that one token's gate cannot hide the effect.
+        m.forward_all(&prompt, &mut m.new_cache()).unwrap().concat()
+    };
+    let base = logits("");
+    for zeroed in [
+        ".shared_expert_gate.weight",
+        ".shared_expert.down_proj.weight",
+    ] {
+        let d = common::max_abs_diff(&base, &logits(zeroed));
+        assert!(
+            d > 100.0 * TOL,
+            "zeroing {zeroed} moves the logits by only {d}"
+        );
+    }
+}
+
+#[test]
+fn qwen2_moe_with_dense_layers_matches_candle_transformers() {
+    // decoder_sparse_step 2: layers 1 and 3 have experts, 0 and 2 a dense MLP.
+    let spec = FixtureSpec {
+        layers: 4,
+        sparse_step: 2,
+        ..qwen2_moe_spec(9)
+    };
+    let model = compare(FixtureArch::Qwen2Moe, spec.clone());
+    // Counters cover the routed experts of the MoE layers only (the shared expert is
+    // not one): top-k routes per token.
+    let snapshot = model.expert_counts().snapshot();
+    let layers: std::collections::BTreeSet<usize> = snapshot.iter().map(|(l, _, _)| *l).collect();
+    assert_eq!(layers, [1, 3].into());
+    for l in [1, 3] {
+        let total: u64 = snapshot.iter().filter(|s| s.0 == l).map(|s| s.2).sum();
+        assert_eq!(total, COMPARED_TOKENS * spec.top_k as u64, "layer {l}");
+    }
 }
 
 #[test]

@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 /// last use (routers still on the previous plan may ask for it meanwhile).
 pub const UNLOAD_AFTER: Duration = Duration::from_secs(60);
 
-/// One expert's FFN in every layer.
+/// One expert's FFN in every layer (none in the dense layers of a model that has some).
 struct Slot {
-    layers: Vec<ExpertFfn>,
+    layers: Vec<Option<ExpertFfn>>,
     last_used: AtomicU64,
 }
 
@@ -88,11 +88,11 @@ impl ExpertShard {
         };
         if !cfg.is_moe() {
             return Err(Error::Unsupported(
-                "the expert role needs a MoE (Mixtral-family) model".into(),
+                "the expert role needs a MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE)".into(),
             ));
         }
         Ok(Arc::new(Self {
-            counts: Arc::new(ExpertCounts::new(cfg.num_hidden_layers, cfg.num_experts)),
+            counts: Arc::new(ExpertCounts::for_model(&cfg)),
             cfg,
             dtype,
             weights,
@@ -170,13 +170,19 @@ impl ExpertShard {
                 num_experts: self.cfg.num_experts,
             });
         }
-        let layers = self.cfg.num_hidden_layers;
-        let mut ffns: Vec<Vec<ExpertFfn>> = todo.iter().map(|_| vec![]).collect();
+        let arch = self.cfg.arch;
+        let moe_layers: Vec<usize> = (0..self.cfg.num_hidden_layers)
+            .filter(|&l| self.cfg.is_moe_layer(l))
+            .collect();
+        let mut ffns: Vec<Vec<Option<ExpertFfn>>> = todo
+            .iter()
+            .map(|_| (0..self.cfg.num_hidden_layers).map(|_| None).collect())
+            .collect();
         match &self.weights {
             Weights::Safetensors(checkpoint) => {
                 let prefixes: HashSet<String> = todo
                     .iter()
-                    .flat_map(|&e| (0..layers).map(move |l| expert_prefix(l, e)))
+                    .flat_map(|&e| moe_layers.iter().map(move |&l| expert_prefix(arch, l, e)))
                     .collect();
                 let tensors = checkpoint.load_where(|name| {
                     name.rsplitn(3, '.')
@@ -184,20 +190,20 @@ impl ExpertShard {
                         .is_some_and(|p| prefixes.contains(p))
                 })?;
                 let vb = VarBuilder::from_tensors(tensors, self.dtype, &Device::Cpu);
-                for l in 0..layers {
+                for &l in &moe_layers {
                     for (i, &e) in todo.iter().enumerate() {
-                        let src = Source::Safetensors(vb.pp(expert_prefix(l, e)));
-                        ffns[i].push(ExpertFfn::load(&self.cfg, src)?);
+                        let src = Source::Safetensors(vb.pp(expert_prefix(arch, l, e)));
+                        ffns[i][l] = Some(ExpertFfn::load(&self.cfg, src)?);
                     }
                 }
             }
             Weights::Gguf(file) => {
                 // Layer by layer: the file caches one layer's stacked expert tensors.
                 let loaded = (|| {
-                    for l in 0..layers {
+                    for &l in &moe_layers {
                         for (i, &e) in todo.iter().enumerate() {
-                            let src = Source::gguf(file.clone()).pp(expert_prefix(l, e));
-                            ffns[i].push(ExpertFfn::load(&self.cfg, src)?);
+                            let src = Source::gguf(file.clone()).pp(expert_prefix(arch, l, e));
+                            ffns[i][l] = Some(ExpertFfn::load(&self.cfg, src)?);
                         }
                     }
                     Ok::<_, Error>(())
@@ -282,6 +288,12 @@ impl ExpertShard {
                 ),
             ));
         }
+        if !self.cfg.is_moe_layer(req.layer) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("layer {} of this checkpoint has no experts", req.layer),
+            ));
+        }
         let mut wanted: Vec<usize> = req.routes.iter().flatten().map(|&(e, _)| e).collect();
         wanted.sort_unstable();
         wanted.dedup();
@@ -313,7 +325,7 @@ impl ExpertShard {
             |e| {
                 slots
                     .get(&e)
-                    .map(|s| &s.layers[layer])
+                    .and_then(|s| s.layers[layer].as_ref())
                     .ok_or(Error::ExpertNotLoaded(e))
             },
             |e, n| self.counts.add(layer, e, n as u64),

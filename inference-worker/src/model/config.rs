@@ -17,11 +17,31 @@ pub enum Arch {
     Qwen3,
     /// Qwen3-MoE: Qwen3 attention, top-k over many experts.
     Qwen3Moe,
+    /// Qwen2-MoE (Qwen1.5-MoE): Qwen2 attention, top-k over many experts plus a shared
+    /// expert that every token goes through, scaled by a sigmoid gate.
+    Qwen2Moe,
 }
 
 impl Arch {
     pub fn attention_bias(self) -> bool {
-        self == Arch::Qwen2
+        matches!(self, Arch::Qwen2 | Arch::Qwen2Moe)
+    }
+
+    /// The checkpoint module of a MoE layer's gate and experts. Qwen2-MoE keeps Hugging
+    /// Face's `mlp`; Qwen3-MoE (GGUF only, so its names are ours) shares Mixtral's.
+    pub fn moe_block(self) -> &'static str {
+        match self {
+            Arch::Qwen2Moe => "mlp",
+            _ => "block_sparse_moe",
+        }
+    }
+
+    /// An expert's gate, up and down projections, below `{moe_block}.experts.{e}`.
+    pub fn expert_projections(self) -> [&'static str; 3] {
+        match self {
+            Arch::Qwen2Moe => ["gate_proj", "up_proj", "down_proj"],
+            _ => ["w1", "w3", "w2"],
+        }
     }
 
     pub fn qk_norm(self) -> bool {
@@ -59,6 +79,14 @@ struct RawConfig {
     tie_word_embeddings: bool,
     num_local_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
+    // Qwen2-MoE.
+    num_experts: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Vec<usize>,
     #[serde(default)]
     hidden_act: Option<String>,
     bos_token_id: Option<u32>,
@@ -83,7 +111,16 @@ pub struct ModelConfig {
     pub arch: Arch,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// Width of the dense MLPs (dense models, and the dense layers of a MoE model).
     pub intermediate_size: usize,
+    /// Width of each routed expert's FFN (MoE models).
+    pub moe_intermediate_size: usize,
+    /// Width of the shared expert every token goes through beside its routed experts
+    /// (Qwen2-MoE); 0 when there is none.
+    pub shared_expert_intermediate_size: usize,
+    /// Layers of a MoE model that have a dense MLP instead of experts (Qwen2-MoE's
+    /// `mlp_only_layers` and the layers off its `decoder_sparse_step`), ascending.
+    pub dense_layers: Vec<usize>,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
@@ -128,6 +165,8 @@ impl ModelConfig {
             .to_ascii_lowercase();
         let arch = if name.contains("mixtral") {
             Arch::Mixtral
+        } else if name.contains("qwen2") && name.contains("moe") {
+            Arch::Qwen2Moe
         } else if name.contains("qwen2") && !name.contains("moe") {
             Arch::Qwen2
         } else if name.contains("qwen3") && !name.contains("moe") {
@@ -136,8 +175,8 @@ impl ModelConfig {
             Arch::Llama
         } else {
             return Err(Error::Unsupported(format!(
-                "model_type {name:?}: supported are mixtral, llama, mistral, qwen2, qwen3 \
-                 (and GGUF files of these and of qwen3moe)"
+                "model_type {name:?}: supported are mixtral, llama, mistral, qwen2, qwen2_moe, \
+                 qwen3 (and GGUF files of these and of qwen3moe)"
             )));
         };
         if let Some(act) = &raw.hidden_act
@@ -164,18 +203,44 @@ impl ModelConfig {
                 "num_attention_heads must be a multiple of num_key_value_heads".into(),
             ));
         }
+        // Hugging Face's defaults where a field may be absent.
         let (num_experts, num_experts_per_tok) = match arch {
-            Arch::Mixtral => {
-                let n = raw.num_local_experts.unwrap_or(8);
-                let k = raw.num_experts_per_tok.unwrap_or(2);
-                if k == 0 || k > n {
-                    return Err(Error::Unsupported(format!(
-                        "num_experts_per_tok {k} must be in 1..={n}"
-                    )));
-                }
-                (n, k)
-            }
+            Arch::Mixtral => (
+                raw.num_local_experts.unwrap_or(8),
+                raw.num_experts_per_tok.unwrap_or(2),
+            ),
+            Arch::Qwen2Moe => (
+                raw.num_experts.unwrap_or(60),
+                raw.num_experts_per_tok.unwrap_or(4),
+            ),
             _ => (0, 0),
+        };
+        if num_experts > 0 && (num_experts_per_tok == 0 || num_experts_per_tok > num_experts) {
+            return Err(Error::Unsupported(format!(
+                "num_experts_per_tok {num_experts_per_tok} must be in 1..={num_experts}"
+            )));
+        }
+        let (moe_intermediate_size, shared_expert_intermediate_size, dense_layers) = match arch {
+            Arch::Qwen2Moe => {
+                let need = |v: Option<usize>, field: &str| {
+                    v.ok_or_else(|| Error::Unsupported(format!("qwen2_moe config without {field}")))
+                };
+                // As transformers' Qwen2MoeDecoderLayer: a layer has experts unless listed
+                // in mlp_only_layers or off the sparse step.
+                let step = raw.decoder_sparse_step.unwrap_or(1).max(1);
+                let dense = (0..raw.num_hidden_layers)
+                    .filter(|l| raw.mlp_only_layers.contains(l) || !(l + 1).is_multiple_of(step))
+                    .collect();
+                (
+                    need(raw.moe_intermediate_size, "moe_intermediate_size")?,
+                    need(
+                        raw.shared_expert_intermediate_size,
+                        "shared_expert_intermediate_size",
+                    )?,
+                    dense,
+                )
+            }
+            _ => (raw.intermediate_size, 0, vec![]),
         };
         let eos_token_ids = match raw.eos_token_id {
             None => vec![],
@@ -187,6 +252,9 @@ impl ModelConfig {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
+            moe_intermediate_size,
+            shared_expert_intermediate_size,
+            dense_layers,
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads: raw.num_attention_heads,
             num_key_value_heads,
@@ -200,7 +268,8 @@ impl ModelConfig {
             num_experts,
             num_experts_per_tok,
             rope_interleaved: false,
-            norm_topk_prob: true,
+            // Qwen1.5-MoE keeps the softmax weights of its top-k (transformers' default).
+            norm_topk_prob: arch != Arch::Qwen2Moe || raw.norm_topk_prob.unwrap_or(false),
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
         })
@@ -208,6 +277,11 @@ impl ModelConfig {
 
     pub fn is_moe(&self) -> bool {
         self.num_experts > 0
+    }
+
+    /// Whether decoder layer `layer` routes to experts (else it has a dense MLP).
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.is_moe() && !self.dense_layers.contains(&layer)
     }
 }
 
@@ -232,5 +306,41 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("gpt2"), "{err}");
+    }
+
+    #[test]
+    fn parses_qwen2_moe_with_its_shared_expert_and_dense_layers() {
+        let cfg = ModelConfig::from_json(
+            r#"{"architectures":["Qwen2MoeForCausalLM"],"model_type":"qwen2_moe",
+            "vocab_size":10,"hidden_size":8,"intermediate_size":32,"num_hidden_layers":6,
+            "num_attention_heads":2,"num_key_value_heads":1,"num_experts":8,
+            "num_experts_per_tok":4,"moe_intermediate_size":12,
+            "shared_expert_intermediate_size":24,"norm_topk_prob":false,
+            "decoder_sparse_step":2,"mlp_only_layers":[3]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.arch, Arch::Qwen2Moe);
+        assert!(cfg.arch.attention_bias());
+        assert_eq!((cfg.num_experts, cfg.num_experts_per_tok), (8, 4));
+        assert_eq!(
+            (
+                cfg.intermediate_size,
+                cfg.moe_intermediate_size,
+                cfg.shared_expert_intermediate_size
+            ),
+            (32, 12, 24)
+        );
+        assert!(!cfg.norm_topk_prob);
+        // Layers 1, 3, 5 are on the step; 3 is listed as dense.
+        assert_eq!(cfg.dense_layers, vec![0, 2, 3, 4]);
+        assert!(cfg.is_moe_layer(1) && cfg.is_moe_layer(5) && !cfg.is_moe_layer(3));
+        let no_shared = r#"{"model_type":"qwen2_moe","vocab_size":10,"hidden_size":8,
+            "intermediate_size":32,"num_hidden_layers":1,"num_attention_heads":2,
+            "moe_intermediate_size":12}"#;
+        let err = ModelConfig::from_json(no_shared).unwrap_err();
+        assert!(
+            err.to_string().contains("shared_expert_intermediate_size"),
+            "{err}"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! The decoder model (Mixtral-family and Qwen3 MoE; Llama/Mistral/Qwen2/Qwen3 dense) on
-//! candle, from safetensors or GGUF weights.
+//! The decoder model (Mixtral-family, Qwen2 and Qwen3 MoE; Llama/Mistral/Qwen2/Qwen3
+//! dense) on candle, from safetensors or GGUF weights.
 //!
 //! Weights are shared; the KV cache lives outside the model in a [`KvCache`] per
 //! sequence so that one model can serve many sequences (continuous batching).
@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::gguf::GgufFile;
 use crate::model::layers::{Attention, Chunk, Mlp, Proj, Rotary};
-use crate::model::moe::{ExpertCounts, ExpertPlacement, Moe};
+use crate::model::moe::{ExpertCounts, ExpertPlacement, Moe, is_routed_expert_tensor};
 use crate::model::source::Source;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
@@ -65,7 +65,8 @@ impl Model {
     }
 
     /// As [`Model::load_dir`], with the expert FFNs where `placement` says. With
-    /// remote experts only the non-expert tensors are read from the checkpoint.
+    /// remote experts only the tensors of the routed experts are left unread (a shared
+    /// expert is loaded: it runs here).
     pub fn load_dir_with(
         dir: &Path,
         cfg: ModelConfig,
@@ -74,7 +75,7 @@ impl Model {
     ) -> Result<Self> {
         if let ExpertPlacement::Remote(_) = placement {
             let index = crate::model::weights::Checkpoint::open(dir)?;
-            let tensors = index.load_where(|name| !name.contains(".block_sparse_moe.experts."))?;
+            let tensors = index.load_where(|name| !is_routed_expert_tensor(cfg.arch, name))?;
             let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
             return Self::load_with(cfg, Source::Safetensors(vb), placement);
         }
@@ -116,8 +117,8 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let src = m.pp("layers").pp(l);
-            let ffn = if cfg.is_moe() {
-                Ffn::Moe(Moe::load(&cfg, src.pp("block_sparse_moe"), &placement)?)
+            let ffn = if cfg.is_moe_layer(l) {
+                Ffn::Moe(Moe::load(&cfg, src.pp(cfg.arch.moe_block()), &placement)?)
             } else {
                 Ffn::Dense(Mlp::load(
                     cfg.hidden_size,
@@ -144,7 +145,7 @@ impl Model {
             src.pp("lm_head")
                 .proj(cfg.hidden_size, cfg.vocab_size, false)?
         };
-        let counts = Arc::new(ExpertCounts::new(cfg.num_hidden_layers, cfg.num_experts));
+        let counts = Arc::new(ExpertCounts::for_model(&cfg));
         Ok(Self {
             rotary: Rotary::new(&cfg, dtype, &device)?,
             cfg,

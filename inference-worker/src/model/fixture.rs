@@ -33,11 +33,15 @@ pub enum FixtureArch {
     Qwen3,
     /// Qwen3 attention with Mixtral-style experts (GGUF only: `gen-fixture --gguf`).
     Qwen3Moe,
+    /// Qwen2 attention (q/k/v biases), experts of half the `--intermediate` width under
+    /// `mlp.experts`, top-k weights not renormalised, and a shared expert (full width)
+    /// behind a sigmoid gate.
+    Qwen2Moe,
 }
 
 impl FixtureArch {
     pub fn is_moe(self) -> bool {
-        matches!(self, Self::Mixtral | Self::Qwen3Moe)
+        matches!(self, Self::Mixtral | Self::Qwen3Moe | Self::Qwen2Moe)
     }
 }
 
@@ -76,6 +80,10 @@ pub struct FixtureSpec {
     /// per-expert load is strongly skewed whatever the prompt (for placement tests and demos).
     #[arg(long, env = "TIDAL_FIXTURE_HOT_EXPERTS", value_delimiter = ',')]
     pub hot_experts: Vec<usize>,
+    /// Qwen2-MoE only: layer l has experts when l + 1 is a multiple of this, else a dense
+    /// MLP (`decoder_sparse_step`).
+    #[arg(long, env = "TIDAL_FIXTURE_SPARSE_STEP", default_value_t = 1)]
+    pub sparse_step: usize,
 }
 
 impl Default for FixtureSpec {
@@ -93,6 +101,7 @@ impl Default for FixtureSpec {
             seed: 0,
             shards: 1,
             hot_experts: Vec::new(),
+            sparse_step: 1,
         }
     }
 }
@@ -100,6 +109,23 @@ impl Default for FixtureSpec {
 impl FixtureSpec {
     pub fn vocab_size(&self) -> usize {
         256 + SPECIAL_TOKENS.len()
+    }
+
+    /// Width of each routed expert's FFN: Qwen2-MoE's experts are narrower than its
+    /// dense MLPs and shared expert, so a width mixed up at load fails on shapes.
+    pub fn moe_intermediate(&self) -> usize {
+        match self.arch {
+            FixtureArch::Qwen2Moe => (self.intermediate / 2).max(1),
+            _ => self.intermediate,
+        }
+    }
+
+    /// Whether layer `l` has experts.
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        match self.arch {
+            FixtureArch::Qwen2Moe => (l + 1).is_multiple_of(self.sparse_step.max(1)),
+            arch => arch.is_moe(),
+        }
     }
 }
 
@@ -138,6 +164,7 @@ pub fn tensors(spec: &FixtureSpec) -> Result<Vec<(String, Tensor)>> {
     // Scales keep activations O(1) so that logits are well separated and argmax is stable.
     let s_in = 1.0 / (h as f32).sqrt();
     let s_mid = 1.0 / (spec.intermediate as f32).sqrt();
+    let moe_mid = spec.moe_intermediate();
     add(
         &mut tensors,
         "model.embed_tokens.weight".into(),
@@ -171,6 +198,45 @@ pub fn tensors(spec: &FixtureSpec) -> Result<Vec<(String, Tensor)>> {
             s_in,
         )?;
         match spec.arch {
+            FixtureArch::Qwen2Moe if spec.is_moe_layer(l) => {
+                let q = format!("{p}.mlp");
+                add(
+                    &mut tensors,
+                    format!("{q}.gate.weight"),
+                    (spec.experts, h),
+                    1.0,
+                )?;
+                for e in 0..spec.experts {
+                    let m = format!("{q}.experts.{e}");
+                    for (name, shape, scale) in [
+                        ("gate_proj", (moe_mid, h), s_in),
+                        ("up_proj", (moe_mid, h), s_in),
+                        ("down_proj", (h, moe_mid), 1.0 / (moe_mid as f32).sqrt()),
+                    ] {
+                        add(&mut tensors, format!("{m}.{name}.weight"), shape, scale)?;
+                    }
+                }
+                for (name, shape, scale) in [
+                    ("gate_proj", (spec.intermediate, h), s_in),
+                    ("up_proj", (spec.intermediate, h), s_in),
+                    ("down_proj", (h, spec.intermediate), s_mid),
+                ] {
+                    add(
+                        &mut tensors,
+                        format!("{q}.shared_expert.{name}.weight"),
+                        shape,
+                        scale,
+                    )?;
+                }
+                // Scale 1: gate logits of a few units, so sigmoid(gate) spreads over most
+                // of (0, 1) from token to token instead of sitting near 1/2.
+                add(
+                    &mut tensors,
+                    format!("{q}.shared_expert_gate.weight"),
+                    (1, h),
+                    1.0,
+                )?;
+            }
             FixtureArch::Mixtral | FixtureArch::Qwen3Moe => {
                 add(
                     &mut tensors,
@@ -200,7 +266,10 @@ pub fn tensors(spec: &FixtureSpec) -> Result<Vec<(String, Tensor)>> {
                     )?;
                 }
             }
-            FixtureArch::Llama | FixtureArch::Qwen2 | FixtureArch::Qwen3 => {
+            FixtureArch::Llama
+            | FixtureArch::Qwen2
+            | FixtureArch::Qwen3
+            | FixtureArch::Qwen2Moe => {
                 add(
                     &mut tensors,
                     format!("{p}.mlp.gate_proj.weight"),
@@ -221,7 +290,7 @@ pub fn tensors(spec: &FixtureSpec) -> Result<Vec<(String, Tensor)>> {
                 )?;
             }
         }
-        if spec.arch == FixtureArch::Qwen2 {
+        if matches!(spec.arch, FixtureArch::Qwen2 | FixtureArch::Qwen2Moe) {
             for (proj, heads) in [
                 ("q", spec.heads),
                 ("k", spec.kv_heads),
@@ -299,6 +368,7 @@ fn write_rest(
         FixtureArch::Llama => ("llama", "LlamaForCausalLM"),
         FixtureArch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
         FixtureArch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        FixtureArch::Qwen2Moe => ("qwen2_moe", "Qwen2MoeForCausalLM"),
         FixtureArch::Qwen3Moe => unreachable!("refused above"),
     };
     let mut config = serde_json::json!({
@@ -323,10 +393,22 @@ fn write_rest(
         config["head_dim"] = (h / spec.heads).into();
         config["attention_bias"] = false.into();
     }
-    if matches!(spec.arch, FixtureArch::Qwen2 | FixtureArch::Qwen3) {
+    if matches!(
+        spec.arch,
+        FixtureArch::Qwen2 | FixtureArch::Qwen3 | FixtureArch::Qwen2Moe
+    ) {
         config["sliding_window"] = spec.context.into();
         config["max_window_layers"] = spec.layers.into();
         config["use_sliding_window"] = false.into();
+    }
+    if spec.arch == FixtureArch::Qwen2Moe {
+        config["num_experts"] = spec.experts.into();
+        config["num_experts_per_tok"] = spec.top_k.into();
+        config["moe_intermediate_size"] = spec.moe_intermediate().into();
+        config["shared_expert_intermediate_size"] = spec.intermediate.into();
+        config["norm_topk_prob"] = false.into();
+        config["decoder_sparse_step"] = spec.sparse_step.max(1).into();
+        config["mlp_only_layers"] = serde_json::json!([]);
     }
     if spec.arch == FixtureArch::Mixtral {
         config["num_local_experts"] = spec.experts.into();
@@ -366,7 +448,10 @@ fn skew_router(tensors: &mut [(String, Tensor)], spec: &FixtureSpec) -> Result<(
     let h = spec.hidden;
     for (name, t) in tensors.iter_mut() {
         let is_embedding = name == "model.embed_tokens.weight";
-        if !is_embedding && !name.ends_with(".block_sparse_moe.gate.weight") {
+        if !is_embedding
+            && !name.ends_with(".block_sparse_moe.gate.weight")
+            && !name.ends_with(".mlp.gate.weight")
+        {
             continue;
         }
         let (rows, cols) = t.dims2()?;

@@ -42,13 +42,16 @@ pub fn gguf_name(hf: &str) -> Option<GgufRef> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let blk = |s: &str| format!("blk.{layer}.{s}");
-    if let Some(rest) = rest.strip_prefix("block_sparse_moe.experts.") {
+    if let Some(rest) = rest
+        .strip_prefix("block_sparse_moe.experts.")
+        .or_else(|| rest.strip_prefix("mlp.experts."))
+    {
         let (expert, rest) = rest.split_once('.')?;
         let expert: usize = expert.parse().ok()?;
         let part = match rest {
-            "w1.weight" => "gate",
-            "w3.weight" => "up",
-            "w2.weight" => "down",
+            "w1.weight" | "gate_proj.weight" => "gate",
+            "w3.weight" | "up_proj.weight" => "up",
+            "w2.weight" | "down_proj.weight" => "down",
             _ => return None,
         };
         return Some(GgufRef::Expert {
@@ -70,7 +73,12 @@ pub fn gguf_name(hf: &str) -> Option<GgufRef> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
-        "block_sparse_moe.gate" => "ffn_gate_inp",
+        "block_sparse_moe.gate" | "mlp.gate" => "ffn_gate_inp",
+        // Qwen2-MoE's shared expert and its gate.
+        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
+        "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
         _ => return None,
     };
     whole(blk(&format!("{name}.{suffix}")))
@@ -223,10 +231,11 @@ impl GgufFile {
             ("qwen2", false) => Arch::Qwen2,
             ("qwen3", false) => Arch::Qwen3,
             ("qwen3moe", true) => Arch::Qwen3Moe,
+            ("qwen2moe", true) => Arch::Qwen2Moe,
             (other, moe) => {
                 return Err(Error::Unsupported(format!(
                     "GGUF architecture {other:?}{}: supported are llama (Llama, Mistral, \
-                     Mixtral), qwen2, qwen3 and qwen3moe",
+                     Mixtral), qwen2, qwen2moe, qwen3 and qwen3moe",
                     if moe { " with experts" } else { "" }
                 )));
             }
@@ -264,10 +273,6 @@ impl GgufFile {
             Some(n) => n,
             None => self.strings_of("tokenizer.ggml.tokens")?.len(),
         };
-        let intermediate_size = match arch {
-            Arch::Qwen3Moe => need("expert_feed_forward_length")?,
-            _ => need("feed_forward_length")?,
-        };
         let num_experts_per_tok = if num_experts > 1 {
             let k = need("expert_used_count")?;
             if k == 0 || k > num_experts {
@@ -279,12 +284,38 @@ impl GgufFile {
         } else {
             0
         };
+        let (intermediate_size, moe_intermediate_size, shared_expert_intermediate_size) = match arch
+        {
+            Arch::Qwen3Moe => {
+                let e = need("expert_feed_forward_length")?;
+                (e, e, 0)
+            }
+            Arch::Qwen2Moe => {
+                // llama.cpp's fallbacks when the expert widths are absent or 0.
+                let ff = need("feed_forward_length")?;
+                let nonzero = |k: &str| -> Result<Option<usize>> {
+                    Ok(self.u32_of(&key(k))?.filter(|&n| n > 0))
+                };
+                (
+                    ff,
+                    nonzero("expert_feed_forward_length")?.unwrap_or(ff / num_experts_per_tok),
+                    nonzero("expert_shared_feed_forward_length")?.unwrap_or(ff),
+                )
+            }
+            _ => {
+                let ff = need("feed_forward_length")?;
+                (ff, ff, 0)
+            }
+        };
         let eos = self.u32_of("tokenizer.ggml.eos_token_id")?;
         Ok(ModelConfig {
             arch,
             vocab_size,
             hidden_size,
             intermediate_size,
+            moe_intermediate_size,
+            shared_expert_intermediate_size,
+            dense_layers: vec![],
             num_hidden_layers: need("block_count")?,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
@@ -301,7 +332,8 @@ impl GgufFile {
             // llama.cpp's converter interleaves the query/key rows of Llama-family models
             // (Meta's rotary layout); Qwen files keep Hugging Face's halves.
             rope_interleaved: arch_name == "llama",
-            norm_topk_prob: true,
+            // llama.cpp's qwen2moe keeps the top-k softmax weights, as Qwen1.5-MoE does.
+            norm_topk_prob: arch != Arch::Qwen2Moe,
             bos_token_id: self
                 .u32_of("tokenizer.ggml.bos_token_id")?
                 .map(|n| n as u32),
@@ -412,6 +444,26 @@ mod tests {
                 expert: 7,
                 legacy: "blk.1.ffn_down.7.weight".into(),
             })
+        );
+        assert_eq!(
+            gguf_name("model.layers.2.mlp.experts.5.up_proj.weight"),
+            Some(GgufRef::Expert {
+                stacked: "blk.2.ffn_up_exps.weight".into(),
+                expert: 5,
+                legacy: "blk.2.ffn_up.5.weight".into(),
+            })
+        );
+        assert_eq!(
+            gguf_name("model.layers.2.mlp.gate.weight"),
+            whole("blk.2.ffn_gate_inp.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.2.mlp.shared_expert.down_proj.weight"),
+            whole("blk.2.ffn_down_shexp.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.2.mlp.shared_expert_gate.weight"),
+            whole("blk.2.ffn_gate_inp_shexp.weight")
         );
         assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
         assert_eq!(gguf_name("model.layers.0.mlp.unknown.weight"), None);

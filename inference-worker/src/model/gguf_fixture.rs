@@ -43,6 +43,7 @@ fn arch_name(arch: FixtureArch) -> &'static str {
         FixtureArch::Qwen3 => "qwen3",
         FixtureArch::Qwen3Moe => "qwen3moe",
         FixtureArch::Qwen2 => "qwen2",
+        FixtureArch::Qwen2Moe => "qwen2moe",
     }
 }
 
@@ -73,6 +74,11 @@ pub fn write_with(
     legacy_experts: bool,
 ) -> Result<PathBuf> {
     let arch = arch_name(spec.arch);
+    if spec.arch == FixtureArch::Qwen2Moe && spec.sparse_step > 1 {
+        return Err(Error::Unsupported(
+            "llama.cpp's qwen2moe has experts in every layer: no --sparse-step".into(),
+        ));
+    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let head_dim = spec.hidden / spec.heads;
     let interleave = arch == "llama";
@@ -103,6 +109,8 @@ pub fn write_with(
                 let t = match name.rsplit('.').nth(1) {
                     Some("q_proj") if interleave => interleave_heads(&t, spec.heads)?,
                     Some("k_proj") if interleave => interleave_heads(&t, spec.kv_heads)?,
+                    // llama.cpp stores the shared expert's one-row gate as a vector.
+                    Some("shared_expert_gate") => t.flatten_all()?,
                     _ => t,
                 };
                 // The router stays f32 (as llama.cpp keeps small, precision-critical
@@ -165,6 +173,10 @@ pub fn write_with(
     }
     if spec.arch == FixtureArch::Qwen3Moe {
         md.push((k("expert_feed_forward_length"), u(spec.intermediate)));
+    }
+    if spec.arch == FixtureArch::Qwen2Moe {
+        md.push((k("expert_feed_forward_length"), u(spec.moe_intermediate())));
+        md.push((k("expert_shared_feed_forward_length"), u(spec.intermediate)));
     }
     debug_assert_eq!(SPECIAL_TOKENS.len() + 256, vocab);
 

@@ -1,8 +1,9 @@
 //! Mixtral-style sparse MoE: top-k gating, expert FFNs run locally or on expert
-//! shards ([`RemoteExperts`]), and per-expert token counts.
+//! shards ([`RemoteExperts`]), Qwen2-MoE's gated shared expert, and per-expert token
+//! counts.
 
 use crate::error::{Error, Result};
-use crate::model::config::ModelConfig;
+use crate::model::config::{Arch, ModelConfig};
 use crate::model::layers::{Mlp, Proj};
 use crate::model::source::Source;
 use candle_core::{DType, Tensor};
@@ -14,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct ExpertCounts {
     num_experts: usize,
     counts: Vec<AtomicU64>,
+    /// Layers without experts, left out of [`Self::snapshot`].
+    dense_layers: Vec<usize>,
 }
 
 impl ExpertCounts {
@@ -23,6 +26,15 @@ impl ExpertCounts {
             counts: (0..layers * num_experts)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            dense_layers: vec![],
+        }
+    }
+
+    /// Counters for `cfg`'s routed experts, in its MoE layers only.
+    pub fn for_model(cfg: &ModelConfig) -> Self {
+        Self {
+            dense_layers: cfg.dense_layers.clone(),
+            ..Self::new(cfg.num_hidden_layers, cfg.num_experts)
         }
     }
 
@@ -35,7 +47,7 @@ impl ExpertCounts {
         self.counts[layer * self.num_experts + expert].load(Ordering::Relaxed)
     }
 
-    /// `(layer, expert, count)` for every pair.
+    /// `(layer, expert, count)` for every pair of a MoE layer.
     pub fn snapshot(&self) -> Vec<(usize, usize, u64)> {
         if self.num_experts == 0 {
             return vec![];
@@ -50,6 +62,7 @@ impl ExpertCounts {
                     c.load(Ordering::Relaxed),
                 )
             })
+            .filter(|(layer, _, _)| !self.dense_layers.contains(layer))
             .collect()
     }
 
@@ -58,25 +71,32 @@ impl ExpertCounts {
     }
 }
 
-/// One Mixtral expert's feed-forward network (`w1`, `w3`, `w2`), loadable on its own
-/// so that an expert shard can hold any subset of a layer's experts.
+/// One routed expert's feed-forward network (Mixtral's `w1`, `w3`, `w2`; Qwen2-MoE's
+/// `gate_proj`, `up_proj`, `down_proj`), loadable on its own so that an expert shard
+/// can hold any subset of a layer's experts.
 pub struct ExpertFfn(Mlp);
 
 impl ExpertFfn {
-    /// Loads from `src` positioned at `model.layers.{l}.block_sparse_moe.experts.{e}`.
+    /// Loads from `src` positioned at [`expert_prefix`].
     pub fn load(cfg: &ModelConfig, src: Source) -> Result<Self> {
         Ok(Self(Mlp::load(
             cfg.hidden_size,
-            cfg.intermediate_size,
-            ["w1", "w3", "w2"],
+            cfg.moe_intermediate_size,
+            cfg.arch.expert_projections(),
             src,
         )?))
     }
 }
 
-/// Checkpoint prefix of expert `expert` of decoder layer `layer`.
-pub fn expert_prefix(layer: usize, expert: usize) -> String {
-    format!("model.layers.{layer}.block_sparse_moe.experts.{expert}")
+/// Checkpoint prefix of routed expert `expert` of decoder layer `layer`.
+pub fn expert_prefix(arch: Arch, layer: usize, expert: usize) -> String {
+    format!("model.layers.{layer}.{}.experts.{expert}", arch.moe_block())
+}
+
+/// Whether checkpoint tensor `name` belongs to a routed expert (what a router does not
+/// load). A Qwen2-MoE shared expert (`mlp.shared_expert.*`) is not one.
+pub fn is_routed_expert_tensor(arch: Arch, name: &str) -> bool {
+    name.contains(&format!(".{}.experts.", arch.moe_block()))
 }
 
 /// The per-row routing decision of a MoE layer: `(expert, weight)` pairs, weights
@@ -149,9 +169,28 @@ enum Experts {
     Remote(Arc<dyn RemoteExperts>),
 }
 
+/// Qwen2-MoE's shared expert: an MLP every token goes through, its output scaled by
+/// `sigmoid(gate(x))` (one logit per token) and added to the routed experts' sum.
+///
+/// It runs where the layer's gate runs (the `full` role, or the `router`), never on an
+/// expert shard: every token needs it, so sending it away would ship every row every
+/// layer. It is not a routed expert: it has no id on the wire and no expert counter.
+struct SharedExpert {
+    mlp: Mlp,
+    gate: Proj,
+}
+
+impl SharedExpert {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::sigmoid(&self.gate.forward(xs)?)?;
+        Ok(self.mlp.forward(xs)?.broadcast_mul(&gate)?)
+    }
+}
+
 pub(crate) struct Moe {
     gate: Proj,
     experts: Experts,
+    shared: Option<SharedExpert>,
     num_experts: usize,
     top_k: usize,
     norm_topk_prob: bool,
@@ -171,20 +210,37 @@ impl Moe {
             ),
             ExpertPlacement::Remote(r) => Experts::Remote(r.clone()),
         };
+        let h = cfg.hidden_size;
+        let shared = if cfg.shared_expert_intermediate_size > 0 {
+            Some(SharedExpert {
+                mlp: Mlp::load(
+                    h,
+                    cfg.shared_expert_intermediate_size,
+                    ["gate_proj", "up_proj", "down_proj"],
+                    src.pp("shared_expert"),
+                )?,
+                gate: src.pp("shared_expert_gate").proj(h, 1, false)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            gate: src
-                .pp("gate")
-                .proj(cfg.hidden_size, cfg.num_experts, false)?,
+            gate: src.pp("gate").proj(h, cfg.num_experts, false)?,
             experts,
+            shared,
             num_experts: cfg.num_experts,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
         })
     }
 
-    /// The router gate and the local experts' projections.
+    /// The router gate, the shared expert's and the local experts' projections.
     pub(crate) fn projections(&self) -> Vec<&Proj> {
         let mut v = vec![&self.gate];
+        if let Some(s) = &self.shared {
+            v.push(&s.gate);
+            v.extend(s.mlp.projections());
+        }
         if let Experts::Local(experts) = &self.experts {
             for e in experts {
                 v.extend(e.0.projections());
@@ -194,7 +250,8 @@ impl Moe {
     }
 
     /// Top-k softmax gating; the chosen experts' weights are renormalised to sum to
-    /// one (Mixtral; Qwen3-MoE with `norm_topk_prob`) or kept as the softmax gave them.
+    /// one (Mixtral; Qwen3-MoE with `norm_topk_prob`) or kept as the softmax gave them
+    /// (Qwen1.5-MoE).
     fn route(&self, xs: &Tensor) -> Result<Routes> {
         let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(xs)?)?;
         let probs = probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -223,22 +280,27 @@ impl Moe {
         counts: &ExpertCounts,
     ) -> Result<Tensor> {
         let routes = self.route(xs)?;
-        match &self.experts {
+        let routed = match &self.experts {
             Experts::Local(experts) => run_experts(
                 xs,
                 &routes,
                 self.num_experts,
                 |e| Ok(&experts[e]),
                 |e, n| counts.add(layer, e, n as u64),
-            ),
+            )?,
             Experts::Remote(remote) => {
                 for r in &routes {
                     for &(e, _) in r {
                         counts.add(layer, e, 1);
                     }
                 }
-                remote.forward(layer, xs, &routes)
+                remote.forward(layer, xs, &routes)?
             }
+        };
+        // Routed sum first, shared expert added last, as transformers and candle do.
+        match &self.shared {
+            Some(s) => Ok((routed + s.forward(xs)?)?),
+            None => Ok(routed),
         }
     }
 }

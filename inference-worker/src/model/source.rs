@@ -109,6 +109,12 @@ impl<'a> Source<'a> {
             }
             Self::Gguf { file, .. } => {
                 let (hf, q) = self.read("weight")?;
+                // A one-row matrix may be stored as a vector (llama.cpp's
+                // `ffn_gate_inp_shexp`, Qwen2-MoE's shared expert gate).
+                if out_dim == 1 && !bias && q.shape().dims() == [in_dim] {
+                    let w = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+                    return Ok(Proj::Dense(Linear::new(w.reshape((1, in_dim))?, None)));
+                }
                 if q.shape().dims() != [out_dim, in_dim] {
                     return Err(Error::Checkpoint {
                         path: file.path().to_path_buf(),
