@@ -53,13 +53,24 @@ pub struct BatchModel {
 
 /// Linear interpolation (and extrapolation past the last point) of [`WORKER_STEP_S`].
 fn worker_step(b: u32) -> f64 {
-    let pts = WORKER_STEP_S;
-    let seg = pts
-        .windows(2)
-        .find(|w| b <= w[1].0)
-        .unwrap_or(&pts[pts.len() - 2..]);
-    let ((b0, s0), (b1, s1)) = (seg[0], seg[1]);
-    s0 + (s1 - s0) * (f64::from(b) - f64::from(b0)) / (f64::from(b1) - f64::from(b0))
+    step_at(&WORKER_STEP_S, b)
+}
+
+/// Linear interpolation (and extrapolation past the last point) of measured `(batch, step
+/// seconds)` points in ascending batch order; one point is a constant.
+pub fn step_at(pts: &[(u32, f64)], b: u32) -> f64 {
+    match pts {
+        [] => f64::NAN,
+        [(_, s)] => *s,
+        _ => {
+            let seg = pts
+                .windows(2)
+                .find(|w| b <= w[1].0)
+                .unwrap_or(&pts[pts.len() - 2..]);
+            let ((b0, s0), (b1, s1)) = (seg[0], seg[1]);
+            s0 + (s1 - s0) * (f64::from(b) - f64::from(b0)) / (f64::from(b1) - f64::from(b0))
+        }
+    }
 }
 
 impl BatchModel {

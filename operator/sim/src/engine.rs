@@ -46,6 +46,9 @@ pub struct SimSetup {
     pub model: ReplicaModel,
     pub cloud: TargetSpec,
     pub edge: Option<EdgeSetup>,
+    /// Cloud replicas at the start; `None`: enough for the first minute's load (a replay of
+    /// a real run starts where that run started).
+    pub start_replicas: Option<u32>,
 }
 
 /// Replica counts after one sync.
@@ -275,7 +278,11 @@ fn replay<T: Target>(
 ) -> RunResult {
     let dt = trace.tick_s;
     let none = T::Arrivals::default();
-    let mut cloud = make(initial(&routed.cloud, T::count, dt, &setup.cloud));
+    let mut cloud = make(
+        setup
+            .start_replicas
+            .unwrap_or_else(|| initial(&routed.cloud, T::count, dt, &setup.cloud)),
+    );
     let mut sites: Vec<T> = match &setup.edge {
         Some(e) => routed
             .sites

@@ -20,6 +20,7 @@ pub mod heldout;
 pub mod metrics;
 pub mod plot;
 pub mod policy;
+pub mod replay_gap;
 pub mod report;
 pub mod synthetic;
 pub mod tidal;
@@ -219,6 +220,7 @@ impl ModelOptions {
                 max: self.max_replicas,
             },
             edge,
+            start_replicas: None,
         })
     }
 }

@@ -41,7 +41,8 @@ where
         .insert(ANNOTATION_APPLIED_HASH.into(), hash);
 }
 
-fn applied_hash(meta: &ObjectMeta) -> Option<&String> {
+/// The applied-hash annotation [`stamp`] wrote.
+pub fn applied_hash(meta: &ObjectMeta) -> Option<&String> {
     meta.annotations.as_ref()?.get(ANNOTATION_APPLIED_HASH)
 }
 

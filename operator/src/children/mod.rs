@@ -9,7 +9,7 @@ mod selection;
 mod status;
 mod workload;
 
-pub use applied::{ANNOTATION_APPLIED_HASH, stamp, why_apply};
+pub use applied::{ANNOTATION_APPLIED_HASH, applied_hash, stamp, why_apply};
 pub use labels::*;
 pub use placement::*;
 pub use routing::route_idle_sites;

@@ -41,6 +41,9 @@ struct State {
     /// Statuses written that the service cache may not show yet (keyed `namespace/name`): a
     /// reconcile in between compares with these, so it neither writes nor announces twice.
     status_written: Written<InferenceServiceStatus>,
+    /// Applied hashes of children applied that the child caches may not show yet (keyed
+    /// `kind/namespace/name`): a reconcile in between does not apply the same child again.
+    children_written: Written<String>,
 }
 
 impl State {
@@ -113,6 +116,7 @@ pub async fn run(
         services: services_cache,
         config_maps,
         status_written: Written::default(),
+        children_written: Written::default(),
     });
     controller
         .owns_stream(dep_stream)
@@ -240,8 +244,26 @@ where
         .name
         .clone()
         .ok_or(Error::MissingField("metadata.name"))?;
-    let key = ObjectRef::<K>::new(&name).within(desired.meta().namespace.as_deref().unwrap_or(""));
-    if let Some(live) = cache.get(&key) {
+    let ns = desired.meta().namespace.clone().unwrap_or_default();
+    let key = ObjectRef::<K>::new(&name).within(&ns);
+    let cached = cache.get(&key);
+    let version = cached
+        .as_ref()
+        .and_then(|l| l.meta().resource_version.clone());
+    let hash = children::applied_hash(desired.meta()).cloned();
+    let written_key = format!("{}/{ns}/{name}", K::kind(&()));
+    // Applied already, and the cache has not caught up with that apply yet.
+    if hash.is_some()
+        && state
+            .children_written
+            .pending(&written_key, version.as_deref())
+            .as_ref()
+            == hash.as_ref()
+    {
+        state.ctx.metrics.apply_skipped(CONTROLLER);
+        return Ok(cached.unwrap_or_else(|| Arc::new(desired)));
+    }
+    if let Some(live) = cached {
         match children::why_apply(&desired, &live) {
             None => {
                 state.ctx.metrics.apply_skipped(CONTROLLER);
@@ -250,10 +272,16 @@ where
             Some(why) => debug!(kind = K::kind(&()).as_ref(), %name, %why, "applying"),
         }
     }
+    state.children_written.forget(&written_key);
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let applied = api.patch(&name, &pp, &Patch::Apply(&desired)).await?;
     // Counted as a write request even when the API server persists nothing.
     state.ctx.metrics.write(CONTROLLER, "apply");
+    if let Some(hash) = hash {
+        state
+            .children_written
+            .record(&written_key, version.as_deref(), hash);
+    }
     Ok(Arc::new(applied))
 }
 
@@ -359,6 +387,9 @@ where
     for obj in stale {
         let child = obj.name_any();
         info!(name = %child, kind = K::kind(&()).as_ref(), "pruning child no longer desired");
+        state
+            .children_written
+            .forget(&format!("{}/{ns}/{child}", K::kind(&())));
         match api.delete(&child, &DeleteParams::background()).await {
             Ok(_) => state.ctx.metrics.write(CONTROLLER, "delete"),
             // Already gone (the cache lags the API server).
@@ -686,6 +717,7 @@ mod tests {
             services: synced_store(),
             config_maps: synced_store(),
             status_written: Written::default(),
+            children_written: Written::default(),
         };
         (Arc::new(state), calls)
     }
@@ -747,6 +779,36 @@ mod tests {
         tis.metadata.resource_version = Some("8".into());
         reconcile_inner(&tis, &state).await.unwrap();
         assert!(calls.lock().unwrap().len() > first);
+    }
+
+    #[tokio::test]
+    async fn children_applied_before_their_caches_show_them_are_not_applied_again() {
+        let tis: InferenceService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tidal.rs/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "m", "namespace": "prod", "uid": "u1", "generation": 1,
+                         "resourceVersion": "3"},
+            "spec": {"model": {"uri": "/m", "architecture": "llama"},
+                     "cloud": {"minReplicas": 1, "maxReplicas": 2}}
+        }))
+        .unwrap();
+        let (state, calls) = mock_state(&tis);
+        let applies = || {
+            calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.method == "PATCH" && !c.path.ends_with("/status"))
+                .count()
+        };
+        reconcile_inner(&tis, &state).await.unwrap();
+        let first = applies();
+        assert!(first >= 2, "a Deployment and a Service at least: {first}");
+        // A child's event triggers the next reconcile before any watch delivered the applies
+        // (the caches are still empty): nothing is applied again.
+        let total = calls.lock().unwrap().len();
+        reconcile_inner(&tis, &state).await.unwrap();
+        assert_eq!(applies(), first);
+        assert_eq!(calls.lock().unwrap().len(), total);
     }
 
     #[tokio::test]
