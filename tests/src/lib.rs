@@ -18,6 +18,7 @@ use kube::{Api, Client, Config};
 
 pub mod processes;
 pub mod real;
+pub mod replay;
 
 /// Repository root (the workspace), from this crate's manifest dir.
 pub fn repo_root() -> PathBuf {

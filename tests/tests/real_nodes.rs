@@ -639,6 +639,210 @@ async fn real_node_load_step_adds_worker_pods_and_scale_down_under_load_fails_no
     );
 }
 
+/// A slice of a real trace (the Azure coding trace's first 20 minutes: bursts of hundreds of
+/// requests between silent minutes) replayed on real worker pods scaled by the operator from
+/// Prometheus, then in the simulator's discrete-event mode on exactly the same requests, with
+/// Tidal's core deciding in both and the replica measured on the same pods; the gap (replicas
+/// over time, TTFT p95) is printed and written to `$CARGO_TARGET_TMPDIR/replay-gap.md`
+/// (recorded in operator/BENCHMARKS.md). Asserted: every request answered, both sides scaled
+/// up from one replica, the simulator replayed every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
+async fn real_node_trace_slice_replayed_on_real_pods_and_in_the_simulator() {
+    use tidal_e2e::replay::{self, Shrink};
+    use tidal_sim::replay_gap::{self, Autoscaling, Calibration};
+
+    let Some((ctx, _release)) = setup_scraped("real-replay").await else {
+        return;
+    };
+    let ns = ctx.namespace.clone();
+    let name = "replay";
+    // A checkpoint big enough that a pod held to 300m of CPU is a real bottleneck (~40 MB).
+    let model = tempfile::tempdir().unwrap();
+    tidal_e2e::processes::write_fixture_with(
+        model.path(),
+        "llama",
+        &["--hidden", "384", "--intermediate", "1024", "--layers", "6"],
+    );
+    let uri = push_model(model.path(), &format!("tidal-e2e/models/replay:{ns}"));
+    let mut a = Autoscaling {
+        interval_s: 5.0,
+        target_rps_per_replica: 1.0,
+        min: 1,
+        max: 3,
+        slo_ttft_s: 2.0,
+        quantile: 0.9,
+        down_window_s: 30.0,
+        max_wait_s: 30.0,
+    };
+    let autoscaling = |a: &Autoscaling| {
+        json!({
+            "intervalSeconds": a.interval_s as i64,
+            "targetRpsPerReplica": a.target_rps_per_replica,
+            "slo": {"ttftP95Ms": (a.slo_ttft_s * 1000.0) as i64},
+            "forecast": {"method": "Auto", "quantile": a.quantile},
+            "scaleUp": {"stabilizationWindowSeconds": 0, "maxStep": a.max},
+            "scaleDown": {"stabilizationWindowSeconds": a.down_window_s as i64, "maxStep": a.max},
+        })
+    };
+    // One pod first, to measure it; CPU-limited, so that each pod is a server of its own on
+    // this shared machine.
+    create_service(
+        &ctx,
+        name,
+        json!({
+            "model": {"uri": uri, "architecture": "llama"},
+            "cloud": {"minReplicas": 1, "maxReplicas": 1,
+                      "nodeSelector": {"tidal.rs/tier": "cloud"},
+                      "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                    "limits": {"cpu": "300m", "memory": "1Gi"}}},
+            "autoscaling": autoscaling(&a),
+        }),
+    )
+    .await;
+    let selector = format!("app.kubernetes.io/instance={name}");
+    eventually("one worker pod Ready", START, || async {
+        match ready_pods(&ctx, &ns, &selector).await.len() {
+            1 => Ok(()),
+            n => Err(format!("{n} ready")),
+        }
+    })
+    .await;
+    let ip = ctx
+        .api::<Service>()
+        .get(&format!("{name}-cloud"))
+        .await
+        .expect("worker Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("ClusterIP");
+    let base = format!("http://{ip}:8080");
+    // A connection per request, so kube-proxy spreads every request over the ready pods (kept
+    // connections would stay on the pods that were there first).
+    let client = tidal_e2e::processes::http_client_builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let steps = replay::measure_steps(&client, &base, name, &[1, 4, 16], 24)
+        .await
+        .expect("decode steps measured");
+    let (per_token, overhead) = replay::measure_prefill(&client, &base, name, 16, 256)
+        .await
+        .expect("prefill measured");
+    let mut cal = Calibration {
+        step_s: steps,
+        prefill_s_per_token: per_token,
+        overhead_s: overhead,
+        cold_start_s: 0.0,
+        max_batch: 16,
+    };
+
+    // The slice: 20 trace minutes 4x faster, prompts /32, outputs capped at 32 tokens; thinned
+    // so that its busiest 10 s need about 2.5 replicas at the target below.
+    let mut shrink = Shrink {
+        speed: 4.0,
+        keep: 1.0,
+        seed: 20261203,
+        prompt_scale: 1.0 / 32.0,
+        prompt_bytes: (16, 192),
+        max_output: 32,
+    };
+    let full = replay::plan(replay::AZURE_CODE_20_MIN, &shrink);
+    let sizes: Vec<_> = full
+        .iter()
+        .map(|p| tidal_sim::replay_gap::Served {
+            t_s: p.t_s,
+            input_tokens: p.prompt_bytes as u32,
+            output_tokens: p.max_tokens,
+            ttft_s: None,
+        })
+        .collect();
+    let capacity = replay_gap::batch_model(&cal, &a, &sizes)
+        .expect("a replica model from the calibration")
+        .replica
+        .capacity_rps;
+    a.target_rps_per_replica = (capacity * 0.6 * 100.0).round() / 100.0;
+    shrink.keep = (2.5 * a.target_rps_per_replica / replay::peak_rps(&full, 10.0)).min(1.0);
+    let plan = replay::plan(replay::AZURE_CODE_20_MIN, &shrink);
+    let duration_s = 1200.0 / shrink.speed;
+    eprintln!(
+        "[real-replay] calibration {cal:?}; capacity {capacity:.2}/s per replica, target {:.2}; \
+         {} requests over {duration_s:.0} s (keep {:.3})",
+        a.target_rps_per_replica,
+        plan.len(),
+        shrink.keep
+    );
+
+    // Now up to 3 pods, at the target the measurement gives.
+    let mut spec = json!({"cloud": {"maxReplicas": a.max}, "autoscaling": autoscaling(&a)});
+    spec["cloud"]["minReplicas"] = a.min.into();
+    ctx.api::<InferenceService>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await
+        .expect("raise maxReplicas");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = replay::sample_replicas(
+        ctx.api::<Deployment>(),
+        ctx.api::<Pod>(),
+        format!("{name}-cloud"),
+        selector.clone(),
+        stop.clone(),
+    );
+    let outcomes = replay::replay(
+        &client,
+        &base,
+        name,
+        &plan,
+        Duration::from_secs_f64(a.max_wait_s),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let sampled = sampler.await.unwrap();
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter_map(|(p, r)| r.as_ref().err().map(|e| format!("at {:.1} s: {e}", p.t_s)))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} replayed requests failed: {failed:?}",
+        failed.len(),
+        outcomes.len()
+    );
+    let mut cold: Vec<f64> = sampled.cold_starts_s.values().copied().collect();
+    cold.sort_by(f64::total_cmp);
+    cal.cold_start_s = cold
+        .get(cold.len() / 2)
+        .copied()
+        .expect("a pod's cold start");
+    let served: Vec<_> = outcomes.iter().map(replay::served).collect();
+    let gap = replay_gap::compare(&served, &sampled.replicas, duration_s, &cal, &a)
+        .expect("the simulator replays the slice");
+    let report = replay_gap::markdown(&gap, &cal, &a, served.len());
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("replay-gap.md");
+    std::fs::write(&out, &report).unwrap();
+    eprintln!(
+        "[real-replay] cold starts {cold:?}; written to {}\n{report}",
+        out.display()
+    );
+    assert!(
+        gap.real.max_desired > 1,
+        "the real run never scaled up: {:?}",
+        sampled.replicas
+    );
+    assert!(
+        gap.sim.max_desired > 1,
+        "the simulator never scaled up: {:?}",
+        gap.sim.replicas
+    );
+    assert!(gap.real.ttft_p95_s.is_some() && gap.sim.ttft_p95_s.is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the real nodes and images: run through deploy/local/tidal-local test"]
 async fn real_node_worker_backlog_scales_up_through_the_fast_path_without_prometheus() {

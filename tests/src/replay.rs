@@ -1,0 +1,375 @@
+//! A trace slice replayed against real worker pods, as its clients would send it: arrivals and
+//! sizes from the trace, streaming completions whose first token is timed, the Deployment's
+//! replicas and its pods' cold starts sampled meanwhile; and one replica's speed measured
+//! first, for the simulator's replica model (`tidal_sim::replay_gap`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::ListParams;
+use rand::{Rng, SeedableRng};
+use tidal_sim::replay_gap::{ReplicaSample, Served};
+
+/// The first 20 minutes of the Azure LLM coding trace (2023, CC-BY-4.0; see
+/// `tests/fixtures/README.md`): `offset_ms,context_tokens,generated_tokens`.
+pub const AZURE_CODE_20_MIN: &str = include_str!("../fixtures/azure_code_2023_first_20_min.csv");
+
+/// One request to send: when (seconds from the replay's start) and how big.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Planned {
+    pub t_s: f64,
+    pub prompt_bytes: usize,
+    pub max_tokens: u32,
+}
+
+/// How a trace becomes requests a few CPU-limited pods can serve.
+#[derive(Clone, Copy, Debug)]
+pub struct Shrink {
+    /// Trace seconds per replayed second.
+    pub speed: f64,
+    /// Share of the trace's requests kept (seeded).
+    pub keep: f64,
+    pub seed: u64,
+    /// Prompt bytes (one token each for the fixture tokenizer) per trace context token, and
+    /// the bounds.
+    pub prompt_scale: f64,
+    pub prompt_bytes: (usize, usize),
+    pub max_output: u32,
+}
+
+/// The trace rows in `csv` played as `shrink` says.
+pub fn plan(csv: &str, shrink: &Shrink) -> Vec<Planned> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(shrink.seed);
+    csv.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut f = line.split(',').map(|x| x.trim().parse::<f64>());
+            let (Some(Ok(ms)), Some(Ok(ctx)), Some(Ok(gen_tokens))) =
+                (f.next(), f.next(), f.next())
+            else {
+                return None;
+            };
+            Some((ms, ctx, gen_tokens))
+        })
+        .filter(|_| rng.random::<f64>() < shrink.keep)
+        .map(|(ms, ctx, gen_tokens)| Planned {
+            t_s: ms / 1000.0 / shrink.speed,
+            prompt_bytes: ((ctx * shrink.prompt_scale) as usize)
+                .clamp(shrink.prompt_bytes.0, shrink.prompt_bytes.1),
+            max_tokens: (gen_tokens as u32).clamp(1, shrink.max_output),
+        })
+        .collect()
+}
+
+/// The highest request rate over any `window_s` of `plan`.
+pub fn peak_rps(plan: &[Planned], window_s: f64) -> f64 {
+    let mut best = 0;
+    let mut from = 0;
+    for (i, p) in plan.iter().enumerate() {
+        while plan[from].t_s < p.t_s - window_s {
+            from += 1;
+        }
+        best = best.max(i + 1 - from);
+    }
+    best as f64 / window_s
+}
+
+/// A prompt of `bytes` bytes.
+fn prompt(bytes: usize) -> String {
+    "the tide comes in and goes out again "
+        .chars()
+        .cycle()
+        .take(bytes)
+        .collect()
+}
+
+/// What one streamed completion saw.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Streamed {
+    pub ttft_s: f64,
+    /// From the first to the last text chunk.
+    pub decode_s: f64,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// One streaming completion of `max_tokens` tokens exactly (`ignore_eos`); TTFT at the first
+/// chunk that carries text, token counts from the usage chunk.
+pub async fn stream_completion(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    prompt_bytes: usize,
+    max_tokens: u32,
+    timeout: Duration,
+) -> Result<Streamed, String> {
+    let start = Instant::now();
+    let mut resp = client
+        .post(format!("{base}/v1/completions"))
+        .json(&serde_json::json!({
+            "model": model, "prompt": prompt(prompt_bytes), "max_tokens": max_tokens,
+            "ignore_eos": true, "temperature": 0.0, "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(format!(
+            "{status}: {}",
+            resp.text().await.unwrap_or_default()
+        ));
+    }
+    let (mut first, mut last, mut usage) = (None, None, None);
+    let mut buf = String::new();
+    while let Some(bytes) = resp.chunk().await.map_err(|e| format!("stream: {e}"))? {
+        buf.push_str(&String::from_utf8_lossy(&bytes));
+        while let Some(end) = buf.find('\n') {
+            let line: String = buf.drain(..=end).collect();
+            let Some(data) = line.trim().strip_prefix("data:").map(str::trim) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(data).map_err(|e| format!("chunk {data}: {e}"))?;
+            let text = v["choices"][0]["text"].as_str().unwrap_or_default();
+            if !text.is_empty() || v["choices"][0]["finish_reason"].is_string() {
+                let now = start.elapsed().as_secs_f64();
+                first.get_or_insert(now);
+                last = Some(now);
+            }
+            if v["usage"].is_object() {
+                usage = Some((
+                    v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32,
+                    v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as u32,
+                ));
+            }
+        }
+    }
+    let (Some(first), Some(last), Some((prompt_tokens, completion_tokens))) = (first, last, usage)
+    else {
+        return Err("the stream ended without text or usage".into());
+    };
+    Ok(Streamed {
+        ttft_s: first,
+        decode_s: last - first,
+        prompt_tokens,
+        completion_tokens,
+    })
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Seconds per decode step of one replica at each batch size: `b` streams of `tokens` tokens
+/// started together (after a warm-up round), median over the streams.
+pub async fn measure_steps(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    batches: &[u32],
+    tokens: u32,
+) -> Result<Vec<(u32, f64)>, String> {
+    let mut out = Vec::new();
+    for &b in batches {
+        let mut steps = Vec::new();
+        for round in 0..2 {
+            let runs = futures::future::join_all((0..b).map(|_| {
+                stream_completion(client, base, model, 16, tokens, Duration::from_secs(120))
+            }))
+            .await;
+            if round == 1 {
+                for r in runs {
+                    let r = r?;
+                    if r.completion_tokens > 1 {
+                        steps.push(r.decode_s / f64::from(r.completion_tokens - 1));
+                    }
+                }
+            }
+        }
+        out.push((b, median(steps)));
+    }
+    Ok(out)
+}
+
+/// Prefill seconds per prompt token and the fixed overhead, from the TTFT of a short and a
+/// long prompt alone on the replica (median of 3 each).
+pub async fn measure_prefill(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    short: usize,
+    long: usize,
+) -> Result<(f64, f64), String> {
+    let mut points = Vec::new();
+    for bytes in [short, long] {
+        let mut ttft = Vec::new();
+        let mut tokens = 0;
+        for _ in 0..3 {
+            let r =
+                stream_completion(client, base, model, bytes, 1, Duration::from_secs(60)).await?;
+            ttft.push(r.ttft_s);
+            tokens = r.prompt_tokens;
+        }
+        points.push((f64::from(tokens), median(ttft)));
+    }
+    let ((n0, t0), (n1, t1)) = (points[0], points[1]);
+    let per_token = ((t1 - t0) / (n1 - n0).max(1.0)).max(0.0);
+    Ok((per_token, (t0 - per_token * n0).max(0.0)))
+}
+
+/// Sends every planned request at its time (from now) and returns what each saw, in plan order.
+pub async fn replay(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    plan: &[Planned],
+    timeout: Duration,
+) -> Vec<(Planned, Result<Streamed, String>)> {
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(plan.len());
+    for p in plan.iter().copied() {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(p.t_s)).await;
+        let (client, base, model) = (client.clone(), base.to_string(), model.to_string());
+        tasks.push(tokio::spawn(async move {
+            let r = stream_completion(
+                &client,
+                &base,
+                &model,
+                p.prompt_bytes,
+                p.max_tokens,
+                timeout,
+            )
+            .await;
+            (p, r)
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("replay task"));
+    }
+    out
+}
+
+/// What the simulator takes of a replayed request (sizes as the worker counted them; a failed
+/// request keeps its planned sizes).
+pub fn served(outcome: &(Planned, Result<Streamed, String>)) -> Served {
+    let (p, r) = outcome;
+    match r {
+        Ok(s) => Served {
+            t_s: p.t_s,
+            input_tokens: s.prompt_tokens,
+            output_tokens: s.completion_tokens,
+            ttft_s: Some(s.ttft_s),
+        },
+        Err(_) => Served {
+            t_s: p.t_s,
+            input_tokens: p.prompt_bytes as u32,
+            output_tokens: p.max_tokens,
+            ttft_s: None,
+        },
+    }
+}
+
+/// What the sampler saw: the Deployment's replicas every second, and each pod's cold start
+/// (creation to Ready).
+#[derive(Debug, Default)]
+pub struct Sampled {
+    pub replicas: Vec<ReplicaSample>,
+    pub cold_starts_s: BTreeMap<String, f64>,
+}
+
+/// Samples Deployment `name` and the pods `selector` picks every second until `stop`.
+pub fn sample_replicas(
+    deployments: Api<Deployment>,
+    pods: Api<Pod>,
+    name: String,
+    selector: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Sampled> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut out = Sampled::default();
+        while !stop.load(Ordering::Relaxed) {
+            let t_s = start.elapsed().as_secs_f64();
+            if let Ok(d) = deployments.get(&name).await {
+                out.replicas.push(ReplicaSample {
+                    t_s,
+                    desired: d.spec.and_then(|s| s.replicas).unwrap_or(0) as u32,
+                    ready: d.status.and_then(|s| s.ready_replicas).unwrap_or(0) as u32,
+                });
+            }
+            if let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await {
+                for p in list.items {
+                    let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                    let ready = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+                        .and_then(|c| c.last_transition_time.as_ref())
+                        .map(|t| t.0);
+                    if let (Some(c), Some(r), Some(n)) = (created, ready, p.metadata.name) {
+                        let s = r.duration_since(c).as_secs_f64();
+                        out.cold_starts_s.entry(n).or_insert(s);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fixture_slice_is_thinned_compressed_and_bounded() {
+        let all = plan(
+            AZURE_CODE_20_MIN,
+            &Shrink {
+                speed: 1.0,
+                keep: 1.0,
+                seed: 1,
+                prompt_scale: 1.0,
+                prompt_bytes: (1, 1 << 20),
+                max_output: 1 << 20,
+            },
+        );
+        assert_eq!(all.len(), 3628);
+        assert!(all.last().unwrap().t_s < 1200.0);
+        let shrink = Shrink {
+            speed: 4.0,
+            keep: 0.2,
+            seed: 1,
+            prompt_scale: 1.0 / 32.0,
+            prompt_bytes: (16, 128),
+            max_output: 32,
+        };
+        let some = plan(AZURE_CODE_20_MIN, &shrink);
+        assert!((600..860).contains(&some.len()), "{}", some.len());
+        assert!(some.last().unwrap().t_s < 300.0);
+        assert!(some.windows(2).all(|w| w[0].t_s <= w[1].t_s));
+        assert!(
+            some.iter()
+                .all(|p| (16..=128).contains(&p.prompt_bytes) && (1..=32).contains(&p.max_tokens))
+        );
+        // Seeded: the same plan twice.
+        assert_eq!(plan(AZURE_CODE_20_MIN, &shrink), some);
+        // The coding trace's bursts: minutes of nothing, then hundreds of requests.
+        assert!(peak_rps(&some, 10.0) > 3.0 * some.len() as f64 / 300.0);
+    }
+}
