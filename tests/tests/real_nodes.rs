@@ -657,12 +657,12 @@ async fn real_node_trace_slice_replayed_on_real_pods_and_in_the_simulator() {
     };
     let ns = ctx.namespace.clone();
     let name = "replay";
-    // A checkpoint big enough that a pod held to 300m of CPU is a real bottleneck (~40 MB).
+    // A checkpoint big enough that a pod held to 300m of CPU is a real bottleneck (~10 MB).
     let model = tempfile::tempdir().unwrap();
     tidal_e2e::processes::write_fixture_with(
         model.path(),
         "llama",
-        &["--hidden", "384", "--intermediate", "1024", "--layers", "6"],
+        &["--hidden", "256", "--intermediate", "512", "--layers", "4"],
     );
     let uri = push_model(model.path(), &format!("tidal-e2e/models/replay:{ns}"));
     let mut a = Autoscaling {
@@ -744,7 +744,7 @@ async fn real_node_trace_slice_replayed_on_real_pods_and_in_the_simulator() {
         keep: 1.0,
         seed: 20261203,
         prompt_scale: 1.0 / 32.0,
-        prompt_bytes: (16, 192),
+        prompt_bytes: (16, 128),
         max_output: 32,
     };
     let full = replay::plan(replay::AZURE_CODE_20_MIN, &shrink);
@@ -784,11 +784,27 @@ async fn real_node_trace_slice_replayed_on_real_pods_and_in_the_simulator() {
         )
         .await
         .expect("raise maxReplicas");
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The measurement's bursts may have scaled it up: the replay starts from one pod, as the
+    // simulator does.
+    let deployments = ctx.api::<Deployment>();
+    eventually("one replica before the replay", START, || async {
+        let d = deployments
+            .get(&format!("{name}-cloud"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let desired = d.spec.and_then(|s| s.replicas);
+        let ready = d.status.and_then(|s| s.ready_replicas);
+        if desired == Some(1) && ready == Some(1) {
+            Ok(())
+        } else {
+            Err(format!("desired {desired:?}, ready {ready:?}"))
+        }
+    })
+    .await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = replay::sample_replicas(
-        ctx.api::<Deployment>(),
+        deployments,
         ctx.api::<Pod>(),
         format!("{name}-cloud"),
         selector.clone(),
