@@ -167,6 +167,28 @@ fn fixture_model(ctx: &TestCtx, arch: &str) -> String {
     )
 }
 
+/// Waits until exactly one pod that `selector` picks is Ready.
+async fn one_pod_ready(ctx: &TestCtx, selector: &str) {
+    eventually("one worker pod Ready", START, || async {
+        match ready_pods(ctx, &ctx.namespace, selector).await.len() {
+            1 => Ok(()),
+            n => Err(format!("{n} ready")),
+        }
+    })
+    .await;
+}
+
+/// The ClusterIP of Service `name` in the test namespace.
+async fn cluster_ip(ctx: &TestCtx, name: &str) -> String {
+    ctx.api::<Service>()
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("Service {name}: {e}"))
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .unwrap_or_else(|| panic!("Service {name} has no ClusterIP"))
+}
+
 /// Creates the InferenceService `spec` describes (its name and namespace are filled in).
 async fn create_service(ctx: &TestCtx, name: &str, spec: serde_json::Value) {
     let tis: InferenceService = serde_json::from_value(json!({
@@ -523,13 +545,7 @@ async fn real_node_load_step_adds_worker_pods_and_scale_down_under_load_fails_no
     });
     create_service(&ctx, name, spec).await;
     let selector = format!("app.kubernetes.io/instance={name}");
-    eventually("one worker pod Ready", START, || async {
-        match ready_pods(&ctx, &ns, &selector).await.len() {
-            1 => Ok(()),
-            n => Err(format!("{n} ready")),
-        }
-    })
-    .await;
+    one_pod_ready(&ctx, &selector).await;
     let metrics_available = || async {
         let t = ctx
             .api::<InferenceService>()
@@ -552,12 +568,7 @@ async fn real_node_load_step_adds_worker_pods_and_scale_down_under_load_fails_no
 
     // The load, through the Service's ClusterIP as a client in the cluster's network would
     // send it: 8 requests/s against 2 per replica (capped at 3 pods).
-    let svc = ctx
-        .api::<Service>()
-        .get(&format!("{name}-cloud"))
-        .await
-        .expect("worker Service");
-    let ip = svc.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
+    let ip = cluster_ip(&ctx, &format!("{name}-cloud")).await;
     let rate = Arc::new(AtomicU64::new(8000));
     let stop = Arc::new(AtomicBool::new(false));
     let load = variable_load(
@@ -701,21 +712,8 @@ async fn real_node_trace_slice_replayed_on_real_pods_and_in_the_simulator() {
     )
     .await;
     let selector = format!("app.kubernetes.io/instance={name}");
-    eventually("one worker pod Ready", START, || async {
-        match ready_pods(&ctx, &ns, &selector).await.len() {
-            1 => Ok(()),
-            n => Err(format!("{n} ready")),
-        }
-    })
-    .await;
-    let ip = ctx
-        .api::<Service>()
-        .get(&format!("{name}-cloud"))
-        .await
-        .expect("worker Service")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("ClusterIP");
+    one_pod_ready(&ctx, &selector).await;
+    let ip = cluster_ip(&ctx, &format!("{name}-cloud")).await;
     let base = format!("http://{ip}:8080");
     // A connection per request, so kube-proxy spreads every request over the ready pods (kept
     // connections would stay on the pods that were there first).
@@ -867,7 +865,6 @@ async fn real_node_worker_backlog_scales_up_through_the_fast_path_without_promet
     let Some((ctx, _release)) = setup("real-fast", &[]).await else {
         return;
     };
-    let ns = ctx.namespace.clone();
     let name = "queue";
     let spec = json!({
         "model": {"uri": fixture_model(&ctx, "llama"), "architecture": "llama"},
@@ -882,13 +879,7 @@ async fn real_node_worker_backlog_scales_up_through_the_fast_path_without_promet
     });
     create_service(&ctx, name, spec).await;
     let selector = format!("app.kubernetes.io/instance={name}");
-    eventually("one worker pod Ready", START, || async {
-        match ready_pods(&ctx, &ns, &selector).await.len() {
-            1 => Ok(()),
-            n => Err(format!("{n} ready")),
-        }
-    })
-    .await;
+    one_pod_ready(&ctx, &selector).await;
     let services = ctx.api::<InferenceService>();
     eventually("MetricsAvailable=False (no Prometheus)", START, || async {
         let st = services
@@ -907,12 +898,7 @@ async fn real_node_worker_backlog_scales_up_through_the_fast_path_without_promet
 
     // A closed loop of 40 clients on a worker that runs 16 at once: about 24 always wait in
     // its queue.
-    let svc = ctx
-        .api::<Service>()
-        .get(&format!("{name}-cloud"))
-        .await
-        .expect("worker Service");
-    let ip = svc.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
+    let ip = cluster_ip(&ctx, &format!("{name}-cloud")).await;
     let url = format!("http://{ip}:8080/v1/completions");
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
@@ -1032,12 +1018,7 @@ async fn real_node_expert_shard_pod_killed_then_shards_scaled_down_under_load_fa
     // Load through the router's Service; midway one pod of shard 0 dies without notice (no
     // grace period: a crash, not a drain). The router retries the layer calls cut off on the
     // other replica, so no request fails; the ReplicaSet replaces the pod.
-    let svc = ctx
-        .api::<Service>()
-        .get(&format!("{name}-router"))
-        .await
-        .expect("router Service");
-    let ip = svc.spec.and_then(|s| s.cluster_ip).expect("ClusterIP");
+    let ip = cluster_ip(&ctx, &format!("{name}-router")).await;
     // Ready pods are not yet a routed Service: kube-proxy programs the endpoints a moment
     // later (until then a connection is refused), and this test counts every failure.
     eventually(
