@@ -328,6 +328,12 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     create(&ctx.client, &ctx.namespace, &exposed)
         .await
         .expect("a LoadBalancer with API keys is valid");
+    // Qwen2-MoE is served in expert shards too.
+    let mut qwen2moe = tis(with(base(), &["model", "architecture"], json!("qwen2moe")));
+    qwen2moe.metadata.name = Some("qwen2moe".into());
+    create(&ctx.client, &ctx.namespace, &qwen2moe)
+        .await
+        .expect("qwen2moe with expert shards is valid");
     let mut internal = tis(with(
         base(),
         &["cloud", "service"],

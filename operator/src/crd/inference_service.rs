@@ -67,8 +67,8 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.cloud.experts) || self.model.architecture == 'mixtral'")
-    .message("cloud.experts (expert shards) needs an MoE model: set model.architecture to mixtral")
+#[x_kube(validation = Rule::new("!has(self.cloud.experts) || self.model.architecture in ['mixtral', 'qwen2moe']")
+    .message("cloud.experts (expert shards) needs an MoE model the router and shards serve: set model.architecture to mixtral or qwen2moe")
     .field_path(".cloud.experts"))]
 #[x_kube(validation = Rule::new("!has(self.cloud.experts) || !has(self.model.numExperts) || self.cloud.experts.shards <= self.model.numExperts")
     .message("cloud.experts.shards cannot exceed model.numExperts: every shard must hold at least one expert")
@@ -164,8 +164,8 @@ pub struct ModelSpec {
         .message("model uri must be an absolute path, file:///path, hf://org/name[@revision] or oci://registry/repository:tag (or @sha256:digest)"))]
     #[schemars(length(min = 1, max = 1024))]
     pub uri: String,
-    /// Model family: `mixtral` or `qwen3moe` (MoE), or the dense `llama`, `mistral`,
-    /// `qwen2`, `qwen3`.
+    /// Model family: `mixtral`, `qwen2moe` or `qwen3moe` (MoE; expert shards for the first
+    /// two), or the dense `llama`, `mistral`, `qwen2`, `qwen3`.
     pub architecture: Architecture,
     /// Number of routed experts per MoE layer (MoE models only; read from config.json when
     /// omitted). Used to plan expert shards.
@@ -201,11 +201,16 @@ pub enum Architecture {
     Qwen3,
     /// Qwen3-MoE decoder (GGUF checkpoints).
     Qwen3moe,
+    /// Qwen2-MoE decoder (Qwen1.5-MoE): routed experts plus a gated shared expert.
+    Qwen2moe,
 }
 
 impl Architecture {
     pub fn is_moe(self) -> bool {
-        matches!(self, Architecture::Mixtral | Architecture::Qwen3moe)
+        matches!(
+            self,
+            Architecture::Mixtral | Architecture::Qwen3moe | Architecture::Qwen2moe
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -215,6 +220,7 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
             Architecture::Qwen3moe => "qwen3moe",
+            Architecture::Qwen2moe => "qwen2moe",
         }
     }
 }
