@@ -79,6 +79,18 @@ pub fn peak_rps(plan: &[Planned], window_s: f64) -> f64 {
     best as f64 / window_s
 }
 
+impl Planned {
+    /// The request as the simulator takes it before it was sent (its planned sizes, no TTFT).
+    pub fn unsent(&self) -> Served {
+        Served {
+            t_s: self.t_s,
+            input_tokens: self.prompt_bytes as u32,
+            output_tokens: self.max_tokens,
+            ttft_s: None,
+        }
+    }
+}
+
 /// A prompt of `bytes` bytes.
 fn prompt(bytes: usize) -> String {
     "the tide comes in and goes out again "
@@ -273,12 +285,7 @@ pub fn served(outcome: &(Planned, Result<Streamed, String>)) -> Served {
             output_tokens: s.completion_tokens,
             ttft_s: Some(s.ttft_s),
         },
-        Err(_) => Served {
-            t_s: p.t_s,
-            input_tokens: p.prompt_bytes as u32,
-            output_tokens: p.max_tokens,
-            ttft_s: None,
-        },
+        Err(_) => p.unsent(),
     }
 }
 

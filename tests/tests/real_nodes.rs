@@ -746,15 +746,7 @@ async fn real_node_trace_slice_replayed_on_real_pods_and_in_the_simulator() {
         max_output: 32,
     };
     let full = replay::plan(replay::AZURE_CODE_20_MIN, &shrink);
-    let sizes: Vec<_> = full
-        .iter()
-        .map(|p| tidal_sim::replay_gap::Served {
-            t_s: p.t_s,
-            input_tokens: p.prompt_bytes as u32,
-            output_tokens: p.max_tokens,
-            ttft_s: None,
-        })
-        .collect();
+    let sizes: Vec<_> = full.iter().map(replay::Planned::unsent).collect();
     let capacity = replay_gap::batch_model(&cal, &a, &sizes)
         .expect("a replica model from the calibration")
         .replica
