@@ -252,6 +252,7 @@ async fn main() {
         shards: 1,
         hot_experts: Vec::new(),
         sparse_step: 1,
+        q_lora_rank: 0,
     };
     eprintln!("generating the checkpoint in {}", dir.path().display());
     tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();

@@ -125,6 +125,13 @@ fn qwen2_batched_decode_matches_solo_bitwise() {
     check(FixtureArch::Qwen2, 13);
 }
 
+/// Multi-head latent attention and DeepSeek-V2's MoE (layer 0 dense, layer 1 with
+/// experts and shared experts) keep the batch invariance.
+#[test]
+fn deepseek_v2_batched_decode_matches_solo_bitwise() {
+    check(FixtureArch::DeepseekV2, 14);
+}
+
 #[test]
 fn forward_batch_handles_prefill_chunks_and_rejects_empty_input() {
     let dir = tempfile::tempdir().unwrap();

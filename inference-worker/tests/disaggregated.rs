@@ -343,7 +343,6 @@ async fn router_with_shards_matches_full_logits_and_greedy_tokens() {
 async fn qwen2_moe_router_with_two_shards_matches_full_greedy_tokens() {
     use tidal_worker::model::fixture::FixtureArch;
     for (layers, sparse_step, seed) in [(3, 1, 12), (4, 2, 13)] {
-        let dir = tempfile::tempdir().unwrap();
         let spec = FixtureSpec {
             arch: FixtureArch::Qwen2Moe,
             experts: EXPERTS,
@@ -353,114 +352,143 @@ async fn qwen2_moe_router_with_two_shards_matches_full_greedy_tokens() {
             seed,
             ..FixtureSpec::default()
         };
-        tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
-        let moe_layers: Vec<usize> = (0..layers).filter(|&l| spec.is_moe_layer(l)).collect();
-        let work = tempfile::tempdir().unwrap();
-        let plan = work.path().join("plan.json");
-        let assignment = [(0, vec![0, 1, 2]), (1, vec![3, 4, 5])];
-        let layout = |urls: &[String]| -> Vec<ShardLayout> {
-            assignment
-                .iter()
-                .zip(urls)
-                .map(|((s, e), u)| (*s, e.clone(), vec![u.clone()], false))
-                .collect()
+        router_with_two_shards_matches_full(spec).await;
+    }
+}
+
+/// DeepSeek-V2 as a router and two expert shards: multi-head latent attention and the
+/// shared experts run on the router, the shards get the routed experts' rows with their
+/// top-k weights already multiplied by `routed_scaling_factor` (2.5 in the fixture), and
+/// the greedy tokens are the full role's. Layer 0 is dense (`first_k_dense_replace`);
+/// then experts in every layer, and with query LoRA every other layer (`moe_layer_freq` 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deepseek_v2_router_with_two_shards_matches_full_greedy_tokens() {
+    use tidal_worker::model::fixture::FixtureArch;
+    for (layers, sparse_step, q_lora_rank, seed) in [(3, 1, 0, 14), (4, 2, 16, 15)] {
+        let spec = FixtureSpec {
+            arch: FixtureArch::DeepseekV2,
+            experts: EXPERTS,
+            top_k: 3,
+            layers,
+            sparse_step,
+            q_lora_rank,
+            seed,
+            ..FixtureSpec::default()
         };
-        write_plan(
-            &plan,
-            1,
-            &layout(&vec!["http://127.0.0.1:1".to_string(); 2]),
-        );
-        let mut shards: Vec<ShardProc> = assignment
-            .iter()
-            .map(|(s, _)| spawn_shard(dir.path(), &plan, *s))
-            .collect();
-        for p in shards.iter_mut() {
-            wait_ready(p).await;
-        }
-        let urls: Vec<String> = shards.iter().map(ShardProc::url).collect();
-        write_plan(&plan, 1, &layout(&urls));
+        router_with_two_shards_matches_full(spec).await;
+    }
+}
 
-        let client = start_client(&plan, Arc::new(Metrics::new())).await;
-        let router = load_router(dir.path(), client).await;
-        let full =
-            tidal_worker::model::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
-        // The router holds everything but the routed experts: the shared experts and
-        // their gates are among its projections.
-        let ((_, rd), (_, fd)) = (
-            router.model.projection_kinds(),
-            full.model.projection_kinds(),
-        );
-        assert_eq!(fd - rd, EXPERTS * 3 * moe_layers.len());
-        let (rm, fm) = (router.model.clone(), full.model.clone());
-        let ((r_logits, r_tokens), (f_logits, f_tokens)) =
-            tokio::task::spawn_blocking(move || (run(&rm, 16), run(&fm, 16)))
-                .await
-                .unwrap();
-        assert_eq!(
-            r_tokens, f_tokens,
-            "step {sparse_step}: greedy tokens differ"
-        );
-        // Top-4 routing: the shards' partial sums may add up in another order than the
-        // full role's, so the logits agree to rounding rather than bitwise.
-        let max_diff = r_logits
+/// `spec`'s checkpoint served by a router with shards 0 (experts 0-2) and 1 (3-5) gives
+/// the full role's greedy tokens and logits (to rounding); the routers' per-expert
+/// counts are the shards' sums, for routed experts of MoE layers only; a shard refuses
+/// a dense layer.
+async fn router_with_two_shards_matches_full(spec: FixtureSpec) {
+    let what = format!("{:?} seed {}", spec.arch, spec.seed);
+    let dir = tempfile::tempdir().unwrap();
+    tidal_worker::model::fixture::generate(&spec, dir.path()).unwrap();
+    let layers = spec.layers;
+    let moe_layers: Vec<usize> = (0..layers).filter(|&l| spec.is_moe_layer(l)).collect();
+    let work = tempfile::tempdir().unwrap();
+    let plan = work.path().join("plan.json");
+    let assignment = [(0, vec![0, 1, 2]), (1, vec![3, 4, 5])];
+    let layout = |urls: &[String]| -> Vec<ShardLayout> {
+        assignment
             .iter()
-            .zip(&f_logits)
-            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-            .fold(0f32, f32::max);
-        assert!(
-            max_diff <= 1e-4,
-            "step {sparse_step}: logits differ by up to {max_diff}"
-        );
+            .zip(urls)
+            .map(|((s, e), u)| (*s, e.clone(), vec![u.clone()], false))
+            .collect()
+    };
+    write_plan(
+        &plan,
+        1,
+        &layout(&vec!["http://127.0.0.1:1".to_string(); 2]),
+    );
+    let mut shards: Vec<ShardProc> = assignment
+        .iter()
+        .map(|(s, _)| spawn_shard(dir.path(), &plan, *s))
+        .collect();
+    for p in shards.iter_mut() {
+        wait_ready(p).await;
+    }
+    let urls: Vec<String> = shards.iter().map(ShardProc::url).collect();
+    write_plan(&plan, 1, &layout(&urls));
 
-        // Routed experts only are counted, in the MoE layers only, and what the shards
-        // computed adds up to what the router routed.
-        let counts = router.model.expert_counts();
-        let mut shard_sum: BTreeMap<(usize, usize), f64> = BTreeMap::new();
-        for p in &shards {
-            let r = http(p.addr, "GET", "/metrics", b"").await;
-            let text = String::from_utf8(r.body).unwrap();
-            for l in 0..layers {
-                for e in 0..EXPERTS {
-                    let labels = format!("layer=\"{l}\",expert=\"{e}\"");
-                    if let Some(n) =
-                        metric_value(&text, "tidal_worker_expert_tokens_total", &labels)
-                    {
-                        assert!(moe_layers.contains(&l), "a counter for dense layer {l}");
-                        *shard_sum.entry((l, e)).or_default() += n;
-                    }
+    let client = start_client(&plan, Arc::new(Metrics::new())).await;
+    let router = load_router(dir.path(), client).await;
+    let full = tidal_worker::model::loader::load_dir(dir.path(), candle_core::DType::F32).unwrap();
+    // The router holds everything but the routed experts: the shared experts (and
+    // Qwen2-MoE's gates) are among its projections.
+    let ((_, rd), (_, fd)) = (
+        router.model.projection_kinds(),
+        full.model.projection_kinds(),
+    );
+    assert_eq!(fd - rd, EXPERTS * 3 * moe_layers.len());
+    let (rm, fm) = (router.model.clone(), full.model.clone());
+    let ((r_logits, r_tokens), (f_logits, f_tokens)) =
+        tokio::task::spawn_blocking(move || (run(&rm, 16), run(&fm, 16)))
+            .await
+            .unwrap();
+    assert_eq!(r_tokens, f_tokens, "{what}: greedy tokens differ");
+    // Top-k > 2 routing: the shards' partial sums may add up in another order than the
+    // full role's, so the logits agree to rounding rather than bitwise.
+    let max_diff = r_logits
+        .iter()
+        .zip(&f_logits)
+        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    eprintln!("{what}: router vs full max |logit diff| {max_diff:e}");
+    assert!(
+        max_diff <= 1e-4,
+        "{what}: logits differ by up to {max_diff}"
+    );
+
+    // Routed experts only are counted, in the MoE layers only, and what the shards
+    // computed adds up to what the router routed.
+    let counts = router.model.expert_counts();
+    let mut shard_sum: BTreeMap<(usize, usize), f64> = BTreeMap::new();
+    for p in &shards {
+        let r = http(p.addr, "GET", "/metrics", b"").await;
+        let text = String::from_utf8(r.body).unwrap();
+        for l in 0..layers {
+            for e in 0..EXPERTS {
+                let labels = format!("layer=\"{l}\",expert=\"{e}\"");
+                if let Some(n) = metric_value(&text, "tidal_worker_expert_tokens_total", &labels) {
+                    assert!(moe_layers.contains(&l), "a counter for dense layer {l}");
+                    *shard_sum.entry((l, e)).or_default() += n;
                 }
             }
         }
-        let routed: Vec<(usize, usize, u64)> = counts.snapshot();
-        assert!(routed.iter().all(|(l, _, _)| moe_layers.contains(l)));
-        for (l, e, n) in routed {
-            assert_eq!(
-                shard_sum.get(&(l, e)).copied().unwrap_or(0.0),
-                n as f64,
-                "layer {l} expert {e}"
-            );
-        }
-        // A dense layer has no experts to ask a shard for.
-        if let Some(dense) = (0..layers).find(|l| !moe_layers.contains(l)) {
-            let xs = candle_core::Tensor::zeros(
-                (1, spec.hidden),
-                candle_core::DType::F32,
-                &candle_core::Device::Cpu,
-            )
-            .unwrap();
-            let body =
-                tidal_worker::disagg::wire::encode_request(dense, &xs, &[vec![(0, 1.0)]]).unwrap();
-            let r = http(
-                shards[0].addr,
-                "POST",
-                tidal_worker::disagg::wire::PATH,
-                &body,
-            )
-            .await;
-            assert_eq!(r.status, 400);
-            let msg = String::from_utf8_lossy(&r.body);
-            assert!(msg.contains("has no experts"), "{msg}");
-        }
+    }
+    let routed: Vec<(usize, usize, u64)> = counts.snapshot();
+    assert!(routed.iter().all(|(l, _, _)| moe_layers.contains(l)));
+    for (l, e, n) in routed {
+        assert_eq!(
+            shard_sum.get(&(l, e)).copied().unwrap_or(0.0),
+            n as f64,
+            "layer {l} expert {e}"
+        );
+    }
+    // A dense layer has no experts to ask a shard for.
+    if let Some(dense) = (0..layers).find(|l| !moe_layers.contains(l)) {
+        let xs = candle_core::Tensor::zeros(
+            (1, spec.hidden),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let body =
+            tidal_worker::disagg::wire::encode_request(dense, &xs, &[vec![(0, 1.0)]]).unwrap();
+        let r = http(
+            shards[0].addr,
+            "POST",
+            tidal_worker::disagg::wire::PATH,
+            &body,
+        )
+        .await;
+        assert_eq!(r.status, 400);
+        let msg = String::from_utf8_lossy(&r.body);
+        assert!(msg.contains("has no experts"), "{msg}");
     }
 }
 

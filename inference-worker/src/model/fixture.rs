@@ -37,13 +37,26 @@ pub enum FixtureArch {
     /// `mlp.experts`, top-k weights not renormalised, and a shared expert (full width)
     /// behind a sigmoid gate.
     Qwen2Moe,
+    /// DeepSeek-V2 (V2-Lite layout): multi-head latent attention (q/k head width ≠ v
+    /// head width), layer 0 dense, then experts of half the `--intermediate` width and
+    /// two ungated shared experts, top-k weights times a routed scaling factor.
+    DeepseekV2,
 }
 
 impl FixtureArch {
     pub fn is_moe(self) -> bool {
-        matches!(self, Self::Mixtral | Self::Qwen3Moe | Self::Qwen2Moe)
+        matches!(
+            self,
+            Self::Mixtral | Self::Qwen3Moe | Self::Qwen2Moe | Self::DeepseekV2
+        )
     }
 }
+
+/// DeepSeek-V2 fixtures: shared experts fused into one MLP (`n_shared_experts`).
+pub const DEEPSEEK_SHARED_EXPERTS: usize = 2;
+/// DeepSeek-V2 fixtures' `routed_scaling_factor` (V2-Lite's is 1, V2's 16): not 1, so that
+/// a model that skipped it would not match.
+pub const DEEPSEEK_ROUTED_SCALING: f64 = 2.5;
 
 /// Shape of a generated checkpoint.
 #[derive(Debug, Clone, clap::Args)]
@@ -80,10 +93,15 @@ pub struct FixtureSpec {
     /// per-expert load is strongly skewed whatever the prompt (for placement tests and demos).
     #[arg(long, env = "TIDAL_FIXTURE_HOT_EXPERTS", value_delimiter = ',')]
     pub hot_experts: Vec<usize>,
-    /// Qwen2-MoE only: layer l has experts when l + 1 is a multiple of this, else a dense
-    /// MLP (`decoder_sparse_step`).
+    /// Qwen2-MoE: layer l has experts when l + 1 is a multiple of this, else a dense
+    /// MLP (`decoder_sparse_step`). DeepSeek-V2: layer l ≥ 1 has experts when l is a
+    /// multiple of this (`moe_layer_freq`; `first_k_dense_replace` is 1).
     #[arg(long, env = "TIDAL_FIXTURE_SPARSE_STEP", default_value_t = 1)]
     pub sparse_step: usize,
+    /// DeepSeek-V2 only: queries through a low-rank pair of this rank (`q_lora_rank`, as
+    /// DeepSeek-V2); 0 for one `q_proj` (V2-Lite).
+    #[arg(long, env = "TIDAL_FIXTURE_Q_LORA_RANK", default_value_t = 0)]
+    pub q_lora_rank: usize,
 }
 
 impl Default for FixtureSpec {
@@ -102,8 +120,19 @@ impl Default for FixtureSpec {
             shards: 1,
             hot_experts: Vec::new(),
             sparse_step: 1,
+            q_lora_rank: 0,
         }
     }
+}
+
+/// A DeepSeek-V2 fixture's attention widths, from `hidden / heads` (`d`): keys and queries
+/// `d` + `d / 2` (rotary) wide, values `3d / 4`, the latent `hidden / 2`.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaDims {
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
 }
 
 impl FixtureSpec {
@@ -115,7 +144,7 @@ impl FixtureSpec {
     /// dense MLPs and shared expert, so a width mixed up at load fails on shapes.
     pub fn moe_intermediate(&self) -> usize {
         match self.arch {
-            FixtureArch::Qwen2Moe => (self.intermediate / 2).max(1),
+            FixtureArch::Qwen2Moe | FixtureArch::DeepseekV2 => (self.intermediate / 2).max(1),
             _ => self.intermediate,
         }
     }
@@ -124,7 +153,20 @@ impl FixtureSpec {
     pub fn is_moe_layer(&self, l: usize) -> bool {
         match self.arch {
             FixtureArch::Qwen2Moe => (l + 1).is_multiple_of(self.sparse_step.max(1)),
+            FixtureArch::DeepseekV2 => l >= 1 && l.is_multiple_of(self.sparse_step.max(1)),
             arch => arch.is_moe(),
+        }
+    }
+
+    /// DeepSeek-V2's attention widths (see [`MlaDims`]).
+    pub fn mla(&self) -> MlaDims {
+        let d = (self.hidden / self.heads).max(4);
+        MlaDims {
+            kv_lora_rank: (self.hidden / 2).max(1),
+            qk_nope_head_dim: d,
+            // Rotary pairs: an even width.
+            qk_rope_head_dim: (d / 2).max(2) & !1,
+            v_head_dim: (3 * d / 4).max(1),
         }
     }
 }
@@ -173,31 +215,89 @@ pub fn tensors(spec: &FixtureSpec) -> Result<Vec<(String, Tensor)>> {
     )?;
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
-        add(
-            &mut tensors,
-            format!("{p}.self_attn.q_proj.weight"),
-            (spec.heads * head_dim, h),
-            s_in,
-        )?;
-        add(
-            &mut tensors,
-            format!("{p}.self_attn.k_proj.weight"),
-            (spec.kv_heads * head_dim, h),
-            s_in,
-        )?;
-        add(
-            &mut tensors,
-            format!("{p}.self_attn.v_proj.weight"),
-            (spec.kv_heads * head_dim, h),
-            s_in,
-        )?;
-        add(
-            &mut tensors,
-            format!("{p}.self_attn.o_proj.weight"),
-            (h, spec.heads * head_dim),
-            s_in,
-        )?;
+        if spec.arch == FixtureArch::DeepseekV2 {
+            let d = spec.mla();
+            let q_dim = spec.heads * (d.qk_nope_head_dim + d.qk_rope_head_dim);
+            let a = format!("{p}.self_attn");
+            let mut mats = vec![];
+            if spec.q_lora_rank > 0 {
+                let r = spec.q_lora_rank;
+                mats.push(("q_a_proj", (r, h), s_in));
+                mats.push(("q_b_proj", (q_dim, r), 1.0 / (r as f32).sqrt()));
+            } else {
+                mats.push(("q_proj", (q_dim, h), s_in));
+            }
+            let (lora, kv_b) = (
+                d.kv_lora_rank,
+                spec.heads * (d.qk_nope_head_dim + d.v_head_dim),
+            );
+            let o_in = spec.heads * d.v_head_dim;
+            mats.extend([
+                ("kv_a_proj_with_mqa", (lora + d.qk_rope_head_dim, h), s_in),
+                ("kv_b_proj", (kv_b, lora), 1.0 / (lora as f32).sqrt()),
+                ("o_proj", (h, o_in), 1.0 / (o_in as f32).sqrt()),
+            ]);
+            for (name, shape, scale) in mats {
+                add(&mut tensors, format!("{a}.{name}.weight"), shape, scale)?;
+            }
+            let mut norms = vec![("kv_a_layernorm", lora)];
+            if spec.q_lora_rank > 0 {
+                norms.push(("q_a_layernorm", spec.q_lora_rank));
+            }
+            for (norm, n) in norms {
+                add(&mut tensors, format!("{a}.{norm}.weight"), (1, n), 0.1)?;
+                let (name, t) = tensors.pop().expect("just pushed");
+                tensors.push((name, (t.reshape(n)? + 1.0)?));
+            }
+        } else {
+            add(
+                &mut tensors,
+                format!("{p}.self_attn.q_proj.weight"),
+                (spec.heads * head_dim, h),
+                s_in,
+            )?;
+            add(
+                &mut tensors,
+                format!("{p}.self_attn.k_proj.weight"),
+                (spec.kv_heads * head_dim, h),
+                s_in,
+            )?;
+            add(
+                &mut tensors,
+                format!("{p}.self_attn.v_proj.weight"),
+                (spec.kv_heads * head_dim, h),
+                s_in,
+            )?;
+            add(
+                &mut tensors,
+                format!("{p}.self_attn.o_proj.weight"),
+                (h, spec.heads * head_dim),
+                s_in,
+            )?;
+        }
         match spec.arch {
+            FixtureArch::DeepseekV2 if spec.is_moe_layer(l) => {
+                let q = format!("{p}.mlp");
+                add(
+                    &mut tensors,
+                    format!("{q}.gate.weight"),
+                    (spec.experts, h),
+                    1.0,
+                )?;
+                let shared = moe_mid * DEEPSEEK_SHARED_EXPERTS;
+                let experts = (0..spec.experts)
+                    .map(|e| (format!("{q}.experts.{e}"), moe_mid))
+                    .chain([(format!("{q}.shared_experts"), shared)]);
+                for (m, mid) in experts {
+                    for (name, shape, scale) in [
+                        ("gate_proj", (mid, h), s_in),
+                        ("up_proj", (mid, h), s_in),
+                        ("down_proj", (h, mid), 1.0 / (mid as f32).sqrt()),
+                    ] {
+                        add(&mut tensors, format!("{m}.{name}.weight"), shape, scale)?;
+                    }
+                }
+            }
             FixtureArch::Qwen2Moe if spec.is_moe_layer(l) => {
                 let q = format!("{p}.mlp");
                 add(
@@ -269,7 +369,8 @@ pub fn tensors(spec: &FixtureSpec) -> Result<Vec<(String, Tensor)>> {
             FixtureArch::Llama
             | FixtureArch::Qwen2
             | FixtureArch::Qwen3
-            | FixtureArch::Qwen2Moe => {
+            | FixtureArch::Qwen2Moe
+            | FixtureArch::DeepseekV2 => {
                 add(
                     &mut tensors,
                     format!("{p}.mlp.gate_proj.weight"),
@@ -369,6 +470,7 @@ fn write_rest(
         FixtureArch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
         FixtureArch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
         FixtureArch::Qwen2Moe => ("qwen2_moe", "Qwen2MoeForCausalLM"),
+        FixtureArch::DeepseekV2 => ("deepseek_v2", "DeepseekV2ForCausalLM"),
         FixtureArch::Qwen3Moe => unreachable!("refused above"),
     };
     let mut config = serde_json::json!({
@@ -409,6 +511,34 @@ fn write_rest(
         config["norm_topk_prob"] = false.into();
         config["decoder_sparse_step"] = spec.sparse_step.max(1).into();
         config["mlp_only_layers"] = serde_json::json!([]);
+    }
+    if spec.arch == FixtureArch::DeepseekV2 {
+        let d = spec.mla();
+        let extra = serde_json::json!({
+            "num_key_value_heads": spec.heads,
+            "n_routed_experts": spec.experts,
+            "n_shared_experts": DEEPSEEK_SHARED_EXPERTS,
+            "num_experts_per_tok": spec.top_k,
+            "moe_intermediate_size": spec.moe_intermediate(),
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": spec.sparse_step.max(1),
+            "routed_scaling_factor": DEEPSEEK_ROUTED_SCALING,
+            "topk_method": "greedy",
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": false,
+            "scoring_func": "softmax",
+            "q_lora_rank": (spec.q_lora_rank > 0).then_some(spec.q_lora_rank),
+            "kv_lora_rank": d.kv_lora_rank,
+            "qk_nope_head_dim": d.qk_nope_head_dim,
+            "qk_rope_head_dim": d.qk_rope_head_dim,
+            "v_head_dim": d.v_head_dim,
+            "attention_bias": false,
+            "rope_scaling": null,
+        });
+        for (k, v) in extra.as_object().expect("an object") {
+            config[k] = v.clone();
+        }
     }
     if spec.arch == FixtureArch::Mixtral {
         config["num_local_experts"] = spec.experts.into();

@@ -334,6 +334,9 @@ impl GgufFile {
             rope_interleaved: arch_name == "llama",
             // llama.cpp's qwen2moe keeps the top-k softmax weights, as Qwen1.5-MoE does.
             norm_topk_prob: arch != Arch::Qwen2Moe,
+            routed_scaling_factor: 1.0,
+            mla: None,
+            rope_yarn: None,
             bos_token_id: self
                 .u32_of("tokenizer.ggml.bos_token_id")?
                 .map(|n| n as u32),

@@ -44,6 +44,7 @@ fn arch_name(arch: FixtureArch) -> &'static str {
         FixtureArch::Qwen3Moe => "qwen3moe",
         FixtureArch::Qwen2 => "qwen2",
         FixtureArch::Qwen2Moe => "qwen2moe",
+        FixtureArch::DeepseekV2 => "deepseek2",
     }
 }
 
@@ -74,6 +75,13 @@ pub fn write_with(
     legacy_experts: bool,
 ) -> Result<PathBuf> {
     let arch = arch_name(spec.arch);
+    if spec.arch == FixtureArch::DeepseekV2 {
+        return Err(Error::Unsupported(
+            "deepseek_v2 fixtures are written as safetensors only (the worker reads no \
+             deepseek2 GGUF files)"
+                .into(),
+        ));
+    }
     if spec.arch == FixtureArch::Qwen2Moe && spec.sparse_step > 1 {
         return Err(Error::Unsupported(
             "llama.cpp's qwen2moe has experts in every layer: no --sparse-step".into(),

@@ -1,13 +1,16 @@
 //! The decoder's building blocks: batch-invariant linear projections, rotary
-//! embeddings, attention over per-sequence KV caches and the SwiGLU MLP.
+//! embeddings (YaRN-scaled for DeepSeek-V2), attention over per-sequence KV caches
+//! (grouped-query here, latent in [`crate::model::mla`]) and the SwiGLU MLP.
 
 use crate::error::Result;
-use crate::model::config::ModelConfig;
+use crate::model::config::{ModelConfig, Yarn};
 use crate::model::decoder::KvCache;
+pub(crate) use crate::model::mla::Mla;
 use crate::model::source::Source;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, RmsNorm};
+use std::f64::consts::PI;
 
 /// Largest `rows * cols` product for which gemm (candle's CPU matmul) uses its
 /// "horizontal" small-matrix kernels instead of its blocked kernels.
@@ -97,11 +100,17 @@ pub(crate) struct Rotary {
 
 impl Rotary {
     pub(crate) fn new(cfg: &ModelConfig, dtype: DType, dev: &Device) -> Result<Self> {
-        let dim = cfg.head_dim;
-        let inv_freq: Vec<f32> = (0..dim)
+        let dim = cfg.rope_dim();
+        let theta = cfg.rope_theta as f32;
+        let mut inv_freq: Vec<f32> = (0..dim)
             .step_by(2)
-            .map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32))
+            .map(|i| 1f32 / theta.powf(i as f32 / dim as f32))
             .collect();
+        let mut mscale = 1.0;
+        if let Some(y) = &cfg.rope_yarn {
+            inv_freq = yarn_inv_freq(&inv_freq, y, dim, theta);
+            mscale = y.get_mscale(y.mscale) / y.get_mscale(y.mscale_all_dim);
+        }
         let n = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, n), dev)?;
         let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
@@ -109,14 +118,14 @@ impl Rotary {
             .reshape((cfg.max_position_embeddings, 1))?;
         let freqs = t.matmul(&inv_freq)?;
         Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            cos: (freqs.cos()? * mscale)?.to_dtype(dtype)?,
+            sin: (freqs.sin()? * mscale)?.to_dtype(dtype)?,
             interleaved: cfg.rope_interleaved,
         })
     }
 
     /// Rotates `x` of shape (b, heads, seq, head_dim) starting at position `offset`.
-    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
@@ -129,7 +138,111 @@ impl Rotary {
     }
 }
 
-pub(crate) struct Attention {
+/// YaRN's frequencies (transformers' `DeepseekV2YarnRotaryEmbedding`, as candle's
+/// `deepseek2`): the unscaled ones (`extra`) for the fast-turning pairs, those divided by
+/// `factor` for the slow ones, blended linearly over the pairs in between.
+fn yarn_inv_freq(extra: &[f32], y: &Yarn, dim: usize, theta: f32) -> Vec<f32> {
+    let correction_dim = |rot: f64| {
+        (dim as f64 * (y.original_max_position_embeddings as f64 / (rot * 2.0 * PI)).ln())
+            / (2.0 * f64::from(theta).ln())
+    };
+    let low = correction_dim(y.beta_fast).floor().max(0.0);
+    let high = correction_dim(y.beta_slow).ceil().min(dim as f64 - 1.0);
+    // transformers' guard against a zero-width ramp.
+    let high = if low == high { high + 0.001 } else { high };
+    extra
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| {
+            let inter = 1f32 / (y.factor as f32 * theta.powf((2 * i) as f32 / dim as f32));
+            let mask = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0) as f32;
+            inter * (1.0 - mask) + e * mask
+        })
+        .collect()
+}
+
+/// A decoder layer's self-attention: grouped-query ([`Gqa`]) or DeepSeek-V2's
+/// multi-head latent attention ([`Mla`]).
+pub(crate) enum Attention {
+    Gqa(Gqa),
+    Mla(Mla),
+}
+
+impl Attention {
+    pub(crate) fn load(cfg: &ModelConfig, src: Source) -> Result<Self> {
+        Ok(match &cfg.mla {
+            Some(mla) => Self::Mla(Mla::load(cfg, mla, src)?),
+            None => Self::Gqa(Gqa::load(cfg, src)?),
+        })
+    }
+
+    pub(crate) fn projections(&self) -> Vec<&Proj> {
+        match self {
+            Self::Gqa(a) => a.projections().to_vec(),
+            Self::Mla(a) => a.projections(),
+        }
+    }
+
+    /// `xs` holds the stacked rows of every chunk; projections run on all rows at
+    /// once, attention runs per chunk against that chunk's own cache.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        chunks: &[Chunk],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Gqa(a) => a.forward(xs, rotary, chunks, caches, layer),
+            Self::Mla(a) => a.forward(xs, rotary, chunks, caches, layer),
+        }
+    }
+}
+
+/// Appends a chunk's new keys and values (`(1, heads, len, dim)`) to `layer`'s slot of
+/// its cache, along dim 2, and returns the whole sequence's.
+pub(crate) fn append_kv(
+    cache: &mut KvCache,
+    layer: usize,
+    k: Tensor,
+    v: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let slot = &mut cache.layers[layer];
+    let (k, v) = match slot.take() {
+        None => (k, v),
+        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+    };
+    *slot = Some((k.clone(), v.clone()));
+    Ok((k, v))
+}
+
+/// Softmax attention of one chunk, scores and softmax in f32 so that bf16/f16 weights
+/// stay numerically sane: `(1, heads, len, v_dim)` in `q`'s dtype.
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
+    let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = match mask {
+        Some(m) => att.broadcast_add(m)?,
+        None => att,
+    };
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    Ok(att.matmul(&v.contiguous()?)?.to_dtype(dtype)?)
+}
+
+/// Grouped-query attention (Llama, Mistral, Mixtral, Qwen).
+pub(crate) struct Gqa {
     q: Proj,
     k: Proj,
     v: Proj,
@@ -141,8 +254,8 @@ pub(crate) struct Attention {
     head_dim: usize,
 }
 
-impl Attention {
-    pub(crate) fn load(cfg: &ModelConfig, src: Source) -> Result<Self> {
+impl Gqa {
+    fn load(cfg: &ModelConfig, src: Source) -> Result<Self> {
         let bias = cfg.arch.attention_bias();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let qk_norm = if cfg.arch.qk_norm() {
@@ -173,13 +286,11 @@ impl Attention {
         })
     }
 
-    pub(crate) fn projections(&self) -> [&Proj; 4] {
+    fn projections(&self) -> [&Proj; 4] {
         [&self.q, &self.k, &self.v, &self.o]
     }
 
-    /// `xs` holds the stacked rows of every chunk; projections run on all rows at
-    /// once, attention runs per chunk against that chunk's own cache.
-    pub(crate) fn forward(
+    fn forward(
         &self,
         xs: &Tensor,
         rotary: &Rotary,
@@ -205,30 +316,12 @@ impl Attention {
             let v = shape(&v_all, self.kv_heads)?.contiguous()?;
             let q = rotary.apply(&q, c.offset)?;
             let k = rotary.apply(&k, c.offset)?;
-            let slot = &mut cache.layers[layer];
-            let (k, v) = match slot.take() {
-                None => (k, v),
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            };
-            *slot = Some((k.clone(), v.clone()));
+            let (k, v) = append_kv(cache, layer, k, v)?;
             let groups = self.heads / self.kv_heads;
             let k = candle_transformers::utils::repeat_kv(k, groups)?;
             let v = candle_transformers::utils::repeat_kv(v, groups)?;
-            // Scores and softmax in f32 so that bf16/f16 weights stay numerically sane.
-            let dtype = q.dtype();
-            let (q, k, v) = (
-                q.to_dtype(DType::F32)?,
-                k.to_dtype(DType::F32)?,
-                v.to_dtype(DType::F32)?,
-            );
             let scale = 1f64 / (self.head_dim as f64).sqrt();
-            let att = (q.matmul(&k.t()?)? * scale)?;
-            let att = match &c.mask {
-                Some(m) => att.broadcast_add(m)?,
-                None => att,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v.contiguous()?)?.to_dtype(dtype)?;
+            let y = attend(&q, &k, &v, scale, c.mask.as_ref())?;
             ys.push(
                 y.transpose(1, 2)?
                     .reshape((c.len, self.heads * self.head_dim))?,

@@ -1,6 +1,6 @@
 //! Mixtral-style sparse MoE: top-k gating, expert FFNs run locally or on expert
-//! shards ([`RemoteExperts`]), Qwen2-MoE's gated shared expert, and per-expert token
-//! counts.
+//! shards ([`RemoteExperts`]), Qwen2-MoE's gated and DeepSeek-V2's ungated shared
+//! experts, and per-expert token counts.
 
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig};
@@ -71,8 +71,8 @@ impl ExpertCounts {
     }
 }
 
-/// One routed expert's feed-forward network (Mixtral's `w1`, `w3`, `w2`; Qwen2-MoE's
-/// `gate_proj`, `up_proj`, `down_proj`), loadable on its own so that an expert shard
+/// One routed expert's feed-forward network (Mixtral's `w1`, `w3`, `w2`; Qwen2-MoE's and
+/// DeepSeek-V2's `gate_proj`, `up_proj`, `down_proj`), loadable on its own so that an expert shard
 /// can hold any subset of a layer's experts.
 pub struct ExpertFfn(Mlp);
 
@@ -94,13 +94,15 @@ pub fn expert_prefix(arch: Arch, layer: usize, expert: usize) -> String {
 }
 
 /// Whether checkpoint tensor `name` belongs to a routed expert (what a router does not
-/// load). A Qwen2-MoE shared expert (`mlp.shared_expert.*`) is not one.
+/// load). Shared experts (Qwen2-MoE's `mlp.shared_expert.*`, DeepSeek-V2's
+/// `mlp.shared_experts.*`) are not.
 pub fn is_routed_expert_tensor(arch: Arch, name: &str) -> bool {
     name.contains(&format!(".{}.experts.", arch.moe_block()))
 }
 
-/// The per-row routing decision of a MoE layer: `(expert, weight)` pairs, weights
-/// already renormalised over the row's chosen experts.
+/// The per-row routing decision of a MoE layer: `(expert, weight)` pairs, weights as the
+/// layer's gate finished them (renormalised over the row's chosen experts or not, scaled
+/// by DeepSeek-V2's `routed_scaling_factor`): what expert shards receive.
 pub type Routes = Vec<Vec<(usize, f32)>>;
 
 /// Runs experts on the rows of `xs` routed to them and returns, per row, the
@@ -169,21 +171,25 @@ enum Experts {
     Remote(Arc<dyn RemoteExperts>),
 }
 
-/// Qwen2-MoE's shared expert: an MLP every token goes through, its output scaled by
-/// `sigmoid(gate(x))` (one logit per token) and added to the routed experts' sum.
+/// A shared expert: an MLP every token goes through, added to the routed experts' sum.
+/// Qwen2-MoE scales its output by `sigmoid(gate(x))` (one logit per token); DeepSeek-V2's
+/// (its `n_shared_experts` fused into one wider MLP) has no gate.
 ///
 /// It runs where the layer's gate runs (the `full` role, or the `router`), never on an
 /// expert shard: every token needs it, so sending it away would ship every row every
 /// layer. It is not a routed expert: it has no id on the wire and no expert counter.
 struct SharedExpert {
     mlp: Mlp,
-    gate: Proj,
+    gate: Option<Proj>,
 }
 
 impl SharedExpert {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::sigmoid(&self.gate.forward(xs)?)?;
-        Ok(self.mlp.forward(xs)?.broadcast_mul(&gate)?)
+        let ys = self.mlp.forward(xs)?;
+        match &self.gate {
+            Some(g) => Ok(ys.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward(xs)?)?)?),
+            None => Ok(ys),
+        }
     }
 }
 
@@ -194,6 +200,7 @@ pub(crate) struct Moe {
     num_experts: usize,
     top_k: usize,
     norm_topk_prob: bool,
+    routed_scaling_factor: f32,
 }
 
 impl Moe {
@@ -212,14 +219,15 @@ impl Moe {
         };
         let h = cfg.hidden_size;
         let shared = if cfg.shared_expert_intermediate_size > 0 {
+            let (module, gate) = cfg.arch.shared_expert();
             Some(SharedExpert {
                 mlp: Mlp::load(
                     h,
                     cfg.shared_expert_intermediate_size,
                     ["gate_proj", "up_proj", "down_proj"],
-                    src.pp("shared_expert"),
+                    src.pp(module),
                 )?,
-                gate: src.pp("shared_expert_gate").proj(h, 1, false)?,
+                gate: gate.map(|g| src.pp(g).proj(h, 1, false)).transpose()?,
             })
         } else {
             None
@@ -231,6 +239,7 @@ impl Moe {
             num_experts: cfg.num_experts,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
+            routed_scaling_factor: cfg.routed_scaling_factor,
         })
     }
 
@@ -238,7 +247,7 @@ impl Moe {
     pub(crate) fn projections(&self) -> Vec<&Proj> {
         let mut v = vec![&self.gate];
         if let Some(s) = &self.shared {
-            v.push(&s.gate);
+            v.extend(&s.gate);
             v.extend(s.mlp.projections());
         }
         if let Experts::Local(experts) = &self.experts {
@@ -251,7 +260,8 @@ impl Moe {
 
     /// Top-k softmax gating; the chosen experts' weights are renormalised to sum to
     /// one (Mixtral; Qwen3-MoE with `norm_topk_prob`) or kept as the softmax gave them
-    /// (Qwen1.5-MoE).
+    /// (Qwen1.5-MoE), then multiplied by `routed_scaling_factor` (DeepSeek-V2, 1 when
+    /// renormalised; 1 for the others, which leaves them unchanged).
     fn route(&self, xs: &Tensor) -> Result<Routes> {
         let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(xs)?)?;
         let probs = probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -266,7 +276,10 @@ impl Moe {
                 } else {
                     1.0
                 };
-                chosen.iter().map(|&e| (e, p[e] / sum)).collect()
+                chosen
+                    .iter()
+                    .map(|&e| (e, p[e] / sum * self.routed_scaling_factor))
+                    .collect()
             })
             .collect())
     }
