@@ -1,5 +1,6 @@
-//! Tidal's worker: a candle-based model server for MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)
-//! and Llama/Mistral/Qwen2/Qwen3 dense decoders, with an OpenAI-compatible HTTP API.
+//! Tidal's worker: a candle-based model server for MoE (Mixtral, Qwen2-MoE, Qwen3-MoE,
+//! DeepSeek-V2) and Llama/Mistral/Qwen2/Qwen3 dense decoders, with an OpenAI-compatible
+//! HTTP API.
 //!
 //! - [`model`]: checkpoints and the decoder itself (config, weights, layers, MoE).
 //! - [`serve`]: serving one model over HTTP (API, batching engine, text, metrics,

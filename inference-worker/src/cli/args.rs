@@ -36,8 +36,9 @@ pub enum Command {
 pub enum Role {
     /// The whole model in one process.
     Full,
-    /// Embeddings, attention, norms, gates and any shared expert (Qwen2-MoE); the
-    /// routed experts run on expert shards (`--placement-file`). Serves the OpenAI API.
+    /// Embeddings, attention, norms, gates and any shared experts (Qwen2-MoE,
+    /// DeepSeek-V2); the routed experts run on expert shards (`--placement-file`).
+    /// Serves the OpenAI API.
     Router,
     /// The FFNs of this shard's experts (`--placement-file`, `--shard`). Serves
     /// only the binary expert endpoint, health, readiness and metrics.

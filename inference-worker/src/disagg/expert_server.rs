@@ -88,7 +88,8 @@ impl ExpertShard {
         };
         if !cfg.is_moe() {
             return Err(Error::Unsupported(
-                "the expert role needs a MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE)".into(),
+                "the expert role needs a MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2)"
+                    .into(),
             ));
         }
         Ok(Arc::new(Self {

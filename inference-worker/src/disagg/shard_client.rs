@@ -685,7 +685,7 @@ pub fn load_router(
     };
     if !cfg.is_moe() {
         return Err(Error::Unsupported(
-            "the router role needs a MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE)".into(),
+            "the router role needs a MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2)".into(),
         ));
     }
     client.bind_model(cfg.num_experts)?;
