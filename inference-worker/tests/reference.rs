@@ -424,24 +424,33 @@ fn hot_expert_fixture_routes_nearly_every_token_to_the_hot_experts() {
 
 #[test]
 fn bf16_and_f16_load_and_stay_close_to_f32() {
-    let dir = common::fixture(FixtureArch::Mixtral);
-    let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
-    let f32m = Model::load_dir(dir.path(), cfg.clone(), DType::F32).unwrap();
-    let prompt = [72, 101, 108, 108, 111];
-    let base = f32m.forward(&prompt, &mut f32m.new_cache()).unwrap();
-    for dtype in [DType::BF16, DType::F16] {
-        let m = Model::load_dir(dir.path(), cfg.clone(), dtype).unwrap();
-        assert_eq!(m.dtype(), dtype);
-        let l = m.forward(&prompt, &mut m.new_cache()).unwrap();
-        assert!(
-            l.iter().all(|x| x.is_finite()),
-            "{dtype:?} produced non-finite logits"
-        );
-        let d = common::max_abs_diff(&base, &l);
-        let scale = base.iter().map(|x| x.abs()).fold(0.0, f32::max);
-        assert!(
-            d < 0.1 * scale.max(1.0),
-            "{dtype:?}: diff {d} vs scale {scale}"
-        );
+    // DeepSeek-V2 too: latent attention's norms, rotary and scores in the half types.
+    for arch in [FixtureArch::Mixtral, FixtureArch::DeepseekV2] {
+        let dir = common::fixture(arch);
+        let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+        let f32m = Model::load_dir(dir.path(), cfg.clone(), DType::F32).unwrap();
+        let prompt = [72, 101, 108, 108, 111];
+        // Prefill, then a decode step: the cache concatenates in the half type too.
+        let run = |m: &Model| {
+            let mut cache = m.new_cache();
+            m.forward(&prompt, &mut cache).unwrap();
+            m.forward(&[32], &mut cache).unwrap()
+        };
+        let base = run(&f32m);
+        for dtype in [DType::BF16, DType::F16] {
+            let m = Model::load_dir(dir.path(), cfg.clone(), dtype).unwrap();
+            assert_eq!(m.dtype(), dtype);
+            let l = run(&m);
+            assert!(
+                l.iter().all(|x| x.is_finite()),
+                "{arch:?} {dtype:?} produced non-finite logits"
+            );
+            let d = common::max_abs_diff(&base, &l);
+            let scale = base.iter().map(|x| x.abs()).fold(0.0, f32::max);
+            assert!(
+                d < 0.1 * scale.max(1.0),
+                "{arch:?} {dtype:?}: diff {d} vs scale {scale}"
+            );
+        }
     }
 }

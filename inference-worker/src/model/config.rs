@@ -57,6 +57,12 @@ impl Arch {
         }
     }
 
+    /// Whether the MoE gate's logits are computed in f32 whatever the serving dtype
+    /// (transformers' and candle's DeepSeek-V2 gate).
+    pub fn gate_in_f32(self) -> bool {
+        self == Arch::DeepseekV2
+    }
+
     pub fn qk_norm(self) -> bool {
         matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
     }

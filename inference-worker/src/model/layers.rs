@@ -41,6 +41,17 @@ pub enum Proj {
 }
 
 impl Proj {
+    /// The same projection with f32 weights (quantized ones already take f32 inputs).
+    pub(crate) fn into_f32(self) -> Result<Self> {
+        Ok(match self {
+            Self::Dense(l) => {
+                let bias = l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+                Self::Dense(Linear::new(l.weight().to_dtype(DType::F32)?, bias))
+            }
+            q => q,
+        })
+    }
+
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(l) => dense_forward(l, xs),

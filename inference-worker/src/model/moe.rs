@@ -201,6 +201,9 @@ pub(crate) struct Moe {
     top_k: usize,
     norm_topk_prob: bool,
     routed_scaling_factor: f32,
+    /// Gate logits in f32 whatever the serving dtype (DeepSeek-V2, as transformers and
+    /// candle compute them), so that near ties among many experts break as there.
+    gate_f32: bool,
 }
 
 impl Moe {
@@ -232,14 +235,17 @@ impl Moe {
         } else {
             None
         };
+        let gate = src.pp("gate").proj(h, cfg.num_experts, false)?;
+        let gate_f32 = cfg.arch.gate_in_f32();
         Ok(Self {
-            gate: src.pp("gate").proj(h, cfg.num_experts, false)?,
+            gate: if gate_f32 { gate.into_f32()? } else { gate },
             experts,
             shared,
             num_experts: cfg.num_experts,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
             routed_scaling_factor: cfg.routed_scaling_factor,
+            gate_f32,
         })
     }
 
@@ -263,7 +269,12 @@ impl Moe {
     /// (Qwen1.5-MoE), then multiplied by `routed_scaling_factor` (DeepSeek-V2, 1 when
     /// renormalised; 1 for the others, which leaves them unchanged).
     fn route(&self, xs: &Tensor) -> Result<Routes> {
-        let probs = candle_nn::ops::softmax_last_dim(&self.gate.forward(xs)?)?;
+        let logits = if self.gate_f32 {
+            self.gate.forward(&xs.to_dtype(DType::F32)?)?
+        } else {
+            self.gate.forward(xs)?
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         let probs = probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         Ok(probs
             .iter()
