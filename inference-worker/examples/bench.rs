@@ -289,6 +289,7 @@ async fn main() {
         EngineConfig {
             max_batch: 16,
             queue_size: 64,
+            ..EngineConfig::default()
         },
         metrics,
     );

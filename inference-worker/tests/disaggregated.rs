@@ -549,6 +549,7 @@ async fn serve(loaded: Loaded, metrics: Arc<Metrics>) -> SocketAddr {
         EngineConfig {
             max_batch: 8,
             queue_size: 64,
+            ..EngineConfig::default()
         },
         metrics,
     );

@@ -320,6 +320,7 @@ async fn busy_edge_with(
         EngineConfig {
             max_batch: 1,
             queue_size: 1,
+            ..EngineConfig::default()
         },
         cfg,
     )

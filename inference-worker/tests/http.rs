@@ -131,6 +131,7 @@ async fn concurrent_greedy_requests_match_their_solo_runs() {
         EngineConfig {
             max_batch: 8,
             queue_size: 64,
+            ..EngineConfig::default()
         },
         server_config(),
     )
@@ -416,6 +417,7 @@ async fn full_queue_returns_429_with_retry_after() {
         EngineConfig {
             max_batch: 1,
             queue_size: 1,
+            ..EngineConfig::default()
         },
         ServerConfig {
             max_tokens: 4000,

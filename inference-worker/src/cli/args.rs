@@ -66,6 +66,14 @@ pub struct ServeArgs {
     /// Most requests waiting for the batch before 429s.
     #[arg(long, env = "TIDAL_QUEUE_SIZE", default_value_t = 64)]
     pub queue_size: usize,
+    /// Memory for reusing shared prompt prefixes' attention cache (system prompts,
+    /// earlier chat turns), least recently used blocks evicted first; 0 turns reuse off.
+    #[arg(long, env = "TIDAL_PREFIX_CACHE_MIB", default_value_t = 256)]
+    pub prefix_cache_mib: usize,
+    /// Tokens per prefix-cache block: only whole blocks of a prompt are reused.
+    #[arg(long, env = "TIDAL_PREFIX_BLOCK_TOKENS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub prefix_block_tokens: u32,
     /// Largest max_tokens a request may ask for.
     #[arg(long, env = "TIDAL_MAX_TOKENS", default_value_t = 2048)]
     pub max_tokens: usize,
@@ -182,6 +190,14 @@ impl ServeArgs {
                 None => None,
             },
             ..Default::default()
+        })
+    }
+
+    /// The engine's prefix cache, None when its budget is 0.
+    pub fn prefix_cache(&self) -> Option<crate::serve::prefix_cache::PrefixCacheConfig> {
+        (self.prefix_cache_mib > 0).then_some(crate::serve::prefix_cache::PrefixCacheConfig {
+            block_tokens: self.prefix_block_tokens as usize,
+            budget_bytes: self.prefix_cache_mib << 20,
         })
     }
 

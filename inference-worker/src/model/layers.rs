@@ -243,13 +243,31 @@ pub(crate) fn attend(
         k.to_dtype(DType::F32)?,
         v.to_dtype(DType::F32)?,
     );
-    let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = (matmul_rows(&q, &k.t()?)? * scale)?;
     let att = match mask {
         Some(m) => att.broadcast_add(m)?,
         None => att,
     };
     let att = candle_nn::ops::softmax_last_dim(&att)?;
-    Ok(att.matmul(&v.contiguous()?)?.to_dtype(dtype)?)
+    Ok(matmul_rows(&att, &v.contiguous()?)?.to_dtype(dtype)?)
+}
+
+/// `a (1, heads, rows, k) x b (1, heads, k, cols)`. With two rows or more (a prefill), padded
+/// with zero rows to gemm's blocked path ([`invariant_rows`]), so that each query row comes
+/// out as it would among any other number of rows: the suffix of a prompt computed after a
+/// reused prefix gets bitwise the values a whole prefill of the prompt would. One row (a
+/// decode step) keeps the faster matrix-vector path; a reused prefix always leaves at least
+/// two prompt tokens to compute, so no prefill row takes it.
+fn matmul_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (d0, heads, rows, k) = a.dims4()?;
+    let padded = invariant_rows(rows, b.dim(3)?);
+    if rows < 2 || padded == rows {
+        return Ok(a.matmul(b)?);
+    }
+    let zeros = Tensor::zeros((d0, heads, padded - rows, k), a.dtype(), a.device())?;
+    Ok(Tensor::cat(&[a, &zeros], 2)?
+        .matmul(b)?
+        .narrow(2, 0, rows)?)
 }
 
 /// Grouped-query attention (Llama, Mistral, Mixtral, Qwen).

@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::model::decoder::{KvCache, Model};
 use crate::serve::metrics::Metrics;
+use crate::serve::prefix_cache::{PrefixCache, PrefixCacheConfig};
 use crate::serve::sampling::{Sampler, SamplingParams, logprobs, max_prob};
 use crate::serve::text::{Detokenizer, Push, TextCodec};
 use std::collections::VecDeque;
@@ -149,13 +150,22 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Most requests waiting to join the batch; more get `QueueFull`.
     pub queue_size: usize,
+    /// Reuse of shared prompt prefixes' attention cache; None turns it off.
+    pub prefix_cache: Option<PrefixCacheConfig>,
 }
+
+/// Prefix blocks of 16 tokens (vLLM's default block size) under 256 MiB.
+pub const DEFAULT_PREFIX_CACHE: PrefixCacheConfig = PrefixCacheConfig {
+    block_tokens: 16,
+    budget_bytes: 256 << 20,
+};
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_batch: 16,
             queue_size: 64,
+            prefix_cache: Some(DEFAULT_PREFIX_CACHE),
         }
     }
 }
@@ -225,6 +235,10 @@ pub fn spawn(
         max_batch: cfg.max_batch.max(1),
         metrics: metrics.clone(),
         running: vec![],
+        prefix: cfg
+            .prefix_cache
+            .filter(|c| c.budget_bytes > 0)
+            .map(PrefixCache::new),
     };
     std::thread::Builder::new()
         .name("tidal-engine".into())
@@ -239,6 +253,7 @@ struct Engine {
     max_batch: usize,
     metrics: Arc<Metrics>,
     running: Vec<Sequence>,
+    prefix: Option<PrefixCache>,
 }
 
 impl Engine {
@@ -284,7 +299,7 @@ impl Engine {
         if events.is_closed() {
             return;
         }
-        let mut cache = self.model.new_cache();
+        let (mut cache, reused) = self.reuse_prefix(&req);
         let mut sampler = Sampler::new(req.sampling.clone());
         let forward = if req.prompt_logprobs {
             // Every position's logits: each scores the prompt token after it.
@@ -302,7 +317,7 @@ impl Engine {
                     rows.pop().expect("a row per prompt token")
                 })
         } else {
-            self.model.forward(&req.prompt_ids, &mut cache)
+            self.model.forward(&req.prompt_ids[reused..], &mut cache)
         };
         let logits = match forward {
             Ok(l) => l,
@@ -311,6 +326,7 @@ impl Engine {
                 return;
             }
         };
+        self.keep_prefix(&req.prompt_ids, &cache);
         self.metrics
             .prompt_tokens
             .inc_by(req.prompt_ids.len() as u64);
@@ -351,6 +367,47 @@ impl Engine {
         if !self.accept(&mut seq, token, p) {
             self.running.push(seq);
         }
+    }
+
+    /// A cache holding the longest reusable prefix of the request's prompt, and its
+    /// length. Requests that score their prompt need every position's logits, so they
+    /// compute it all (and still leave their blocks for others).
+    fn reuse_prefix(&mut self, req: &GenRequest) -> (KvCache, usize) {
+        let fresh = self.model.new_cache();
+        let Some(prefix) = self.prefix.as_mut().filter(|_| !req.prompt_logprobs) else {
+            return (fresh, 0);
+        };
+        self.metrics
+            .prefix_cache_queried_tokens
+            .inc_by(req.prompt_ids.len() as u64);
+        match prefix.lookup(&req.prompt_ids, fresh) {
+            Ok((cache, reused)) => {
+                self.metrics.prefix_cache_hit_tokens.inc_by(reused as u64);
+                (cache, reused)
+            }
+            Err(e) => {
+                // A cache that cannot be assembled is a miss, not a failed request.
+                tracing::warn!(error = %e, "prefix cache lookup failed; computing the prompt");
+                (self.model.new_cache(), 0)
+            }
+        }
+    }
+
+    /// Offers a prefilled prompt's whole blocks to the prefix cache.
+    fn keep_prefix(&mut self, prompt: &[u32], cache: &KvCache) {
+        let Some(prefix) = self.prefix.as_mut() else {
+            return;
+        };
+        match prefix.insert(prompt, cache) {
+            Ok(done) => {
+                self.metrics
+                    .prefix_cache_evicted_blocks
+                    .inc_by(done.evicted as u64);
+            }
+            Err(e) => tracing::warn!(error = %e, "prefix cache insert failed"),
+        }
+        self.metrics.prefix_cache_bytes.set(prefix.bytes() as i64);
+        self.metrics.prefix_cache_blocks.set(prefix.len() as i64);
     }
 
     /// One decode step for every running sequence, computed as one batched forward

@@ -78,6 +78,13 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     pub generated_tokens: Counter,
     pub cancelled: Counter,
+    /// Prompt tokens of requests looked up in the prefix cache.
+    pub prefix_cache_queried_tokens: Counter,
+    /// Of those, tokens whose attention cache was reused instead of computed.
+    pub prefix_cache_hit_tokens: Counter,
+    pub prefix_cache_evicted_blocks: Counter,
+    pub prefix_cache_bytes: Gauge,
+    pub prefix_cache_blocks: Gauge,
     pub expert_tokens: Family<ExpertLabels, Counter>,
     pub escalations: Family<ReasonLabels, Counter>,
     /// Escalation latency: from the decision to escalate to the cloud's first token.
@@ -125,6 +132,11 @@ impl Metrics {
         let prompt_tokens = Counter::default();
         let generated_tokens = Counter::default();
         let cancelled = Counter::default();
+        let prefix_cache_queried_tokens = Counter::default();
+        let prefix_cache_hit_tokens = Counter::default();
+        let prefix_cache_evicted_blocks = Counter::default();
+        let prefix_cache_bytes = Gauge::default();
+        let prefix_cache_blocks = Gauge::default();
         let expert_tokens = Family::<ExpertLabels, Counter>::default();
         let escalations = Family::<ReasonLabels, Counter>::default();
         let escalation_duration =
@@ -186,6 +198,31 @@ impl Metrics {
             "tidal_worker_cancelled_requests",
             "Generations stopped because the client disconnected",
             cancelled.clone(),
+        );
+        registry.register(
+            "tidal_worker_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            prefix_cache_queried_tokens.clone(),
+        );
+        registry.register(
+            "tidal_worker_prefix_cache_hit_tokens",
+            "Prompt tokens whose attention cache was reused from an earlier request's prefix",
+            prefix_cache_hit_tokens.clone(),
+        );
+        registry.register(
+            "tidal_worker_prefix_cache_evicted_blocks",
+            "Prefix cache blocks dropped to stay within its memory budget",
+            prefix_cache_evicted_blocks.clone(),
+        );
+        registry.register(
+            "tidal_worker_prefix_cache_bytes",
+            "Bytes of attention cache held for prefix reuse",
+            prefix_cache_bytes.clone(),
+        );
+        registry.register(
+            "tidal_worker_prefix_cache_blocks",
+            "Prompt blocks held for prefix reuse",
+            prefix_cache_blocks.clone(),
         );
         registry.register(
             "tidal_worker_expert_tokens",
@@ -250,6 +287,16 @@ impl Metrics {
                 prompt_tokens.clone(),
             );
             vllm.register(
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache (tidal_worker_prefix_cache_queried_tokens)",
+                prefix_cache_queried_tokens.clone(),
+            );
+            vllm.register(
+                "vllm:prefix_cache_hits",
+                "Prompt tokens reused from the prefix cache (tidal_worker_prefix_cache_hit_tokens)",
+                prefix_cache_hit_tokens.clone(),
+            );
+            vllm.register(
                 "vllm:generation_tokens",
                 "Tokens generated (tidal_worker_generated_tokens)",
                 generated_tokens.clone(),
@@ -278,6 +325,11 @@ impl Metrics {
             prompt_tokens,
             generated_tokens,
             cancelled,
+            prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens,
+            prefix_cache_evicted_blocks,
+            prefix_cache_bytes,
+            prefix_cache_blocks,
             expert_tokens,
             escalations,
             escalation_duration,

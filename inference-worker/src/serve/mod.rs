@@ -9,6 +9,7 @@ pub mod escalation;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
+pub mod prefix_cache;
 pub mod reload;
 pub mod response;
 pub mod sampling;

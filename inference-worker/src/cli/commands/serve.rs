@@ -57,6 +57,7 @@ pub async fn serve(
     let engine_cfg = EngineConfig {
         max_batch: args.max_batch,
         queue_size: args.queue_size,
+        prefix_cache: args.prefix_cache(),
     };
     let source = args.model.clone();
     let loader_state = state.clone();
