@@ -113,6 +113,16 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
             "cloud.experts.shards cannot exceed model.numExperts",
         ),
         (
+            "batch of zero",
+            tis(with(base(), &["serving"], json!({"maxBatch": 0}))),
+            "spec.serving.maxBatch",
+        ),
+        (
+            "negative prefix cache",
+            tis(with(base(), &["serving"], json!({"prefixCacheMiB": -1}))),
+            "spec.serving.prefixCacheMiB",
+        ),
+        (
             "unknown architecture",
             tis(with(base(), &["model", "architecture"], json!("gpt2"))),
             "Unsupported value: \"gpt2\"",
@@ -334,6 +344,16 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     create(&ctx.client, &ctx.namespace, &qwen2moe)
         .await
         .expect("qwen2moe with expert shards is valid");
+    // So is DeepSeek-V2; and serving settings, prefix reuse off included.
+    let mut deepseek = tis(with(
+        with(base(), &["model", "architecture"], json!("deepseekv2")),
+        &["serving"],
+        json!({"maxBatch": 32, "prefixCacheMiB": 0, "prefixBlockTokens": 32}),
+    ));
+    deepseek.metadata.name = Some("deepseek".into());
+    create(&ctx.client, &ctx.namespace, &deepseek)
+        .await
+        .expect("deepseekv2 with expert shards and serving settings is valid");
     let mut internal = tis(with(
         base(),
         &["cloud", "service"],

@@ -240,6 +240,7 @@ pub fn desired_children(
         served_name: spec.model.served_name.as_deref().unwrap_or(&name),
         api_keys: spec.auth.as_ref().map(|a| &a.api_key_secret),
         tls_secret: spec.tls.as_ref().map(|t| t.secret_name.as_str()),
+        serving: spec.serving.as_ref(),
     };
 
     let mut workloads = Vec::new();

@@ -910,3 +910,56 @@ fn an_edge_site_without_a_ready_replica_routes_its_service_to_the_cloud_tier() {
     let c = desired_children(&dense[0], &[], &BuildConfig::default()).unwrap();
     assert_eq!(env_of(&c.workloads[0], "TIDAL_SITE_SERVICE_PREFIX"), None);
 }
+
+#[test]
+fn serving_settings_reach_every_engine_and_no_expert_shard() {
+    let serving = crate::crd::ServingSpec {
+        max_batch: Some(32),
+        prefix_cache_mib: Some(0),
+        prefix_block_tokens: None,
+    };
+    let (mut svcs, nodes) = load_example("cloud-edge.yaml");
+    svcs[0].spec.serving = Some(serving.clone());
+    let c = desired_children(
+        &svcs[0],
+        &facts(&nodes, EdgePhase::Ready),
+        &BuildConfig::default(),
+    )
+    .unwrap();
+    assert!(
+        c.workloads
+            .iter()
+            .any(|w| matches!(w.kind, ChildKind::Edge(_)))
+    );
+    for w in &c.workloads {
+        assert_eq!(
+            env_of(w, "TIDAL_MAX_BATCH").as_deref(),
+            Some("32"),
+            "{:?}",
+            w.kind
+        );
+        // 0 is a setting (reuse off), not an absent one.
+        assert_eq!(env_of(w, "TIDAL_PREFIX_CACHE_MIB").as_deref(), Some("0"));
+        assert_eq!(env_of(w, "TIDAL_PREFIX_BLOCK_TOKENS"), None);
+    }
+    let (mut svcs, _) = load_example("moe-experts.yaml");
+    svcs[0].spec.serving = Some(serving);
+    let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
+    for w in &c.workloads {
+        let shard = matches!(w.kind, ChildKind::ExpertShard(_));
+        assert_eq!(
+            env_of(w, "TIDAL_MAX_BATCH").is_some(),
+            !shard,
+            "{:?}",
+            w.kind
+        );
+    }
+    // Omitted: the worker's own defaults.
+    svcs[0].spec.serving = None;
+    let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
+    assert!(
+        c.workloads
+            .iter()
+            .all(|w| env_of(w, "TIDAL_MAX_BATCH").is_none())
+    );
+}

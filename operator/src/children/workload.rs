@@ -17,7 +17,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::labels::{ChildKind, HEADLESS, WORKER_PORT};
 use super::placement::PlacementPlan;
-use crate::crd::{EdgeModel, EscalationPolicy, ModelSpec, SecretKeyRef, ServiceExposure};
+use crate::crd::{
+    EdgeModel, EscalationPolicy, ModelSpec, SecretKeyRef, ServiceExposure, ServingSpec,
+};
 
 /// Where the placement ConfigMap is mounted in router and expert pods.
 pub const PLACEMENT_DIR: &str = "/etc/tidal/placement";
@@ -38,6 +40,8 @@ pub(super) struct Base<'a> {
     pub api_keys: Option<&'a SecretKeyRef>,
     /// The `kubernetes.io/tls` Secret (with `ca.crt`) the workers serve and verify with.
     pub tls_secret: Option<&'a str>,
+    /// Batching and prefix reuse of the workers that answer requests.
+    pub serving: Option<&'a ServingSpec>,
 }
 
 impl Base<'_> {
@@ -309,6 +313,14 @@ pub(super) fn deployment(
             ..Default::default()
         },
     ];
+    if let (Some(serving), false) = (base.serving, matches!(kind, ChildKind::ExpertShard(_))) {
+        // Expert shards run no engine: batching and prompts are the router's.
+        env.extend(serving.env().into_iter().map(|(name, value)| EnvVar {
+            name: name.into(),
+            value: Some(value),
+            ..Default::default()
+        }));
+    }
     if api_keys.is_some() {
         env.push(EnvVar {
             name: "TIDAL_API_KEYS_FILE".into(),

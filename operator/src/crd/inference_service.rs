@@ -67,8 +67,8 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.cloud.experts) || self.model.architecture in ['mixtral', 'qwen2moe']")
-    .message("cloud.experts (expert shards) needs an MoE model the router and shards serve: set model.architecture to mixtral or qwen2moe")
+#[x_kube(validation = Rule::new("!has(self.cloud.experts) || self.model.architecture in ['mixtral', 'qwen2moe', 'deepseekv2']")
+    .message("cloud.experts (expert shards) needs an MoE model the router and shards serve: set model.architecture to mixtral, qwen2moe or deepseekv2")
     .field_path(".cloud.experts"))]
 #[x_kube(validation = Rule::new("!has(self.cloud.experts) || !has(self.model.numExperts) || self.cloud.experts.shards <= self.model.numExperts")
     .message("cloud.experts.shards cannot exceed model.numExperts: every shard must hold at least one expert")
@@ -101,6 +101,49 @@ pub struct InferenceServiceSpec {
     /// router -> expert shards. Omit for plain HTTP (inside a trusted network only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// How each worker that answers requests (cloud full or router, edge) batches and
+    /// reuses prompts. Omit for the worker's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingSpec>,
+}
+
+/// Per-worker serving settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingSpec {
+    /// Most sequences decoded together in one step (worker default 16). Larger batches
+    /// raise throughput and each request's time per token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_batch: Option<u32>,
+    /// Memory per worker for reusing shared prompt prefixes (system prompts, earlier chat
+    /// turns) instead of recomputing them; 0 turns reuse off (worker default 256). Count it
+    /// in the pods' memory requests.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "prefixCacheMiB"
+    )]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub prefix_cache_mib: Option<u32>,
+    /// Tokens per prefix-cache block: only whole blocks are reused (worker default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub prefix_block_tokens: Option<u32>,
+}
+
+impl ServingSpec {
+    /// The worker environment these settings become.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        [
+            ("TIDAL_MAX_BATCH", self.max_batch),
+            ("TIDAL_PREFIX_CACHE_MIB", self.prefix_cache_mib),
+            ("TIDAL_PREFIX_BLOCK_TOKENS", self.prefix_block_tokens),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| (name, v.to_string())))
+        .collect()
+    }
 }
 
 /// TLS of the workers, from one Secret.
@@ -164,8 +207,8 @@ pub struct ModelSpec {
         .message("model uri must be an absolute path, file:///path, hf://org/name[@revision] or oci://registry/repository:tag (or @sha256:digest)"))]
     #[schemars(length(min = 1, max = 1024))]
     pub uri: String,
-    /// Model family: `mixtral`, `qwen2moe` or `qwen3moe` (MoE; expert shards for the first
-    /// two), or the dense `llama`, `mistral`, `qwen2`, `qwen3`.
+    /// Model family: `mixtral`, `qwen2moe`, `deepseekv2` or `qwen3moe` (MoE; expert shards
+    /// for the first three), or the dense `llama`, `mistral`, `qwen2`, `qwen3`.
     pub architecture: Architecture,
     /// Number of routed experts per MoE layer (MoE models only; read from config.json when
     /// omitted). Used to plan expert shards.
@@ -203,13 +246,19 @@ pub enum Architecture {
     Qwen3moe,
     /// Qwen2-MoE decoder (Qwen1.5-MoE): routed experts plus a gated shared expert.
     Qwen2moe,
+    /// DeepSeek-V2 (V2-Lite): multi-head latent attention, routed plus shared experts
+    /// (safetensors checkpoints).
+    Deepseekv2,
 }
 
 impl Architecture {
     pub fn is_moe(self) -> bool {
         matches!(
             self,
-            Architecture::Mixtral | Architecture::Qwen3moe | Architecture::Qwen2moe
+            Architecture::Mixtral
+                | Architecture::Qwen3moe
+                | Architecture::Qwen2moe
+                | Architecture::Deepseekv2
         )
     }
     pub fn as_str(self) -> &'static str {
@@ -221,6 +270,7 @@ impl Architecture {
             Architecture::Qwen3 => "qwen3",
             Architecture::Qwen3moe => "qwen3moe",
             Architecture::Qwen2moe => "qwen2moe",
+            Architecture::Deepseekv2 => "deepseekv2",
         }
     }
 }
