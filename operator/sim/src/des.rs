@@ -10,8 +10,10 @@
 //! requests queue below saturation, as on real replicas (the fluid model's queue is empty
 //! until utilisation reaches 100 %).
 //!
-//! Dispatch: the head of the queue goes to the ready replica with the most free slots (what a
-//! least-loaded router does). Scale-up adds replicas that serve after the cold start;
+//! Dispatch ([`Dispatch`]): by default the head of the queue goes to the ready replica with the
+//! most free slots (what a least-loaded router does); `Random` sends each request on arrival to
+//! a ready replica picked uniformly at random, where it waits in that replica's own queue (what
+//! kube-proxy does to a ClusterIP Service's connections, one request per connection). Scale-up adds replicas that serve after the cold start;
 //! scale-down removes pending replicas first, then drains the least busy ready ones (no new
 //! work, in-flight requests finish, cost counted until they do).
 
@@ -38,6 +40,17 @@ pub const DEFAULT_MAX_BATCH: u32 = 16;
 /// through the Service): at most this, and at most the whole prefill time.
 const OVERHEAD_S: f64 = 0.1;
 
+/// How requests reach replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Dispatch {
+    /// One queue for the target; its head goes to the ready replica with the most free slots.
+    #[default]
+    LeastLoaded,
+    /// Each request goes on arrival to a uniformly random ready replica (seeded) and waits in
+    /// that replica's queue: a busy replica's queue grows while another's slots are free.
+    Random { seed: u64 },
+}
+
 /// How one replica batches, derived from the fluid [`ReplicaModel`] of the same trace.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchModel {
@@ -49,6 +62,7 @@ pub struct BatchModel {
     pub prefill_s_per_token: f64,
     /// Latency added to every TTFT that occupies no replica.
     pub overhead_s: f64,
+    pub dispatch: Dispatch,
 }
 
 /// Linear interpolation (and extrapolation past the last point) of [`WORKER_STEP_S`].
@@ -107,6 +121,7 @@ impl BatchModel {
             step_s: (1..=max_batch).map(|b| worker_step(b) * scale).collect(),
             prefill_s_per_token: prefill_work / mean_input_tokens.max(1.0),
             overhead_s,
+            dispatch: Dispatch::LeastLoaded,
         })
     }
 
@@ -183,6 +198,8 @@ struct Replica {
     prefill: VecDeque<Seq>,
     /// Decoding: `left` is in steps.
     running: Vec<Seq>,
+    /// Sent here and not yet admitted ([`Dispatch::Random`] only).
+    waiting: VecDeque<Request>,
     /// Its readiness was reported (replicas ready from the start count as reported).
     announced: bool,
 }
@@ -190,6 +207,19 @@ struct Replica {
 impl Replica {
     fn busy(&self) -> usize {
         self.prefill.len() + self.running.len()
+    }
+
+    /// Its batch and its own queue.
+    fn load(&self) -> usize {
+        self.busy() + self.waiting.len()
+    }
+
+    fn start(&mut self, r: Request, m: &BatchModel) {
+        self.prefill.push_back(Seq {
+            arrived_s: r.t_s,
+            left: f64::from(r.input_tokens) * m.prefill_s_per_token,
+            output_tokens: r.output_tokens,
+        });
     }
 
     /// When its next prefill or completion happens, from `now`.
@@ -256,13 +286,13 @@ pub struct BatchTier {
     queue: VecDeque<Request>,
     totals: TierTotals,
     window: Window,
+    rng: StdRng,
 }
 
 impl BatchTier {
     /// A target with `replicas` already ready at time 0.
     pub fn new(model: BatchModel, replicas: u32) -> Self {
         BatchTier {
-            model,
             now: 0.0,
             replicas: vec![
                 Replica {
@@ -271,6 +301,11 @@ impl BatchTier {
                 };
                 replicas as usize
             ],
+            rng: StdRng::seed_from_u64(match model.dispatch {
+                Dispatch::Random { seed } => seed,
+                Dispatch::LeastLoaded => 0,
+            }),
+            model,
             queue: VecDeque::new(),
             totals: TierTotals::default(),
             window: Window::default(),
@@ -300,6 +335,10 @@ impl BatchTier {
             self.totals.dropped += 1.0;
         }
         let slots = self.model.max_batch as usize;
+        if let Dispatch::Random { .. } = self.model.dispatch {
+            self.admit_random(limit, slots);
+            return;
+        }
         while !self.queue.is_empty() {
             let best = (0..self.replicas.len())
                 .filter(|&i| self.is_ready(&self.replicas[i]) && self.replicas[i].busy() < slots)
@@ -308,11 +347,33 @@ impl BatchTier {
             let Some(r) = self.queue.pop_front() else {
                 break;
             };
-            self.replicas[i].prefill.push_back(Seq {
-                arrived_s: r.t_s,
-                left: f64::from(r.input_tokens) * self.model.prefill_s_per_token,
-                output_tokens: r.output_tokens,
-            });
+            self.replicas[i].start(r, &self.model);
+        }
+    }
+
+    /// [`Dispatch::Random`]: queued requests go to random ready replicas (they stay in the
+    /// target's queue only while none is ready), then each replica fills its free slots from
+    /// its own queue; a draining replica still serves what it was sent.
+    fn admit_random(&mut self, limit: f64, slots: usize) {
+        let ready: Vec<usize> = (0..self.replicas.len())
+            .filter(|&i| self.is_ready(&self.replicas[i]))
+            .collect();
+        if !ready.is_empty() {
+            for r in self.queue.drain(..) {
+                let i = ready[self.rng.random_range(0..ready.len())];
+                self.replicas[i].waiting.push_back(r);
+            }
+        }
+        for rep in &mut self.replicas {
+            while rep.waiting.front().is_some_and(|r| r.t_s < limit) {
+                rep.waiting.pop_front();
+                self.totals.dropped += 1.0;
+            }
+            while rep.busy() < slots
+                && let Some(r) = rep.waiting.pop_front()
+            {
+                rep.start(r, &self.model);
+            }
         }
     }
 
@@ -348,7 +409,7 @@ impl BatchTier {
                         .push(self.model.replica.cold_start_s);
                 }
             }
-            self.replicas.retain(|r| !(r.draining && r.busy() == 0));
+            self.replicas.retain(|r| !(r.draining && r.load() == 0));
             if next >= until {
                 break;
             }
@@ -379,11 +440,15 @@ impl Target for BatchTier {
     }
 
     fn queue_len(&self) -> f64 {
-        self.queue.len() as f64
+        (self.queue.len() + self.replicas.iter().map(|r| r.waiting.len()).sum::<usize>()) as f64
     }
 
     fn busy(&self) -> bool {
-        !self.queue.is_empty() || self.replicas.iter().any(|r| !r.prefill.is_empty())
+        !self.queue.is_empty()
+            || self
+                .replicas
+                .iter()
+                .any(|r| !r.prefill.is_empty() || !r.waiting.is_empty())
     }
 
     fn count(arrivals: &Vec<Request>) -> f64 {
@@ -428,18 +493,23 @@ impl Target for BatchTier {
         let mut order: Vec<usize> = (0..self.replicas.len())
             .filter(|&i| !self.replicas[i].draining)
             .collect();
-        order.sort_by_key(|&i| self.replicas[i].busy());
+        order.sort_by_key(|&i| self.replicas[i].load());
         for &i in order.iter().take(remove) {
             self.replicas[i].draining = true;
         }
-        self.replicas.retain(|r| !(r.draining && r.busy() == 0));
+        self.replicas.retain(|r| !(r.draining && r.load() == 0));
     }
 
     fn fail_over_to(&mut self, to: &mut Self) {
-        let n = self.queue.len() as f64;
+        let mut moved: Vec<Request> = self.queue.drain(..).collect();
+        for rep in &mut self.replicas {
+            moved.extend(rep.waiting.drain(..));
+        }
+        moved.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
+        let n = moved.len() as f64;
         self.totals.arrived -= n;
         self.window.arrived -= n;
-        for r in self.queue.drain(..) {
+        for r in moved {
             to.enqueue(r);
         }
         to.admit();
@@ -477,12 +547,17 @@ impl Target for BatchTier {
 
     /// Requests without a first token by now are dropped (running ones were served).
     fn finish(&mut self) {
-        let waiting: usize = self.replicas.iter().map(|r| r.prefill.len()).sum();
+        let waiting: usize = self
+            .replicas
+            .iter()
+            .map(|r| r.prefill.len() + r.waiting.len())
+            .sum();
         self.totals.dropped += (self.queue.len() + waiting) as f64;
         self.queue.clear();
         for r in &mut self.replicas {
             r.prefill.clear();
             r.running.clear();
+            r.waiting.clear();
         }
     }
 

@@ -8,7 +8,7 @@
 //! simulator on exactly those requests and compares.
 
 use super::cluster::{ReplicaModel, TtftHistogram};
-use super::des::{BatchModel, step_at};
+use super::des::{BatchModel, Dispatch, step_at};
 use super::engine::{SimSetup, route_requests, simulate_des};
 use super::policy::TargetSpec;
 use super::tidal::{TidalOptions, TidalPolicy};
@@ -76,11 +76,18 @@ pub struct Side {
     pub first_scale_up_s: Option<f64>,
 }
 
+/// How the simulator spreads requests like the real run's ClusterIP Service: kube-proxy
+/// picks a pod at random for each connection, and the replay opens one per request.
+pub const KUBE_PROXY: Dispatch = Dispatch::Random { seed: 1 };
+
 /// The two sides and how far apart they are.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gap {
     pub real: Side,
+    /// The simulator dispatching as kube-proxy does ([`KUBE_PROXY`]): the side compared.
     pub sim: Side,
+    /// The simulator with its default least-loaded dispatch, for how much dispatch explains.
+    pub sim_least_loaded: Side,
     /// Mean |real − simulated| over the grid points.
     pub mean_abs_desired: f64,
     pub mean_abs_ready: f64,
@@ -130,19 +137,24 @@ pub fn batch_model(
             .collect(),
         prefill_s_per_token: cal.prefill_s_per_token,
         overhead_s: cal.overhead_s,
+        dispatch: Dispatch::LeastLoaded,
     })
 }
 
 /// Runs the discrete-event mode on exactly the replayed requests, Tidal's core deciding with
-/// the service's settings, from `start_replicas`.
+/// the service's settings, from `start_replicas`, requests dispatched as `dispatch` says.
 pub fn simulate(
     served: &[Served],
     duration_s: f64,
     start_replicas: u32,
     cal: &Calibration,
     a: &Autoscaling,
+    dispatch: Dispatch,
 ) -> Result<Side, String> {
-    let batch = batch_model(cal, a, served)?;
+    let batch = BatchModel {
+        dispatch,
+        ..batch_model(cal, a, served)?
+    };
     let tick_s = 1.0;
     let ticks = (duration_s / tick_s).ceil().max(1.0) as usize;
     let mut arrivals = vec![0.0; ticks];
@@ -302,7 +314,8 @@ pub fn compare(
         .first()
         .map(|s| s.desired)
         .ok_or("no replica samples from the real run")?;
-    let sim = simulate(served, duration_s, start, cal, a)?;
+    let sim = simulate(served, duration_s, start, cal, a, KUBE_PROXY)?;
+    let sim_least_loaded = simulate(served, duration_s, start, cal, a, Dispatch::LeastLoaded)?;
     let grid: Vec<f64> = sim.replicas.iter().map(|r| r.t_s).collect();
     let real = real_side(served, samples, duration_s, a.slo_ttft_s, &grid);
     let points = grid.len().max(1) as f64;
@@ -324,6 +337,7 @@ pub fn compare(
         },
         real,
         sim,
+        sim_least_loaded,
     })
 }
 
@@ -356,37 +370,48 @@ pub fn markdown(gap: &Gap, cal: &Calibration, a: &Autoscaling, requests: usize) 
         a.quantile,
         a.down_window_s,
     );
-    out.push_str("| | real pods | simulator (discrete-event) | gap |\n| --- | --- | --- | --- |\n");
+    let ll = &gap.sim_least_loaded;
+    out.push_str(
+        "| | real pods | simulator, random dispatch (as kube-proxy) | gap | simulator, least-loaded dispatch |\n| --- | --- | --- | --- | --- |\n",
+    );
     out.push_str(&format!(
-        "| replica-seconds | {:.0} | {:.0} | {:.2}x |\n",
-        gap.real.replica_seconds, gap.sim.replica_seconds, gap.replica_seconds_ratio
+        "| replica-seconds | {:.0} | {:.0} | {:.2}x | {:.0} |\n",
+        gap.real.replica_seconds,
+        gap.sim.replica_seconds,
+        gap.replica_seconds_ratio,
+        ll.replica_seconds
     ));
     out.push_str(&format!(
-        "| most replicas | {} | {} | |\n",
-        gap.real.max_desired, gap.sim.max_desired
+        "| most replicas | {} | {} | | {} |\n",
+        gap.real.max_desired, gap.sim.max_desired, ll.max_desired
     ));
     out.push_str(&format!(
-        "| first scale-up | {} | {} | |\n",
+        "| first scale-up | {} | {} | | {} |\n",
         secs(gap.real.first_scale_up_s),
-        secs(gap.sim.first_scale_up_s)
+        secs(gap.sim.first_scale_up_s),
+        secs(ll.first_scale_up_s)
     ));
     out.push_str(&format!(
-        "| desired replicas, mean abs. difference | | | {:.2} |\n| ready replicas, mean abs. difference | | | {:.2} |\n",
+        "| desired replicas, mean abs. difference | | | {:.2} | |\n| ready replicas, mean abs. difference | | | {:.2} | |\n",
         gap.mean_abs_desired, gap.mean_abs_ready
     ));
     out.push_str(&format!(
-        "| TTFT p95 | {} | {} | {} |\n",
+        "| TTFT p95 | {} | {} | {} | {} |\n",
         ms(gap.real.ttft_p95_s),
         ms(gap.sim.ttft_p95_s),
         gap.ttft_p95_ratio
-            .map_or("—".into(), |r| format!("{r:.2}x"))
+            .map_or("—".into(), |r| format!("{r:.2}x")),
+        ms(ll.ttft_p95_s)
     ));
     out.push_str(&format!(
-        "| within the TTFT objective | {:.1} % | {:.1} % | |\n\n",
+        "| within the TTFT objective | {:.1} % | {:.1} % | | {:.1} % |\n\n",
         gap.real.attainment * 100.0,
-        gap.sim.attainment * 100.0
+        gap.sim.attainment * 100.0,
+        ll.attainment * 100.0
     ));
-    out.push_str("Replicas over time (desired/ready), at the core's sync times:\n\n```\n");
+    out.push_str(
+        "Replicas over time (desired/ready), at the core's sync times (sim: random dispatch):\n\n```\n",
+    );
     out.push_str("   time   real   sim\n");
     for (r, s) in gap.real.replicas.iter().zip(&gap.sim.replicas) {
         out.push_str(&format!(
@@ -442,7 +467,7 @@ mod tests {
     fn a_load_step_makes_the_simulated_core_scale_up_from_where_the_real_run_started() {
         let mut served = load(0.0, 60.0, 1.0);
         served.extend(load(60.0, 180.0, 7.0));
-        let sim = simulate(&served, 180.0, 1, &cal(), &autoscaling()).unwrap();
+        let sim = simulate(&served, 180.0, 1, &cal(), &autoscaling(), KUBE_PROXY).unwrap();
         assert_eq!(sim.replicas[0].desired, 1);
         let up = sim.first_scale_up_s.expect("scaled up");
         assert!(up > 60.0, "not before the step: {up}");
@@ -501,7 +526,7 @@ mod tests {
         let mut served = load(0.0, 60.0, 1.0);
         served.extend(load(60.0, 180.0, 7.0));
         let (cal, a) = (cal(), autoscaling());
-        let sim = simulate(&served, 180.0, 1, &cal, &a).unwrap();
+        let sim = simulate(&served, 180.0, 1, &cal, &a, KUBE_PROXY).unwrap();
         let gap = compare(&served, &sim.replicas, 180.0, &cal, &a).unwrap();
         assert_eq!(gap.mean_abs_desired, 0.0);
         assert_eq!(gap.mean_abs_ready, 0.0);
@@ -522,6 +547,16 @@ mod tests {
     fn a_calibration_without_steps_is_refused() {
         let mut c = cal();
         c.step_s.clear();
-        assert!(simulate(&load(0.0, 10.0, 1.0), 10.0, 1, &c, &autoscaling()).is_err());
+        assert!(
+            simulate(
+                &load(0.0, 10.0, 1.0),
+                10.0,
+                1,
+                &c,
+                &autoscaling(),
+                KUBE_PROXY
+            )
+            .is_err()
+        );
     }
 }

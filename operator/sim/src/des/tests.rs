@@ -71,6 +71,10 @@ fn a_prefill_waits_for_the_one_before_it_on_the_replica() {
 /// TTFT p95 and (served, arrived) of 2 fixed replicas under an hour of Poisson arrivals at
 /// `load` of their capacity (equal prompts, exponential output lengths).
 fn p95_at(load: f64) -> (f64, f64, f64) {
+    p95_with(load, Dispatch::LeastLoaded)
+}
+
+fn p95_with(load: f64, dispatch: Dispatch) -> (f64, f64, f64) {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(5);
@@ -89,7 +93,13 @@ fn p95_at(load: f64) -> (f64, f64, f64) {
             output_tokens,
         });
     }
-    let mut des = BatchTier::new(model(), 2);
+    let mut des = BatchTier::new(
+        BatchModel {
+            dispatch,
+            ..model()
+        },
+        2,
+    );
     drive(&mut des, 0, 3600, |k| arrivals[k].clone());
     let served = des.totals.served_ok + des.totals.served_late;
     (
@@ -242,4 +252,36 @@ fn histogram_quantiles_are_within_a_bin() {
     let p95 = h.quantile(0.95).unwrap();
     assert!((p50 / 0.3 - 1.0).abs() < 0.13, "{p50}");
     assert!((p95 / 5.0 - 1.0).abs() < 0.13, "{p95}");
+}
+
+#[test]
+fn random_dispatch_queues_at_one_replica_while_another_has_room() {
+    let random = Dispatch::Random { seed: 3 };
+    let (ll, _, _) = p95_at(0.75);
+    let (rnd, served, arrived) = p95_with(0.75, random);
+    eprintln!("TTFT p95 at 75 % of capacity: least-loaded {ll:.2} s, random {rnd:.2} s");
+    // A request sent to the busier replica waits for it even when the other has free slots.
+    assert!(rnd > ll, "random {rnd} least-loaded {ll}");
+    assert!(served >= arrived - 5.0, "{served} of {arrived}");
+    // Seeded: the same run twice.
+    assert_eq!(p95_with(0.75, random).0, rnd);
+
+    // Requests sent to a replica wait in its own queue (counted as queued), and one that is
+    // scaled down still serves them.
+    let mut t = BatchTier::new(
+        BatchModel {
+            dispatch: random,
+            ..model()
+        },
+        2,
+    );
+    t.tick(0.0, 1.0, &vec![req(0.0); 40]);
+    assert_eq!(t.in_flight(), 32);
+    assert_eq!(t.queue_len(), 8.0);
+    assert!(t.queue.is_empty(), "all sent on to a replica");
+    t.set_desired(1.0, 1);
+    drive(&mut t, 1, 300, |_| vec![]);
+    assert_eq!(t.totals.served_ok + t.totals.served_late, 40.0);
+    assert_eq!(t.totals.dropped, 0.0);
+    assert_eq!(t.replicas.len(), 1);
 }
