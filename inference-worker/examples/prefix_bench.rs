@@ -133,6 +133,7 @@ async fn run(
             max_batch: 16,
             queue_size: 1024,
             prefix_cache: cache,
+            ..EngineConfig::default()
         },
         metrics.clone(),
     );

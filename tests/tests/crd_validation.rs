@@ -348,7 +348,7 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     let mut deepseek = tis(with(
         with(base(), &["model", "architecture"], json!("deepseekv2")),
         &["serving"],
-        json!({"maxBatch": 32, "prefixCacheMiB": 0, "prefixBlockTokens": 32}),
+        json!({"maxBatch": 32, "prefixCacheMiB": 0, "prefixBlockTokens": 32, "prefillChunkTokens": 256}),
     ));
     deepseek.metadata.name = Some("deepseek".into());
     create(&ctx.client, &ctx.namespace, &deepseek)

@@ -74,6 +74,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TIDAL_PREFIX_BLOCK_TOKENS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub prefix_block_tokens: u32,
+    /// Chunked prefill: prompt tokens computed per step at most, beside the running
+    /// sequences' decode step (a long prompt then delays them by one chunk per step instead
+    /// of by its whole prefill); 0 computes each prompt whole.
+    #[arg(long, env = "TIDAL_PREFILL_CHUNK_TOKENS", default_value_t = crate::serve::engine::DEFAULT_PREFILL_CHUNK_TOKENS)]
+    pub prefill_chunk_tokens: usize,
     /// Largest max_tokens a request may ask for.
     #[arg(long, env = "TIDAL_MAX_TOKENS", default_value_t = 2048)]
     pub max_tokens: usize,

@@ -152,7 +152,15 @@ pub struct EngineConfig {
     pub queue_size: usize,
     /// Reuse of shared prompt prefixes' attention cache; None turns it off.
     pub prefix_cache: Option<PrefixCacheConfig>,
+    /// Chunked prefill: prompts are computed at most this many tokens per step, beside the
+    /// running sequences' decode step, so that a long prompt does not stall them; chunks end
+    /// at multiples of this many positions (so a prompt is cut the same way whatever else is
+    /// running). 0 computes each prompt whole at admission.
+    pub prefill_chunk_tokens: usize,
 }
+
+/// Prompt tokens computed per step at most (chunked prefill).
+pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 512;
 
 /// Prefix blocks of 16 tokens (vLLM's default block size) under 256 MiB.
 pub const DEFAULT_PREFIX_CACHE: PrefixCacheConfig = PrefixCacheConfig {
@@ -166,6 +174,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             queue_size: 64,
             prefix_cache: Some(DEFAULT_PREFIX_CACHE),
+            prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
         }
     }
 }
@@ -202,6 +211,23 @@ impl EngineHandle {
     }
 }
 
+/// A request whose prompt is being computed, one chunk per step.
+struct Prefilling {
+    req: GenRequest,
+    events: mpsc::UnboundedSender<Event>,
+    /// Holds the prompt's first `cache.len()` tokens.
+    cache: KvCache,
+}
+
+/// Where the chunk of a prompt of `n` tokens that starts at `pos` ends: the next multiple of
+/// `chunk` (0: no chunking), or the prompt's end.
+fn chunk_end(pos: usize, n: usize, chunk: usize) -> usize {
+    match pos.checked_div(chunk) {
+        Some(k) => n.min((k + 1) * chunk),
+        None => n,
+    }
+}
+
 struct Sequence {
     cache: KvCache,
     last: u32,
@@ -235,6 +261,8 @@ pub fn spawn(
         max_batch: cfg.max_batch.max(1),
         metrics: metrics.clone(),
         running: vec![],
+        prefilling: VecDeque::new(),
+        chunk_tokens: cfg.prefill_chunk_tokens,
         prefix: cfg
             .prefix_cache
             .filter(|c| c.budget_bytes > 0)
@@ -253,6 +281,9 @@ struct Engine {
     max_batch: usize,
     metrics: Arc<Metrics>,
     running: Vec<Sequence>,
+    /// Admitted requests whose prompts are still being computed, oldest first.
+    prefilling: VecDeque<Prefilling>,
+    chunk_tokens: usize,
     prefix: Option<PrefixCache>,
 }
 
@@ -260,7 +291,7 @@ impl Engine {
     fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
         let mut open = true;
         loop {
-            if self.running.is_empty() {
+            if self.running.is_empty() && self.prefilling.is_empty() {
                 if !open {
                     break;
                 }
@@ -269,7 +300,7 @@ impl Engine {
                     None => break,
                 }
             }
-            while open && self.running.len() < self.max_batch {
+            while open && self.running.len() + self.prefilling.len() < self.max_batch {
                 match rx.try_recv() {
                     Ok(q) => self.admit(q),
                     Err(mpsc::error::TryRecvError::Empty) => break,
@@ -285,47 +316,61 @@ impl Engine {
     /// KV positions held (plus `admitting`, a sequence not yet in the batch) over what
     /// `max_batch` full-context sequences would hold.
     fn report_kv_usage(&self, admitting: usize) {
-        let used: usize = admitting + self.running.iter().map(|s| s.cache.len()).sum::<usize>();
+        let used: usize = admitting
+            + self.running.iter().map(|s| s.cache.len()).sum::<usize>()
+            + self.prefilling.iter().map(|p| p.cache.len()).sum::<usize>();
         let capacity = self.max_batch * self.model.config().max_position_embeddings;
         self.metrics
             .kv_cache_usage
             .set(used as f64 / capacity.max(1) as f64);
     }
 
-    /// Prefills a new request and samples its first token.
+    /// Takes a request into the batch: its prompt is computed in chunks by the next steps
+    /// (whole, now, when it scores its prompt: that needs every position's logits).
     fn admit(&mut self, q: Queued) {
         self.metrics.queue_depth.dec();
         let Queued { req, events } = q;
         if events.is_closed() {
             return;
         }
-        let (mut cache, reused) = self.reuse_prefix(&req);
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let forward = if req.prompt_logprobs {
-            // Every position's logits: each scores the prompt token after it.
-            self.model
-                .forward_all(&req.prompt_ids, &mut cache)
-                .map(|mut rows| {
-                    let top = req.logprobs.unwrap_or(0);
-                    let rest = rows
-                        .iter()
-                        .zip(&req.prompt_ids[1..])
-                        .map(|(row, &id)| self.token_logprob(row, id, top))
-                        .collect();
-                    let first = self.token_text(req.prompt_ids[0]);
-                    let _ = events.send(Event::PromptLogprobs { first, rest });
-                    rows.pop().expect("a row per prompt token")
-                })
-        } else {
-            self.model.forward(&req.prompt_ids[reused..], &mut cache)
-        };
-        let logits = match forward {
-            Ok(l) => l,
+        self.metrics.running.inc();
+        let (mut cache, _) = self.reuse_prefix(&req);
+        if !req.prompt_logprobs {
+            self.prefilling.push_back(Prefilling { req, events, cache });
+            return;
+        }
+        // Every position's logits: each scores the prompt token after it.
+        let forward = self
+            .model
+            .forward_all(&req.prompt_ids, &mut cache)
+            .map(|mut rows| {
+                let top = req.logprobs.unwrap_or(0);
+                let rest = rows
+                    .iter()
+                    .zip(&req.prompt_ids[1..])
+                    .map(|(row, &id)| self.token_logprob(row, id, top))
+                    .collect();
+                let first = self.token_text(req.prompt_ids[0]);
+                let _ = events.send(Event::PromptLogprobs { first, rest });
+                rows.pop().expect("a row per prompt token")
+            });
+        match forward {
+            Ok(logits) => self.start(req, events, cache, &logits),
             Err(e) => {
+                self.metrics.running.dec();
                 let _ = events.send(Event::Error(e.to_string()));
-                return;
             }
-        };
+        }
+    }
+
+    /// A prompt is computed: samples its first token and starts decoding it.
+    fn start(
+        &mut self,
+        req: GenRequest,
+        events: mpsc::UnboundedSender<Event>,
+        cache: KvCache,
+        logits: &[f32],
+    ) {
         self.keep_prefix(&req.prompt_ids, &cache);
         self.metrics
             .prompt_tokens
@@ -333,20 +378,20 @@ impl Engine {
         self.metrics
             .ttft
             .observe(req.arrived.elapsed().as_secs_f64());
-        let token = sampler.sample(&logits);
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let token = sampler.sample(logits);
         let confidence = req.confidence.map(|check| ConfidenceWindow {
             check,
             probs: VecDeque::with_capacity(check.window.max(1)),
         });
         let p = if confidence.is_some() {
-            max_prob(&logits)
+            max_prob(logits)
         } else {
             1.0
         };
         // The gauges move before any event is sent, so a client that has its answer
         // never sees itself still counted as running, nor its cache missing.
         self.report_kv_usage(cache.len());
-        self.metrics.running.inc();
         let mut seq = Sequence {
             cache,
             last: token,
@@ -363,7 +408,7 @@ impl Engine {
             ids: vec![],
             logprobs: req.logprobs,
         };
-        self.report_logprob(&seq, &logits, token);
+        self.report_logprob(&seq, logits, token);
         if !self.accept(&mut seq, token, p) {
             self.running.push(seq);
         }
@@ -380,7 +425,12 @@ impl Engine {
         self.metrics
             .prefix_cache_queried_tokens
             .inc_by(req.prompt_ids.len() as u64);
-        match prefix.lookup(&req.prompt_ids, fresh) {
+        // The first chunk after the prefix must not be a single row where a prefill from
+        // the start has more (see `layers::attend`): with chunks ending at multiples of C, a
+        // prefix of C·k − 1 tokens is not reused (only possible with 1-token blocks).
+        let chunk = self.chunk_tokens;
+        let aligned = move |r: usize| chunk < 2 || r % chunk != chunk - 1;
+        match prefix.lookup_where(&req.prompt_ids, fresh, aligned) {
             Ok((cache, reused)) => {
                 self.metrics.prefix_cache_hit_tokens.inc_by(reused as u64);
                 (cache, reused)
@@ -410,19 +460,40 @@ impl Engine {
         self.metrics.prefix_cache_blocks.set(prefix.len() as i64);
     }
 
-    /// One decode step for every running sequence, computed as one batched forward
-    /// pass (see [`Model::forward_batch`]).
+    /// One step: a decode step for every running sequence and the next chunk of the
+    /// oldest prompts being computed (up to the chunk budget; always at least one), all in
+    /// one batched forward pass (see [`Model::forward_batch`]). Prompts that are done get
+    /// their first token and start decoding.
     fn step(&mut self) {
         let mut running = std::mem::take(&mut self.running);
-        running.retain(|seq| {
-            if seq.events.is_closed() {
+        let mut prefilling = std::mem::take(&mut self.prefilling);
+        let cancelled = |events: &mpsc::UnboundedSender<Event>| {
+            if events.is_closed() {
                 self.metrics.running.dec();
                 self.metrics.cancelled.inc();
                 return false;
             }
             true
-        });
-        if running.is_empty() {
+        };
+        running.retain(|seq| cancelled(&seq.events));
+        prefilling.retain(|p| cancelled(&p.events));
+        // Chunks in admission order while they fit the budget; the first one always runs.
+        let mut lens = Vec::new();
+        let mut budget = if self.chunk_tokens == 0 {
+            usize::MAX
+        } else {
+            self.chunk_tokens
+        };
+        for p in &prefilling {
+            let pos = p.cache.len();
+            let len = chunk_end(pos, p.req.prompt_ids.len(), self.chunk_tokens) - pos;
+            if !lens.is_empty() && len > budget {
+                break;
+            }
+            budget = budget.saturating_sub(len);
+            lens.push(len);
+        }
+        if running.is_empty() && lens.is_empty() {
             return;
         }
         let result = {
@@ -430,15 +501,24 @@ impl Engine {
                 .iter_mut()
                 .map(|seq| (std::slice::from_ref(&seq.last), &mut seq.cache))
                 .collect();
+            for (p, &len) in prefilling.iter_mut().zip(&lens) {
+                let pos = p.cache.len();
+                batch.push((&p.req.prompt_ids[pos..pos + len], &mut p.cache));
+            }
             self.model.forward_batch(&mut batch)
         };
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                for seq in &running {
+                for events in running
+                    .iter()
+                    .map(|s| &s.events)
+                    .chain(prefilling.iter().take(lens.len()).map(|p| &p.events))
+                {
                     self.metrics.running.dec();
-                    let _ = seq.events.send(Event::Error(e.to_string()));
+                    let _ = events.send(Event::Error(e.to_string()));
                 }
+                self.prefilling = prefilling.into_iter().skip(lens.len()).collect();
                 return;
             }
         };
@@ -461,6 +541,20 @@ impl Engine {
             !self.accept(seq, token, p)
         });
         self.running = running;
+        let mut done = Vec::new();
+        for (i, p) in prefilling.into_iter().enumerate() {
+            if i < lens.len() {
+                let row = logits.next().expect("one row of logits per prompt chunk");
+                if p.cache.len() == p.req.prompt_ids.len() {
+                    done.push((p, row));
+                    continue;
+                }
+            }
+            self.prefilling.push_back(p);
+        }
+        for (p, row) in done {
+            self.start(p.req, p.events, p.cache, &row);
+        }
     }
 
     fn token_text(&self, id: u32) -> String {

@@ -127,7 +127,17 @@ impl PrefixCache {
     /// the prefill on the attention kernels a whole prefill takes, so the answer is the one
     /// computed from scratch), written into `fresh` (an empty cache of the model); returns
     /// the cache and how many prompt tokens it holds.
-    pub fn lookup(&mut self, prompt: &[u32], mut fresh: KvCache) -> Result<(KvCache, usize)> {
+    pub fn lookup(&mut self, prompt: &[u32], fresh: KvCache) -> Result<(KvCache, usize)> {
+        self.lookup_where(prompt, fresh, |_| true)
+    }
+
+    /// [`Self::lookup`], reusing only a prefix length `accept` takes (the longest such).
+    pub fn lookup_where(
+        &mut self,
+        prompt: &[u32],
+        mut fresh: KvCache,
+        accept: impl Fn(usize) -> bool,
+    ) -> Result<(KvCache, usize)> {
         debug_assert!(fresh.is_empty());
         let most = prompt.len().saturating_sub(2) / self.cfg.block_tokens;
         let chain = self.chain(prompt, most);
@@ -140,6 +150,9 @@ impl PrefixCache {
             }
             hit += 1;
             parent = hash;
+        }
+        while hit > 0 && !accept(hit * self.cfg.block_tokens) {
+            hit -= 1;
         }
         if hit == 0 {
             return Ok((fresh, 0));

@@ -917,6 +917,7 @@ fn serving_settings_reach_every_engine_and_no_expert_shard() {
         max_batch: Some(32),
         prefix_cache_mib: Some(0),
         prefix_block_tokens: None,
+        prefill_chunk_tokens: Some(128),
     };
     let (mut svcs, nodes) = load_example("cloud-edge.yaml");
     svcs[0].spec.serving = Some(serving.clone());
@@ -941,6 +942,10 @@ fn serving_settings_reach_every_engine_and_no_expert_shard() {
         // 0 is a setting (reuse off), not an absent one.
         assert_eq!(env_of(w, "TIDAL_PREFIX_CACHE_MIB").as_deref(), Some("0"));
         assert_eq!(env_of(w, "TIDAL_PREFIX_BLOCK_TOKENS"), None);
+        assert_eq!(
+            env_of(w, "TIDAL_PREFILL_CHUNK_TOKENS").as_deref(),
+            Some("128")
+        );
     }
     let (mut svcs, _) = load_example("moe-experts.yaml");
     svcs[0].spec.serving = Some(serving);

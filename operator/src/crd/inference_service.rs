@@ -130,6 +130,12 @@ pub struct ServingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub prefix_block_tokens: Option<u32>,
+    /// Prompt tokens computed per step beside the running sequences' decode step (chunked
+    /// prefill, worker default 512): smaller keeps time per output token steadier under long
+    /// prompts, larger gives long prompts their first token sooner; 0 computes prompts whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub prefill_chunk_tokens: Option<u32>,
 }
 
 impl ServingSpec {
@@ -139,6 +145,7 @@ impl ServingSpec {
             ("TIDAL_MAX_BATCH", self.max_batch),
             ("TIDAL_PREFIX_CACHE_MIB", self.prefix_cache_mib),
             ("TIDAL_PREFIX_BLOCK_TOKENS", self.prefix_block_tokens),
+            ("TIDAL_PREFILL_CHUNK_TOKENS", self.prefill_chunk_tokens),
         ]
         .into_iter()
         .filter_map(|(name, v)| v.map(|v| (name, v.to_string())))

@@ -58,6 +58,7 @@ pub async fn serve(
         max_batch: args.max_batch,
         queue_size: args.queue_size,
         prefix_cache: args.prefix_cache(),
+        prefill_chunk_tokens: args.prefill_chunk_tokens,
     };
     let source = args.model.clone();
     let loader_state = state.clone();
