@@ -49,6 +49,10 @@ struct Args {
     /// Prefix-cache budgets to measure (MiB), each against the same run without reuse.
     #[arg(long, value_delimiter = ',', default_value = "32,256")]
     budget_mib: Vec<usize>,
+    /// The engine's chunked prefill (0: prompts computed whole, which isolates what reuse
+    /// saves from what chunking changes).
+    #[arg(long, default_value_t = 0)]
+    prefill_chunk_tokens: usize,
 }
 
 const BEGIN: &str = "<!-- prefix_bench:begin -->";
@@ -123,8 +127,9 @@ async fn run(
     loaded: &tidal_worker::model::loader::Loaded,
     prompts: &[(Vec<u32>, usize)],
     cache: Option<PrefixCacheConfig>,
-    concurrency: usize,
+    args: &Args,
 ) -> RunResult {
+    let concurrency = args.concurrency;
     let metrics = Arc::new(Metrics::new());
     let engine = tidal_worker::serve::engine::spawn(
         loaded.model.clone(),
@@ -133,7 +138,7 @@ async fn run(
             max_batch: 16,
             queue_size: 1024,
             prefix_cache: cache,
-            ..EngineConfig::default()
+            prefill_chunk_tokens: args.prefill_chunk_tokens,
         },
         metrics.clone(),
     );
@@ -254,7 +259,7 @@ async fn main() {
         100.0 * ideal as f64 / prompt_tokens as f64
     );
 
-    let base = run(&loaded, &prompts, None, args.concurrency).await;
+    let base = run(&loaded, &prompts, None, &args).await;
     eprintln!(
         "no reuse: {:.1} s, TTFT p50 {:.0} ms",
         base.wall.as_secs_f64(),
@@ -269,7 +274,7 @@ async fn main() {
                 block_tokens: b,
                 budget_bytes: mib << 20,
             }),
-            args.concurrency,
+            &args,
         )
         .await;
         eprintln!(
@@ -297,8 +302,8 @@ on 2 CPU threads. Trace: the last {n} requests of `mooncake_synthetic_trace.json
 trace block (`hash_ids`) becomes {b} tokens derived from its id and prompt lengths are scaled by {b}/512, so \
 {prompt_tokens} prompt tokens in all, of which {ideal_pct:.1}% are whole blocks an unbounded cache could reuse \
 (a prefix of trace blocks seen in an earlier request, never a prompt's last two tokens). Outputs capped at {out} \
-tokens. Driven through the engine (continuous batching, max batch 16) with {c} requests in flight, sent in \
-trace order. Model: random Mixtral, hidden {h}, 4 layers, 8 experts top-2, 8 heads / 2 KV heads, f32 \
+tokens. Driven through the engine (continuous batching, max batch 16, {chunking}) with {c} requests in \
+flight, sent in trace order. Model: random Mixtral, hidden {h}, 4 layers, 8 experts top-2, 8 heads / 2 KV heads, f32 \
 ({kv} bytes of keys and values per token). Cache blocks of {b} tokens. Every run in the same process.\n\n\
 | Prefix cache | hit rate (reused / prompt tokens) | blocks evicted | peak cache MiB | TTFT p50 ms | TTFT p95 ms | TTFT mean ms | mean ratio to no reuse | wall s |\n\
 |---|---|---|---|---|---|---|---|---|\n",
@@ -311,6 +316,10 @@ trace order. Model: random Mixtral, hidden {h}, 4 layers, 8 experts top-2, 8 hea
         ideal_pct = 100.0 * ideal as f64 / prompt_tokens as f64,
         out = args.max_output,
         c = args.concurrency,
+        chunking = match args.prefill_chunk_tokens {
+            0 => "prompts computed whole".to_string(),
+            n => format!("chunked prefill of {n} tokens per step"),
+        },
         h = spec.hidden,
         kv = kv_per_token,
     );
