@@ -334,7 +334,7 @@ impl Engine {
             return;
         }
         self.metrics.running.inc();
-        let (mut cache, _) = self.reuse_prefix(&req);
+        let mut cache = self.reuse_prefix(&req);
         if !req.prompt_logprobs {
             self.prefilling.push_back(Prefilling { req, events, cache });
             return;
@@ -414,13 +414,13 @@ impl Engine {
         }
     }
 
-    /// A cache holding the longest reusable prefix of the request's prompt, and its
-    /// length. Requests that score their prompt need every position's logits, so they
+    /// A cache holding the longest reusable prefix of the request's prompt (its length is
+    /// how many prompt tokens are reused). Requests that score their prompt need every position's logits, so they
     /// compute it all (and still leave their blocks for others).
-    fn reuse_prefix(&mut self, req: &GenRequest) -> (KvCache, usize) {
+    fn reuse_prefix(&mut self, req: &GenRequest) -> KvCache {
         let fresh = self.model.new_cache();
         let Some(prefix) = self.prefix.as_mut().filter(|_| !req.prompt_logprobs) else {
-            return (fresh, 0);
+            return fresh;
         };
         self.metrics
             .prefix_cache_queried_tokens
@@ -433,12 +433,12 @@ impl Engine {
         match prefix.lookup_where(&req.prompt_ids, fresh, aligned) {
             Ok((cache, reused)) => {
                 self.metrics.prefix_cache_hit_tokens.inc_by(reused as u64);
-                (cache, reused)
+                cache
             }
             Err(e) => {
                 // A cache that cannot be assembled is a miss, not a failed request.
                 tracing::warn!(error = %e, "prefix cache lookup failed; computing the prompt");
-                (self.model.new_cache(), 0)
+                self.model.new_cache()
             }
         }
     }
