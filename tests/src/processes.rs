@@ -196,6 +196,19 @@ pub fn http_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
+/// An error with its sources ("error sending request: ...: Connection refused"): reqwest's own
+/// message leaves out why a request could not be sent.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// A default HTTP client (see [`http_client_builder`]).
 pub fn http_client() -> reqwest::Client {
     http_client_builder().build().expect("http client")

@@ -93,9 +93,13 @@ impl Planned {
 
 /// A prompt of `bytes` bytes.
 fn prompt(bytes: usize) -> String {
-    "the tide comes in and goes out again "
+    // Each prompt starts with a number of its own: the worker reuses the cache of any prefix it
+    // has seen, so repeated text would measure (and replay) reuse that the trace does not have.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{n} ")
         .chars()
-        .cycle()
+        .chain("the tide comes in and goes out again ".chars().cycle())
         .take(bytes)
         .collect()
 }
@@ -131,7 +135,7 @@ pub async fn stream_completion(
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| format!("send: {e}"))?;
+        .map_err(|e| format!("send: {}", crate::processes::error_chain(&e)))?;
     if !resp.status().is_success() {
         let status = resp.status();
         return Err(format!(
@@ -378,5 +382,13 @@ mod tests {
         assert_eq!(plan(AZURE_CODE_20_MIN, &shrink), some);
         // The coding trace's bursts: minutes of nothing, then hundreds of requests.
         assert!(peak_rps(&some, 10.0) > 3.0 * some.len() as f64 / 300.0);
+    }
+
+    #[test]
+    fn prompts_have_their_length_and_no_common_first_block() {
+        let (a, b) = (prompt(64), prompt(64));
+        assert_eq!((a.len(), b.len()), (64, 64));
+        // The worker's cache blocks are 16 tokens: no two prompts share the first.
+        assert_ne!(a[..16], b[..16]);
     }
 }

@@ -189,6 +189,21 @@ async fn cluster_ip(ctx: &TestCtx, name: &str) -> String {
         .unwrap_or_else(|| panic!("Service {name} has no ClusterIP"))
 }
 
+/// The ClusterIP of Service `name`, once a completion for `model` is answered through it.
+/// Ready pods are not yet a routed Service: kube-proxy programs the endpoints a moment later
+/// (later still on a busy machine), and until then a connection is refused.
+async fn routed_cluster_ip(ctx: &TestCtx, name: &str, model: &str) -> String {
+    let ip = cluster_ip(ctx, name).await;
+    let base = format!("http://{ip}:8080");
+    eventually(
+        &format!("Service {name} answers through its ClusterIP"),
+        START,
+        || answers(&base, model),
+    )
+    .await;
+    ip
+}
+
 /// Creates the InferenceService `spec` describes (its name and namespace are filled in).
 async fn create_service(ctx: &TestCtx, name: &str, spec: serde_json::Value) {
     let tis: InferenceService = serde_json::from_value(json!({
@@ -568,7 +583,7 @@ async fn real_node_load_step_adds_worker_pods_and_scale_down_under_load_fails_no
 
     // The load, through the Service's ClusterIP as a client in the cluster's network would
     // send it: 8 requests/s against 2 per replica (capped at 3 pods).
-    let ip = cluster_ip(&ctx, &format!("{name}-cloud")).await;
+    let ip = routed_cluster_ip(&ctx, &format!("{name}-cloud"), name).await;
     let rate = Arc::new(AtomicU64::new(8000));
     let stop = Arc::new(AtomicBool::new(false));
     let load = variable_load(
@@ -713,7 +728,7 @@ async fn real_node_trace_slice_replayed_on_real_pods_and_in_the_simulator() {
     .await;
     let selector = format!("app.kubernetes.io/instance={name}");
     one_pod_ready(&ctx, &selector).await;
-    let ip = cluster_ip(&ctx, &format!("{name}-cloud")).await;
+    let ip = routed_cluster_ip(&ctx, &format!("{name}-cloud"), name).await;
     let base = format!("http://{ip}:8080");
     // A connection per request, so kube-proxy spreads every request over the ready pods (kept
     // connections would stay on the pods that were there first).
@@ -890,7 +905,7 @@ async fn real_node_worker_backlog_scales_up_through_the_fast_path_without_promet
 
     // A closed loop of 40 clients on a worker that runs 16 at once: about 24 always wait in
     // its queue.
-    let ip = cluster_ip(&ctx, &format!("{name}-cloud")).await;
+    let ip = routed_cluster_ip(&ctx, &format!("{name}-cloud"), name).await;
     let url = format!("http://{ip}:8080/v1/completions");
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
@@ -1010,25 +1025,7 @@ async fn real_node_expert_shard_pod_killed_then_shards_scaled_down_under_load_fa
     // Load through the router's Service; midway one pod of shard 0 dies without notice (no
     // grace period: a crash, not a drain). The router retries the layer calls cut off on the
     // other replica, so no request fails; the ReplicaSet replaces the pod.
-    let ip = cluster_ip(&ctx, &format!("{name}-router")).await;
-    // Ready pods are not yet a routed Service: kube-proxy programs the endpoints a moment
-    // later (until then a connection is refused), and this test counts every failure.
-    eventually(
-        "the router answers through its ClusterIP",
-        START,
-        || async {
-            tidal_e2e::processes::http_client()
-                .post(format!("http://{ip}:8080/v1/completions"))
-                .json(&json!({"model": name, "prompt": "hello", "max_tokens": 2}))
-                .timeout(Duration::from_secs(30))
-                .send()
-                .await
-                .and_then(|r| r.error_for_status())
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        },
-    )
-    .await;
+    let ip = routed_cluster_ip(&ctx, &format!("{name}-router"), name).await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = variable_load(
         vec![format!("http://{ip}:8080")],
@@ -1147,7 +1144,7 @@ async fn answers(base: &str, model: &str) -> Result<(), String> {
         .timeout(Duration::from_secs(10))
         .send()
         .await
-        .map_err(|e| format!("{base}: {e}"))?;
+        .map_err(|e| format!("{base}: {}", tidal_e2e::processes::error_chain(&e)))?;
     if r.status().is_success() {
         Ok(())
     } else {
