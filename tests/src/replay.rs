@@ -87,6 +87,7 @@ impl Planned {
             input_tokens: self.prompt_bytes as u32,
             output_tokens: self.max_tokens,
             ttft_s: None,
+            decode_s: 0.0,
         }
     }
 }
@@ -288,6 +289,7 @@ pub fn served(outcome: &(Planned, Result<Streamed, String>)) -> Served {
             input_tokens: s.prompt_tokens,
             output_tokens: s.completion_tokens,
             ttft_s: Some(s.ttft_s),
+            decode_s: s.decode_s,
         },
         Err(_) => p.unsent(),
     }

@@ -44,13 +44,15 @@ pub struct Autoscaling {
 }
 
 /// One replayed request: when it was sent (from the replay's start), its sizes as the worker
-/// counted them, and its TTFT (`None`: it failed).
+/// counted them, its TTFT (`None`: it failed) and the seconds from its first to its last token
+/// (0 when it was not answered).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Served {
     pub t_s: f64,
     pub input_tokens: u32,
     pub output_tokens: u32,
     pub ttft_s: Option<f64>,
+    pub decode_s: f64,
 }
 
 /// Replica counts at one moment (from the replay's start).
@@ -88,12 +90,105 @@ pub struct Gap {
     pub sim: Side,
     /// The simulator with its default least-loaded dispatch, for how much dispatch explains.
     pub sim_least_loaded: Side,
+    /// How much slower the real pods decoded during the replay than the calibration says.
+    pub slowdown: Option<Slowdown>,
+    /// The simulator (random dispatch) with the calibration slowed by that factor, for how
+    /// much the pods' speed under load explains.
+    pub sim_slowed: Option<Side>,
     /// Mean |real − simulated| over the grid points.
     pub mean_abs_desired: f64,
     pub mean_abs_ready: f64,
     /// Simulated over real.
     pub replica_seconds_ratio: f64,
     pub ttft_p95_ratio: Option<f64>,
+}
+
+/// The real pods' decode speed during the replay against the calibration's.
+///
+/// The calibration is taken on one pod with the machine otherwise quiet; in the replay up to
+/// three pods, the load generator, Prometheus and the control plane share the machine. Each
+/// answer decoded beside the others decoding at the same time: at the middle of its decode,
+/// the answers then decoding spread over the ready pods give the batch it saw, and one
+/// calibrated step at that batch is the time per token the calibration predicts for it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Slowdown {
+    /// Sequences decoding on a pod as the answers saw it (token-weighted mean).
+    pub mean_batch: f64,
+    /// Seconds per output token after the first, over all answers (token-weighted).
+    pub real_tpot_s: f64,
+    /// What the calibration predicts for the same answers at the batches they saw.
+    pub calibrated_tpot_s: f64,
+    /// `real_tpot_s / calibrated_tpot_s`.
+    pub factor: f64,
+}
+
+/// [`Slowdown`] from the answers and the real replica samples (`None` without decode time).
+pub fn slowdown(
+    served: &[Served],
+    samples: &[ReplicaSample],
+    cal: &Calibration,
+) -> Option<Slowdown> {
+    let decoding: Vec<(f64, f64, f64)> = served
+        .iter()
+        .filter_map(|s| {
+            let start = s.t_s + s.ttft_s?;
+            let tokens = f64::from(s.output_tokens.saturating_sub(1));
+            (s.decode_s > 0.0 && tokens > 0.0).then_some((start, start + s.decode_s, tokens))
+        })
+        .collect();
+    if decoding.is_empty() || cal.step_s.is_empty() {
+        return None;
+    }
+    let ready_at = |t: f64| {
+        samples
+            .iter()
+            .take_while(|s| s.t_s <= t)
+            .last()
+            .or(samples.first())
+            .map_or(1, |s| s.ready.max(1))
+    };
+    let max_batch = f64::from(cal.max_batch.max(1));
+    let (mut tokens, mut decode, mut predicted, mut batch) = (0.0, 0.0, 0.0, 0.0);
+    for &(start, end, n) in &decoding {
+        let mid = 0.5 * (start + end);
+        let active = decoding
+            .iter()
+            .filter(|&&(s, e, _)| s <= mid && mid < e)
+            .count();
+        let b = (active as f64 / f64::from(ready_at(mid))).clamp(1.0, max_batch);
+        tokens += n;
+        decode += end - start;
+        predicted += n * step_interpolated(&cal.step_s, b);
+        batch += n * b;
+    }
+    let calibrated_tpot_s = predicted / tokens;
+    let real_tpot_s = decode / tokens;
+    (calibrated_tpot_s > 0.0).then(|| Slowdown {
+        mean_batch: batch / tokens,
+        real_tpot_s,
+        calibrated_tpot_s,
+        factor: real_tpot_s / calibrated_tpot_s,
+    })
+}
+
+/// The calibrated step at a fractional batch (linear between the integer batches).
+fn step_interpolated(pts: &[(u32, f64)], b: f64) -> f64 {
+    let lo = b.floor().max(1.0) as u32;
+    let (a, c) = (step_at(pts, lo), step_at(pts, lo + 1));
+    a + (c - a) * (b - f64::from(lo))
+}
+
+impl Calibration {
+    /// Every time in the calibration (steps, prefill, overhead) times `factor`; cold starts
+    /// stay as measured.
+    pub fn slowed(&self, factor: f64) -> Self {
+        Self {
+            step_s: self.step_s.iter().map(|&(b, s)| (b, s * factor)).collect(),
+            prefill_s_per_token: self.prefill_s_per_token * factor,
+            overhead_s: self.overhead_s * factor,
+            ..self.clone()
+        }
+    }
 }
 
 /// The replica the simulator runs: the measured steps, prefill and overhead.
@@ -316,6 +411,18 @@ pub fn compare(
         .ok_or("no replica samples from the real run")?;
     let sim = simulate(served, duration_s, start, cal, a, KUBE_PROXY)?;
     let sim_least_loaded = simulate(served, duration_s, start, cal, a, Dispatch::LeastLoaded)?;
+    let slowdown = slowdown(served, samples, cal);
+    let sim_slowed = match slowdown {
+        Some(sd) => Some(simulate(
+            served,
+            duration_s,
+            start,
+            &cal.slowed(sd.factor),
+            a,
+            KUBE_PROXY,
+        )?),
+        None => None,
+    };
     let grid: Vec<f64> = sim.replicas.iter().map(|r| r.t_s).collect();
     let real = real_side(served, samples, duration_s, a.slo_ttft_s, &grid);
     let points = grid.len().max(1) as f64;
@@ -338,6 +445,8 @@ pub fn compare(
         real,
         sim,
         sim_least_loaded,
+        slowdown,
+        sim_slowed,
     })
 }
 
@@ -370,44 +479,65 @@ pub fn markdown(gap: &Gap, cal: &Calibration, a: &Autoscaling, requests: usize) 
         a.quantile,
         a.down_window_s,
     );
+    if let Some(sd) = gap.slowdown {
+        out.push_str(&format!(
+            "During the replay the answers decoded beside {:.1} sequences per pod (token-weighted \
+             mean) and took {:.1} ms per output token; the calibration predicts {:.1} ms at the \
+             batches they saw: the pods were {:.2}x slower than calibrated (the last column slows \
+             every calibrated time by that factor).\n\n",
+            sd.mean_batch,
+            sd.real_tpot_s * 1000.0,
+            sd.calibrated_tpot_s * 1000.0,
+            sd.factor
+        ));
+    }
     let ll = &gap.sim_least_loaded;
+    let slow = gap.sim_slowed.as_ref();
+    let col = |f: &dyn Fn(&Side) -> String| slow.map_or("—".into(), f);
     out.push_str(
-        "| | real pods | simulator, random dispatch (as kube-proxy) | gap | simulator, least-loaded dispatch |\n| --- | --- | --- | --- | --- |\n",
+        "| | real pods | simulator, random dispatch (as kube-proxy) | gap | simulator, least-loaded dispatch | simulator, random dispatch, pods as slow as in the replay |\n| --- | --- | --- | --- | --- | --- |\n",
     );
     out.push_str(&format!(
-        "| replica-seconds | {:.0} | {:.0} | {:.2}x | {:.0} |\n",
+        "| replica-seconds | {:.0} | {:.0} | {:.2}x | {:.0} | {} |\n",
         gap.real.replica_seconds,
         gap.sim.replica_seconds,
         gap.replica_seconds_ratio,
-        ll.replica_seconds
+        ll.replica_seconds,
+        col(&|s| format!("{:.0}", s.replica_seconds))
     ));
     out.push_str(&format!(
-        "| most replicas | {} | {} | | {} |\n",
-        gap.real.max_desired, gap.sim.max_desired, ll.max_desired
+        "| most replicas | {} | {} | | {} | {} |\n",
+        gap.real.max_desired,
+        gap.sim.max_desired,
+        ll.max_desired,
+        col(&|s| s.max_desired.to_string())
     ));
     out.push_str(&format!(
-        "| first scale-up | {} | {} | | {} |\n",
+        "| first scale-up | {} | {} | | {} | {} |\n",
         secs(gap.real.first_scale_up_s),
         secs(gap.sim.first_scale_up_s),
-        secs(ll.first_scale_up_s)
+        secs(ll.first_scale_up_s),
+        col(&|s| secs(s.first_scale_up_s))
     ));
     out.push_str(&format!(
-        "| desired replicas, mean abs. difference | | | {:.2} | |\n| ready replicas, mean abs. difference | | | {:.2} | |\n",
+        "| desired replicas, mean abs. difference | | | {:.2} | | |\n| ready replicas, mean abs. difference | | | {:.2} | | |\n",
         gap.mean_abs_desired, gap.mean_abs_ready
     ));
     out.push_str(&format!(
-        "| TTFT p95 | {} | {} | {} | {} |\n",
+        "| TTFT p95 | {} | {} | {} | {} | {} |\n",
         ms(gap.real.ttft_p95_s),
         ms(gap.sim.ttft_p95_s),
         gap.ttft_p95_ratio
             .map_or("—".into(), |r| format!("{r:.2}x")),
-        ms(ll.ttft_p95_s)
+        ms(ll.ttft_p95_s),
+        col(&|s| ms(s.ttft_p95_s))
     ));
     out.push_str(&format!(
-        "| within the TTFT objective | {:.1} % | {:.1} % | | {:.1} % |\n\n",
+        "| within the TTFT objective | {:.1} % | {:.1} % | | {:.1} % | {} |\n\n",
         gap.real.attainment * 100.0,
         gap.sim.attainment * 100.0,
-        ll.attainment * 100.0
+        ll.attainment * 100.0,
+        col(&|s| format!("{:.1} %", s.attainment * 100.0))
     ));
     out.push_str(
         "Replicas over time (desired/ready), at the core's sync times (sim: random dispatch):\n\n```\n",
@@ -459,6 +589,7 @@ mod tests {
                 input_tokens: 64,
                 output_tokens: 20,
                 ttft_s: Some(0.1),
+                decode_s: 19.0 * 0.01,
             })
             .collect()
     }
@@ -504,12 +635,14 @@ mod tests {
                 input_tokens: 10,
                 output_tokens: 5,
                 ttft_s: Some(0.5),
+                decode_s: 0.4,
             },
             Served {
                 t_s: 2.0,
                 input_tokens: 10,
                 output_tokens: 5,
                 ttft_s: None,
+                decode_s: 0.0,
             },
         ];
         let real = real_side(&served, &samples, 30.0, 1.0, &[5.0, 15.0, 30.0]);
@@ -558,5 +691,59 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn pods_slower_than_calibrated_show_as_a_slowdown_and_a_slower_simulation() {
+        // One pod ready throughout, 1 request/s, each decoding 19 tokens in 0.76 s: alone
+        // (batch 1), 40 ms per token where the calibration says 10 ms at batch 1.
+        let mut served = load(0.0, 120.0, 1.0);
+        for s in &mut served {
+            s.decode_s = 19.0 * 0.04;
+        }
+        let samples = [ReplicaSample {
+            t_s: 0.0,
+            desired: 1,
+            ready: 1,
+        }];
+        let sd = slowdown(&served, &samples, &cal()).expect("a slowdown");
+        assert!((sd.mean_batch - 1.0).abs() < 1e-9, "{sd:?}");
+        assert!((sd.real_tpot_s - 0.04).abs() < 1e-9, "{sd:?}");
+        assert!((sd.factor - 4.0).abs() < 1e-9, "{sd:?}");
+        // As calibrated: no slowdown.
+        for s in &mut served {
+            s.decode_s = 19.0 * 0.01;
+        }
+        let sd = slowdown(&served, &samples, &cal()).unwrap();
+        assert!((sd.factor - 1.0).abs() < 1e-9, "{sd:?}");
+        // Four times slower pods serve the same load with a later first token.
+        let slow = cal().slowed(4.0);
+        assert_eq!(slow.step_s[2], (16, 0.16));
+        assert_eq!(slow.cold_start_s, cal().cold_start_s);
+        let fast = simulate(&served, 120.0, 1, &cal(), &autoscaling(), KUBE_PROXY).unwrap();
+        let slowed = simulate(&served, 120.0, 1, &slow, &autoscaling(), KUBE_PROXY).unwrap();
+        assert!(
+            slowed.ttft_p95_s.unwrap() > fast.ttft_p95_s.unwrap(),
+            "{slowed:?} vs {fast:?}"
+        );
+        // Overlapping answers saw a bigger batch: 4 at a time on one pod (15 ms a step at
+        // batch 4), each at 30 ms per token.
+        let overlapping: Vec<Served> = (0..40)
+            .map(|i| Served {
+                t_s: f64::from(i / 4) * 2.0,
+                input_tokens: 64,
+                output_tokens: 21,
+                ttft_s: Some(0.1),
+                decode_s: 20.0 * 0.03,
+            })
+            .collect();
+        let sd = slowdown(&overlapping, &samples, &cal()).unwrap();
+        assert!((sd.mean_batch - 4.0).abs() < 1e-9, "{sd:?}");
+        assert!((sd.factor - 2.0).abs() < 1e-9, "{sd:?}");
+        // No decode time measured: no slowdown.
+        for s in &mut served {
+            s.decode_s = 0.0;
+        }
+        assert!(slowdown(&served, &samples, &cal()).is_none());
     }
 }
