@@ -399,11 +399,12 @@ distinct experts under uniform top-{k} routing), so the bytes per token fall.\n\
 |---|---|---|---|---|\n{bw_rows}\n\n\
 Note: every decode step runs all running sequences in one forward pass: projections, MLPs and \
 experts take the stacked `[batch, hidden]` rows (each expert runs once on the rows routed to it \
-from the whole batch) while attention stays per sequence. Matmuls are padded to a row count that \
-keeps each row's result bitwise independent of the batch, so greedy outputs under batching match \
-solo runs exactly. The price is at batch 1: a single row may not use gemm's faster matrix-vector \
-kernel (its rounding differs from the multi-row kernels), so batch-1 decode is slower than an \
-unpadded forward pass.\n",
+from the whole batch) while attention stays per sequence. The f32 projections use the worker's \
+own matmul (`src/model/matmul.rs`): each output element is one dot product of an input row and a \
+weight row, reduced in an order that depends only on the width, so a row's result is bitwise the \
+same in any batch (greedy outputs under batching match solo runs exactly) without padding; at \
+batch 1 it streams each weight once, with no copy. candle's matmul (the baseline's) takes gemm's \
+matrix-vector kernel for one row and its blocked kernels, packing the weight, for more.\n",
         release = if cfg!(debug_assertions) {
             ""
         } else {
@@ -432,14 +433,16 @@ unpadded forward pass.\n",
         r = direct / base,
         rows = rows.join("\n"),
     );
-    // Keep the expert-disaggregation section that `disagg_bench` maintains between its markers.
+    // Keep the sections other benches maintain between their markers (`disagg_bench`,
+    // `prefix_bench`, ...): everything from the first `<!-- NAME:begin -->` on.
     let kept = std::fs::read_to_string(&args.out).ok().and_then(|old| {
-        let start = old.find("<!-- disagg_bench:begin -->")?;
-        let end = old.find("<!-- disagg_bench:end -->")? + "<!-- disagg_bench:end -->".len();
-        Some(old[start..end].to_string())
+        let start = old
+            .find("<!-- ")
+            .filter(|&i| old[i..].contains(":begin -->"))?;
+        Some(old[start..].trim_end().to_string())
     });
     let full = match kept {
-        Some(section) => format!("{}\n{section}\n", report.trim_end()),
+        Some(sections) => format!("{}\n\n{sections}\n", report.trim_end()),
         None => report.clone(),
     };
     std::fs::write(&args.out, &full).unwrap();

@@ -66,11 +66,17 @@ impl Proj {
     }
 }
 
-/// Computes `weight · xsᵀ` rather than `xs · weightᵀ`: with the (large) weight as
-/// gemm's left operand, the blocked kernels are much faster for the few rows of a
-/// decode batch. Either way every output element is reduced along `in` in the
-/// same order whatever the number of rows.
+/// f32 projections go through [`crate::model::matmul`], whose rows are independent by
+/// construction. Other dtypes take gemm, padded to its blocked path, computing
+/// `weight · xsᵀ` rather than `xs · weightᵀ`: with the (large) weight as gemm's left
+/// operand, the blocked kernels are much faster for the few rows of a decode batch.
 fn dense_forward(l: &Linear, xs: &Tensor) -> Result<Tensor> {
+    if let Some(ys) = crate::model::matmul::xwt(xs, l.weight())? {
+        return Ok(match l.bias() {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        });
+    }
     {
         let (rows, width) = xs.dims2()?;
         let padded = invariant_rows(rows, l.weight().dim(0)?);

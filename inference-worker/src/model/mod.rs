@@ -9,6 +9,7 @@ pub mod gguf_vocab;
 pub mod hub;
 pub mod layers;
 pub mod loader;
+pub(crate) mod matmul;
 pub mod mla;
 pub mod moe;
 pub mod source;
