@@ -152,18 +152,7 @@ fn finish<S: Simd>(simd: S, acc: [S::f32s; 2], xt: &[f32], wt: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::model::layers::tests::values;
 
     #[test]
     fn matches_a_plain_dot_product() {
