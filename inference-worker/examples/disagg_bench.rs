@@ -15,6 +15,8 @@
 //! Run: `cargo run --release -p tidal-worker --example disagg_bench -- --out inference-worker/BENCHMARKS.md`
 //! (replaces only the section between its markers).
 
+mod common;
+
 use clap::Parser;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -266,23 +268,5 @@ of routing per expert, and gets back one hidden-state row per shard: at f32 and 
         lo = 2 * 4 * args.hidden + 12,
         hi = 4 * 4 * args.hidden + 12,
     ));
-    match &args.out {
-        Some(path) => {
-            let old = std::fs::read_to_string(path).unwrap_or_default();
-            let new = match (old.find(BEGIN), old.find(END)) {
-                (Some(b), Some(e)) if e > b => {
-                    format!(
-                        "{}{}{}",
-                        &old[..b],
-                        md,
-                        &old[e + END.len()..].trim_start_matches('\n')
-                    )
-                }
-                _ => format!("{}\n{}", old.trim_end_matches('\n').to_string() + "\n", md),
-            };
-            std::fs::write(path, new).unwrap();
-            println!("wrote {}", path.display());
-        }
-        None => print!("{md}"),
-    }
+    common::write_section(args.out.as_deref(), BEGIN, END, &md);
 }

@@ -12,6 +12,8 @@
 //! Run: `cargo run --release -p tidal-worker --example prefix_bench -- --out inference-worker/BENCHMARKS.md`
 //! (replaces only the section between its markers).
 
+mod common;
+
 use candle_core::DType;
 use clap::Parser;
 use std::path::PathBuf;
@@ -341,21 +343,5 @@ flight, sent in trace order. Model: random Mixtral, hidden {h}, 4 layers, 8 expe
         "\nWithout reuse: TTFT p50 {base_p50:.0} ms, p95 {base_p95:.0} ms. TTFT includes queueing behind \
 the other requests in flight, so time saved on one prompt's prefill also shortens the others' waits.\n{END}\n"
     ));
-    match &args.out {
-        Some(path) => {
-            let old = std::fs::read_to_string(path).unwrap_or_default();
-            let new = match (old.find(BEGIN), old.find(END)) {
-                (Some(s), Some(e)) if e > s => format!(
-                    "{}{}{}",
-                    &old[..s],
-                    md,
-                    old[e + END.len()..].trim_start_matches('\n')
-                ),
-                _ => format!("{}\n\n{}", old.trim_end_matches('\n'), md),
-            };
-            std::fs::write(path, new).expect("writing the benchmark file");
-            println!("wrote {}", path.display());
-        }
-        None => print!("{md}"),
-    }
+    common::write_section(args.out.as_deref(), BEGIN, END, &md);
 }

@@ -6,6 +6,8 @@
 //! `cargo run -p tidal-worker --example quant_bench -- --out inference-worker/BENCHMARKS.md`
 //! (add `--release` for release numbers) rewrites its section between the markers.
 
+mod common;
+
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
@@ -165,21 +167,5 @@ to add it without downloading a binary).\n{END}\n",
         r = args.rounds,
         rows = table.join("\n"),
     );
-    match &args.out {
-        Some(path) => {
-            let old = std::fs::read_to_string(path).unwrap_or_default();
-            let new = match (old.find(BEGIN), old.find(END)) {
-                (Some(s), Some(e)) if e > s => format!(
-                    "{}{}{}",
-                    &old[..s],
-                    md,
-                    old[e + END.len()..].trim_start_matches('\n')
-                ),
-                _ => format!("{}\n\n{}", old.trim_end_matches('\n'), md),
-            };
-            std::fs::write(path, new).expect("writing the benchmark file");
-            println!("wrote {}", path.display());
-        }
-        None => print!("{md}"),
-    }
+    common::write_section(args.out.as_deref(), BEGIN, END, &md);
 }
