@@ -139,14 +139,7 @@ pub fn slowdown(
     if decoding.is_empty() || cal.step_s.is_empty() {
         return None;
     }
-    let ready_at = |t: f64| {
-        samples
-            .iter()
-            .take_while(|s| s.t_s <= t)
-            .last()
-            .or(samples.first())
-            .map_or(1, |s| s.ready.max(1))
-    };
+    let ready_at = |t: f64| sample_at(samples, t).map_or(1, |s| s.ready.max(1));
     let max_batch = f64::from(cal.max_batch.max(1));
     let (mut tokens, mut decode, mut predicted, mut batch) = (0.0, 0.0, 0.0, 0.0);
     for &(start, end, n) in &decoding {
@@ -342,17 +335,11 @@ pub fn real_side(
     grid_s: &[f64],
 ) -> Side {
     let at = |t: f64| {
-        samples
-            .iter()
-            .take_while(|s| s.t_s <= t + 1e-9)
-            .last()
-            .or(samples.first())
-            .copied()
-            .unwrap_or(ReplicaSample {
-                t_s: t,
-                desired: 0,
-                ready: 0,
-            })
+        sample_at(samples, t).copied().unwrap_or(ReplicaSample {
+            t_s: t,
+            desired: 0,
+            ready: 0,
+        })
     };
     let replicas: Vec<ReplicaSample> = grid_s
         .iter()
@@ -392,6 +379,15 @@ pub fn real_side(
     }
 }
 
+/// The latest sample at or before `t` (the first one before any).
+fn sample_at(samples: &[ReplicaSample], t: f64) -> Option<&ReplicaSample> {
+    samples
+        .iter()
+        .take_while(|s| s.t_s <= t + 1e-9)
+        .last()
+        .or(samples.first())
+}
+
 fn first_scale_up(samples: &[ReplicaSample]) -> Option<f64> {
     let start = samples.first()?.desired;
     samples.iter().find(|s| s.desired > start).map(|s| s.t_s)
@@ -412,17 +408,18 @@ pub fn compare(
     let sim = simulate(served, duration_s, start, cal, a, KUBE_PROXY)?;
     let sim_least_loaded = simulate(served, duration_s, start, cal, a, Dispatch::LeastLoaded)?;
     let slowdown = slowdown(served, samples, cal);
-    let sim_slowed = match slowdown {
-        Some(sd) => Some(simulate(
-            served,
-            duration_s,
-            start,
-            &cal.slowed(sd.factor),
-            a,
-            KUBE_PROXY,
-        )?),
-        None => None,
-    };
+    let sim_slowed = slowdown
+        .map(|sd| {
+            simulate(
+                served,
+                duration_s,
+                start,
+                &cal.slowed(sd.factor),
+                a,
+                KUBE_PROXY,
+            )
+        })
+        .transpose()?;
     let grid: Vec<f64> = sim.replicas.iter().map(|r| r.t_s).collect();
     let real = real_side(served, samples, duration_s, a.slo_ttft_s, &grid);
     let points = grid.len().max(1) as f64;
