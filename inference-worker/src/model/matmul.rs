@@ -117,7 +117,8 @@ impl WithSimd for Block<'_> {
                 }
                 r += ROW_TILE;
             }
-            // The rows left over: the same accumulation, one row at a time.
+            // The rows left over: the same accumulation, one row at a time. (Written out: a
+            // version generic over the tile size measured 10–30 % slower at 4–16 rows.)
             while r < rows {
                 let xr = row(r);
                 let xv = S::as_simd_f32s(xr).0;
