@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// f32, bf16 or f16.
     #[arg(long, env = "TIDAL_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Where the model runs: cpu, or cuda / cuda:N (a worker built with the `cuda` feature;
+    /// the full role only).
+    #[arg(long, env = "TIDAL_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Most sequences decoded together.
     #[arg(long, env = "TIDAL_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
@@ -217,6 +221,19 @@ impl ServeArgs {
         })
     }
     /// The expert role's configuration: needs `--placement-file` and `--shard`.
+    /// The device the model runs on. Shards and routers exchange CPU tensors with each
+    /// other, so only the full role takes a GPU.
+    pub fn device(&self) -> Result<candle_core::Device> {
+        if self.device != "cpu" && self.role != Role::Full {
+            return Err(Error::Unsupported(format!(
+                "--device {} with --role {}: only the full role runs on a GPU",
+                self.device,
+                format!("{:?}", self.role).to_lowercase()
+            )));
+        }
+        crate::model::device::parse_device(&self.device)
+    }
+
     pub fn expert_config(&self) -> Result<ExpertServerConfig> {
         let placement_file = self.placement_file.clone().ok_or(Error::MissingFlag {
             role: "expert",
@@ -228,6 +245,8 @@ impl ServeArgs {
             flag: "--shard",
             env: "TIDAL_SHARD",
         })?;
+        // Refuses a GPU here rather than serving on the CPU it was not asked for.
+        self.device()?;
         Ok(ExpertServerConfig {
             model: self.model.clone(),
             listen: self.listen,
@@ -356,5 +375,36 @@ impl EscalationArgs {
         // Fails here, at startup, rather than on the first escalation.
         Escalator::new(config.clone(), Arc::new(Metrics::new()))?;
         Ok(Some(config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let argv = ["tidal-worker", "serve", "--model", "m"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(a) => *a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_device_defaults_to_the_cpu_and_a_gpu_is_for_the_full_role_only() {
+        assert!(serve(&[]).device().unwrap().is_cpu());
+        for role in ["router", "expert"] {
+            let e = serve(&["--role", role, "--device", "cuda:0"])
+                .device()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("--role {role}")), "{e}");
+            assert!(e.contains("only the full role runs on a GPU"), "{e}");
+        }
+        let e = serve(&["--device", "tpu"])
+            .device()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use cpu, cuda or cuda:N"), "{e}");
     }
 }

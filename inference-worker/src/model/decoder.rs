@@ -73,10 +73,21 @@ impl Model {
         dtype: DType,
         placement: ExpertPlacement,
     ) -> Result<Self> {
+        Self::load_dir_on(dir, cfg, dtype, placement, &Device::Cpu)
+    }
+
+    /// As [`Model::load_dir_with`], weights, cache and activations on `device`.
+    pub fn load_dir_on(
+        dir: &Path,
+        cfg: ModelConfig,
+        dtype: DType,
+        placement: ExpertPlacement,
+        device: &Device,
+    ) -> Result<Self> {
         if let ExpertPlacement::Remote(_) = placement {
             let index = crate::model::weights::Checkpoint::open(dir)?;
             let tensors = index.load_where(|name| !is_routed_expert_tensor(cfg.arch, name))?;
-            let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+            let vb = VarBuilder::from_tensors(tensors, dtype, device);
             return Self::load_with(cfg, Source::Safetensors(vb), placement);
         }
         let files = crate::model::weights::files_with_extension(dir, "safetensors")?;
@@ -86,12 +97,11 @@ impl Model {
                 dir.display()
             )));
         }
-        let device = Device::Cpu;
         let mut tensors = std::collections::HashMap::new();
         for f in &files {
-            tensors.extend(candle_core::safetensors::load(f, &device)?);
+            tensors.extend(candle_core::safetensors::load(f, device)?);
         }
-        let vb = VarBuilder::from_tensors(tensors, dtype, &device);
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Self::load(cfg, vb)
     }
 
@@ -101,8 +111,21 @@ impl Model {
 
     /// Loads a GGUF file, weights kept quantized (activations in f32).
     pub fn load_gguf(file: Arc<GgufFile>, placement: ExpertPlacement) -> Result<Self> {
+        Self::load_gguf_on(file, placement, &Device::Cpu)
+    }
+
+    /// As [`Model::load_gguf`], weights, cache and activations on `device`.
+    pub fn load_gguf_on(
+        file: Arc<GgufFile>,
+        placement: ExpertPlacement,
+        device: &Device,
+    ) -> Result<Self> {
         let cfg = file.config()?;
-        let model = Self::load_with(cfg, Source::gguf(file.clone()), placement);
+        let model = Self::load_with(
+            cfg,
+            Source::gguf_on(file.clone(), device.clone()),
+            placement,
+        );
         file.release();
         model
     }
@@ -183,6 +206,10 @@ impl Model {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn expert_counts(&self) -> &Arc<ExpertCounts> {

@@ -77,6 +77,10 @@ fn dense_forward(l: &Linear, xs: &Tensor) -> Result<Tensor> {
             None => ys,
         });
     }
+    if !xs.device().is_cpu() {
+        // cuBLAS picks its kernel by shape, so padding buys no invariance on a GPU.
+        return Ok(l.forward(xs)?);
+    }
     {
         let (rows, width) = xs.dims2()?;
         let padded = invariant_rows(rows, l.weight().dim(0)?);
@@ -267,7 +271,8 @@ pub(crate) fn attend(
 fn matmul_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (d0, heads, rows, k) = a.dims4()?;
     let padded = invariant_rows(rows, b.dim(3)?);
-    if rows < 2 || padded == rows {
+    // On a GPU padding buys no invariance (see `dense_forward`).
+    if rows < 2 || padded == rows || !a.device().is_cpu() {
         return Ok(a.matmul(b)?);
     }
     let zeros = Tensor::zeros((d0, heads, padded - rows, k), a.dtype(), a.device())?;

@@ -6,7 +6,7 @@ use crate::model::decoder::Model;
 use crate::model::gguf::{self, GgufFile};
 use crate::model::moe::ExpertPlacement;
 use crate::serve::text::TextCodec;
-use candle_core::DType;
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,9 +17,9 @@ pub struct Loaded {
 }
 
 /// Loads from a local directory or an `hf://` source and runs one warm-up forward.
-pub fn load(source: &str, dtype: DType) -> Result<Loaded> {
+pub fn load(source: &str, dtype: DType, device: &Device) -> Result<Loaded> {
     let dir = crate::model::hub::resolve(source)?;
-    load_dir(&dir, dtype)
+    load_dir_on(&dir, dtype, device)
 }
 
 /// The GGUF file `path` names: the file itself, or the only `*.gguf` in a directory
@@ -45,21 +45,31 @@ pub fn open_gguf(path: &Path) -> Result<Option<Arc<GgufFile>>> {
 
 /// Loads a checkpoint directory, or a GGUF file (or a directory holding one).
 pub fn load_dir(dir: &Path, dtype: DType) -> Result<Loaded> {
+    load_dir_on(dir, dtype, &Device::Cpu)
+}
+
+/// As [`load_dir`], the model on `device`.
+pub fn load_dir_on(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     if let Some(path) = gguf_path(dir)? {
-        return load_gguf(&path);
+        return load_gguf_on(&path, device);
     }
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let codec = TextCodec::load(dir, &cfg.eos_token_ids)?;
-    let model = Model::load_dir(dir, cfg, dtype)?;
+    let model = Model::load_dir_on(dir, cfg, dtype, ExpertPlacement::Local, device)?;
     warm(model, codec, dir)
 }
 
 /// A GGUF file: weights stay quantized; the tokenizer is the `tokenizer.json` beside
 /// it when there is one, else rebuilt from the file's metadata.
 pub fn load_gguf(path: &Path) -> Result<Loaded> {
+    load_gguf_on(path, &Device::Cpu)
+}
+
+/// As [`load_gguf`], the model on `device`.
+pub fn load_gguf_on(path: &Path, device: &Device) -> Result<Loaded> {
     let file = Arc::new(GgufFile::open(path)?);
     let codec = gguf_codec(&file, &file.config()?)?;
-    let model = Model::load_gguf(file, ExpertPlacement::Local)?;
+    let model = Model::load_gguf_on(file, ExpertPlacement::Local, device)?;
     warm(model, codec, path)
 }
 
@@ -91,6 +101,7 @@ fn warm(model: Model, codec: TextCodec, dir: &Path) -> Result<Loaded> {
         layers = model.config().num_hidden_layers,
         experts = model.config().num_experts,
         dtype = ?model.dtype(),
+        device = %crate::model::device::name(model.device()),
         "model loaded"
     );
     Ok(Loaded {

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod fixture;
 pub mod gguf;
 pub mod gguf_fixture;

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::model::gguf::{GgufFile, GgufRef, gguf_name};
 use crate::model::layers::Proj;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use std::sync::Arc;
@@ -14,14 +14,26 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub enum Source<'a> {
     Safetensors(VarBuilder<'a>),
-    Gguf { file: Arc<GgufFile>, prefix: String },
+    /// Tensors are read on the CPU (experts are sliced out of their stacks there) and
+    /// then placed on `device`.
+    Gguf {
+        file: Arc<GgufFile>,
+        prefix: String,
+        device: Device,
+    },
 }
 
 impl<'a> Source<'a> {
     pub fn gguf(file: Arc<GgufFile>) -> Self {
+        Self::gguf_on(file, Device::Cpu)
+    }
+
+    /// A GGUF file whose weights are placed on `device`.
+    pub fn gguf_on(file: Arc<GgufFile>, device: Device) -> Self {
         Self::Gguf {
             file,
             prefix: String::new(),
+            device,
         }
     }
 
@@ -29,9 +41,14 @@ impl<'a> Source<'a> {
     pub fn pp(&self, name: impl ToString) -> Self {
         match self {
             Self::Safetensors(vb) => Self::Safetensors(vb.pp(name)),
-            Self::Gguf { file, prefix } => Self::Gguf {
+            Self::Gguf {
+                file,
+                prefix,
+                device,
+            } => Self::Gguf {
                 file: file.clone(),
                 prefix: join(prefix, &name.to_string()),
+                device: device.clone(),
             },
         }
     }
@@ -48,7 +65,7 @@ impl<'a> Source<'a> {
     pub fn device(&self) -> Device {
         match self {
             Self::Safetensors(vb) => vb.device().clone(),
-            Self::Gguf { .. } => Device::Cpu,
+            Self::Gguf { device, .. } => device.clone(),
         }
     }
 
@@ -56,7 +73,7 @@ impl<'a> Source<'a> {
     pub fn contains(&self, name: &str) -> bool {
         match self {
             Self::Safetensors(vb) => vb.contains_tensor(name),
-            Self::Gguf { file, prefix } => match gguf_name(&join(prefix, name)) {
+            Self::Gguf { file, prefix, .. } => match gguf_name(&join(prefix, name)) {
                 Some(GgufRef::Whole(n)) => file.contains(&n),
                 Some(GgufRef::Expert {
                     stacked, legacy, ..
@@ -67,7 +84,7 @@ impl<'a> Source<'a> {
     }
 
     fn read(&self, name: &str) -> Result<(String, QTensor)> {
-        let Self::Gguf { file, prefix } = self else {
+        let Self::Gguf { file, prefix, .. } = self else {
             unreachable!("read is for GGUF sources");
         };
         let hf = join(prefix, name);
@@ -91,7 +108,7 @@ impl<'a> Source<'a> {
                         message: format!("{hf}: shape {:?}, expected {shape:?}", t.dims()),
                     });
                 }
-                Ok(t.to_dtype(DType::F32)?)
+                Ok(t.to_dtype(DType::F32)?.to_device(&self.device())?)
             }
         }
     }
@@ -113,7 +130,8 @@ impl<'a> Source<'a> {
                 // `ffn_gate_inp_shexp`, Qwen2-MoE's shared expert gate).
                 if out_dim == 1 && !bias && q.shape().dims() == [in_dim] {
                     let w = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-                    return Ok(Proj::Dense(Linear::new(w.reshape((1, in_dim))?, None)));
+                    let w = w.reshape((1, in_dim))?.to_device(&self.device())?;
+                    return Ok(Proj::Dense(Linear::new(w, None)));
                 }
                 if q.shape().dims() != [out_dim, in_dim] {
                     return Err(Error::Checkpoint {
@@ -130,7 +148,7 @@ impl<'a> Source<'a> {
                 } else {
                     None
                 };
-                Proj::from_qtensor(q, b)
+                Proj::from_qtensor(q, b, &self.device())
             }
         }
     }
@@ -157,26 +175,37 @@ impl<'a> Source<'a> {
     pub fn tied_head(&self, embed: &Embedding) -> Result<Proj> {
         match self {
             Self::Safetensors(_) => Ok(Proj::Dense(Linear::new(embed.embeddings().clone(), None))),
-            Self::Gguf { file, .. } => Proj::from_qtensor(file.tensor("token_embd.weight")?, None),
+            Self::Gguf { file, device, .. } => {
+                Proj::from_qtensor(file.tensor("token_embd.weight")?, None, device)
+            }
         }
     }
 }
 
 impl Proj {
     /// Quantized weights stay quantized; f32/f16/bf16 ones become a dense projection
-    /// (its batch-invariant path).
-    pub fn from_qtensor(q: QTensor, bias: Option<Tensor>) -> Result<Self> {
+    /// (its batch-invariant path). `q` is read on the CPU; the projection lives on `device`.
+    pub fn from_qtensor(q: QTensor, bias: Option<Tensor>, device: &Device) -> Result<Self> {
         match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 let w = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-                Ok(Self::Dense(Linear::new(w, bias)))
+                Ok(Self::Dense(Linear::new(w.to_device(device)?, bias)))
             }
             _ => Ok(Self::Quant {
-                w: QMatMul::from_arc(Arc::new(q))?,
+                w: QMatMul::from_arc(Arc::new(qtensor_to(q, device)?))?,
                 bias,
             }),
         }
     }
+}
+
+/// `q` with its blocks copied to `device` (itself when that is the CPU).
+fn qtensor_to(q: QTensor, device: &Device) -> Result<QTensor> {
+    if device.is_cpu() {
+        return Ok(q);
+    }
+    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+    Ok(QTensor::new(storage, q.shape())?)
 }
 
 fn join(prefix: &str, name: &str) -> String {

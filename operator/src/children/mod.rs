@@ -281,7 +281,8 @@ pub fn desired_children(
                 failed_over_sites.push(site.name.clone());
                 failover_replicas += edge.min_replicas_per_node.max(1);
             }
-            let args = WorkerArgs::edge(&edge.model, &cloud_url, &edge.escalation);
+            let args = WorkerArgs::edge(&edge.model, &cloud_url, &edge.escalation)
+                .with_gpu_from(edge.resources.as_ref());
             let deployment = workload::deployment(
                 &base,
                 &kind,
@@ -416,6 +417,7 @@ pub fn desired_children(
         Some(_) => WorkerArgs::router(&spec.model),
         None => WorkerArgs::full(&spec.model),
     };
+    args = args.with_gpu_from(cloud.resources.as_ref());
     if spec.edge.is_some() {
         // A site with no ready replica routes its clients here: count them by its Service.
         args = args.with_env(

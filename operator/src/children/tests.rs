@@ -968,3 +968,48 @@ fn serving_settings_reach_every_engine_and_no_expert_shard() {
             .all(|w| env_of(w, "TIDAL_MAX_BATCH").is_none())
     );
 }
+
+#[test]
+fn a_full_worker_granted_a_gpu_runs_its_model_there_and_a_router_stays_on_the_cpu() {
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let gpu = |n: &str| {
+        Some(ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                "nvidia.com/gpu".to_string(),
+                Quantity(n.into()),
+            )])),
+            ..Default::default()
+        })
+    };
+    let (mut svcs, _) = load_example("dense-cloud.yaml");
+    let device = |s: &InferenceService| {
+        let c = desired_children(s, &[], &BuildConfig::default()).unwrap();
+        env_of(&c.workloads[0], "TIDAL_DEVICE")
+    };
+    assert_eq!(
+        device(&svcs[0]).as_deref(),
+        Some("cuda"),
+        "the example asks for one"
+    );
+    svcs[0].spec.cloud.resources = None;
+    assert_eq!(device(&svcs[0]), None, "no GPU asked for");
+    svcs[0].spec.cloud.resources = gpu("0");
+    assert_eq!(device(&svcs[0]), None, "zero GPUs");
+    svcs[0].spec.cloud.resources = gpu("1");
+    assert_eq!(device(&svcs[0]).as_deref(), Some("cuda"));
+
+    let (mut svcs, _) = load_example("moe-experts.yaml");
+    svcs[0].spec.cloud.resources = gpu("1");
+    let c = desired_children(&svcs[0], &[], &BuildConfig::default()).unwrap();
+    let router = c
+        .workloads
+        .iter()
+        .find(|w| w.kind == ChildKind::Router)
+        .unwrap();
+    assert!(args(router).windows(2).any(|p| p == ["--role", "router"]));
+    assert_eq!(env_of(router, "TIDAL_DEVICE"), None);
+    for w in &c.workloads {
+        assert_eq!(env_of(w, "TIDAL_DEVICE"), None, "{:?}", w.kind);
+    }
+}

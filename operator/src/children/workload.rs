@@ -72,6 +72,9 @@ pub const API_KEYS_FILE: &str = "api-keys";
 pub const TLS_DIR: &str = "/etc/tidal/tls";
 pub const TLS_FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 
+/// The extended resource NVIDIA's device plugin advertises.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
 /// Where an `oci://` model is mounted in the worker (an image volume, read-only).
 pub const MODEL_MOUNT: &str = "/models/model";
 
@@ -108,6 +111,22 @@ impl WorkerArgs {
     pub(super) fn with_env(mut self, name: &str, value: impl ToString) -> Self {
         self.env.push((name.into(), value.to_string()));
         self
+    }
+    /// A full worker whose limits grant a GPU (`nvidia.com/gpu`) runs its model there
+    /// (`TIDAL_DEVICE=cuda`; the image must be the worker's CUDA build, deploy/cuda/). A
+    /// router or expert shard keeps to the CPU: they exchange CPU tensors, and the worker
+    /// refuses a GPU in those roles.
+    pub(super) fn with_gpu_from(self, resources: Option<&ResourceRequirements>) -> Self {
+        let gpus = resources
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get(GPU_RESOURCE))
+            .is_some_and(|q| !matches!(q.0.trim(), "" | "0"));
+        let full = self.args.windows(2).any(|p| p == ["--role", "full"]);
+        if gpus && full {
+            self.with_env("TIDAL_DEVICE", "cuda")
+        } else {
+            self
+        }
     }
     pub fn full(m: &ModelSpec) -> Self {
         let a = Self::model(&m.uri, m.dtype.as_str(), "full");

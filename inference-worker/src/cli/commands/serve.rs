@@ -34,6 +34,7 @@ pub async fn serve(
         _ => None,
     };
     let dtype = crate::model::decoder::parse_dtype(&args.dtype)?;
+    let device = args.device()?;
     // Certificates load before binding: a bad one fails the start, not the first client.
     let server = args.server_options()?;
     let (listener, addr) = lifecycle::bind(args.listen).await?;
@@ -81,7 +82,7 @@ pub async fn serve(
             client,
             Duration::from_secs(600),
         ),
-        None => crate::model::loader::load(&source, dtype),
+        None => crate::model::loader::load(&source, dtype, &device),
     });
     let loaded = tokio::spawn(async move {
         match load.await {
