@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidal_worker::model::fixture::{FixtureArch, FixtureSpec};
+use tidal_worker::model::loader::Loaded;
 use tidal_worker::serve::engine::EngineConfig;
 use tidal_worker::serve::http::{AppState, Served, ServerConfig};
 use tidal_worker::serve::metrics::Metrics;
@@ -42,6 +43,9 @@ struct Args {
     /// Prompt length in tokens (bytes of the prompt text).
     #[arg(long, default_value_t = 16)]
     prompt: usize,
+    /// The long prompts' length in the long-prompt mix.
+    #[arg(long, default_value_t = 1024)]
+    long_prompt: usize,
 }
 
 fn percentile(xs: &mut [f64], p: f64) -> f64 {
@@ -188,6 +192,77 @@ struct Timing {
     tokens: usize,
 }
 
+/// Serves `loaded` over HTTP on a free loopback port, batch up to 16, and the rest of `cfg`.
+async fn serve(loaded: &Loaded, cfg: EngineConfig) -> SocketAddr {
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(
+        ServerConfig {
+            model_name: "bench".into(),
+            ..ServerConfig::default()
+        },
+        metrics.clone(),
+    );
+    let engine = tidal_worker::serve::engine::spawn(
+        loaded.model.clone(),
+        loaded.codec.clone(),
+        EngineConfig {
+            max_batch: 16,
+            queue_size: 64,
+            ..cfg
+        },
+        metrics,
+    );
+    state.set_served(Served {
+        engine,
+        codec: loaded.codec.clone(),
+        model: loaded.model.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        async move { axum::serve(listener, tidal_worker::serve::http::router(state)).await },
+    );
+    addr
+}
+
+/// Clients in the long-prompt mix, and requests each sends one after another.
+const MIX_CLIENTS: usize = 16;
+const MIX_ROUNDS: usize = 4;
+
+/// [`MIX_CLIENTS`] clients each send [`MIX_ROUNDS`] requests in turn; one request in four has
+/// a `long`-token prompt, the rest `short` ones. Every prompt starts with its own number, so no
+/// prefix is reused. Returns (is long, timing) per request.
+async fn long_prompt_mix(
+    addr: SocketAddr,
+    short: usize,
+    long: usize,
+    max_tokens: usize,
+) -> Vec<(bool, Timing)> {
+    let tasks: Vec<_> = (0..MIX_CLIENTS)
+        .map(|c| {
+            tokio::spawn(async move {
+                let mut out = vec![];
+                for r in 0..MIX_ROUNDS {
+                    let is_long = (c + r) % 4 == 0;
+                    let n = if is_long { long } else { short };
+                    let text: String = format!("{c}.{r}: ")
+                        .chars()
+                        .chain("The tide comes in. ".chars().cycle())
+                        .take(n)
+                        .collect();
+                    out.push((is_long, one_request(addr, &text, max_tokens).await));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = vec![];
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
 /// One streaming completion; returns client-side TTFT and inter-chunk gaps.
 async fn one_request(addr: SocketAddr, prompt: &str, max_tokens: usize) -> Timing {
     let body = serde_json::json!({"model": "bench", "prompt": prompt, "max_tokens": max_tokens,
@@ -275,34 +350,7 @@ async fn main() {
     eprintln!("ours, direct, batch 1");
     let direct = ours_tok_s(&loaded.model, &prompt_ids, args.tokens);
 
-    let metrics = Arc::new(Metrics::new());
-    let state = AppState::new(
-        ServerConfig {
-            model_name: "bench".into(),
-            ..ServerConfig::default()
-        },
-        metrics.clone(),
-    );
-    let engine = tidal_worker::serve::engine::spawn(
-        loaded.model.clone(),
-        loaded.codec.clone(),
-        EngineConfig {
-            max_batch: 16,
-            queue_size: 64,
-            ..EngineConfig::default()
-        },
-        metrics,
-    );
-    state.set_served(Served {
-        engine,
-        codec: loaded.codec,
-        model: loaded.model,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        async move { axum::serve(listener, tidal_worker::serve::http::router(state)).await },
-    );
+    let addr = serve(&loaded, EngineConfig::default()).await;
 
     let mut rows = vec![];
     let mut aggs = vec![];
@@ -358,6 +406,50 @@ async fn main() {
         ));
     }
 
+    // Long prompts among short ones at concurrency 16: what chunked prefill buys the requests
+    // that queue behind a long prefill (their TTFT) and the sequences decoding beside it (TPOT).
+    let mut mix_rows = vec![];
+    for chunk in [0usize, 512, 128] {
+        eprintln!("HTTP, long-prompt mix, prefill chunk {chunk}");
+        let addr = serve(
+            &loaded,
+            EngineConfig {
+                prefill_chunk_tokens: chunk,
+                ..EngineConfig::default()
+            },
+        )
+        .await;
+        let start = Instant::now();
+        let timings = long_prompt_mix(addr, args.prompt, args.long_prompt, args.tokens).await;
+        let wall = start.elapsed().as_secs_f64();
+        let ttfts = |pick: Option<bool>| -> Vec<f64> {
+            timings
+                .iter()
+                .filter(|(l, _)| pick.is_none_or(|p| p == *l))
+                .map(|(_, t)| t.ttft)
+                .collect()
+        };
+        let (mut all, mut short, mut long) = (ttfts(None), ttfts(Some(false)), ttfts(Some(true)));
+        let mut gaps: Vec<f64> = timings.iter().flat_map(|(_, t)| t.gaps.clone()).collect();
+        let total: usize = timings.iter().map(|(_, t)| t.tokens).sum();
+        let (p50, p99) = (percentile(&mut all, 0.5), percentile(&mut all, 0.99));
+        let (s50, s99) = (percentile(&mut short, 0.5), percentile(&mut short, 0.99));
+        mix_rows.push(format!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            if chunk == 0 { "off".to_string() } else { chunk.to_string() },
+            p50 * 1e3,
+            p99 * 1e3,
+            p99 / p50,
+            s50 * 1e3,
+            s99 * 1e3,
+            s99 / s50,
+            percentile(&mut long, 0.5) * 1e3,
+            percentile(&mut gaps, 0.99) * 1e3,
+            percentile(&mut gaps, 0.5) * 1e3,
+            total as f64 / wall,
+        ));
+    }
+
     let solo_agg = aggs[0].1;
     let scaling = aggs
         .iter()
@@ -386,6 +478,15 @@ TTFT and TPOT are client-side (time to first SSE chunk; gap between chunks).\n\n
 | Concurrency | tokens | aggregate tok/s | ratio to baseline | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |\n\
 |---|---|---|---|---|---|---|---|\n{rows}\n\n\
 {scaling}\n\n\
+## Long prompts among short ones, concurrency 16\n\n\
+{mc} clients each send {mr} requests one after another; one request in four has a {lp}-token \
+prompt, the others {p} tokens (each prompt starts with its own number: no prefix is reused), \
+{n} generated tokens each; batch up to 16. The same requests for each `--prefill-chunk-tokens` \
+setting, each on a fresh engine in this process. TTFT is client-side, so it includes the wait \
+for a place in the batch and for the steps ahead of the prompt; a long prompt's own TTFT \
+includes its whole prefill however it is cut.\n\n\
+| prefill chunk | TTFT p50 ms | TTFT p99 ms | p99/p50 | short prompts' TTFT p50 ms | short p99 ms | short p99/p50 | long prompts' TTFT p50 ms | TPOT p99 ms | TPOT p50 ms | aggregate tok/s |\n\
+|---|---|---|---|---|---|---|---|---|---|---|\n{mix_rows}\n\n\
 ## Weights read per token vs memory bandwidth\n\n\
 Decode is memory-bound: each step streams the weights it uses from RAM. Measured in this run \
 with a large-buffer read (512 MiB of `u64`s summed, best of 5): **{bw1:.1} GB/s** on one thread, \
@@ -432,6 +533,10 @@ matrix-vector kernel for one row and its blocked kernels, packing the weight, fo
         n = args.tokens,
         r = direct / base,
         rows = rows.join("\n"),
+        mix_rows = mix_rows.join("\n"),
+        mc = MIX_CLIENTS,
+        mr = MIX_ROUNDS,
+        lp = args.long_prompt,
     );
     // Keep the sections other benches maintain between their markers (`disagg_bench`,
     // `prefix_bench`, ...): everything from the first `<!-- NAME:begin -->` on.

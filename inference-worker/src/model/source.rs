@@ -5,7 +5,8 @@
 
 use crate::error::{Error, Result};
 use crate::model::gguf::{GgufFile, GgufRef, gguf_name};
-use crate::model::layers::Proj;
+use crate::model::layers::{Proj, QWeight};
+use crate::model::q41::Q41Matrix;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -191,10 +192,14 @@ impl Proj {
                 let w = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
                 Ok(Self::Dense(Linear::new(w.to_device(device)?, bias)))
             }
-            _ => Ok(Self::Quant {
-                w: QMatMul::from_arc(Arc::new(qtensor_to(q, device)?))?,
-                bias,
-            }),
+            _ => {
+                let q = qtensor_to(q, device)?;
+                let w = match Q41Matrix::from_qtensor(&q)? {
+                    Some(m) => QWeight::Q41(m),
+                    None => QWeight::Candle(QMatMul::from_arc(Arc::new(q))?),
+                };
+                Ok(Self::Quant { w, bias })
+            }
         }
     }
 }
