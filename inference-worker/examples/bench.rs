@@ -310,8 +310,17 @@ async fn one_request(addr: SocketAddr, prompt: &str, max_tokens: usize) -> Timin
     }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+fn main() {
+    // The kernels' thread count, as the worker settles it.
+    tidal_worker::model::threads::configure(None).expect("re-executing with RAYON_NUM_THREADS");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let args = Args::parse();
     let dir = tempfile::tempdir().unwrap();
     let spec = FixtureSpec {

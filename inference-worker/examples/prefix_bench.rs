@@ -206,8 +206,18 @@ async fn run(
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    // The kernels' thread count, as the worker settles it.
+    tidal_worker::model::threads::configure(None).expect("re-executing with RAYON_NUM_THREADS");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(bench());
+}
+
+async fn bench() {
     let args = Args::parse();
     let trace = read_trace(&args.trace, args.requests);
     assert!(!trace.is_empty(), "no requests in {}", args.trace.display());

@@ -5,13 +5,18 @@ use tidal_worker::cli::commands::{gen_fixture::gen_fixture, serve::serve};
 use tidal_worker::cli::{Cli, Command};
 use tidal_worker::serve::lifecycle::shutdown_signal;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
+            // Before any thread starts (the runtime is built below).
+            let threads = tidal_worker::model::threads::configure(args.threads)?;
             init_tracing(args.log_json);
-            serve(*args, shutdown_signal()).await?;
+            tracing::info!(threads, "kernel threads");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(*args, shutdown_signal()))?;
             Ok(())
         }
         Command::GenFixture(args) => {

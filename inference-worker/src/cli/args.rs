@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// the full role only).
     #[arg(long, env = "TIDAL_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Threads for the model's kernels; unset: `RAYON_NUM_THREADS` if set, else the CPUs
+    /// this process may use (its CPU limit) up to the physical cores.
+    #[arg(long, env = "TIDAL_THREADS")]
+    pub threads: Option<usize>,
     /// Most sequences decoded together.
     #[arg(long, env = "TIDAL_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,

@@ -76,6 +76,39 @@ impl Proj {
     }
 }
 
+/// Several projections of the same input (q, k and v; gate and up): Q4_1 ones in one pass
+/// (see [`crate::model::q41::Q41Matrix::forward_many`]), others one by one. Each result is
+/// bitwise what [`Proj::forward`] gives.
+pub(crate) fn forward_shared<const N: usize>(
+    projs: [&Proj; N],
+    xs: &Tensor,
+) -> Result<[Tensor; N]> {
+    let q41: Vec<_> = projs
+        .iter()
+        .filter_map(|p| match p {
+            Proj::Quant {
+                w: QWeight::Q41(m), ..
+            } => Some(m),
+            _ => None,
+        })
+        .collect();
+    let ys: Vec<Tensor> = if N > 1 && q41.len() == N {
+        let ys = crate::model::q41::Q41Matrix::forward_many(&q41, xs)?;
+        ys.into_iter()
+            .zip(projs)
+            .map(|(y, p)| match p {
+                Proj::Quant { bias: Some(b), .. } => Ok(y.broadcast_add(b)?),
+                _ => Ok(y),
+            })
+            .collect::<Result<_>>()?
+    } else {
+        projs.iter().map(|p| p.forward(xs)).collect::<Result<_>>()?
+    };
+    Ok(ys
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N projections in, N out")))
+}
+
 /// f32 projections go through [`crate::model::matmul`], whose rows are independent by
 /// construction. Other dtypes take gemm, padded to its blocked path, computing
 /// `weight · xsᵀ` rather than `xs · weightᵀ`: with the (large) weight as gemm's left
@@ -348,9 +381,7 @@ impl Gqa {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
-        let q_all = self.q.forward(xs)?;
-        let k_all = self.k.forward(xs)?;
-        let v_all = self.v.forward(xs)?;
+        let [q_all, k_all, v_all] = forward_shared([&self.q, &self.k, &self.v], xs)?;
         let mut ys = Vec::with_capacity(chunks.len());
         for (c, cache) in chunks.iter().zip(caches.iter_mut()) {
             let shape = |t: &Tensor, n: usize| -> Result<Tensor> {
@@ -407,8 +438,8 @@ impl Mlp {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let lhs = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
-        let rhs = self.up.forward(xs)?;
+        let [gate, rhs] = forward_shared([&self.gate, &self.up], xs)?;
+        let lhs = candle_nn::ops::silu(&gate)?;
         self.down.forward(&(lhs * rhs)?)
     }
 }

@@ -15,4 +15,5 @@ pub mod mla;
 pub mod moe;
 pub mod q41;
 pub mod source;
+pub mod threads;
 pub mod weights;
