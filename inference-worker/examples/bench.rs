@@ -12,6 +12,8 @@
 //!
 //! Run: `cargo run --release -p tidal-worker --example bench -- --out inference-worker/BENCHMARKS.md`
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use std::net::SocketAddr;
@@ -311,13 +313,7 @@ async fn one_request(addr: SocketAddr, prompt: &str, max_tokens: usize) -> Timin
 }
 
 fn main() {
-    // The kernels' thread count, as the worker settles it.
-    tidal_worker::model::threads::configure(None).expect("re-executing with RAYON_NUM_THREADS");
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(run());
+    common::run_tokio(None, run());
 }
 
 async fn run() {

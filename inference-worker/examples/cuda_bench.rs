@@ -206,8 +206,7 @@ fn copy_bandwidth(device: &Device) -> f64 {
 }
 
 fn main() {
-    // The kernels' thread count, as the worker settles it.
-    tidal_worker::model::threads::configure(None).expect("re-executing with RAYON_NUM_THREADS");
+    common::settle_threads();
     let args = Args::parse();
     let gpu = Device::new_cuda(args.gpu).expect("a CUDA device (built with --features cuda?)");
     let dir = tempfile::tempdir().unwrap();

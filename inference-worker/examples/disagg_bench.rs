@@ -117,13 +117,7 @@ fn wire_bytes(m: &Metrics) -> u64 {
 }
 
 fn main() {
-    // The kernels' thread count, as the worker settles it.
-    tidal_worker::model::threads::configure(None).expect("re-executing with RAYON_NUM_THREADS");
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(run());
+    common::run_tokio(None, run());
 }
 
 async fn run() {

@@ -207,14 +207,7 @@ async fn run(
 }
 
 fn main() {
-    // The kernels' thread count, as the worker settles it.
-    tidal_worker::model::threads::configure(None).expect("re-executing with RAYON_NUM_THREADS");
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(bench());
+    common::run_tokio(Some(2), bench());
 }
 
 async fn bench() {

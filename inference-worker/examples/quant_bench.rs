@@ -164,8 +164,7 @@ fn measure(name: &str, path: &Path, args: &Args) -> Row {
 }
 
 fn main() {
-    // The kernels' thread count, as the worker settles it.
-    tidal_worker::model::threads::configure(None).expect("re-executing with RAYON_NUM_THREADS");
+    common::settle_threads();
     let args = Args::parse();
     let dir = tempfile::tempdir().unwrap();
     // K-quants pack rows of 256: every width a multiple of it.

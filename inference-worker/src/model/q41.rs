@@ -334,6 +334,11 @@ mod tests {
         crate::model::layers::tests::values(n, seed)
     }
 
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     fn q41(out: usize, cols: usize) -> QTensor {
         let w = Tensor::from_vec(values(out * cols, 3), (out, cols), &Device::Cpu).unwrap();
         QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()
@@ -347,26 +352,30 @@ mod tests {
         let candle = QMatMul::from_qtensor(q).unwrap();
         for rows in [1, 3, 8] {
             let x = Tensor::from_vec(values(rows * cols, 9), (rows, cols), &Device::Cpu).unwrap();
-            let a: Vec<f32> = ours
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = candle
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
             assert_eq!(
-                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                bits(&ours.forward(&x).unwrap()),
+                bits(&candle.forward(&x).unwrap()),
                 "rows {rows}"
             );
         }
+    }
+
+    #[test]
+    fn matrices_in_one_pass_give_each_its_own_result_and_widths_must_match() {
+        let (a, b) = (q41(13, 128), q41(67, 128));
+        let (a, b) = (
+            Q41Matrix::from_qtensor(&a).unwrap().unwrap(),
+            Q41Matrix::from_qtensor(&b).unwrap().unwrap(),
+        );
+        let x = Tensor::from_vec(values(3 * 128, 2), (3, 128), &Device::Cpu).unwrap();
+        let both = Q41Matrix::forward_many(&[&a, &b], &x).unwrap();
+        assert_eq!(both[0].dims(), &[3, 13]);
+        assert_eq!(both[1].dims(), &[3, 67]);
+        assert_eq!(bits(&both[0]), bits(&a.forward(&x).unwrap()));
+        assert_eq!(bits(&both[1]), bits(&b.forward(&x).unwrap()));
+        let narrow = Q41Matrix::from_qtensor(&q41(8, 64)).unwrap().unwrap();
+        let e = Q41Matrix::forward_many(&[&a, &narrow], &x).unwrap_err();
+        assert!(e.to_string().contains("(8, 64)"), "{e}");
     }
 
     #[test]
