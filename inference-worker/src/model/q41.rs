@@ -179,12 +179,14 @@ impl Q41Matrix {
         });
         let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; rows * m.out]).collect();
         for (g0, part) in parts.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            for (k, v) in part.iter().enumerate() {
-                let (r, (i, g)) = (k % rows, locate(g0 + k / rows));
-                let out = ms[i].out;
-                let j0 = g * GROUP;
+            // A part holds, per group, one result per input row.
+            for (k, per_input) in part.chunks_exact(rows).enumerate() {
+                let (i, g) = locate(g0 + k);
+                let (out, j0) = (ms[i].out, g * GROUP);
                 let n = GROUP.min(out - j0);
-                ys[i][r * out + j0..r * out + j0 + n].copy_from_slice(&v[..n]);
+                for (r, v) in per_input.iter().enumerate() {
+                    ys[i][r * out + j0..r * out + j0 + n].copy_from_slice(&v[..n]);
+                }
             }
         }
         ys
