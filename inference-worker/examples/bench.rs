@@ -488,9 +488,11 @@ TTFT and TPOT are client-side (time to first SSE chunk; gap between chunks).\n\n
 {mc} clients each send {mr} requests one after another; one request in four has a {lp}-token \
 prompt, the others {p} tokens (each prompt starts with its own number: no prefix is reused), \
 {n} generated tokens each; batch up to 16. The same requests for each `--prefill-chunk-tokens` \
-setting, each on a fresh engine in this process. TTFT is client-side, so it includes the wait \
-for a place in the batch and for the steps ahead of the prompt; a long prompt's own TTFT \
-includes its whole prefill however it is cut.\n\n\
+setting, each on a fresh engine in this process (prompts get their chunks least remaining work \
+first, each step waited counting as a chunk done: `pick_chunks`). TTFT is client-side, so it \
+includes the wait for a place in the batch and for the steps ahead of the prompt; a long \
+prompt's own TTFT includes its whole prefill however it is cut. Every token is one SSE chunk \
+(with empty text while it is part of a character), so TTFT and TPOT are per token.\n\n\
 | prefill chunk | TTFT p50 ms | TTFT p99 ms | p99/p50 | short prompts' TTFT p50 ms | short p99 ms | short p99/p50 | long prompts' TTFT p50 ms | TPOT p99 ms | TPOT p50 ms | aggregate tok/s |\n\
 |---|---|---|---|---|---|---|---|---|---|---|\n{mix_rows}\n\n\
 ## Weights read per token vs memory bandwidth\n\n\

@@ -101,6 +101,22 @@ async fn streaming_matches_non_streaming_and_ends_with_done() {
         .filter_map(|c| c["choices"][0]["text"].as_str())
         .collect();
     assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
+    // One chunk per token, also for the tokens that are bytes of a character (this random
+    // model's answer has several): a client times every token, as with vLLM.
+    assert!(
+        text.contains('\u{FFFD}'),
+        "the answer has partial characters: {text:?}"
+    );
+    let token_chunks = chunks
+        .iter()
+        .filter(|c| {
+            c["choices"][0]["finish_reason"].is_null() && c["choices"][0]["text"].is_string()
+        })
+        .count();
+    assert!(
+        (12..=13).contains(&token_chunks),
+        "{token_chunks} text chunks for 12 tokens (a last one may flush held-back text)"
+    );
     let finish: Vec<&Value> = chunks
         .iter()
         .map(|c| &c["choices"][0]["finish_reason"])

@@ -217,6 +217,41 @@ struct Prefilling {
     events: mpsc::UnboundedSender<Event>,
     /// Holds the prompt's first `cache.len()` tokens.
     cache: KvCache,
+    /// Steps since its admission that did not compute a chunk of it.
+    waited: usize,
+}
+
+/// A prompt being computed, as the chunk scheduler sees it.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    /// Tokens of its next chunk.
+    chunk: usize,
+    /// Tokens of its prompt not yet computed.
+    remaining: usize,
+    /// Steps it has waited since its admission.
+    waited: usize,
+}
+
+/// The chunk length each prompt (oldest first) computes this step, if any: least remaining
+/// work first, while chunks fit the `budget` of tokens (the first always runs, and smaller
+/// ones fill what a larger one left), so a short prompt is not queued behind the whole
+/// prefill of a long one that arrived just before it. Each step a prompt has waited counts
+/// as a budget of its tokens done, so newcomers delay a prompt by at most as many steps as
+/// its own prefill takes: no starvation. Ties go to the oldest.
+fn pick_chunks(wants: &[Want], budget: usize) -> Vec<Option<usize>> {
+    let key = |w: &Want| w.remaining as i128 - budget as i128 * w.waited as i128;
+    let mut order: Vec<usize> = (0..wants.len()).collect();
+    order.sort_by_key(|&i| (key(&wants[i]), i));
+    let mut lens = vec![None; wants.len()];
+    let mut left = budget;
+    for (n, i) in order.into_iter().enumerate() {
+        let len = wants[i].chunk;
+        if n == 0 || len <= left {
+            left = left.saturating_sub(len);
+            lens[i] = Some(len);
+        }
+    }
+    lens
 }
 
 /// Where the chunk of a prompt of `n` tokens that starts at `pos` ends: the next multiple of
@@ -336,7 +371,12 @@ impl Engine {
         self.metrics.running.inc();
         let mut cache = self.reuse_prefix(&req);
         if !req.prompt_logprobs {
-            self.prefilling.push_back(Prefilling { req, events, cache });
+            self.prefilling.push_back(Prefilling {
+                req,
+                events,
+                cache,
+                waited: 0,
+            });
             return;
         }
         // Every position's logits: each scores the prompt token after it.
@@ -477,23 +517,25 @@ impl Engine {
         };
         running.retain(|seq| cancelled(&seq.events));
         prefilling.retain(|p| cancelled(&p.events));
-        // Chunks in admission order while they fit the budget; the first one always runs.
-        let mut lens = Vec::new();
-        let mut budget = if self.chunk_tokens == 0 {
+        // Which prompts get their next chunk this step (see `pick_chunks`).
+        let budget = if self.chunk_tokens == 0 {
             usize::MAX
         } else {
             self.chunk_tokens
         };
-        for p in &prefilling {
-            let pos = p.cache.len();
-            let len = chunk_end(pos, p.req.prompt_ids.len(), self.chunk_tokens) - pos;
-            if !lens.is_empty() && len > budget {
-                break;
-            }
-            budget = budget.saturating_sub(len);
-            lens.push(len);
-        }
-        if running.is_empty() && lens.is_empty() {
+        let wants: Vec<Want> = prefilling
+            .iter()
+            .map(|p| {
+                let (pos, n) = (p.cache.len(), p.req.prompt_ids.len());
+                Want {
+                    chunk: chunk_end(pos, n, self.chunk_tokens) - pos,
+                    remaining: n - pos,
+                    waited: p.waited,
+                }
+            })
+            .collect();
+        let lens = pick_chunks(&wants, budget);
+        if running.is_empty() && lens.iter().all(Option::is_none) {
             return;
         }
         let result = {
@@ -501,24 +543,33 @@ impl Engine {
                 .iter_mut()
                 .map(|seq| (std::slice::from_ref(&seq.last), &mut seq.cache))
                 .collect();
-            for (p, &len) in prefilling.iter_mut().zip(&lens) {
-                let pos = p.cache.len();
-                batch.push((&p.req.prompt_ids[pos..pos + len], &mut p.cache));
+            for (p, len) in prefilling.iter_mut().zip(&lens) {
+                if let Some(len) = *len {
+                    let pos = p.cache.len();
+                    batch.push((&p.req.prompt_ids[pos..pos + len], &mut p.cache));
+                }
             }
             self.model.forward_batch(&mut batch)
         };
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                for events in running
-                    .iter()
-                    .map(|s| &s.events)
-                    .chain(prefilling.iter().take(lens.len()).map(|p| &p.events))
-                {
+                for events in running.iter().map(|s| &s.events).chain(
+                    prefilling
+                        .iter()
+                        .zip(&lens)
+                        .filter(|(_, len)| len.is_some())
+                        .map(|(p, _)| &p.events),
+                ) {
                     self.metrics.running.dec();
                     let _ = events.send(Event::Error(e.to_string()));
                 }
-                self.prefilling = prefilling.into_iter().skip(lens.len()).collect();
+                self.prefilling = prefilling
+                    .into_iter()
+                    .zip(&lens)
+                    .filter(|(_, len)| len.is_none())
+                    .map(|(p, _)| p)
+                    .collect();
                 return;
             }
         };
@@ -542,13 +593,15 @@ impl Engine {
         });
         self.running = running;
         let mut done = Vec::new();
-        for (i, p) in prefilling.into_iter().enumerate() {
-            if i < lens.len() {
+        for (mut p, len) in prefilling.into_iter().zip(lens) {
+            if len.is_some() {
                 let row = logits.next().expect("one row of logits per prompt chunk");
                 if p.cache.len() == p.req.prompt_ids.len() {
                     done.push((p, row));
                     continue;
                 }
+            } else {
+                p.waited += 1;
             }
             self.prefilling.push_back(p);
         }
@@ -610,7 +663,12 @@ impl Engine {
                     Some(FinishReason::Stop)
                 }
                 Ok(Push::Delta(delta)) => {
-                    send_delta(seq, delta);
+                    // One event per token, even when its text is held back (part of a
+                    // character, or maybe of a stop sequence): streaming clients see every
+                    // token arrive, so their time to first token and per-token gaps are the
+                    // engine's, as vLLM's streams give them.
+                    seq.sent += delta.len();
+                    let _ = seq.events.send(Event::Delta(delta));
                     let context = self.model.config().max_position_embeddings;
                     if seq.generated >= seq.max_tokens || seq.cache.len() + 1 > context {
                         let rest = seq.detok.flush();
@@ -655,5 +713,55 @@ fn send_delta(seq: &mut Sequence, delta: String) {
     if !delta.is_empty() {
         seq.sent += delta.len();
         let _ = seq.events.send(Event::Delta(delta));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(chunk: usize, remaining: usize, waited: usize) -> Want {
+        Want {
+            chunk,
+            remaining,
+            waited,
+        }
+    }
+
+    #[test]
+    fn short_prompts_go_before_a_long_one_that_arrived_first() {
+        // A 256-token prompt (chunks of 128) admitted just before two 16-token ones.
+        let wants = [want(128, 256, 0), want(16, 16, 0), want(16, 16, 0)];
+        assert_eq!(pick_chunks(&wants, 128), vec![None, Some(16), Some(16)]);
+    }
+
+    #[test]
+    fn smaller_chunks_fill_what_a_larger_one_left() {
+        let wants = [want(100, 100, 0), want(64, 64, 0), want(20, 20, 0)];
+        // 20 first, then 64 (84 used), 100 does not fit.
+        assert_eq!(pick_chunks(&wants, 128), vec![None, Some(64), Some(20)]);
+        // The first in order always runs, even alone over the budget.
+        assert_eq!(pick_chunks(&[want(128, 300, 0)], 64), vec![Some(128)]);
+    }
+
+    #[test]
+    fn a_waiting_long_prompt_outranks_newcomers_within_its_own_prefill_time() {
+        // 256 tokens left, budget 128: after two waited steps its key is 0 and it goes
+        // first whatever arrives; after one it still yields to a 16-token newcomer.
+        let one = [want(128, 256, 1), want(16, 16, 0)];
+        assert_eq!(pick_chunks(&one, 128), vec![None, Some(16)]);
+        let two = [want(128, 256, 2), want(16, 16, 0)];
+        assert_eq!(pick_chunks(&two, 128), vec![Some(128), None]);
+        // Its wait is not forgotten after a chunk: the rest of it goes next.
+        let rest = [want(128, 128, 2), want(16, 16, 0)];
+        assert_eq!(pick_chunks(&rest, 128), vec![Some(128), None]);
+    }
+
+    #[test]
+    fn ties_go_to_the_oldest_and_no_chunking_runs_everything() {
+        let wants = [want(128, 128, 0), want(128, 128, 0)];
+        assert_eq!(pick_chunks(&wants, 128), vec![Some(128), None]);
+        let whole = [want(900, 900, 0), want(16, 16, 0)];
+        assert_eq!(pick_chunks(&whole, usize::MAX), vec![Some(900), Some(16)]);
     }
 }
