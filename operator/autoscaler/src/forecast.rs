@@ -21,6 +21,7 @@ use augurs::ets::{AutoETS, FittedAutoETS};
 use augurs::mstl::{FittedTrendModel, MSTLModel, TrendModel};
 use augurs::{Fit, Forecast, Predict};
 
+use super::conformal::DtAci;
 use super::level::{Persistence, smooth};
 use super::types::Method;
 
@@ -48,11 +49,12 @@ const RESIDUALS_MAX: usize = 256;
 const RESIDUALS_MIN: usize = 20;
 /// Most steps evaluated up to the horizon.
 const MAX_STEPS: usize = 240;
-/// Step size of the adaptive conformal update of the interval's levels (Gibbs & Candès 2021,
+/// Step size of the plain adaptive conformal update on top of DtACI (Gibbs & Candès 2021,
 /// "Adaptive conformal inference under distribution shift", their published choice: not tuned
-/// on any trace). Each outcome moves a level by γ·(miss − nominal miss rate), so the long-run
-/// miss rate is the nominal one whatever the trace, with an error bound of
-/// (max level span + γ)/(γ·T) after T outcomes.
+/// on any trace). DtACI adapts fast but its weighted mix of levels can sit a point or so off
+/// nominal for good; this slow outer loop moves an offset by γ·(nominal miss rate − miss) on
+/// the bound actually provisioned, and ACI's bound then holds for the sum whatever DtACI
+/// does: miss-rate error at most (level span + γ)/(γ·T) after T outcomes.
 const ACI_GAMMA: f64 = 0.005;
 
 /// Demand history read back when a loop (re)starts: [`COARSE_BUCKET_S`] bucket means
@@ -117,6 +119,9 @@ struct Pending {
     point: f64,
     lower: f64,
     upper: f64,
+    /// What the upper bound was at least, whatever its level: the point and the peak and
+    /// trend floors.
+    floor: f64,
 }
 
 /// A forecast at one horizon.
@@ -301,6 +306,50 @@ pub(crate) fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     }
 }
 
+/// The inverse of [`quantile_sorted`]: the level `q` at which it gives `v` (0 or 1 outside
+/// the values' range; the lowest such level where values repeat).
+pub(crate) fn level_of_sorted(sorted: &[f64], v: f64) -> f64 {
+    let n = sorted.len();
+    if n < 2 {
+        return if sorted.first().is_some_and(|&x| v <= x) {
+            0.0
+        } else {
+            1.0
+        };
+    }
+    if v <= sorted[0] {
+        return 0.0;
+    }
+    if v > sorted[n - 1] {
+        return 1.0;
+    }
+    // The first i with sorted[i + 1] >= v; v lies in [sorted[i], sorted[i + 1]].
+    let i = sorted.partition_point(|&x| x < v) - 1;
+    let span = sorted[i + 1] - sorted[i];
+    let f = if span > 0.0 {
+        (v - sorted[i]) / span
+    } else {
+        0.0
+    };
+    (i as f64 + f) / (n - 1) as f64
+}
+
+/// The standard normal CDF (Abramowitz & Stegun 7.1.26 for erf, |error| < 1.5e-7).
+pub fn normal_cdf(x: f64) -> f64 {
+    let z = x.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-z * z).exp();
+    if x >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
 /// Samples behind the short-window trend floor (at most).
 const TREND_SAMPLES: usize = 8;
 /// Fewest samples for a trend floor: a service's first minutes are often its steepest ramp.
@@ -312,7 +361,6 @@ const TREND_MIN_T: f64 = 2.0;
 #[derive(Clone, Debug)]
 pub struct Forecaster {
     method: Method,
-    quantile: f64,
     fine: VecDeque<(f64, f64)>,
     /// Complete bucket means; the last one has absolute index `coarse_last`.
     coarse: VecDeque<f64>,
@@ -325,9 +373,16 @@ pub struct Forecaster {
     /// Forecasts waiting for their target time.
     pending: VecDeque<Pending>,
     residuals: VecDeque<f64>,
-    /// Adaptive levels of the upper and lower residual quantiles.
+    /// Adaptive levels of the upper and lower residual quantiles, and how they are tuned.
     upper_level: f64,
     lower_level: f64,
+    upper_aci: DtAci,
+    lower_aci: DtAci,
+    /// The outer ACI loop's offsets of the two miscoverage levels (see [`ACI_GAMMA`]).
+    upper_offset: f64,
+    lower_offset: f64,
+    /// 1 − the quantile of the upper bound: the nominal miss rate of each bound.
+    nominal_miss: f64,
     /// Recent outcomes: (above the upper bound, inside the band).
     outcomes: VecDeque<(bool, bool)>,
     /// Sample time the last forecast was recorded for (one record per sample).
@@ -348,9 +403,13 @@ impl Forecaster {
         };
         Forecaster {
             method,
-            quantile,
             upper_level: quantile,
             lower_level: 1.0 - quantile,
+            upper_aci: DtAci::new(1.0 - quantile),
+            lower_aci: DtAci::new(1.0 - quantile),
+            upper_offset: 0.0,
+            lower_offset: 0.0,
+            nominal_miss: 1.0 - quantile,
             outcomes: VecDeque::new(),
             fine: VecDeque::new(),
             coarse: VecDeque::new(),
@@ -434,8 +493,9 @@ impl Forecaster {
                 if self.residuals.len() == RESIDUALS_MAX {
                     self.residuals.pop_front();
                 }
-                self.residuals.push_back(v - p.point);
+                // Scored against the errors the forecast was made with, before its own.
                 self.calibrate(v, &p);
+                self.residuals.push_back(v - p.point);
             }
         }
         self.level = Some(match (self.level, self.last_t) {
@@ -647,6 +707,7 @@ impl Forecaster {
                 point,
                 lower,
                 upper,
+                floor: point.max(peak),
             });
             while self.pending.len() > 4 * MAX_STEPS {
                 self.pending.pop_front();
@@ -695,22 +756,63 @@ impl Forecaster {
         (line.slope > 0.0 && v.is_finite()).then_some(v)
     }
 
-    /// Adaptive conformal inference: a forecast's outcome moves each bound's level so that
-    /// its miss rate tends to the nominal one on this series, whatever its shape (the bound
-    /// actually provisioned includes the peak and trend floors, so it is that bound, not the
-    /// residual quantile alone, whose misses are counted).
+    /// Adaptive conformal inference (DtACI, see [`crate::conformal`]): a forecast's outcome
+    /// retunes each bound's level so that its miss rate tends to the nominal one on this
+    /// series, whatever its shape. The misses recorded are those of the bound actually
+    /// provisioned (with the peak and trend floors), and the level an outcome needed is read
+    /// the same way.
     fn calibrate(&mut self, actual: f64, p: &Pending) {
-        let nominal_miss = 1.0 - self.quantile;
         let above = actual > p.upper;
         let below = actual < p.lower;
-        self.upper_level =
-            (self.upper_level + ACI_GAMMA * (f64::from(above) - nominal_miss)).clamp(0.5, 0.9995);
-        self.lower_level =
-            (self.lower_level - ACI_GAMMA * (f64::from(below) - nominal_miss)).clamp(0.0005, 0.5);
+        let d = actual - p.point;
+        // The largest miscoverage level whose upper bound covers `actual`: any, when the
+        // floors did; else that of the smallest residual quantile reaching it.
+        let upper_beta = if actual <= p.floor {
+            1.0
+        } else {
+            1.0 - self.level_reaching(d)
+        };
+        // The lower bound is never above the point: any level covers an actual above it.
+        let lower_beta = if d >= 0.0 {
+            1.0
+        } else {
+            self.level_reaching(d)
+        };
+        self.upper_aci.update(upper_beta);
+        self.lower_aci.update(lower_beta);
+        let nominal_miss = self.nominal_miss;
+        let outer = |offset: f64, miss: bool| {
+            // Bounded: where no level can cover (a burst above every recorded error) the
+            // offset would otherwise run away and take long to come back.
+            (offset + ACI_GAMMA * (nominal_miss - f64::from(miss))).clamp(-1.0, 1.0)
+        };
+        self.upper_offset = outer(self.upper_offset, above);
+        self.lower_offset = outer(self.lower_offset, below);
+        self.upper_level = (1.0 - self.upper_aci.level() - self.upper_offset).clamp(0.5, 0.9995);
+        self.lower_level = (self.lower_aci.level() + self.lower_offset).clamp(0.0005, 0.5);
         if self.outcomes.len() == RESIDUALS_MAX {
             self.outcomes.pop_front();
         }
         self.outcomes.push_back((above, !above && !below));
+    }
+
+    /// The level whose offset (see [`Self::interval_offsets`]) is `d`: where `d` falls among
+    /// the recorded errors, or under the normal approximation used while they are few.
+    fn level_reaching(&self, d: f64) -> f64 {
+        if self.residuals.len() >= RESIDUALS_MIN {
+            let mut r: Vec<f64> = self.residuals.iter().copied().collect();
+            r.sort_by(f64::total_cmp);
+            level_of_sorted(&r, d)
+        } else {
+            let sd = self.recent_sd();
+            if sd > 0.0 {
+                normal_cdf(d / sd)
+            } else if d > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
     }
 
     /// The interval's recent record and current levels (`None` before any forecast was
@@ -736,19 +838,26 @@ impl Forecaster {
                 quantile_sorted(&r, self.lower_level),
             )
         } else {
-            let n = self.fine.len();
-            let recent: Vec<f64> = self
-                .fine
-                .iter()
-                .skip(n.saturating_sub(30))
-                .map(|&(_, v)| v)
-                .collect();
-            let sd = std_dev(&recent);
+            let sd = self.recent_sd();
             (
                 normal_quantile(self.upper_level) * sd,
                 normal_quantile(self.lower_level) * sd,
             )
         }
+    }
+}
+
+impl Forecaster {
+    /// Standard deviation of the last 30 samples (the interval while errors are few).
+    fn recent_sd(&self) -> f64 {
+        let n = self.fine.len();
+        let recent: Vec<f64> = self
+            .fine
+            .iter()
+            .skip(n.saturating_sub(30))
+            .map(|&(_, v)| v)
+            .collect();
+        std_dev(&recent)
     }
 }
 

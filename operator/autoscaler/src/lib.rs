@@ -7,7 +7,7 @@
 //! The types in [`types`] are the contract between the three; add fields, never rename.
 //!
 //! One job per module: [`forecast`] (bounded history, cached augurs models, conformal
-//! intervals), [`level`] (the smoothed demand now and how much of it lasts a horizon), [`capacity`] (capacity per replica, learned and SLO-corrected), [`fast`] (scale-ups
+//! intervals), [`conformal`] (their online calibration), [`level`] (the smoothed demand now and how much of it lasts a horizon), [`capacity`] (capacity per replica, learned and SLO-corrected), [`fast`] (scale-ups
 //! from the workers' own queue readings, every second or two), [`stabilize`]
 //! (windows, step limits, bounds), [`queueing`] (headroom for waits within the TTFT SLO),
 //! [`planner`] (expert placement and shard replicas), [`plan_gate`] (when a new placement may
@@ -15,6 +15,7 @@
 //! [`core`] (the stateful step tying them together).
 
 pub mod capacity;
+pub mod conformal;
 pub mod core;
 pub mod fast;
 pub mod forecast;

@@ -799,7 +799,7 @@ interval at its horizon vs the cloud arrival rate measured over the sync interva
 target time; targets with an actual below 5 % of the trace's mean rate are skipped. *Above \
 upper* is how often the actual exceeded the bound provisioned for (nominal 1 − q, 10 % at \
 q = 0.90), *PI coverage* how often it fell inside [lower, upper] (nominal 2q − 1, 80 %); the \
-core calibrates both online (adaptive conformal inference, step 0.005) on its own errors.
+core calibrates both online (dynamically-tuned adaptive conformal inference, DtACI) on its own errors.
 - **Matched comparison**: the shared target favours whoever over-provisions (more SLO) or \
 under-provisions (less cost), so every policy is also replayed with its target utilisation \
 swept, and compared at the best baseline's cost (SLO attainment reached for that many \
