@@ -228,6 +228,9 @@ async fn serve(loaded: &Loaded, cfg: EngineConfig) -> SocketAddr {
     addr
 }
 
+/// Prompt lengths of the batch-1 decode after a long prompt.
+const LONG_CONTEXTS: [usize; 2] = [1024, 2048];
+
 /// Clients in the long-prompt mix, and requests each sends one after another.
 const MIX_CLIENTS: usize = 16;
 const MIX_ROUNDS: usize = 4;
@@ -355,6 +358,23 @@ async fn run() {
     let loaded = tidal_worker::model::loader::load_dir(dir.path(), DType::F32).unwrap();
     eprintln!("ours, direct, batch 1");
     let direct = ours_tok_s(&loaded.model, &prompt_ids, args.tokens);
+    // Decode after a long prompt: each step also reads the whole attention cache (and
+    // whatever copies of it an implementation makes per step).
+    let long_ctx: Vec<String> = LONG_CONTEXTS
+        .iter()
+        .map(|&ctx| {
+            eprintln!("batch 1 after a {ctx}-token prompt: baseline, then ours");
+            let p: Vec<u32> = prompt_text
+                .bytes()
+                .cycle()
+                .take(ctx)
+                .map(u32::from)
+                .collect();
+            let b = baseline_tok_s(dir.path(), &p, args.tokens);
+            let o = ours_tok_s(&loaded.model, &p, args.tokens);
+            format!("| {ctx} | {b:.1} | {o:.1} | {:.2} |", o / b)
+        })
+        .collect();
 
     let addr = serve(&loaded, EngineConfig::default()).await;
 
@@ -478,6 +498,11 @@ Prompt {p} tokens, {n} generated tokens per request (greedy, `ignore_eos`).\n\n\
 | Implementation | decode tok/s | ratio to baseline |\n|---|---|---|\n\
 | candle-transformers `models::mixtral` (baseline) | {base:.1} | 1.00 |\n\
 | tidal-worker `Model` | {direct:.1} | {r:.2} |\n\n\
+After a long prompt (the same greedy decode steps, each also reading the whole attention \
+cache; grouped-query heads read their key head's cache in place rather than a copy per \
+query head):\n\n\
+| prompt tokens | candle-transformers tok/s | tidal-worker tok/s | ratio |\n|---|---|---|---|\n\
+{long_ctx}\n\n\
 ## Through HTTP (streaming `/v1/completions`, client on the same machine)\n\n\
 Aggregate tok/s = completion tokens of all requests / wall time from first send to last `[DONE]`.\n\
 TTFT and TPOT are client-side (time to first SSE chunk; gap between chunks).\n\n\
@@ -542,6 +567,7 @@ matrix-vector kernel for one row and its blocked kernels, packing the weight, fo
         r = direct / base,
         rows = rows.join("\n"),
         mix_rows = mix_rows.join("\n"),
+        long_ctx = long_ctx.join("\n"),
         mc = MIX_CLIENTS,
         mr = MIX_ROUNDS,
         lp = args.long_prompt,

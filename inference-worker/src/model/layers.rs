@@ -282,13 +282,16 @@ pub(crate) fn append_kv(
 }
 
 /// Softmax attention of one chunk, scores and softmax in f32 so that bf16/f16 weights
-/// stay numerically sane: `(1, heads, len, v_dim)` in `q`'s dtype.
+/// stay numerically sane: `(1, heads, rows, v_dim)` in `q`'s dtype. `decode`: the chunk is
+/// one position (its rows are heads of a group, see [`Gqa::forward`]), so its shape is the
+/// same whatever runs beside it and needs no padding (see [`matmul_rows`]).
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     mask: Option<&Tensor>,
+    decode: bool,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
     let (q, k, v) = (
@@ -296,26 +299,26 @@ pub(crate) fn attend(
         k.to_dtype(DType::F32)?,
         v.to_dtype(DType::F32)?,
     );
-    let att = (matmul_rows(&q, &k.t()?)? * scale)?;
+    let att = (matmul_rows(&q, &k.t()?, decode)? * scale)?;
     let att = match mask {
         Some(m) => att.broadcast_add(m)?,
         None => att,
     };
     let att = candle_nn::ops::softmax_last_dim(&att)?;
-    Ok(matmul_rows(&att, &v.contiguous()?)?.to_dtype(dtype)?)
+    Ok(matmul_rows(&att, &v.contiguous()?, decode)?.to_dtype(dtype)?)
 }
 
 /// `a (1, heads, rows, k) x b (1, heads, k, cols)`. With two rows or more (a prefill), padded
 /// with zero rows to gemm's blocked path ([`invariant_rows`]), so that each query row comes
 /// out as it would among any other number of rows: the suffix of a prompt computed after a
-/// reused prefix gets bitwise the values a whole prefill of the prompt would. One row (a
-/// decode step) keeps the faster matrix-vector path; a reused prefix always leaves at least
-/// two prompt tokens to compute, so no prefill row takes it.
-fn matmul_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// reused prefix gets bitwise the values a whole prefill of the prompt would. A decode step
+/// (one position) keeps the faster unpadded path; a reused prefix always leaves at least two
+/// prompt tokens to compute, so no prefill chunk takes it.
+fn matmul_rows(a: &Tensor, b: &Tensor, decode: bool) -> Result<Tensor> {
     let (d0, heads, rows, k) = a.dims4()?;
     let padded = invariant_rows(rows, b.dim(3)?);
     // On a GPU padding buys no invariance (see `dense_forward`).
-    if rows < 2 || padded == rows || !a.device().is_cpu() {
+    if decode || rows < 2 || padded == rows || !a.device().is_cpu() {
         return Ok(a.matmul(b)?);
     }
     let zeros = Tensor::zeros((d0, heads, padded - rows, k), a.dtype(), a.device())?;
@@ -398,11 +401,28 @@ impl Gqa {
             let q = rotary.apply(&q, c.offset)?;
             let k = rotary.apply(&k, c.offset)?;
             let (k, v) = append_kv(cache, layer, k, v)?;
-            let groups = self.heads / self.kv_heads;
-            let k = candle_transformers::utils::repeat_kv(k, groups)?;
-            let v = candle_transformers::utils::repeat_kv(v, groups)?;
             let scale = 1f64 / (self.head_dim as f64).sqrt();
-            let y = attend(&q, &k, &v, scale, c.mask.as_ref())?;
+            let decode = c.len == 1;
+            let groups = self.heads / self.kv_heads;
+            let y = if groups == 1 {
+                attend(&q, &k, &v, scale, c.mask.as_ref(), decode)?
+            } else {
+                // Grouped queries without copying K and V per query head (what
+                // `repeat_kv` does, a copy of the whole cache every step): the query heads
+                // that share a key head become rows of one matrix against it. Heads are
+                // grouped by key head (query head h reads key head h / groups), rows
+                // ordered (head in group, position), so the mask repeats per head.
+                let q =
+                    q.contiguous()?
+                        .reshape((1, self.kv_heads, groups * c.len, self.head_dim))?;
+                let mask = c.mask.as_ref().map(|m| m.repeat((groups, 1))).transpose()?;
+                attend(&q, &k, &v, scale, mask.as_ref(), decode)?.reshape((
+                    1,
+                    self.heads,
+                    c.len,
+                    self.head_dim,
+                ))?
+            };
             ys.push(
                 y.transpose(1, 2)?
                     .reshape((c.len, self.heads * self.head_dim))?,

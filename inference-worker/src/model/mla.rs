@@ -125,7 +125,7 @@ impl Mla {
             let k = Tensor::cat(&[&kv.narrow(3, 0, nope)?, &k_pe], 3)?;
             let v = kv.narrow(3, nope, v_dim)?.contiguous()?;
             let (k, v) = append_kv(cache, layer, k, v)?;
-            let y = attend(&q, &k, &v, self.scale, c.mask.as_ref())?;
+            let y = attend(&q, &k, &v, self.scale, c.mask.as_ref(), c.len == 1)?;
             ys.push(y.transpose(1, 2)?.reshape((c.len, self.heads * v_dim))?);
         }
         let y = if ys.len() == 1 {
