@@ -16,13 +16,46 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Per-sequence attention cache: one (key, value) pair per layer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
+    /// Each layer's keys and values of the `len` positions held: views of `room`'s start
+    /// where this cache has room, shared tensors otherwise (a reused prefix, a clone).
     pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Buffers with room to grow (see [`crate::model::layers::append_kv`]): new positions
+    /// are written in place rather than the whole cache copied every step. Only this cache
+    /// writes into them, at positions past every view handed out, so the views others hold
+    /// never change.
+    pub(crate) room: Vec<Option<(Tensor, Tensor)>>,
     pub(crate) len: usize,
+    /// Most positions the model takes: room never grows past it.
+    pub(crate) limit: usize,
+}
+
+impl Clone for KvCache {
+    /// The clone shares the positions held but not the room: it copies into a buffer of its
+    /// own when it grows, so two sequences never write into one buffer.
+    fn clone(&self) -> Self {
+        Self {
+            layers: self.layers.clone(),
+            room: vec![None; self.room.len()],
+            len: self.len,
+            limit: self.limit,
+        }
+    }
 }
 
 impl KvCache {
+    /// A cache holding `layers` (keys and values of `len` positions), with no room yet.
+    #[cfg(test)]
+    pub(crate) fn holding(layers: Vec<Option<(Tensor, Tensor)>>, len: usize) -> Self {
+        Self {
+            room: vec![None; layers.len()],
+            layers,
+            len,
+            limit: usize::MAX,
+        }
+    }
+
     /// Number of positions already in the cache.
     pub fn len(&self) -> usize {
         self.len
@@ -219,7 +252,9 @@ impl Model {
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             layers: vec![None; self.layers.len()],
+            room: vec![None; self.layers.len()],
             len: 0,
+            limit: self.cfg.max_position_embeddings,
         }
     }
 

@@ -264,20 +264,48 @@ impl Attention {
     }
 }
 
+/// Fewest positions a cache's room is made for.
+const MIN_ROOM: usize = 64;
+
 /// Appends a chunk's new keys and values (`(1, heads, len, dim)`) to `layer`'s slot of
-/// its cache, along dim 2, and returns the whole sequence's.
+/// its cache, along dim 2, and returns the whole sequence's (views of the cache's room).
+/// New positions are written in place into room that doubles when full (up to the model's
+/// context), so a decode step copies its own keys and values, not the whole cache.
 pub(crate) fn append_kv(
     cache: &mut KvCache,
     layer: usize,
     k: Tensor,
     v: Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let slot = &mut cache.layers[layer];
-    let (k, v) = match slot.take() {
-        None => (k, v),
-        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+    let old = match &cache.layers[layer] {
+        Some((pk, _)) => pk.dim(2)?,
+        None => 0,
     };
-    *slot = Some((k.clone(), v.clone()));
+    let total = old + k.dim(2)?;
+    let fits = match &cache.room[layer] {
+        Some((rk, _)) => rk.dim(2)? >= total,
+        None => false,
+    };
+    if !fits {
+        let cap = (2 * total).max(MIN_ROOM).min(cache.limit).max(total);
+        let alloc = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            Ok(Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?)
+        };
+        let (rk, rv) = (alloc(&k)?, alloc(&v)?);
+        if let Some((pk, pv)) = &cache.layers[layer] {
+            rk.slice_set(&pk.contiguous()?, 2, 0)?;
+            rv.slice_set(&pv.contiguous()?, 2, 0)?;
+        }
+        cache.room[layer] = Some((rk, rv));
+    }
+    let (rk, rv) = cache.room[layer]
+        .as_ref()
+        .expect("room was just made for these positions");
+    rk.slice_set(&k.contiguous()?, 2, old)?;
+    rv.slice_set(&v.contiguous()?, 2, old)?;
+    let (k, v) = (rk.narrow(2, 0, total)?, rv.narrow(2, 0, total)?);
+    cache.layers[layer] = Some((k.clone(), v.clone()));
     Ok((k, v))
 }
 
@@ -305,7 +333,9 @@ pub(crate) fn attend(
         None => att,
     };
     let att = candle_nn::ops::softmax_last_dim(&att)?;
-    Ok(matmul_rows(&att, &v.contiguous()?, decode)?.to_dtype(dtype)?)
+    // `v` may be a view of a cache's room: each head's rows are contiguous, which is all
+    // the matmul needs, so it is not copied.
+    Ok(matmul_rows(&att, &v, decode)?.to_dtype(dtype)?)
 }
 
 /// `a (1, heads, rows, k) x b (1, heads, k, cols)`. With two rows or more (a prefill), padded
@@ -467,6 +497,62 @@ impl Mlp {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    fn kv(len: usize, seed: u64) -> (Tensor, Tensor) {
+        let t = |seed| Tensor::from_vec(values(2 * len * 3, seed), (1, 2, len, 3), &Device::Cpu);
+        (t(seed).unwrap(), t(seed + 1).unwrap())
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn appended_keys_and_values_are_the_concatenation_through_every_growth() {
+        let mut cache = KvCache::holding(vec![None], 0);
+        cache.limit = 1000;
+        let (mut all_k, mut all_v) = kv(0, 0);
+        // 5 + 60 + 1 * 80: past the first room (64) and the second (130).
+        let lens = [5, 60].into_iter().chain(std::iter::repeat_n(1, 80));
+        for (i, n) in lens.enumerate() {
+            let (k, v) = kv(n, 10 + 2 * i as u64);
+            all_k = Tensor::cat(&[&all_k, &k], 2).unwrap();
+            all_v = Tensor::cat(&[&all_v, &v], 2).unwrap();
+            let (ck, cv) = append_kv(&mut cache, 0, k, v).unwrap();
+            assert_eq!(flat(&ck), flat(&all_k));
+            assert_eq!(flat(&cv), flat(&all_v));
+        }
+        let room = cache.room[0].as_ref().unwrap().0.dim(2).unwrap();
+        assert!((145..=290).contains(&room), "room {room}");
+    }
+
+    #[test]
+    fn room_stops_at_the_context() {
+        let mut cache = KvCache::holding(vec![None], 0);
+        cache.limit = 40;
+        let (k, v) = kv(30, 1);
+        append_kv(&mut cache, 0, k, v).unwrap();
+        assert_eq!(cache.room[0].as_ref().unwrap().0.dim(2).unwrap(), 40);
+    }
+
+    #[test]
+    fn a_clone_never_writes_into_the_room_of_the_cache_it_came_from() {
+        let mut a = KvCache::holding(vec![None], 0);
+        a.limit = 1000;
+        let (k, v) = kv(4, 1);
+        append_kv(&mut a, 0, k, v).unwrap();
+        let mut b = a.clone();
+        let held = flat(&a.layers[0].as_ref().unwrap().0);
+        // Both grow from position 4 with different tokens.
+        let (kb, vb) = kv(1, 7);
+        let (b_k, _) = append_kv(&mut b, 0, kb.clone(), vb).unwrap();
+        let (ka, va) = kv(1, 9);
+        let (a_k, _) = append_kv(&mut a, 0, ka.clone(), va).unwrap();
+        assert_eq!(flat(&b_k.narrow(2, 0, 4).unwrap()), held);
+        assert_eq!(flat(&a_k.narrow(2, 0, 4).unwrap()), held);
+        assert_eq!(flat(&b_k.narrow(2, 4, 1).unwrap()), flat(&kb));
+        assert_eq!(flat(&a_k.narrow(2, 4, 1).unwrap()), flat(&ka));
+    }
 
     /// Deterministic values in [-0.5, 0.5).
     pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -265,17 +265,11 @@ mod tests {
                 Some((k, v))
             })
             .collect();
-        KvCache {
-            layers,
-            len: tokens.len(),
-        }
+        KvCache::holding(layers, tokens.len())
     }
 
     fn empty() -> KvCache {
-        KvCache {
-            layers: vec![None; LAYERS],
-            len: 0,
-        }
+        KvCache::holding(vec![None; LAYERS], 0)
     }
 
     fn keys(cache: &KvCache, layer: usize) -> Vec<f32> {
