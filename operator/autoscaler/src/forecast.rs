@@ -800,8 +800,7 @@ impl Forecaster {
     /// the recorded errors, or under the normal approximation used while they are few.
     fn level_reaching(&self, d: f64) -> f64 {
         if self.residuals.len() >= RESIDUALS_MIN {
-            let mut r: Vec<f64> = self.residuals.iter().copied().collect();
-            r.sort_by(f64::total_cmp);
+            let r = self.sorted_residuals();
             level_of_sorted(&r, d)
         } else {
             let sd = self.recent_sd();
@@ -828,11 +827,29 @@ impl Forecaster {
         })
     }
 
+    /// The recorded forecast errors, in ascending order.
+    fn sorted_residuals(&self) -> Vec<f64> {
+        let mut r: Vec<f64> = self.residuals.iter().copied().collect();
+        r.sort_by(f64::total_cmp);
+        r
+    }
+
+    /// Standard deviation of the last 30 samples (the interval while errors are few).
+    fn recent_sd(&self) -> f64 {
+        let n = self.fine.len();
+        let recent: Vec<f64> = self
+            .fine
+            .iter()
+            .skip(n.saturating_sub(30))
+            .map(|&(_, v)| v)
+            .collect();
+        std_dev(&recent)
+    }
+
     /// Offsets of the upper and lower bounds from the point forecast.
     fn interval_offsets(&self) -> (f64, f64) {
         if self.residuals.len() >= RESIDUALS_MIN {
-            let mut r: Vec<f64> = self.residuals.iter().copied().collect();
-            r.sort_by(f64::total_cmp);
+            let r = self.sorted_residuals();
             (
                 quantile_sorted(&r, self.upper_level),
                 quantile_sorted(&r, self.lower_level),
@@ -844,20 +861,6 @@ impl Forecaster {
                 normal_quantile(self.lower_level) * sd,
             )
         }
-    }
-}
-
-impl Forecaster {
-    /// Standard deviation of the last 30 samples (the interval while errors are few).
-    fn recent_sd(&self) -> f64 {
-        let n = self.fine.len();
-        let recent: Vec<f64> = self
-            .fine
-            .iter()
-            .skip(n.saturating_sub(30))
-            .map(|&(_, v)| v)
-            .collect();
-        std_dev(&recent)
     }
 }
 
