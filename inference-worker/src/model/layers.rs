@@ -503,14 +503,20 @@ pub(crate) mod tests {
         (t(seed).unwrap(), t(seed + 1).unwrap())
     }
 
+    /// An empty one-layer cache for a model of `limit` positions.
+    fn one_layer(limit: usize) -> KvCache {
+        let mut cache = KvCache::holding(vec![None], 0);
+        cache.limit = limit;
+        cache
+    }
+
     fn flat(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
     #[test]
     fn appended_keys_and_values_are_the_concatenation_through_every_growth() {
-        let mut cache = KvCache::holding(vec![None], 0);
-        cache.limit = 1000;
+        let mut cache = one_layer(1000);
         let (mut all_k, mut all_v) = kv(0, 0);
         // 5 + 60 + 1 * 80: past the first room (64) and the second (130).
         let lens = [5, 60].into_iter().chain(std::iter::repeat_n(1, 80));
@@ -528,8 +534,7 @@ pub(crate) mod tests {
 
     #[test]
     fn room_stops_at_the_context() {
-        let mut cache = KvCache::holding(vec![None], 0);
-        cache.limit = 40;
+        let mut cache = one_layer(40);
         let (k, v) = kv(30, 1);
         append_kv(&mut cache, 0, k, v).unwrap();
         assert_eq!(cache.room[0].as_ref().unwrap().0.dim(2).unwrap(), 40);
@@ -537,8 +542,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_clone_never_writes_into_the_room_of_the_cache_it_came_from() {
-        let mut a = KvCache::holding(vec![None], 0);
-        a.limit = 1000;
+        let mut a = one_layer(1000);
         let (k, v) = kv(4, 1);
         append_kv(&mut a, 0, k, v).unwrap();
         let mut b = a.clone();
