@@ -112,7 +112,10 @@ pub fn score_of(curves: &[Curve], policy: &str, utilization: f64) -> Option<Scor
 
 /// The one setting a user would take from `training` (each a scenario's curves): the
 /// utilisation whose worse axis ([`Score::worse_axis`]), averaged over the scenarios, is the
-/// lowest; ties go to the higher (cheaper) one. `None` when Tidal was not swept.
+/// lowest; ties go to the higher (cheaper) one. `None` when Tidal was not swept. The average
+/// is geometric, the one mean of ratios that does not depend on which side is the divisor
+/// (Fleming & Wallace 1986): an arithmetic mean lets one scenario at 3x outweigh three at
+/// 0.5x, and so buys headroom everywhere for the one trace that wants it.
 pub fn choose(training: &[&[Curve]]) -> Option<f64> {
     choose_for(training, TIDAL)
 }
@@ -131,7 +134,8 @@ pub fn choose_for(training: &[&[Curve]], policy: &str) -> Option<f64> {
         if scores.len() != training.len() {
             continue;
         }
-        let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+        // worse_axis >= the cost ratio > 0, so the logarithm is finite.
+        let mean = (scores.iter().map(|x| x.ln()).sum::<f64>() / scores.len() as f64).exp();
         let better =
             best.is_none_or(|(bu, bm)| mean < bm - 1e-12 || (mean <= bm + 1e-12 && u > bu));
         if better {

@@ -26,7 +26,7 @@ pub struct Summary {
     pub coverage: Option<f64>,
     /// Fraction of actuals above the upper bound, the one provisioned for (nominal 1 − q).
     pub exceeded: Option<f64>,
-    /// Forecasts scored (targets inside the trace with a non-negligible actual).
+    /// Forecasts scored for coverage: every one whose target lies inside the trace.
     pub forecasts_scored: usize,
     /// Share of forecasts made by each method, most used first (e.g. `ets 80 %`).
     pub methods: Vec<(Method, f64)>,
@@ -63,18 +63,22 @@ pub fn summarize(run: &RunResult, cloud_arrivals: &[f64], tick_s: f64) -> Summar
     let t = &run.totals;
     let duration = cloud_arrivals.len() as f64 * tick_s;
     let mean_rate = cloud_arrivals.iter().sum::<f64>() / duration.max(1e-9);
-    // Near-zero actuals make percentage errors meaningless.
+    // Near-zero actuals make percentage errors meaningless, so MAPE skips them. Coverage
+    // counts every forecast: an interval's promise is over all of them, and keeping only the
+    // busy outcomes would select on the outcome (any calibrated bound is exceeded more often
+    // among the larger actuals).
     let floor = (0.05 * mean_rate).max(1e-9);
-    let (mut ape, mut inside, mut above, mut n) = (0.0, 0usize, 0usize, 0usize);
+    let (mut ape, mut n_ape) = (0.0, 0usize);
+    let (mut inside, mut above, mut n) = (0usize, 0usize, 0usize);
     for f in &run.forecasts {
         let Some(actual) = actual_rate(cloud_arrivals, tick_s, f.target_s, run.interval_s) else {
             continue;
         };
-        if actual < floor {
-            continue;
-        }
         n += 1;
-        ape += (f.predicted - actual).abs() / actual;
+        if actual >= floor {
+            n_ape += 1;
+            ape += (f.predicted - actual).abs() / actual;
+        }
         if actual >= f.lower - 1e-9 && actual <= f.upper + 1e-9 {
             inside += 1;
         }
@@ -96,7 +100,7 @@ pub fn summarize(run: &RunResult, cloud_arrivals: &[f64], tick_s: f64) -> Summar
         scale_events: t.scale_events,
         cold_starts: t.cold_starts,
         ttft_p95_s: t.ttft.quantile(0.95),
-        mape: (n > 0).then(|| ape / n as f64),
+        mape: (n_ape > 0).then(|| ape / n_ape as f64),
         coverage: (n > 0).then(|| inside as f64 / n as f64),
         exceeded: (n > 0).then(|| above as f64 / n as f64),
         forecasts_scored: n,
@@ -153,21 +157,21 @@ mod tests {
     }
 
     #[test]
-    fn mape_and_coverage_skip_near_zero_and_out_of_range_actuals() {
+    fn mape_skips_near_zero_actuals_and_coverage_counts_them() {
         // 10 rps for 50 s, then nothing for 50 s.
         let mut arr = vec![10.0; 50];
         arr.extend(vec![0.0; 50]);
         let r = run(vec![
             fc(20.0, 12.0, 8.0, 14.0), // actual 10: APE 0.2, inside
             fc(40.0, 5.0, 6.0, 9.0),   // actual 10: APE 0.5, outside, above the upper bound
-            fc(90.0, 3.0, 0.0, 5.0),   // actual 0: skipped
+            fc(90.0, 3.0, 0.0, 5.0),   // actual 0: no APE, inside
             fc(500.0, 3.0, 0.0, 5.0),  // past the end: skipped
         ]);
         let s = summarize(&r, &arr, 1.0);
-        assert_eq!(s.forecasts_scored, 2);
+        assert_eq!(s.forecasts_scored, 3);
         assert!((s.mape.unwrap() - 0.35).abs() < 1e-12);
-        assert_eq!(s.coverage, Some(0.5));
-        assert_eq!(s.exceeded, Some(0.5));
+        assert_eq!(s.coverage, Some(2.0 / 3.0));
+        assert_eq!(s.exceeded, Some(1.0 / 3.0));
         assert_eq!(s.methods, vec![(Method::Ets, 0.75), (Method::Naive, 0.25)]);
     }
 

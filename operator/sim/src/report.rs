@@ -360,9 +360,9 @@ pub fn held_out_section(
          the reference, i.e. tuned on the scenario it is scored on. Here Tidal's setting is \
          chosen on *other* scenarios by one rule — the setting whose worse matched ratio \
          (misses at its cost, cost for its SLO, each ÷ the best baseline; capped at 10), \
-         averaged over them, is lowest — and scored as a single point. The baselines keep every \
-         swept setting on the held-out scenario (tuned on the answer, the strongest they can \
-         be). Ratios: Tidal ÷ the best baseline setting at Tidal's cost (misses) and for \
+         geometric mean over them (the mean of ratios), is lowest — and scored as a single \
+         point. The baselines keep every swept setting on the held-out scenario (tuned on the \
+         answer, the strongest they can be). Ratios: Tidal ÷ the best baseline setting at Tidal's cost (misses) and for \
          Tidal's SLO attainment (cost); where every baseline setting costs more, misses ÷ the \
          cheapest one's, and where none reaches Tidal's attainment, cost ÷ the least for the \
          best attainment any reaches (headroom is never free).\n\n\
@@ -449,8 +449,10 @@ pub fn calibration_section(fluid: &[(String, Vec<Summary>)], quantile: f64) -> S
          How often demand exceeded the upper bound Tidal provisions for (nominal {:.0} %) and how \
          often it fell inside the band (nominal {:.0} %), with the ±2σ band a perfectly \
          calibrated interval would still show over that many scored forecasts if they were \
-         independent (they overlap, so the real sampling band is wider). Goal: within ±3 \
-         points of nominal on every trace.\n\n\
+         independent (they overlap, so the real sampling band is wider). Every forecast whose \
+         target lies inside the trace is scored, quiet stretches included: the interval's \
+         promise is over all of them, and scoring only busy outcomes would select on the \
+         outcome. Goal: within ±3 points of nominal on every trace.\n\n\
          | scenario | forecasts scored | above upper | ±2σ sampling | band coverage | ±2σ sampling | both within ±3 points |\n\
          | --- | --- | --- | --- | --- | --- | --- |\n",
         above_nominal * 100.0,
@@ -796,10 +798,12 @@ with a scale-up floor from a least-squares linear trend of the last 8 samples, p
 cold start ahead (only when the trend rises).
 - **Forecast MAPE / above upper / PI coverage** (Tidal only): each forecast's point value and \
 interval at its horizon vs the cloud arrival rate measured over the sync interval ending at the \
-target time; targets with an actual below 5 % of the trace's mean rate are skipped. *Above \
+target time; MAPE skips targets with an actual below 5 % of the trace's mean rate, the \
+interval is scored on every target inside the trace. *Above \
 upper* is how often the actual exceeded the bound provisioned for (nominal 1 − q, 10 % at \
 q = 0.90), *PI coverage* how often it fell inside [lower, upper] (nominal 2q − 1, 80 %); the \
-core calibrates both online (dynamically-tuned adaptive conformal inference, DtACI) on its own errors.
+core calibrates both online (dynamically-tuned adaptive conformal inference, DtACI, under an \
+ACI loop whose step decays with the outcomes scored) on its own errors.
 - **Matched comparison**: the shared target favours whoever over-provisions (more SLO) or \
 under-provisions (less cost), so every policy is also replayed with its target utilisation \
 swept, and compared at the best baseline's cost (SLO attainment reached for that many \
