@@ -273,8 +273,22 @@ where
 /// The reasons of the Events about EdgeNode `name`, one per occurrence (a repeated Event is
 /// one object whose `series.count` grows).
 pub async fn edge_event_reasons(client: &Client, name: &str) -> Result<Vec<String>, String> {
+    Ok(edge_events(client, name)
+        .await?
+        .into_iter()
+        .flat_map(|e| {
+            let times = e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize;
+            std::iter::repeat_n(e.reason.unwrap_or_default(), times)
+        })
+        .collect())
+}
+
+/// EdgeNode `name`'s Events (cluster-scoped objects' Events go to `default`).
+async fn edge_events(
+    client: &Client,
+    name: &str,
+) -> Result<Vec<k8s_openapi::api::events::v1::Event>, String> {
     use k8s_openapi::api::events::v1::Event;
-    // EdgeNodes are cluster-scoped: their Events go to `default`.
     Ok(Api::<Event>::namespaced(client.clone(), "default")
         .list(&kube::api::ListParams::default())
         .await
@@ -282,11 +296,34 @@ pub async fn edge_event_reasons(client: &Client, name: &str) -> Result<Vec<Strin
         .items
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .flat_map(|e| {
-            let times = e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize;
-            std::iter::repeat_n(e.reason.unwrap_or_default(), times)
-        })
         .collect())
+}
+
+/// One line per Event of EdgeNode `name`, for a failure message: when, how often, who reported
+/// it and what it said (a flap is then told from a second reporter or a late heartbeat).
+async fn edge_events_told(client: &Client, name: &str) -> String {
+    match edge_events(client, name).await {
+        Ok(mut events) => {
+            events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+            events
+                .iter()
+                .map(|e| {
+                    format!(
+                        "\n  {:?} {} x{} (last {:?}) by {}: {}",
+                        e.event_time.as_ref().map(|t| t.0.to_string()),
+                        e.reason.as_deref().unwrap_or_default(),
+                        e.series.as_ref().map_or(1, |s| s.count),
+                        e.series
+                            .as_ref()
+                            .map(|s| s.last_observed_time.0.to_string()),
+                        e.reporting_instance.as_deref().unwrap_or_default(),
+                        e.note.as_deref().unwrap_or_default()
+                    )
+                })
+                .collect()
+        }
+        Err(e) => format!(" (listing the Events failed: {e})"),
+    }
 }
 
 /// After `cuts` cuts and restores of EdgeNode `name`, waits for its phase Events and checks
@@ -305,21 +342,20 @@ pub async fn assert_phase_changed_once_each_way(
         if n("Offline") == cuts && n("Ready") >= cuts {
             Ok(r)
         } else {
-            Err(format!("event reasons {r:?}"))
+            let told = edge_events_told(client, name).await;
+            Err(format!("event reasons {r:?}; the Events:{told}"))
         }
     })
     .await;
     let n = |what: &str| reasons.iter().filter(|x| x.as_str() == what).count();
     let (degraded, ready) = (n("Degraded"), n("Ready"));
-    assert!(
-        ready - cuts <= degraded,
-        "a Ready without a phase change before it: {reasons:?}"
-    );
-    assert_eq!(
-        reasons.len(),
-        cuts + ready + degraded,
-        "only phase changes are announced: {reasons:?}"
-    );
+    if ready - cuts > degraded || reasons.len() != cuts + ready + degraded {
+        let told = edge_events_told(client, name).await;
+        panic!(
+            "a Ready without a phase change before it, or an Event that is not a phase \
+             change: {reasons:?}; the Events:{told}"
+        );
+    }
     (ready, degraded)
 }
 

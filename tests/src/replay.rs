@@ -113,20 +113,45 @@ pub struct Streamed {
     pub decode_s: f64,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Times the worker refused it with 429 before it was served (TTFT counts from the first
+    /// try).
+    pub retries: u32,
+}
+
+/// One try of a request: done (served or failed for good), or refused by a full queue.
+#[derive(Debug)]
+pub enum Attempt {
+    Done(Result<Streamed, String>),
+    Refused {
+        retry_after: Duration,
+        message: String,
+    },
+}
+
+impl Attempt {
+    /// The outcome with a refusal as a failure (for measurements, which do not retry).
+    pub fn result(self) -> Result<Streamed, String> {
+        match self {
+            Attempt::Done(r) => r,
+            Attempt::Refused { message, .. } => Err(message),
+        }
+    }
 }
 
 /// One streaming completion of `max_tokens` tokens exactly (`ignore_eos`); TTFT at the first
-/// chunk that carries text, token counts from the usage chunk.
-pub async fn stream_completion(
+/// chunk that carries text, token counts from the usage chunk. A 429 (the worker's queue is
+/// full) comes back as [`Attempt::Refused`] with the worker's `Retry-After` (1 s where it
+/// gives none).
+pub async fn try_completion(
     client: &reqwest::Client,
     base: &str,
     model: &str,
     prompt_bytes: usize,
     max_tokens: u32,
     timeout: Duration,
-) -> Result<Streamed, String> {
+) -> Attempt {
     let start = Instant::now();
-    let mut resp = client
+    let sent = client
         .post(format!("{base}/v1/completions"))
         .json(&serde_json::json!({
             "model": model, "prompt": prompt(prompt_bytes), "max_tokens": max_tokens,
@@ -135,15 +160,37 @@ pub async fn stream_completion(
         }))
         .timeout(timeout)
         .send()
-        .await
-        .map_err(|e| format!("send: {}", crate::processes::error_chain(&e)))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        return Err(format!(
-            "{status}: {}",
-            resp.text().await.unwrap_or_default()
-        ));
+        .await;
+    let resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => {
+            let e = format!("send: {}", crate::processes::error_chain(&e));
+            return Attempt::Done(Err(e));
+        }
+    };
+    let status = resp.status();
+    if status.is_success() {
+        return Attempt::Done(read_stream(resp, start).await);
     }
+    // Only a full queue is worth another try; its wait is read before the body consumes resp.
+    let retry_after = (status == reqwest::StatusCode::TOO_MANY_REQUESTS).then(|| {
+        resp.headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .map_or(Duration::from_secs(1), Duration::from_secs)
+    });
+    let message = format!("{status}: {}", resp.text().await.unwrap_or_default());
+    match retry_after {
+        Some(retry_after) => Attempt::Refused {
+            retry_after,
+            message,
+        },
+        None => Attempt::Done(Err(message)),
+    }
+}
+
+/// A successful response's event stream, timed from `start` (when the request was sent).
+async fn read_stream(mut resp: reqwest::Response, start: Instant) -> Result<Streamed, String> {
     let (mut first, mut last, mut usage) = (None, None, None);
     let mut buf = String::new();
     while let Some(bytes) = resp.chunk().await.map_err(|e| format!("stream: {e}"))? {
@@ -181,7 +228,43 @@ pub async fn stream_completion(
         decode_s: last - first,
         prompt_tokens,
         completion_tokens,
+        retries: 0,
     })
+}
+
+/// Tries a request as a client that honours the worker's backpressure would (OpenAI's SDKs
+/// retry a 429 after its `Retry-After`): each refusal is tried again after the wait the
+/// worker asked for, until `timeout` from the first try. The TTFT counts from the first try,
+/// so the time spent refused is latency the replay reports, as the simulator's queue (which
+/// never refuses) counts it as waiting.
+pub async fn with_retries<F, Fut>(timeout: Duration, mut attempt: F) -> Result<Streamed, String>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: std::future::Future<Output = Attempt>,
+{
+    let start = Instant::now();
+    let mut retries = 0;
+    loop {
+        let tried = start.elapsed();
+        match attempt(timeout.saturating_sub(tried)).await {
+            Attempt::Done(Ok(mut s)) => {
+                s.ttft_s += tried.as_secs_f64();
+                s.retries = retries;
+                return Ok(s);
+            }
+            Attempt::Done(Err(e)) => return Err(e),
+            Attempt::Refused {
+                retry_after,
+                message,
+            } => {
+                if start.elapsed() + retry_after >= timeout {
+                    return Err(format!("{message} (refused {} times)", retries + 1));
+                }
+                tokio::time::sleep(retry_after).await;
+                retries += 1;
+            }
+        }
+    }
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -203,12 +286,12 @@ pub async fn measure_steps(
         let mut steps = Vec::new();
         for round in 0..2 {
             let runs = futures::future::join_all((0..b).map(|_| {
-                stream_completion(client, base, model, 16, tokens, Duration::from_secs(120))
+                try_completion(client, base, model, 16, tokens, Duration::from_secs(120))
             }))
             .await;
             if round == 1 {
                 for r in runs {
-                    let r = r?;
+                    let r = r.result()?;
                     if r.completion_tokens > 1 {
                         steps.push(r.decode_s / f64::from(r.completion_tokens - 1));
                     }
@@ -234,8 +317,9 @@ pub async fn measure_prefill(
         let mut ttft = Vec::new();
         let mut tokens = 0;
         for _ in 0..3 {
-            let r =
-                stream_completion(client, base, model, bytes, 1, Duration::from_secs(60)).await?;
+            let r = try_completion(client, base, model, bytes, 1, Duration::from_secs(60))
+                .await
+                .result()?;
             ttft.push(r.ttft_s);
             tokens = r.prompt_tokens;
         }
@@ -246,7 +330,8 @@ pub async fn measure_prefill(
     Ok((per_token, (t0 - per_token * n0).max(0.0)))
 }
 
-/// Sends every planned request at its time (from now) and returns what each saw, in plan order.
+/// Sends every planned request at its time (from now), retrying refusals ([`with_retries`]),
+/// and returns what each saw, in plan order.
 pub async fn replay(
     client: &reqwest::Client,
     base: &str,
@@ -260,14 +345,9 @@ pub async fn replay(
         tokio::time::sleep_until(start + Duration::from_secs_f64(p.t_s)).await;
         let (client, base, model) = (client.clone(), base.to_string(), model.to_string());
         tasks.push(tokio::spawn(async move {
-            let r = stream_completion(
-                &client,
-                &base,
-                &model,
-                p.prompt_bytes,
-                p.max_tokens,
-                timeout,
-            )
+            let r = with_retries(timeout, |left| {
+                try_completion(&client, &base, &model, p.prompt_bytes, p.max_tokens, left)
+            })
             .await;
             (p, r)
         }));
@@ -348,6 +428,65 @@ pub fn sample_replicas(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn served_after(ttft_s: f64) -> Attempt {
+        Attempt::Done(Ok(Streamed {
+            ttft_s,
+            decode_s: 0.1,
+            prompt_tokens: 4,
+            completion_tokens: 2,
+            retries: 0,
+        }))
+    }
+
+    fn refused() -> Attempt {
+        Attempt::Refused {
+            retry_after: Duration::from_millis(20),
+            message: "429 Too Many Requests".into(),
+        }
+    }
+
+    /// Two refusals, then served: one answer that says it was retried twice, with the time
+    /// spent refused (at least the two waits asked for) in its TTFT; each try is given what
+    /// is left of the timeout.
+    #[tokio::test]
+    async fn refusals_are_retried_after_the_wait_asked_for_and_count_in_the_ttft() {
+        let mut lefts = Vec::new();
+        let r = with_retries(Duration::from_secs(30), |left| {
+            lefts.push(left);
+            let n = lefts.len();
+            async move { if n <= 2 { refused() } else { served_after(0.5) } }
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.retries, 2);
+        assert!(r.ttft_s >= 0.54, "{r:?}");
+        assert_eq!(lefts.len(), 3);
+        assert!(lefts.windows(2).all(|w| w[1] < w[0]), "{lefts:?}");
+    }
+
+    /// A worker that keeps refusing fails the request once the timeout is spent, saying how
+    /// often; a failure other than a refusal is not retried.
+    #[tokio::test]
+    async fn refusals_stop_at_the_timeout_and_other_failures_are_not_retried() {
+        let mut tries = 0;
+        let e = with_retries(Duration::from_millis(100), |_| {
+            tries += 1;
+            async { refused() }
+        })
+        .await
+        .unwrap_err();
+        assert!(e.starts_with("429") && e.contains("refused"), "{e}");
+        assert!((2..=5).contains(&tries), "{tries}");
+        let mut tries = 0;
+        let e = with_retries(Duration::from_secs(30), |_| {
+            tries += 1;
+            async { Attempt::Done(Err("500 Internal Server Error".into())) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!((e.as_str(), tries), ("500 Internal Server Error", 1));
+    }
 
     #[test]
     fn the_fixture_slice_is_thinned_compressed_and_bounded() {
