@@ -1250,6 +1250,24 @@ async fn edge_site(ctx: &TestCtx) -> (String, tidal_e2e::kwok::ClusterGuard) {
                  "offlinePolicy": {"heartbeatTimeoutSeconds": 20, "failoverToCloud": true}},
     }))
     .unwrap();
+    // The heartbeat the operator will first see (a phase Event's "why" on failure).
+    let lease = Api::<Lease>::namespaced(ctx.client.clone(), "kube-node-lease")
+        .get_opt("tidal-edge")
+        .await
+        .ok()
+        .flatten();
+    eprintln!(
+        "[edge-site] {site} at {}: Lease kube-node-lease/tidal-edge created {:?}, renewed {:?}",
+        k8s_openapi::jiff::Timestamp::now(),
+        lease
+            .as_ref()
+            .and_then(|l| l.metadata.creation_timestamp.as_ref())
+            .map(|t| t.0.to_string()),
+        lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref()?.renew_time.as_ref())
+            .map(|t| t.0.to_string()),
+    );
     Api::<EdgeNode>::all(ctx.client.clone())
         .create(&PostParams::default(), &en)
         .await

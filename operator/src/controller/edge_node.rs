@@ -20,7 +20,7 @@ use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent,
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::caches::{Objects, Shared};
 use super::written::Written;
@@ -309,6 +309,15 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
                 .get(&ObjectRef::new(&n.name_any()).within(NODE_LEASE_NAMESPACE))
         })
         .and_then(|l| l.spec.clone());
+    if let (Some(n), None) = (node, &lease_spec) {
+        // Offline once the start-up grace is over: say what the cache held.
+        info!(
+            edgenode = %name,
+            node = %n.name_any(),
+            leases_cached = state.leases.state().len(),
+            "no heartbeat Lease cached for the EdgeNode's Node"
+        );
+    }
     let renew_time = lease_spec
         .as_ref()
         .and_then(|s| s.renew_time.clone())
@@ -360,6 +369,10 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
             })
             .and_then(|s| s.last_heartbeat.as_ref())
             .map(|t| t.0),
+        paired_since: node.and_then(|n| {
+            let created = |m: &kube::api::ObjectMeta| m.creation_timestamp.as_ref().map(|t| t.0);
+            created(&en.metadata).max(created(&n.metadata))
+        }),
     });
 
     // Placement labels on the Node: only the labels, only when they differ (no write otherwise).

@@ -177,7 +177,8 @@ pub enum EdgePhase {
     Offline,
     /// Taken out of service by `spec.cordoned`.
     Cordoned,
-    /// Not yet observed.
+    /// Not yet assessed, or its Node has no heartbeat yet (for at most the heartbeat timeout
+    /// after the EdgeNode and its Node first met; Offline after that).
     #[default]
     Unknown,
 }

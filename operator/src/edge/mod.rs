@@ -30,6 +30,7 @@ pub mod reason {
     pub const HEARTBEAT_LATE: &str = "HeartbeatLate";
     pub const HEARTBEAT_EXPIRED: &str = "HeartbeatExpired";
     pub const NO_LEASE: &str = "NoLease";
+    pub const AWAITING_HEARTBEAT: &str = "AwaitingFirstHeartbeat";
     pub const NODE_NOT_FOUND: &str = "NodeNotFound";
     pub const NODE_AMBIGUOUS: &str = "NodeSelectorAmbiguous";
     pub const NODE_NOT_READY: &str = "NodeNotReady";
@@ -115,6 +116,11 @@ pub struct Observation {
     /// up to [`heartbeat_report_interval`], so a Lease renewal (every ~10 s per node) does not
     /// rewrite the status of thousands of EdgeNodes; the phase still follows every renewal.
     pub reported_heartbeat: Option<Timestamp>,
+    /// Since when this EdgeNode has had this Node: the later of the two creation times. A
+    /// Node without a Lease gets the heartbeat timeout from then to heartbeat for the first
+    /// time (a kubelet that just registered, a Lease the cache has not shown yet), as the node
+    /// lifecycle controller's start-up grace period does, before it is called Offline.
+    pub paired_since: Option<Timestamp>,
 }
 
 /// How long a reported `lastHeartbeat` may lag the Lease while the node is healthy: the
@@ -183,6 +189,13 @@ pub fn assess(obs: &Observation) -> Assessment {
         }
         _ => renew_secs,
     };
+
+    // No Lease yet, within the start-up grace: not assessed yet rather than Offline.
+    let first_heartbeat_due = obs
+        .paired_since
+        .map(|since| since + timeout)
+        .filter(|due| freshness == Freshness::Missing && obs.node.is_ok() && *due > obs.now)
+        .and_then(|due| Timestamp::from_second(due.as_second()).ok());
 
     let heartbeat = match (&obs.node, freshness, renew_secs) {
         (Err(Unresolved::NotFound(msg)), _, _) => DesiredCondition::new(
@@ -263,6 +276,19 @@ pub fn assess(obs: &Observation) -> Assessment {
                 ),
             ),
         )
+    } else if let Some(due) = first_heartbeat_due {
+        (
+            EdgePhase::Unknown,
+            DesiredCondition::new(
+                condition_type::READY,
+                false,
+                reason::AWAITING_HEARTBEAT,
+                format!(
+                    "Node {} has not heartbeat yet; Offline without a Lease at {due}",
+                    node_name.as_deref().unwrap_or_default()
+                ),
+            ),
+        )
     } else if obs.node.is_err() || matches!(freshness, Freshness::Expired | Freshness::Missing) {
         (
             EdgePhase::Offline,
@@ -333,6 +359,9 @@ pub fn assess(obs: &Observation) -> Assessment {
             .into_iter()
             .find(|deadline| *deadline >= obs.now)
             .map(|deadline| to_std(deadline.duration_since(obs.now)) + DEADLINE_SLACK)
+    });
+    let deadline = deadline.or_else(|| {
+        first_heartbeat_due.map(|due| to_std(due.duration_since(obs.now)) + DEADLINE_SLACK)
     });
     let next_check = match (&obs.claimed_by, deadline) {
         (Some(_), d) => Some(d.map_or(CLAIM_RECHECK, |d| d.min(CLAIM_RECHECK))),

@@ -43,6 +43,7 @@ fn obs(now: i64) -> Observation {
         cordoned: false,
         claimed_by: None,
         reported_heartbeat: None,
+        paired_since: None,
     }
 }
 
@@ -502,4 +503,40 @@ fn a_site_first_seen_ready_is_no_news_every_other_change_is() {
     ] {
         assert!(phase_change_is_news(from, to), "{from:?} -> {to:?}");
     }
+}
+
+#[test]
+fn a_node_without_a_lease_is_unassessed_for_the_timeout_then_offline() {
+    // EdgeNode created at t(100) for a Node whose Lease neither the cache nor the cluster has.
+    let fresh = |now| Observation {
+        renew_time: None,
+        paired_since: Some(t(100)),
+        ..obs(now)
+    };
+    let a = assess(&fresh(100));
+    assert_eq!(a.phase, EdgePhase::Unknown, "{a:?}");
+    let ready = &a.conditions[1];
+    assert_eq!(ready.reason, reason::AWAITING_HEARTBEAT);
+    assert!(ready.message.contains(&t(130).to_string()), "{ready:?}");
+    // Rechecked when the grace ends, and the same status until then (nothing rewritten).
+    assert_eq!(a.next_check, Some(Duration::from_secs(30) + DEADLINE_SLACK));
+    assert_eq!(assess(&fresh(120)).conditions, a.conditions);
+    // No Lease by then: Offline, saying why.
+    let late = assess(&fresh(131));
+    assert_eq!(late.phase, EdgePhase::Offline);
+    assert_eq!(late.conditions[1].reason, reason::NO_LEASE);
+    // The Lease shows up within the grace: Ready, and Unknown -> Ready is no news.
+    let renewed = assess(&Observation {
+        renew_time: Some(t(101)),
+        ..fresh(102)
+    });
+    assert_eq!(renewed.phase, EdgePhase::Ready);
+    assert!(!phase_change_is_news(a.phase, renewed.phase));
+    // An EdgeNode paired long ago whose Lease disappears is Offline at once.
+    let old = assess(&Observation {
+        renew_time: None,
+        paired_since: Some(t(0)),
+        ..obs(100)
+    });
+    assert_eq!(old.phase, EdgePhase::Offline);
 }
