@@ -309,15 +309,7 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
                 .get(&ObjectRef::new(&n.name_any()).within(NODE_LEASE_NAMESPACE))
         })
         .and_then(|l| l.spec.clone());
-    if let (Some(n), None) = (node, &lease_spec) {
-        // Offline once the start-up grace is over: say what the cache held.
-        info!(
-            edgenode = %name,
-            node = %n.name_any(),
-            leases_cached = state.leases.state().len(),
-            "no heartbeat Lease cached for the EdgeNode's Node"
-        );
-    }
+    let lease_missing = node.is_some() && lease_spec.is_none();
     let renew_time = lease_spec
         .as_ref()
         .and_then(|s| s.renew_time.clone())
@@ -449,6 +441,15 @@ async fn reconcile_inner(en: &EdgeNode, state: &State) -> Result<Action> {
     }
 
     if edge::phase_change_is_news(current.phase, status.phase) {
+        if lease_missing {
+            // Once per change, not per reconcile: what the Lease cache held.
+            info!(
+                edgenode = %name,
+                phase = status.phase.as_str(),
+                leases_cached = state.leases.state().len(),
+                "no heartbeat Lease cached for the EdgeNode's Node"
+            );
+        }
         publish_phase_change(state, en, current.phase, &status).await;
     }
 

@@ -354,15 +354,15 @@ pub fn assess(obs: &Observation) -> Assessment {
     };
 
     // The next boundary the heartbeat crosses on its own: late, then expired.
-    let deadline = renew.and_then(|r| {
-        [r + late_after, r + timeout]
-            .into_iter()
-            .find(|deadline| *deadline >= obs.now)
-            .map(|deadline| to_std(deadline.duration_since(obs.now)) + DEADLINE_SLACK)
-    });
-    let deadline = deadline.or_else(|| {
-        first_heartbeat_due.map(|due| to_std(due.duration_since(obs.now)) + DEADLINE_SLACK)
-    });
+    // (Without a Lease: the end of the start-up grace.)
+    let deadline = renew
+        .and_then(|r| {
+            [r + late_after, r + timeout]
+                .into_iter()
+                .find(|deadline| *deadline >= obs.now)
+        })
+        .or(first_heartbeat_due)
+        .map(|deadline| to_std(deadline.duration_since(obs.now)) + DEADLINE_SLACK);
     let next_check = match (&obs.claimed_by, deadline) {
         (Some(_), d) => Some(d.map_or(CLAIM_RECHECK, |d| d.min(CLAIM_RECHECK))),
         (None, d) => d,
